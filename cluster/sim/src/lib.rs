@@ -1,0 +1,1 @@
+//! ringkv-sim: the deterministic simulator (see issue 5).

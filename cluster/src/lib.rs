@@ -1,0 +1,1 @@
+//! ringkv-cluster: sans-IO distributed logic (see issue 5).
