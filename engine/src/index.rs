@@ -1,0 +1,375 @@
+//! The in-memory index: for each partition, key -> where its newest record lives.
+//!
+//! Memory is the constraint (hundreds of millions of keys per node), so an entry is a
+//! 20-byte `Slot` stored inline in a `hashbrown::HashTable`, and key bytes live in a
+//! per-partition arena of large chunks behind a 1-3 byte length prefix, rather than one
+//! heap allocation per key (which would cost 16-32 bytes of allocator overhead alone).
+//! `Index::memory_bytes` reports what it really uses; `ringkv bench engine` prints it
+//! per key.
+
+use hashbrown::HashMap;
+use hashbrown::hash_table::{Entry as TableEntry, HashTable};
+use xxhash_rust::xxh3::xxh3_64;
+
+/// Where a record lives: segment file number, byte offset, record length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Location {
+    pub file: u32,
+    pub offset: u32,
+    pub len: u32,
+}
+
+/// What the index knows about a key without reading its record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub location: Location,
+    pub tombstone: bool,
+    pub version_digest: u32,
+}
+
+const TOMBSTONE_BIT: u32 = 1 << 31;
+
+#[derive(Clone, Copy)]
+struct Slot {
+    key_ref: u32,
+    file: u32,
+    offset: u32,
+    /// Record length in the low 31 bits (records are far below 2 GiB), tombstone on top.
+    len_and_tombstone: u32,
+    version_digest: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<Slot>() == 20);
+
+impl Slot {
+    fn entry(&self) -> Entry {
+        Entry {
+            location: Location {
+                file: self.file,
+                offset: self.offset,
+                len: self.len_and_tombstone & !TOMBSTONE_BIT,
+            },
+            tombstone: self.len_and_tombstone & TOMBSTONE_BIT != 0,
+            version_digest: self.version_digest,
+        }
+    }
+
+    fn set(&mut self, entry: Entry) {
+        assert!(
+            entry.location.len & TOMBSTONE_BIT == 0,
+            "record length over 2 GiB"
+        );
+        self.file = entry.location.file;
+        self.offset = entry.location.offset;
+        self.len_and_tombstone =
+            entry.location.len | if entry.tombstone { TOMBSTONE_BIT } else { 0 };
+        self.version_digest = entry.version_digest;
+    }
+}
+
+/// Key bytes, each behind a LEB128 length, in chunks that never move once allocated.
+/// A key reference is `chunk << CHUNK_BITS | offset`. Chunks start small (a partition
+/// with few keys stays small) and double up to `1 << CHUNK_BITS` bytes.
+#[derive(Default)]
+struct KeyArena {
+    chunks: Vec<Vec<u8>>,
+}
+
+const CHUNK_BITS: u32 = 18;
+const FIRST_CHUNK: usize = 1024;
+
+impl KeyArena {
+    fn push(&mut self, key: &[u8]) -> u32 {
+        let mut prefix = [0u8; 3];
+        let prefix_len = leb128(key.len(), &mut prefix);
+        let need = prefix_len + key.len();
+        let fits = self
+            .chunks
+            .last()
+            .is_some_and(|c| c.capacity() - c.len() >= need);
+        if !fits {
+            let next = self
+                .chunks
+                .last()
+                .map_or(FIRST_CHUNK, |c| (c.capacity() * 2).min(1 << CHUNK_BITS));
+            assert!(need <= 1 << CHUNK_BITS, "key longer than an arena chunk");
+            assert!(self.chunks.len() < 1 << (32 - CHUNK_BITS), "key arena full");
+            self.chunks.push(Vec::with_capacity(next.max(need)));
+        }
+        let chunk_no = self.chunks.len() - 1;
+        // The loop above guarantees a chunk with room exists.
+        let chunk = self.chunks.last_mut().expect("a chunk was just ensured");
+        let offset = chunk.len();
+        chunk.extend_from_slice(&prefix[..prefix_len]);
+        chunk.extend_from_slice(key);
+        ((chunk_no as u32) << CHUNK_BITS) | offset as u32
+    }
+
+    fn key(&self, key_ref: u32) -> &[u8] {
+        let chunk = &self.chunks[(key_ref >> CHUNK_BITS) as usize];
+        let mut at = (key_ref & ((1 << CHUNK_BITS) - 1)) as usize;
+        let mut len = 0usize;
+        let mut shift = 0;
+        loop {
+            let byte = chunk[at];
+            at += 1;
+            len |= ((byte & 0x7f) as usize) << shift;
+            if byte & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+        }
+        &chunk[at..at + len]
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.chunks.iter().map(|c| c.capacity()).sum::<usize>()
+            + self.chunks.capacity() * std::mem::size_of::<Vec<u8>>()
+    }
+}
+
+fn leb128(mut n: usize, out: &mut [u8; 3]) -> usize {
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            return i + 1;
+        }
+        *byte |= 0x80;
+    }
+    unreachable!("keys are at most 64 KiB, which fits in three LEB128 bytes")
+}
+
+fn hash(key: &[u8]) -> u64 {
+    xxh3_64(key)
+}
+
+/// One partition's keys.
+#[derive(Default)]
+pub struct PartitionIndex {
+    table: HashTable<Slot>,
+    arena: KeyArena,
+}
+
+impl PartitionIndex {
+    pub fn get(&self, key: &[u8]) -> Option<Entry> {
+        let arena = &self.arena;
+        self.table
+            .find(hash(key), |s| arena.key(s.key_ref) == key)
+            .map(Slot::entry)
+    }
+
+    /// Points `key` at `entry`; returns what it pointed at before.
+    pub fn insert(&mut self, key: &[u8], entry: Entry) -> Option<Entry> {
+        let arena = &mut self.arena;
+        let found = self.table.entry(
+            hash(key),
+            |s| arena.key(s.key_ref) == key,
+            |s| hash(arena.key(s.key_ref)),
+        );
+        match found {
+            TableEntry::Occupied(mut occupied) => {
+                let old = occupied.get().entry();
+                occupied.get_mut().set(entry);
+                Some(old)
+            }
+            TableEntry::Vacant(vacant) => {
+                let mut slot = Slot {
+                    key_ref: arena.push(key),
+                    file: 0,
+                    offset: 0,
+                    len_and_tombstone: 0,
+                    version_digest: 0,
+                };
+                slot.set(entry);
+                vacant.insert(slot);
+                None
+            }
+        }
+    }
+
+    /// Moves `key` from `from` to `to` only if it still points at `from`.
+    pub fn relocate(&mut self, key: &[u8], from: Location, to: Location) -> bool {
+        let arena = &self.arena;
+        let Some(slot) = self
+            .table
+            .find_mut(hash(key), |s| arena.key(s.key_ref) == key)
+        else {
+            return false;
+        };
+        let mut entry = slot.entry();
+        if entry.location != from {
+            return false;
+        }
+        entry.location = to;
+        slot.set(entry);
+        true
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    /// Every key and entry, in an order fixed by the key hashes (deterministic).
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], Entry)> {
+        self.table
+            .iter()
+            .map(|s| (self.arena.key(s.key_ref), s.entry()))
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.table.allocation_size() + self.arena.memory_bytes()
+    }
+}
+
+/// Every partition of one shard.
+#[derive(Default)]
+pub struct Index {
+    partitions: HashMap<u32, PartitionIndex>,
+}
+
+impl Index {
+    pub fn get(&self, partition: u32, key: &[u8]) -> Option<Entry> {
+        self.partitions.get(&partition)?.get(key)
+    }
+
+    pub fn insert(&mut self, partition: u32, key: &[u8], entry: Entry) -> Option<Entry> {
+        self.partitions
+            .entry(partition)
+            .or_default()
+            .insert(key, entry)
+    }
+
+    pub fn relocate(&mut self, partition: u32, key: &[u8], from: Location, to: Location) -> bool {
+        self.partitions
+            .get_mut(&partition)
+            .is_some_and(|p| p.relocate(key, from, to))
+    }
+
+    pub fn partition(&self, partition: u32) -> Option<&PartitionIndex> {
+        self.partitions.get(&partition)
+    }
+
+    pub fn remove_partition(&mut self, partition: u32) -> Option<PartitionIndex> {
+        self.partitions.remove(&partition)
+    }
+
+    /// Partition ids that hold at least one key, ascending.
+    pub fn partition_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.partitions.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    pub fn len(&self) -> usize {
+        self.partitions.values().map(PartitionIndex::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Heap bytes held by the index, key bytes included.
+    pub fn memory_bytes(&self) -> usize {
+        self.partitions.allocation_size()
+            + self
+                .partitions
+                .values()
+                .map(PartitionIndex::memory_bytes)
+                .sum::<usize>()
+    }
+
+    /// Total length of every indexed key.
+    pub fn key_bytes(&self) -> usize {
+        self.partitions
+            .values()
+            .flat_map(|p| p.iter())
+            .map(|(k, _)| k.len())
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn entry(file: u32, offset: u32, tombstone: bool) -> Entry {
+        Entry {
+            location: Location {
+                file,
+                offset,
+                len: 40,
+            },
+            tombstone,
+            version_digest: offset,
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn behaves_like_a_map(ops in prop::collection::vec(
+            (0u32..3, prop::collection::vec(any::<u8>(), 0..300), any::<u32>(), any::<bool>()), 1..400)
+        ) {
+            let mut index = Index::default();
+            let mut model = BTreeMap::new();
+            for (partition, key, offset, tombstone) in ops {
+                let e = entry(1, offset, tombstone);
+                let old = index.insert(partition, &key, e);
+                prop_assert_eq!(old, model.insert((partition, key.clone()), e));
+                prop_assert_eq!(index.get(partition, &key), Some(e));
+            }
+            prop_assert_eq!(index.len(), model.len());
+            for ((partition, key), e) in &model {
+                prop_assert_eq!(index.get(*partition, key), Some(*e));
+            }
+            let mut listed: Vec<_> = index.partition_ids().into_iter()
+                .flat_map(|p| index.partition(p).unwrap().iter()
+                    .map(move |(k, e)| ((p, k.to_vec()), e)).collect::<Vec<_>>())
+                .collect();
+            listed.sort_by(|a, b| a.0.cmp(&b.0));
+            prop_assert_eq!(listed, model.into_iter().collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn relocate_only_moves_the_expected_location() {
+        let mut index = Index::default();
+        index.insert(0, b"k", entry(1, 10, false));
+        let to = Location {
+            file: 2,
+            offset: 0,
+            len: 40,
+        };
+        assert!(!index.relocate(
+            0,
+            b"k",
+            Location {
+                file: 1,
+                offset: 99,
+                len: 40
+            },
+            to
+        ));
+        assert!(index.relocate(0, b"k", entry(1, 10, false).location, to));
+        assert_eq!(index.get(0, b"k").unwrap().location, to);
+        assert!(!index.relocate(0, b"missing", to, to));
+    }
+
+    #[test]
+    fn keys_of_every_length_up_to_the_limit_round_trip() {
+        let mut index = Index::default();
+        for len in [0, 1, 127, 128, 16383, 16384, crate::record::MAX_KEY_LEN] {
+            let key = vec![len as u8; len];
+            index.insert(9, &key, entry(1, len as u32, false));
+            assert_eq!(index.get(9, &key).unwrap().location.offset, len as u32);
+        }
+    }
+}

@@ -1,0 +1,466 @@
+//! The public face of one shard's store, and the state its parts share.
+//!
+//! A `Store` is single-threaded (one per glommio executor) and shared as `Rc<Store>`.
+//! Its owner must drive `Store::run` as a background task: that loop performs the group
+//! commits (and, in interval mode, the periodic fdatasync). Compaction runs when the
+//! owner calls `Store::compact_once`, typically from a low-priority task queue.
+//!
+//! Reads never wait for writes: the index only ever points at records that are already
+//! committed, so a put becomes visible the moment it is acknowledged (and is served from
+//! the cache, since the committed bytes are inserted there).
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
+
+use event_listener::Event;
+use hashbrown::HashMap;
+
+use crate::config::{Durability, StoreConfig};
+use crate::disk::{Disk, DiskFile};
+use crate::error::{Result, StoreError};
+use crate::hint::HintBuilder;
+use crate::index::{Entry, Index, Location};
+use crate::keylock::KeyLocks;
+use crate::record::{self, Header, Kind, MAX_KEY_LEN, MAX_VERSION_LEN, Record};
+use crate::segment::Segment;
+
+/// Counters, all monotonic except where noted.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Stats {
+    pub puts: u64,
+    pub gets: u64,
+    pub cache_hits: u64,
+    pub disk_reads: u64,
+    /// Group commits performed, and records they carried.
+    pub commits: u64,
+    pub committed_records: u64,
+    pub syncs: u64,
+    /// Records read back from disk whose checksum failed (never served).
+    pub corrupt_reads: u64,
+    /// Found at open: damaged regions skipped, torn tail bytes cut, segments scanned
+    /// because they had no usable hint file.
+    pub recovered_corrupt_regions: u64,
+    pub recovered_torn_tail_bytes: u64,
+    pub recovered_segments_scanned: u64,
+    pub compactions: u64,
+    pub compacted_bytes_reclaimed: u64,
+}
+
+/// Sizes right now (not monotonic).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Usage {
+    pub keys: usize,
+    pub segments: usize,
+    /// Bytes of records in all segments, dead ones included.
+    pub record_bytes: u64,
+    /// Bytes of records the index still points at.
+    pub live_bytes: u64,
+    /// Heap bytes of the index, key bytes included; and the key bytes alone.
+    pub index_bytes: usize,
+    pub key_bytes: usize,
+    pub cache_bytes: u64,
+}
+
+/// What `Store::update`'s merge function decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Merge {
+    /// Leave the key as it is.
+    Keep,
+    /// Store this value (or a tombstone) with this version.
+    Write {
+        version: Vec<u8>,
+        value: Vec<u8>,
+        tombstone: bool,
+    },
+}
+
+/// A key of a partition as the index knows it (no I/O needed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySummary {
+    pub key: Vec<u8>,
+    pub version_digest: u32,
+    pub tombstone: bool,
+}
+
+pub(crate) struct RecordWeighter;
+
+impl quick_cache::Weighter<u64, Record> for RecordWeighter {
+    fn weight(&self, _key: &u64, record: &Record) -> u64 {
+        record.raw_len() as u64
+    }
+}
+
+pub(crate) type Cache = quick_cache::unsync::Cache<u64, Record, RecordWeighter>;
+
+pub(crate) fn cache_key(location: Location) -> u64 {
+    (location.file as u64) << 32 | location.offset as u64
+}
+
+/// Records waiting to be committed together; one outcome for all of them.
+#[derive(Default)]
+pub(crate) struct Batch {
+    pub bytes: Vec<u8>,
+    pub records: Vec<(usize, Header)>,
+    pub outcome: Rc<Outcome>,
+}
+
+#[derive(Default)]
+pub(crate) struct Outcome {
+    result: RefCell<Option<Result<()>>>,
+    done: Event,
+}
+
+impl Outcome {
+    pub fn finish(&self, result: Result<()>) {
+        *self.result.borrow_mut() = Some(result);
+        self.done.notify(usize::MAX);
+    }
+
+    async fn wait(&self) -> Result<()> {
+        loop {
+            if let Some(result) = self.result.borrow().clone() {
+                return result;
+            }
+            let listener = self.done.listen();
+            if let Some(result) = self.result.borrow().clone() {
+                return result;
+            }
+            listener.await;
+        }
+    }
+}
+
+/// The segment being appended to.
+pub(crate) struct Active {
+    pub file_no: u32,
+    pub order: u32,
+    /// Logical end: bytes of records written so far.
+    pub end: u64,
+    /// Bytes from the last 4 KiB boundary up to `end`: the next write rewrites them
+    /// (identical bytes, so a torn rewrite cannot damage what was acknowledged).
+    pub tail: Vec<u8>,
+    pub hint: HintBuilder,
+    /// Written since the last fdatasync.
+    pub unsynced: bool,
+    /// A write to it failed: seal it at `end` before writing more.
+    pub broken: bool,
+}
+
+pub(crate) struct Inner<F> {
+    pub index: Index,
+    /// Every segment by file number, the active one included.
+    pub segments: BTreeMap<u32, Segment<F>>,
+    pub active: Active,
+    pub next_number: u32,
+    /// The live partition-drop marker of each dropped partition.
+    pub drops: HashMap<u32, Location>,
+    pub queue: VecDeque<Batch>,
+    pub cache: Cache,
+    pub stats: Stats,
+}
+
+impl<F> Inner<F> {
+    /// Makes `location` the newest record of its key (or its partition's drop marker),
+    /// keeping every segment's live byte count true.
+    pub fn apply(
+        &mut self,
+        kind: Kind,
+        partition: u32,
+        key: &[u8],
+        location: Location,
+        digest: u32,
+    ) {
+        match kind {
+            Kind::Value | Kind::Tombstone => {
+                let entry = Entry {
+                    location,
+                    tombstone: kind == Kind::Tombstone,
+                    version_digest: digest,
+                };
+                if let Some(old) = self.index.insert(partition, key, entry) {
+                    self.add_live(old.location, false);
+                }
+            }
+            Kind::PartitionDrop => {
+                if let Some(dropped) = self.index.remove_partition(partition) {
+                    for (_, entry) in dropped.iter() {
+                        self.add_live(entry.location, false);
+                    }
+                }
+                if let Some(old) = self.drops.insert(partition, location) {
+                    self.add_live(old, false);
+                }
+            }
+        }
+        self.add_live(location, true);
+    }
+
+    fn add_live(&mut self, location: Location, live: bool) {
+        let segment = self.segments.get_mut(&location.file);
+        // The index never points into a segment that is gone: compaction re-points
+        // every live record before it removes a segment.
+        let segment = segment.expect("index points into a missing segment");
+        if live {
+            segment.live_bytes += location.len as u64;
+        } else {
+            segment.live_bytes -= location.len as u64;
+        }
+    }
+}
+
+pub struct Store<D: Disk> {
+    pub(crate) disk: D,
+    pub(crate) config: StoreConfig,
+    pub(crate) inner: RefCell<Inner<D::File>>,
+    /// Signalled when a batch is queued or the store starts closing.
+    pub(crate) work: Event,
+    pub(crate) locks: KeyLocks,
+    /// Set on the first failed fdatasync; writes are refused from then on.
+    pub(crate) failed: RefCell<Option<String>>,
+    pub(crate) closing: Cell<bool>,
+    pub(crate) stopped: Cell<bool>,
+    pub(crate) stopped_event: Event,
+    pub(crate) compacting: Cell<bool>,
+}
+
+impl<D: Disk> Store<D> {
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    /// Drives group commits (and interval syncs) until `close` is called. The owner
+    /// runs this as a background task for as long as the store is used.
+    pub async fn run(&self) {
+        let commits = self.run_commits();
+        match self.config.durability {
+            Durability::Interval(every) => {
+                futures_lite::future::zip(commits, self.run_interval_sync(every)).await;
+            }
+            Durability::Sync | Durability::None => commits.await,
+        }
+        self.stopped.set(true);
+        self.stopped_event.notify(usize::MAX);
+    }
+
+    /// Commits what is queued, syncs, and stops `run`. Writes after this fail with Closed.
+    pub async fn close(&self) -> Result<()> {
+        self.closing.set(true);
+        self.work.notify(usize::MAX);
+        while !self.stopped.get() {
+            let listener = self.stopped_event.listen();
+            if self.stopped.get() {
+                break;
+            }
+            listener.await;
+        }
+        self.sync_active().await
+    }
+
+    pub async fn get(&self, partition: u32, key: &[u8]) -> Result<Option<Record>> {
+        let (location, file) = {
+            let mut inner = self.inner.borrow_mut();
+            inner.stats.gets += 1;
+            let Some(entry) = inner.index.get(partition, key) else {
+                return Ok(None);
+            };
+            if let Some(record) = inner.cache.get(&cache_key(entry.location)) {
+                let record = record.clone();
+                inner.stats.cache_hits += 1;
+                return Ok(Some(record));
+            }
+            inner.stats.disk_reads += 1;
+            let segment = inner.segments.get(&entry.location.file);
+            let segment = segment.expect("index points into a missing segment");
+            (entry.location, segment.file.clone())
+        };
+        let bytes = file
+            .read_at(location.offset as u64, location.len as usize)
+            .await
+            .map_err(|e| StoreError::io("reading a record", e))?;
+        let header = record::decode_header(&bytes).ok().filter(|h| {
+            h.record_len() == bytes.len() && h.partition == partition && record::checksum_ok(&bytes)
+        });
+        let Some(header) = header else {
+            self.inner.borrow_mut().stats.corrupt_reads += 1;
+            return Err(StoreError::Corrupt(format!(
+                "record of {} bytes at file {} offset {} failed its checksum",
+                location.len, location.file, location.offset
+            )));
+        };
+        let record = Record::from_checked(Rc::from(&bytes[..]), header);
+        if record.key() != key {
+            self.inner.borrow_mut().stats.corrupt_reads += 1;
+            return Err(StoreError::Corrupt(
+                "indexed record holds another key".into(),
+            ));
+        }
+        self.inner
+            .borrow_mut()
+            .cache
+            .insert(cache_key(location), record.clone());
+        Ok(Some(record))
+    }
+
+    /// Stores `value` under `key` with an opaque `version`; resolves once durable (in
+    /// the configured durability mode).
+    pub async fn put(
+        &self,
+        partition: u32,
+        key: &[u8],
+        version: &[u8],
+        value: &[u8],
+    ) -> Result<()> {
+        self.validate(key, version, value)?;
+        let _guard = self.locks.lock(partition, key).await;
+        self.write(Kind::Value, partition, key, version, value)
+            .await
+    }
+
+    /// Writes a tombstone carrying `version`: the key reads as deleted, and the
+    /// tombstone is kept (and iterated) so replicas can learn of the delete.
+    pub async fn delete(&self, partition: u32, key: &[u8], version: &[u8]) -> Result<()> {
+        self.validate(key, version, &[])?;
+        let _guard = self.locks.lock(partition, key).await;
+        self.write(Kind::Tombstone, partition, key, version, &[])
+            .await
+    }
+
+    /// Atomic read-merge-write: `merge` sees the current record (or None) and decides.
+    /// No other put, delete or update of the same key runs in between. Returns whether
+    /// something was written.
+    pub async fn update(
+        &self,
+        partition: u32,
+        key: &[u8],
+        merge: impl FnOnce(Option<&Record>) -> Merge,
+    ) -> Result<bool> {
+        self.validate(key, &[], &[])?;
+        let _guard = self.locks.lock(partition, key).await;
+        let current = self.get(partition, key).await?;
+        match merge(current.as_ref()) {
+            Merge::Keep => Ok(false),
+            Merge::Write {
+                version,
+                value,
+                tombstone,
+            } => {
+                self.validate(key, &version, &value)?;
+                let kind = if tombstone {
+                    Kind::Tombstone
+                } else {
+                    Kind::Value
+                };
+                self.write(kind, partition, key, &version, &value).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Forgets every key of `partition` (after its data moved to another node). Durable:
+    /// the records stay on disk until compaction, but never come back.
+    pub async fn drop_partition(&self, partition: u32) -> Result<()> {
+        self.write(Kind::PartitionDrop, partition, &[], &[], &[])
+            .await
+    }
+
+    /// Every key of `partition` with its version digest, from memory.
+    pub fn partition_keys(&self, partition: u32) -> Vec<KeySummary> {
+        let inner = self.inner.borrow();
+        let Some(index) = inner.index.partition(partition) else {
+            return Vec::new();
+        };
+        index
+            .iter()
+            .map(|(key, entry)| KeySummary {
+                key: key.to_vec(),
+                version_digest: entry.version_digest,
+                tombstone: entry.tombstone,
+            })
+            .collect()
+    }
+
+    /// Partitions that hold at least one key, ascending.
+    pub fn partitions(&self) -> Vec<u32> {
+        self.inner.borrow().index.partition_ids()
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.inner.borrow().stats.clone()
+    }
+
+    pub fn usage(&self) -> Usage {
+        let inner = self.inner.borrow();
+        Usage {
+            keys: inner.index.len(),
+            segments: inner.segments.len(),
+            record_bytes: inner.segments.values().map(|s| s.len).sum(),
+            live_bytes: inner.segments.values().map(|s| s.live_bytes).sum(),
+            index_bytes: inner.index.memory_bytes(),
+            key_bytes: inner.index.key_bytes(),
+            cache_bytes: inner.cache.weight(),
+        }
+    }
+
+    /// The latched failure, if an fdatasync has failed.
+    pub fn failure(&self) -> Option<String> {
+        self.failed.borrow().clone()
+    }
+
+    fn validate(&self, key: &[u8], version: &[u8], value: &[u8]) -> Result<()> {
+        let too_long = |what: &str, len: usize, max: usize| {
+            Err(StoreError::InvalidArgument(format!(
+                "{what} of {len} bytes exceeds the limit of {max}"
+            )))
+        };
+        if key.len() > MAX_KEY_LEN {
+            return too_long("key", key.len(), MAX_KEY_LEN);
+        }
+        if version.len() > MAX_VERSION_LEN {
+            return too_long("version", version.len(), MAX_VERSION_LEN);
+        }
+        if value.len() > self.config.max_value_len {
+            return too_long("value", value.len(), self.config.max_value_len);
+        }
+        Ok(())
+    }
+
+    /// Queues one record for the next group commit and waits for its outcome.
+    async fn write(
+        &self,
+        kind: Kind,
+        partition: u32,
+        key: &[u8],
+        version: &[u8],
+        value: &[u8],
+    ) -> Result<()> {
+        self.check_writable()?;
+        let outcome = {
+            let mut inner = self.inner.borrow_mut();
+            inner.stats.puts += 1;
+            let cap = self.config.commit_batch_bytes;
+            if inner.queue.back().is_none_or(|b| b.bytes.len() >= cap) {
+                inner.queue.push_back(Batch::default());
+            }
+            let batch = inner.queue.back_mut().expect("a batch was just ensured");
+            let start = batch.bytes.len();
+            record::encode(&mut batch.bytes, kind, partition, key, version, value);
+            let header = record::decode_header(&batch.bytes[start..])
+                .expect("a freshly encoded header decodes");
+            batch.records.push((start, header));
+            batch.outcome.clone()
+        };
+        self.work.notify(1);
+        outcome.wait().await
+    }
+
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        if let Some(reason) = self.failed.borrow().as_ref() {
+            return Err(StoreError::Failed(reason.clone()));
+        }
+        if self.closing.get() {
+            return Err(StoreError::Closed);
+        }
+        Ok(())
+    }
+}
