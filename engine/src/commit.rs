@@ -61,7 +61,20 @@ impl<D: Disk> Store<D> {
         }
     }
 
+    /// Commits `batch`. Segments it fills are sealed (made eligible for compaction) only
+    /// once its records are indexed: until then compaction would see them as garbage.
     async fn commit(&self, batch: &Batch) -> Result<()> {
+        let first_file = self.inner.borrow().active.file_no;
+        let result = self.commit_records(batch).await;
+        let mut inner = self.inner.borrow_mut();
+        let active = inner.active.file_no;
+        for (_, segment) in inner.segments.range_mut(first_file..active) {
+            segment.sealed = true;
+        }
+        result
+    }
+
+    async fn commit_records(&self, batch: &Batch) -> Result<()> {
         self.check_writable()?;
         if self.inner.borrow().active.broken {
             self.rotate().await?;
@@ -221,9 +234,6 @@ impl<D: Disk> Store<D> {
         // failed write left behind.
         if let Err(err) = self.write_hint(order, file_no, end, &hint).await {
             tracing::warn!(%err, order, file_no, "could not write hint file; recovery will scan");
-        }
-        if let Some(old) = self.inner.borrow_mut().segments.get_mut(&file_no) {
-            old.sealed = true;
         }
         self.start_segment().await
     }

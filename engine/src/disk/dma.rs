@@ -1,5 +1,6 @@
 //! Real storage: O_DIRECT files driven by glommio's io_uring reactor.
 
+use std::cell::Cell;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -14,7 +15,11 @@ use crate::config::ALIGN;
 #[derive(Clone, Debug)]
 pub struct DmaDisk {
     root: Rc<PathBuf>,
+    probed: Rc<Cell<bool>>,
 }
+
+/// Name of the 4 KiB file used to make glommio's IOPOLL probe honest (see `probe`).
+const PROBE_FILE: &str = ".iopoll-probe";
 
 impl DmaDisk {
     /// Uses `root`, creating it if needed.
@@ -22,7 +27,27 @@ impl DmaDisk {
         std::fs::create_dir_all(root.as_ref())?;
         Ok(DmaDisk {
             root: Rc::new(root.as_ref().to_path_buf()),
+            probed: Rc::default(),
         })
+    }
+
+    /// Makes glommio decide correctly whether this device supports polled I/O.
+    ///
+    /// glommio decides once per device and process, by reading the first 4 KiB of the
+    /// first DMA file opened there through the IOPOLL ring. If that file is empty the
+    /// kernel answers "end of file" without asking the device, glommio concludes that
+    /// polling works, and every later read on a device without poll queues (virtio-blk,
+    /// most cloud disks) fails with EOPNOTSUPP. So the first DMA file we open is one
+    /// with 4 KiB of data in it.
+    async fn probe(&self) -> io::Result<()> {
+        if self.probed.replace(true) {
+            return Ok(());
+        }
+        let path = self.root.join(PROBE_FILE);
+        std::fs::write(&path, [0u8; ALIGN as usize])?;
+        let file = OpenOptions::new().read(true).dma_open(&path).await?;
+        file.close().await?;
+        std::fs::remove_file(&path)
     }
 
     pub fn root(&self) -> &Path {
@@ -44,6 +69,7 @@ impl Disk for DmaDisk {
     type File = DmaDiskFile;
 
     async fn open(&self, name: &str) -> io::Result<DmaDiskFile> {
+        self.probe().await?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -62,7 +88,7 @@ impl Disk for DmaDisk {
     async fn list(&self) -> io::Result<Vec<String>> {
         let mut names = Vec::new();
         for entry in std::fs::read_dir(&*self.root)? {
-            if let Some(name) = entry?.file_name().to_str() {
+            if let Some(name) = entry?.file_name().to_str().filter(|n| *n != PROBE_FILE) {
                 names.push(name.to_owned());
             }
         }
