@@ -31,7 +31,7 @@ fn run_and_kill(dir: &Path, prefix: &str, acks_before_kill: usize, log: &mut Log
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "ready");
     let mut acks = 0;
-    let mut record = |line: &str, log: &mut Log| {
+    let record = |line: &str, log: &mut Log| {
         let (what, key) = line
             .split_once(' ')
             .expect("malformed line from engine-writer");
