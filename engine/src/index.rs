@@ -67,38 +67,39 @@ impl Slot {
     }
 }
 
-/// Key bytes, each behind a LEB128 length, in chunks that never move once allocated.
-/// A key reference is `chunk << CHUNK_BITS | offset`. Chunks start small (a partition
-/// with few keys stays small) and double up to `1 << CHUNK_BITS` bytes.
+/// Key bytes, each behind a LEB128 length, in chunks of at most `1 << CHUNK_BITS` bytes.
+/// A key reference is `chunk << CHUNK_BITS | offset`: an offset, not a pointer, so the
+/// last chunk may be reallocated as it grows. It grows by a quarter at a time
+/// (`reserve_exact`) rather than doubling, which would leave up to half of it unused.
 #[derive(Default)]
 struct KeyArena {
     chunks: Vec<Vec<u8>>,
 }
 
 const CHUNK_BITS: u32 = 18;
-const FIRST_CHUNK: usize = 1024;
+const CHUNK_MAX: usize = 1 << CHUNK_BITS;
+const FIRST_CHUNK: usize = 256;
 
 impl KeyArena {
     fn push(&mut self, key: &[u8]) -> u32 {
         let mut prefix = [0u8; 3];
         let prefix_len = leb128(key.len(), &mut prefix);
         let need = prefix_len + key.len();
-        let fits = self
+        assert!(need <= CHUNK_MAX, "key longer than an arena chunk");
+        let fits_in_last = self
             .chunks
             .last()
-            .is_some_and(|c| c.capacity() - c.len() >= need);
-        if !fits {
-            let next = self
-                .chunks
-                .last()
-                .map_or(FIRST_CHUNK, |c| (c.capacity() * 2).min(1 << CHUNK_BITS));
-            assert!(need <= 1 << CHUNK_BITS, "key longer than an arena chunk");
+            .is_some_and(|c| c.len() + need <= CHUNK_MAX);
+        if !fits_in_last {
             assert!(self.chunks.len() < 1 << (32 - CHUNK_BITS), "key arena full");
-            self.chunks.push(Vec::with_capacity(next.max(need)));
+            self.chunks.push(Vec::new());
         }
         let chunk_no = self.chunks.len() - 1;
-        // The loop above guarantees a chunk with room exists.
         let chunk = self.chunks.last_mut().expect("a chunk was just ensured");
+        if chunk.capacity() - chunk.len() < need {
+            let grown = (chunk.len() / 4).max(FIRST_CHUNK).max(need);
+            chunk.reserve_exact(grown.min(CHUNK_MAX - chunk.len()));
+        }
         let offset = chunk.len();
         chunk.extend_from_slice(&prefix[..prefix_len]);
         chunk.extend_from_slice(key);
