@@ -1,0 +1,475 @@
+//! Byte encodings of causal contexts (handed to clients) and version sets (handed to
+//! the storage engine). docs/cluster.md gives every field; all integers are
+//! little-endian and fixed-width so the layout can be read off a hex dump.
+//!
+//! Decoding is strict: every malformed input is a [`DecodeError`] naming what was
+//! wrong, never a panic, and decode(encode(x)) == x for every valid x.
+
+use thiserror::Error;
+
+use crate::clock::{Actor, ClockEntry, Dot, VersionVector};
+use crate::ring::NodeId;
+use crate::version::{ConflictMode, Value, Version, VersionSet};
+
+/// First byte of an encoded context.
+pub const CONTEXT_FORMAT: u8 = 1;
+/// First byte of an encoded version set's metadata.
+pub const VERSION_SET_FORMAT: u8 = 1;
+/// Encoded size of one version vector entry: node u32, incarnation u32, counter u64,
+/// updated_at_ms u64.
+pub const CLOCK_ENTRY_LEN: usize = 24;
+/// Most entries one vector may carry on the wire; far above any pruning setting.
+pub const CLOCK_ENTRIES_MAX: usize = 4096;
+/// Most siblings one stored set may carry; above the coordinator's hard cap so that
+/// replicas never refuse a set a coordinator produced.
+pub const SIBLINGS_MAX_ENCODED: usize = 4096;
+
+/// Why bytes are not a valid context or version set.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("empty input")]
+    Empty,
+    #[error("unknown format byte {0}")]
+    UnknownFormat(u8),
+    #[error("truncated: {field} needs {needed} bytes at offset {offset}, {available} left")]
+    Truncated {
+        field: &'static str,
+        offset: usize,
+        needed: usize,
+        available: usize,
+    },
+    #[error("{0} bytes left over after the last field")]
+    TrailingBytes(usize),
+    #[error("clock entries are not in strictly increasing actor order")]
+    UnsortedEntries,
+    #[error("a counter is zero (counters start at 1)")]
+    ZeroCounter,
+    #[error("{count} {what} exceed the limit of {limit}")]
+    TooMany {
+        what: &'static str,
+        count: usize,
+        limit: usize,
+    },
+    #[error("unknown conflict mode {0}")]
+    UnknownMode(u8),
+    #[error("unknown value kind {0}")]
+    UnknownKind(u8),
+    #[error("a tombstone claims {0} value bytes")]
+    TombstoneWithValue(u32),
+    #[error("siblings are not in strictly increasing dot order")]
+    UnsortedSiblings,
+    #[error("sibling {0:?} is dominated by another sibling")]
+    DominatedSibling(Dot),
+    #[error("values total {declared} bytes but {actual} were given")]
+    ValueLength { declared: u64, actual: usize },
+}
+
+/// The opaque causal context a client gets from a read and hands back with a put.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Context(pub VersionVector);
+
+impl Context {
+    pub fn vector(&self) -> &VersionVector {
+        &self.0
+    }
+
+    /// Layout: format u8 = 1, entry count u16, then the entries in actor order.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(3 + self.0.len() * CLOCK_ENTRY_LEN);
+        out.push(CONTEXT_FORMAT);
+        encode_vector(&mut out, &self.0);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Context, DecodeError> {
+        let mut reader = Reader::new(bytes);
+        let format = reader.u8("format")?;
+        if format != CONTEXT_FORMAT {
+            return Err(DecodeError::UnknownFormat(format));
+        }
+        let vector = decode_vector(&mut reader)?;
+        reader.finish()?;
+        Ok(Context(vector))
+    }
+}
+
+/// A version set as the storage engine keeps it: `version` is the causal metadata
+/// (small, bounded), `value` the sibling values back to back. `tombstone` tells the
+/// engine the key reads as deleted (every sibling is a tombstone).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct StoredVersions {
+    pub version: Vec<u8>,
+    pub value: Vec<u8>,
+    pub tombstone: bool,
+}
+
+impl StoredVersions {
+    /// Metadata layout: format u8 = 1, mode u8, sibling count u16, then per sibling:
+    /// dot (node u32, incarnation u32, counter u64), written_at_ms u64, kind u8
+    /// (0 data, 1 tombstone), value length u32, past vector (count u16 + entries).
+    pub fn encode(set: &VersionSet) -> StoredVersions {
+        let mut version = Vec::with_capacity(4 + set.len() * 64);
+        let mut value = Vec::new();
+        assert!(
+            set.len() <= SIBLINGS_MAX_ENCODED,
+            "set beyond the stored limit"
+        );
+        version.push(VERSION_SET_FORMAT);
+        version.push(match set.mode() {
+            ConflictMode::Causal => 0,
+            ConflictMode::LastWriterWins => 1,
+        });
+        put_u16(&mut version, set.len() as u16);
+        for sibling in set.siblings() {
+            put_dot(&mut version, sibling.dot);
+            put_u64(&mut version, sibling.written_at_ms);
+            match &sibling.value {
+                Value::Data(bytes) => {
+                    version.push(0);
+                    put_u32(&mut version, bytes.len() as u32);
+                    value.extend_from_slice(bytes);
+                }
+                Value::Tombstone => {
+                    version.push(1);
+                    put_u32(&mut version, 0);
+                }
+            }
+            encode_vector(&mut version, &sibling.past);
+        }
+        StoredVersions {
+            version,
+            value,
+            tombstone: set.is_deleted(),
+        }
+    }
+
+    pub fn decode(&self) -> Result<VersionSet, DecodeError> {
+        let mut reader = Reader::new(&self.version);
+        let format = reader.u8("format")?;
+        if format != VERSION_SET_FORMAT {
+            return Err(DecodeError::UnknownFormat(format));
+        }
+        let mode = match reader.u8("mode")? {
+            0 => ConflictMode::Causal,
+            1 => ConflictMode::LastWriterWins,
+            other => return Err(DecodeError::UnknownMode(other)),
+        };
+        let count = reader.u16("sibling count")? as usize;
+        if count > SIBLINGS_MAX_ENCODED {
+            return Err(DecodeError::TooMany {
+                what: "siblings",
+                count,
+                limit: SIBLINGS_MAX_ENCODED,
+            });
+        }
+        let mut versions: Vec<Version> = Vec::with_capacity(count);
+        let mut value_offset: usize = 0;
+        for _ in 0..count {
+            let dot = read_dot(&mut reader)?;
+            if versions.last().is_some_and(|prev| prev.dot >= dot) {
+                return Err(DecodeError::UnsortedSiblings);
+            }
+            let written_at_ms = reader.u64("written_at_ms")?;
+            let kind = reader.u8("kind")?;
+            let length = reader.u32("value length")?;
+            let past = decode_vector(&mut reader)?;
+            let value = match kind {
+                0 => {
+                    let end = value_offset.saturating_add(length as usize);
+                    let Some(bytes) = self.value.get(value_offset..end) else {
+                        return Err(DecodeError::ValueLength {
+                            declared: end as u64,
+                            actual: self.value.len(),
+                        });
+                    };
+                    value_offset = end;
+                    Value::Data(bytes.to_vec())
+                }
+                1 if length == 0 => Value::Tombstone,
+                1 => return Err(DecodeError::TombstoneWithValue(length)),
+                other => return Err(DecodeError::UnknownKind(other)),
+            };
+            versions.push(Version {
+                dot,
+                past,
+                written_at_ms,
+                value,
+            });
+        }
+        reader.finish()?;
+        if value_offset != self.value.len() {
+            return Err(DecodeError::ValueLength {
+                declared: value_offset as u64,
+                actual: self.value.len(),
+            });
+        }
+        // A stored set never holds a version another member saw; one that does was not
+        // written by us, and is refused rather than silently "repaired".
+        for version in &versions {
+            if versions.iter().any(|other| version.is_dominated_by(other)) {
+                return Err(DecodeError::DominatedSibling(version.dot));
+            }
+        }
+        let set = VersionSet::from_versions(mode, versions);
+        if set.len() != count {
+            // Only LWW mode can shrink here: a stored LWW set has one member.
+            return Err(DecodeError::TooMany {
+                what: "last-writer-wins siblings",
+                count,
+                limit: 1,
+            });
+        }
+        Ok(set)
+    }
+}
+
+fn encode_vector(out: &mut Vec<u8>, vector: &VersionVector) {
+    assert!(
+        vector.len() <= CLOCK_ENTRIES_MAX,
+        "vector beyond the wire limit"
+    );
+    put_u16(out, vector.len() as u16);
+    for (actor, entry) in vector.entries() {
+        put_u32(out, actor.node.0);
+        put_u32(out, actor.incarnation);
+        put_u64(out, entry.counter);
+        put_u64(out, entry.updated_at_ms);
+    }
+}
+
+fn decode_vector(reader: &mut Reader<'_>) -> Result<VersionVector, DecodeError> {
+    let count = reader.u16("entry count")? as usize;
+    if count > CLOCK_ENTRIES_MAX {
+        return Err(DecodeError::TooMany {
+            what: "clock entries",
+            count,
+            limit: CLOCK_ENTRIES_MAX,
+        });
+    }
+    let mut entries: Vec<(Actor, ClockEntry)> = Vec::with_capacity(count);
+    for _ in 0..count {
+        let actor = Actor {
+            node: NodeId(reader.u32("node")?),
+            incarnation: reader.u32("incarnation")?,
+        };
+        let counter = reader.u64("counter")?;
+        let updated_at_ms = reader.u64("updated_at_ms")?;
+        if counter == 0 {
+            return Err(DecodeError::ZeroCounter);
+        }
+        if entries.last().is_some_and(|(prev, _)| *prev >= actor) {
+            return Err(DecodeError::UnsortedEntries);
+        }
+        entries.push((
+            actor,
+            ClockEntry {
+                counter,
+                updated_at_ms,
+            },
+        ));
+    }
+    Ok(VersionVector::from_entries(entries))
+}
+
+fn put_dot(out: &mut Vec<u8>, dot: Dot) {
+    put_u32(out, dot.actor.node.0);
+    put_u32(out, dot.actor.incarnation);
+    put_u64(out, dot.counter);
+}
+
+fn read_dot(reader: &mut Reader<'_>) -> Result<Dot, DecodeError> {
+    let node = NodeId(reader.u32("dot node")?);
+    let incarnation = reader.u32("dot incarnation")?;
+    let counter = reader.u64("dot counter")?;
+    if counter == 0 {
+        return Err(DecodeError::ZeroCounter);
+    }
+    Ok(Dot {
+        actor: Actor { node, incarnation },
+        counter,
+    })
+}
+
+fn put_u16(out: &mut Vec<u8>, v: u16) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+/// A cursor over input bytes whose reads fail with the field's name instead of
+/// panicking.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    offset: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Reader { bytes, offset: 0 }
+    }
+
+    fn take<const LEN: usize>(&mut self, field: &'static str) -> Result<[u8; LEN], DecodeError> {
+        if self.bytes.is_empty() {
+            return Err(DecodeError::Empty);
+        }
+        let available = self.bytes.len() - self.offset;
+        let Some(slice) = self.bytes.get(self.offset..self.offset + LEN) else {
+            return Err(DecodeError::Truncated {
+                field,
+                offset: self.offset,
+                needed: LEN,
+                available,
+            });
+        };
+        self.offset += LEN;
+        let mut array = [0u8; LEN];
+        array.copy_from_slice(slice);
+        Ok(array)
+    }
+
+    fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
+        Ok(self.take::<1>(field)?[0])
+    }
+
+    fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(self.take(field)?))
+    }
+
+    fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.take(field)?))
+    }
+
+    fn u64(&mut self, field: &'static str) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.take(field)?))
+    }
+
+    fn finish(self) -> Result<(), DecodeError> {
+        match self.bytes.len() - self.offset {
+            0 => Ok(()),
+            left => Err(DecodeError::TrailingBytes(left)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn actor(node: u32, incarnation: u32) -> Actor {
+        Actor {
+            node: NodeId(node),
+            incarnation,
+        }
+    }
+
+    fn sample_set() -> VersionSet {
+        let mut past = VersionVector::new();
+        past.add(
+            Dot {
+                actor: actor(1, 0),
+                counter: 4,
+            },
+            77,
+        );
+        let a = Version {
+            dot: Dot {
+                actor: actor(2, 1),
+                counter: 1,
+            },
+            past: past.clone(),
+            written_at_ms: 100,
+            value: Value::Data(b"alpha".to_vec()),
+        };
+        let b = Version {
+            dot: Dot {
+                actor: actor(3, 0),
+                counter: 9,
+            },
+            past,
+            written_at_ms: 101,
+            value: Value::Tombstone,
+        };
+        VersionSet::from_versions(ConflictMode::Causal, [a, b])
+    }
+
+    #[test]
+    fn context_round_trips_and_has_the_documented_layout() {
+        let context = Context(sample_set().context());
+        let bytes = context.encode();
+        assert_eq!(bytes[0], CONTEXT_FORMAT);
+        assert_eq!(u16::from_le_bytes([bytes[1], bytes[2]]), 3);
+        assert_eq!(bytes.len(), 3 + 3 * CLOCK_ENTRY_LEN);
+        assert_eq!(Context::decode(&bytes).unwrap(), context);
+    }
+
+    #[test]
+    fn version_set_round_trips() {
+        let set = sample_set();
+        let stored = StoredVersions::encode(&set);
+        assert_eq!(stored.value, b"alpha");
+        assert!(!stored.tombstone);
+        assert_eq!(stored.decode().unwrap(), set);
+        let empty = StoredVersions::encode(&VersionSet::new());
+        assert!(empty.tombstone);
+        assert_eq!(empty.decode().unwrap(), VersionSet::new());
+    }
+
+    #[test]
+    fn malformed_contexts_are_named_errors() {
+        assert_eq!(Context::decode(&[]), Err(DecodeError::Empty));
+        assert_eq!(
+            Context::decode(&[9, 0, 0]),
+            Err(DecodeError::UnknownFormat(9))
+        );
+        assert!(matches!(
+            Context::decode(&[1, 1, 0, 0]),
+            Err(DecodeError::Truncated { field: "node", .. })
+        ));
+        assert_eq!(
+            Context::decode(&[1, 0, 0, 5]),
+            Err(DecodeError::TrailingBytes(1))
+        );
+        let mut zero = vec![1, 1, 0];
+        zero.extend_from_slice(&[0; CLOCK_ENTRY_LEN]);
+        assert_eq!(Context::decode(&zero), Err(DecodeError::ZeroCounter));
+        let mut twice = Context(sample_set().context()).encode();
+        // Overwrite the second entry's actor with the first's: no longer sorted.
+        let (first, rest) = twice.split_at_mut(3 + CLOCK_ENTRY_LEN);
+        rest[..8].copy_from_slice(&first[3..11]);
+        assert_eq!(Context::decode(&twice), Err(DecodeError::UnsortedEntries));
+    }
+
+    #[test]
+    fn every_truncation_of_a_stored_set_is_an_error() {
+        let stored = StoredVersions::encode(&sample_set());
+        for cut in 0..stored.version.len() {
+            let truncated = StoredVersions {
+                version: stored.version[..cut].to_vec(),
+                ..stored.clone()
+            };
+            assert!(truncated.decode().is_err(), "cut at {cut} decoded");
+        }
+        let short_value = StoredVersions {
+            value: b"alp".to_vec(),
+            ..stored.clone()
+        };
+        assert!(matches!(
+            short_value.decode(),
+            Err(DecodeError::ValueLength { .. })
+        ));
+        let long_value = StoredVersions {
+            value: b"alphabet".to_vec(),
+            ..stored
+        };
+        assert!(matches!(
+            long_value.decode(),
+            Err(DecodeError::ValueLength { .. })
+        ));
+    }
+}
