@@ -16,7 +16,7 @@ use crate::disk::{Disk, DiskFile, WriteBuf};
 use crate::error::{Result, StoreError};
 use crate::hint::HintBuilder;
 use crate::index::Location;
-use crate::record::{self, HEADER_LEN, Record};
+use crate::record::{self, Record};
 use crate::segment::{self, Segment, align_down, align_up};
 use crate::store::{Active, Batch, Store, cache_key};
 
@@ -114,17 +114,12 @@ impl<D: Disk> Store<D> {
                     len: header.record_len() as u32,
                 };
                 let bytes = &batch.bytes[*start..*start + header.record_len()];
-                let key = &bytes[HEADER_LEN..HEADER_LEN + header.key_len as usize];
                 let record = Record::from_checked(Rc::from(bytes), *header);
                 let digest = record::version_digest(record.version());
-                inner.active.hint.push(
-                    header.kind,
-                    header.partition,
-                    location.offset,
-                    location.len,
-                    digest,
-                    key,
-                );
+                inner
+                    .active
+                    .hint
+                    .push(header, location, digest, record.key());
                 placed.push((location, digest, record, header.kind));
             }
             first = last;

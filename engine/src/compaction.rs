@@ -16,7 +16,7 @@ use crate::disk::{Disk, DiskFile, WriteBuf};
 use crate::error::{Result, StoreError};
 use crate::hint::HintBuilder;
 use crate::index::Location;
-use crate::record::{self, HEADER_LEN, Header, Kind};
+use crate::record::{self, Header, Kind};
 use crate::scan;
 use crate::segment::{self, Segment, align_up};
 use crate::store::Store;
@@ -86,6 +86,13 @@ impl<D: Disk> Store<D> {
         let mut candidates: Vec<(u64, Header)> = Vec::new();
         scan::scan(&data, |offset, header, _| candidates.push((offset, header)));
 
+        // Numbers are never reused, so taking one now is harmless even if unused.
+        let new_no = {
+            let mut inner = self.inner.borrow_mut();
+            let n = inner.next_number;
+            inner.next_number += 1;
+            n
+        };
         let mut out = Vec::new();
         let mut hint = HintBuilder::default();
         let mut kept: Vec<(Location, u64, Header)> = Vec::new();
@@ -94,7 +101,7 @@ impl<D: Disk> Store<D> {
                 let inner = self.inner.borrow();
                 for &(offset, header) in chunk {
                     let bytes = &data[offset as usize..offset as usize + header.record_len()];
-                    let key = &bytes[HEADER_LEN..HEADER_LEN + header.key_len as usize];
+                    let (key, version, _) = record::split(bytes, &header);
                     let old = Location {
                         file: file_no,
                         offset: offset as u32,
@@ -108,16 +115,12 @@ impl<D: Disk> Store<D> {
                             .is_some_and(|e| e.location == old),
                     };
                     if live {
-                        let version = &bytes[HEADER_LEN + key.len()
-                            ..HEADER_LEN + key.len() + header.version_len as usize];
-                        hint.push(
-                            header.kind,
-                            header.partition,
-                            out.len() as u32,
-                            old.len,
-                            record::version_digest(version),
-                            key,
-                        );
+                        let new = Location {
+                            file: new_no,
+                            offset: out.len() as u32,
+                            len: old.len,
+                        };
+                        hint.push(&header, new, record::version_digest(version), key);
                         kept.push((old, out.len() as u64, header));
                         out.extend_from_slice(bytes);
                     }
@@ -126,12 +129,6 @@ impl<D: Disk> Store<D> {
             self.disk.yield_now().await;
         }
 
-        let new_no = {
-            let mut inner = self.inner.borrow_mut();
-            let n = inner.next_number;
-            inner.next_number += 1;
-            n
-        };
         let new_file = if out.is_empty() {
             None
         } else {
@@ -160,8 +157,8 @@ impl<D: Disk> Store<D> {
                     offset: new_offset as u32,
                     len: old.len,
                 };
-                let key_at = new_offset as usize + HEADER_LEN;
-                let key = &out[key_at..key_at + header.key_len as usize];
+                let copy = &out[new_offset as usize..new_offset as usize + old.len as usize];
+                let (key, _, _) = record::split(copy, &header);
                 let moved = match header.kind {
                     Kind::PartitionDrop => match inner.drops.get_mut(&header.partition) {
                         Some(at) if *at == old => {

@@ -20,7 +20,8 @@
 
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::record::Kind;
+use crate::index::Location;
+use crate::record::{Header, Kind};
 
 const MAGIC: [u8; 4] = *b"RKVH";
 const VERSION: u32 = 1;
@@ -44,17 +45,17 @@ pub struct HintBuilder {
 }
 
 impl HintBuilder {
-    pub fn push(
-        &mut self,
-        kind: Kind,
-        partition: u32,
-        offset: u32,
-        len: u32,
-        digest: u32,
-        key: &[u8],
-    ) {
-        self.payload.push(kind as u8);
-        for n in [partition, offset, len, digest, key.len() as u32] {
+    /// Adds the record described by `header`, stored at `location`.
+    pub fn push(&mut self, header: &Header, location: Location, version_digest: u32, key: &[u8]) {
+        self.payload.push(header.kind as u8);
+        let fields = [
+            header.partition,
+            location.offset,
+            location.len,
+            version_digest,
+            key.len() as u32,
+        ];
+        for n in fields {
             self.payload.extend_from_slice(&n.to_le_bytes());
         }
         self.payload.extend_from_slice(key);
@@ -136,8 +137,20 @@ mod tests {
     #[test]
     fn round_trips_and_rejects_damage() {
         let mut builder = HintBuilder::default();
-        builder.push(Kind::Value, 5, 0, 60, 77, b"alpha");
-        builder.push(Kind::Tombstone, 6, 60, 40, 78, b"");
+        let header = |kind, partition, key: &[u8]| Header {
+            kind,
+            partition,
+            key_len: key.len() as u32,
+            version_len: 1,
+            value_len: 0,
+        };
+        let at = |offset, len| Location {
+            file: 9,
+            offset,
+            len,
+        };
+        builder.push(&header(Kind::Value, 5, b"alpha"), at(0, 60), 77, b"alpha");
+        builder.push(&header(Kind::Tombstone, 6, b""), at(60, 40), 78, b"");
         let mut bytes = builder.encode(2, 9, 100);
         bytes.resize(4096, 0);
         let hint = decode(&bytes, 2, 9).unwrap();

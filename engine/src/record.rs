@@ -121,6 +121,18 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header, HeaderError> {
     Ok(header)
 }
 
+/// The key, version and value inside one record's bytes, as `header` describes them.
+pub fn split<'a>(record: &'a [u8], header: &Header) -> (&'a [u8], &'a [u8], &'a [u8]) {
+    let key_end = HEADER_LEN + header.key_len as usize;
+    let version_end = key_end + header.version_len as usize;
+    let value_end = version_end + header.value_len as usize;
+    (
+        &record[HEADER_LEN..key_end],
+        &record[key_end..version_end],
+        &record[version_end..value_end],
+    )
+}
+
 /// True when `record` (exactly one record's bytes) carries a matching checksum.
 pub fn checksum_ok(record: &[u8]) -> bool {
     let Some(body_len) = record.len().checked_sub(CHECKSUM_LEN) else {
@@ -189,15 +201,13 @@ impl Record {
         self.header.kind == Kind::Tombstone
     }
     pub fn key(&self) -> &[u8] {
-        &self.raw[HEADER_LEN..HEADER_LEN + self.header.key_len as usize]
+        split(&self.raw, &self.header).0
     }
     pub fn version(&self) -> &[u8] {
-        let start = HEADER_LEN + self.header.key_len as usize;
-        &self.raw[start..start + self.header.version_len as usize]
+        split(&self.raw, &self.header).1
     }
     pub fn value(&self) -> &[u8] {
-        let start = HEADER_LEN + self.header.key_len as usize + self.header.version_len as usize;
-        &self.raw[start..start + self.header.value_len as usize]
+        split(&self.raw, &self.header).2
     }
     pub fn version_digest(&self) -> u32 {
         version_digest(self.version())

@@ -22,7 +22,7 @@ use crate::error::{Result, StoreError};
 use crate::hint::{self, HintBuilder};
 use crate::index::{Index, Location};
 use crate::keylock::KeyLocks;
-use crate::record::{self, HEADER_LEN};
+use crate::record;
 use crate::scan;
 use crate::segment::{self, FileKind, Segment};
 use crate::store::{Active, Cache, Inner, RecordWeighter, Stats, Store};
@@ -199,25 +199,15 @@ impl<D: Disk> Store<D> {
             .map_err(|e| StoreError::io("reading a segment", e))?;
         let mut builder = HintBuilder::default();
         let summary = scan::scan(&data, |offset, header, bytes| {
-            let key = &bytes[HEADER_LEN..HEADER_LEN + header.key_len as usize];
-            let version_start = HEADER_LEN + header.key_len as usize;
-            let digest = record::version_digest(
-                &bytes[version_start..version_start + header.version_len as usize],
-            );
+            let (key, version, _) = record::split(bytes, &header);
+            let digest = record::version_digest(version);
             let location = Location {
                 file: file_no,
                 offset: offset as u32,
                 len: bytes.len() as u32,
             };
             inner.apply(header.kind, header.partition, key, location, digest);
-            builder.push(
-                header.kind,
-                header.partition,
-                location.offset,
-                location.len,
-                digest,
-                key,
-            );
+            builder.push(&header, location, digest, key);
         });
         if summary.corrupt_regions > 0 || summary.torn_tail_bytes > 0 {
             tracing::warn!(
