@@ -15,11 +15,25 @@ fn record_framing(c: &mut Criterion) {
         let mut out = Vec::with_capacity(256);
         b.iter(|| {
             out.clear();
-            encode(&mut out, Kind::Value, 3, black_box(b"user:000042"), b"version-bytes", &value);
+            encode(
+                &mut out,
+                Kind::Value,
+                3,
+                black_box(b"user:000042"),
+                b"version-bytes",
+                &value,
+            );
         })
     });
     let mut encoded = Vec::new();
-    encode(&mut encoded, Kind::Value, 3, b"user:000042", b"version-bytes", &value);
+    encode(
+        &mut encoded,
+        Kind::Value,
+        3,
+        b"user:000042",
+        b"version-bytes",
+        &value,
+    );
     group.bench_function("decode + verify 100 B value", |b| {
         b.iter(|| {
             let header = decode_header(black_box(&encoded)).unwrap();
@@ -31,9 +45,15 @@ fn record_framing(c: &mut Criterion) {
 
 fn index(c: &mut Criterion) {
     const KEYS: u32 = 100_000;
-    let keys: Vec<Vec<u8>> = (0..KEYS).map(|i| format!("key-{i:012}").into_bytes()).collect();
+    let keys: Vec<Vec<u8>> = (0..KEYS)
+        .map(|i| format!("key-{i:012}").into_bytes())
+        .collect();
     let entry = |i: u32| Entry {
-        location: Location { file: 1, offset: i * 64, len: 64 },
+        location: Location {
+            file: 1,
+            offset: i * 64,
+            len: 64,
+        },
         tombstone: false,
         version_digest: i,
     };
