@@ -9,13 +9,31 @@
 //! - [`ring`]: partitions, their assignment to nodes, preference lists.
 //! - [`clock`] and [`version`]: dotted version vectors, siblings, merge.
 //! - [`codec`]: the byte encodings of contexts and stored version sets.
+//! - [`quorum`]: validated (N, R, W).
+//! - [`node`]: one node's state machine (coordinator and replica), driven by
+//!   `handle_*` inputs and [`Node::poll_action`] outputs; [`message`] and [`request`]
+//!   are what it exchanges with peers and clients.
 
 pub mod clock;
 pub mod codec;
+mod coordinator;
+pub mod message;
+pub mod node;
+pub mod quorum;
+mod replica;
+pub mod request;
 pub mod ring;
 pub mod version;
 
 pub use clock::{Actor, ClockEntry, Dot, VersionVector};
 pub use codec::{Context, DecodeError, StoredVersions};
+pub use message::{PeerMessage, RequestId};
+pub use node::{Action, DropReason, Node, NodeConfig, NodeStats, Sabotage, TimerId};
+pub use quorum::{Quorum, QuorumError};
+pub use replica::{StorageCompletion, StorageFailure, StorageOp, StorageOpId};
+pub use request::{
+    ClientError, ClientReply, ClientToken, GetOutcome, GetRequest, InvalidArgument, PutOutcome,
+    PutRequest,
+};
 pub use ring::{Member, NodeId, PartitionId, Ring, RingError, ZoneId};
 pub use version::{ConflictMode, Value, Version, VersionSet};

@@ -1,0 +1,46 @@
+//! What nodes send each other. A driver moves these between nodes (serialising them
+//! for the network); a node never trusts them: anything stale, duplicated or from an
+//! unexpected sender is counted under a [`DropReason`](crate::node::DropReason) and
+//! dropped.
+
+use crate::ring::PartitionId;
+use crate::version::VersionSet;
+
+/// Names one coordinated request. The incarnation keeps ids unique across restarts,
+/// so a reply to a request made before a crash can never match a new one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId {
+    pub incarnation: u32,
+    pub sequence: u64,
+}
+
+/// A message between two nodes about one key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerMessage {
+    /// Coordinator to replica: send me your versions of `key`.
+    Read {
+        request: RequestId,
+        partition: PartitionId,
+        key: Vec<u8>,
+    },
+    /// Replica to coordinator: my versions (empty when I have none).
+    ReadReply {
+        request: RequestId,
+        versions: VersionSet,
+    },
+    /// Coordinator to replica: merge these versions into yours, durably, then ack.
+    Write {
+        request: RequestId,
+        partition: PartitionId,
+        key: Vec<u8>,
+        versions: VersionSet,
+    },
+    /// Replica to coordinator: the merged versions are durable here.
+    WriteAck { request: RequestId },
+    /// Coordinator to a stale replica after a read: merge these; no ack is expected.
+    Repair {
+        partition: PartitionId,
+        key: Vec<u8>,
+        versions: VersionSet,
+    },
+}

@@ -1,0 +1,434 @@
+//! The replica side of a node: reads, read-merge-writes and version creation for the
+//! keys it stores, one key at a time (Dynamo §4.5, the "write locally" and replica
+//! steps).
+//!
+//! Every job on a key reads the stored set, decides, and (when the set changes) writes
+//! the merged set back. Jobs on one key run strictly one after another, and the next
+//! starts only once the previous write is durable. That makes two things true without
+//! further care: a read never sees a write that could still be lost in a crash (so an
+//! ack never rests on unsynced data), and two puts coordinated here can never draw the
+//! same dot. Jobs on different keys run side by side, so the engine still batches
+//! their flushes (group commit).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::clock::{Actor, Dot, VersionVector};
+use crate::codec::StoredVersions;
+use crate::message::RequestId;
+use crate::node::{DropReason, Sabotage};
+use crate::ring::{NodeId, PartitionId};
+use crate::version::{ConflictMode, Value, Version, VersionSet};
+
+/// Names one storage operation, so its completion finds its way back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StorageOpId(pub u64);
+
+/// What a replica asks of its storage. The driver carries it out and reports back
+/// with a [`StorageCompletion`] carrying the same id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StorageOp {
+    /// Read the stored versions of `key` (`None` when absent; a record that fails its
+    /// checksum counts as absent and is repaired from other replicas).
+    Read {
+        op: StorageOpId,
+        partition: PartitionId,
+        key: Vec<u8>,
+    },
+    /// Replace the stored versions of `key`, durably: complete only once on disk.
+    Write {
+        op: StorageOpId,
+        partition: PartitionId,
+        key: Vec<u8>,
+        stored: StoredVersions,
+    },
+}
+
+/// The storage's answer to a [`StorageOp`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StorageCompletion {
+    Read {
+        op: StorageOpId,
+        result: Result<Option<StoredVersions>, StorageFailure>,
+    },
+    Write {
+        op: StorageOpId,
+        result: Result<(), StorageFailure>,
+    },
+}
+
+/// The storage could not do what was asked (an I/O error; the store latches it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StorageFailure(pub String);
+
+/// Who asked for a job and waits for its answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Origin {
+    pub node: NodeId,
+    pub request: RequestId,
+}
+
+/// A unit of work on one key.
+#[derive(Clone, Debug)]
+pub(crate) enum Job {
+    /// Answer with the stored versions.
+    Read { origin: Origin },
+    /// Merge `incoming` into the stored versions; ack `origin` once durable (repairs
+    /// have no origin and expect no ack).
+    Merge {
+        origin: Option<Origin>,
+        incoming: VersionSet,
+    },
+    /// Coordinate a put: make a new version from `context`, merge, write, ack.
+    Coordinate {
+        origin: Origin,
+        context: VersionVector,
+        value: Value,
+        mode: ConflictMode,
+        now_ms: u64,
+    },
+}
+
+impl Job {
+    fn origin(&self) -> Option<Origin> {
+        match self {
+            Job::Read { origin } | Job::Coordinate { origin, .. } => Some(*origin),
+            Job::Merge { origin, .. } => *origin,
+        }
+    }
+}
+
+/// Why a coordinated put was refused before any replica stored it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    TooManySiblings { count: usize, limit: usize },
+    StorageFailed,
+}
+
+/// What the replica asks its node to do.
+#[derive(Clone, Debug)]
+pub(crate) enum ReplicaEvent {
+    Storage(StorageOp),
+    ReadDone {
+        origin: Origin,
+        versions: VersionSet,
+    },
+    Durable {
+        origin: Origin,
+    },
+    /// A coordinated put made `dot`; `versions` is the merged set now being written
+    /// locally, to be sent to the other replicas.
+    Created {
+        origin: Origin,
+        dot: Dot,
+        versions: VersionSet,
+    },
+    Refused {
+        origin: Origin,
+        refusal: Refusal,
+    },
+    Dropped(DropReason),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ReplicaConfig {
+    pub actor: Actor,
+    pub clock_entries_max: usize,
+    pub siblings_max: usize,
+    pub sabotage: Sabotage,
+}
+
+#[derive(Debug)]
+struct KeyQueue {
+    partition: PartitionId,
+    active: Option<Active>,
+    waiting: VecDeque<Job>,
+}
+
+#[derive(Debug)]
+struct Active {
+    op: StorageOpId,
+    job: Job,
+    stage: Stage,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Reading,
+    Writing,
+}
+
+#[derive(Debug)]
+pub(crate) struct Replica {
+    config: ReplicaConfig,
+    keys: BTreeMap<Vec<u8>, KeyQueue>,
+    /// Storage operation in flight → the key whose active job issued it.
+    in_flight: BTreeMap<StorageOpId, Vec<u8>>,
+    next_op: u64,
+}
+
+impl Replica {
+    pub fn new(config: ReplicaConfig) -> Self {
+        Replica {
+            config,
+            keys: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
+            next_op: 0,
+        }
+    }
+
+    /// Queues `job` on `key`; starts it at once when the key is idle.
+    pub fn submit(
+        &mut self,
+        key: Vec<u8>,
+        partition: PartitionId,
+        job: Job,
+        out: &mut Vec<ReplicaEvent>,
+    ) {
+        let queue = self.keys.entry(key.clone()).or_insert_with(|| KeyQueue {
+            partition,
+            active: None,
+            waiting: VecDeque::new(),
+        });
+        queue.waiting.push_back(job);
+        if queue.active.is_none() {
+            self.start_next(&key, out);
+        }
+    }
+
+    pub fn complete(&mut self, completion: StorageCompletion, out: &mut Vec<ReplicaEvent>) {
+        let op = match &completion {
+            StorageCompletion::Read { op, .. } | StorageCompletion::Write { op, .. } => *op,
+        };
+        let Some(key) = self.in_flight.remove(&op) else {
+            out.push(ReplicaEvent::Dropped(DropReason::UnknownStorageOp));
+            return;
+        };
+        let queue = self
+            .keys
+            .get_mut(&key)
+            .expect("a key with an op in flight has a queue");
+        let active = queue
+            .active
+            .take()
+            .expect("a key with an op in flight has an active job");
+        assert_eq!(active.op, op, "in_flight and the active job disagree");
+        let partition = queue.partition;
+        match (completion, active.stage) {
+            (StorageCompletion::Read { result, .. }, Stage::Reading) => {
+                let stored = match result {
+                    Ok(Some(stored)) => match stored.decode() {
+                        Ok(set) => Some(set),
+                        Err(_) => {
+                            // Unreadable bytes are a record missing here: the other
+                            // replicas and read repair restore it.
+                            out.push(ReplicaEvent::Dropped(DropReason::CorruptStoredVersions));
+                            Some(VersionSet::new())
+                        }
+                    },
+                    Ok(None) => Some(VersionSet::new()),
+                    Err(_) => None,
+                };
+                match stored {
+                    Some(current) => self.decide(&key, partition, active.job, current, out),
+                    None => self.abandon(&key, active.job, DropReason::StorageReadFailed, out),
+                }
+            }
+            (StorageCompletion::Write { result, .. }, Stage::Writing) => match result {
+                Ok(()) => {
+                    if let Some(origin) = active.job.origin()
+                        && !self.config.sabotage.ack_before_durable
+                    {
+                        out.push(ReplicaEvent::Durable { origin });
+                    }
+                    self.finish(&key, out);
+                }
+                Err(_) => self.abandon(&key, active.job, DropReason::StorageWriteFailed, out),
+            },
+            (_, stage) => {
+                // A read completion for a write (or the reverse) is a driver bug.
+                panic!("storage completion of the wrong kind for stage {stage:?}");
+            }
+        }
+    }
+
+    pub fn assert_invariants(&self) {
+        let mut active_ops = 0;
+        for (key, queue) in &self.keys {
+            match &queue.active {
+                Some(active) => {
+                    active_ops += 1;
+                    assert_eq!(self.in_flight.get(&active.op), Some(key));
+                }
+                None => assert!(
+                    queue.waiting.is_empty(),
+                    "an idle key must not have waiting jobs"
+                ),
+            }
+        }
+        assert_eq!(active_ops, self.in_flight.len());
+        assert!(
+            self.keys.values().all(|q| q.active.is_some()),
+            "idle keys are removed"
+        );
+    }
+
+    /// Keys with work in flight (for tests and the simulator's liveness checks).
+    pub fn busy_keys(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// The stored set has been read: answer, or merge and write.
+    fn decide(
+        &mut self,
+        key: &[u8],
+        partition: PartitionId,
+        job: Job,
+        current: VersionSet,
+        out: &mut Vec<ReplicaEvent>,
+    ) {
+        match job {
+            Job::Read { origin } => {
+                out.push(ReplicaEvent::ReadDone {
+                    origin,
+                    versions: current,
+                });
+                self.finish(key, out);
+            }
+            Job::Merge {
+                origin,
+                ref incoming,
+            } => {
+                let merged = self.merge(&current, incoming);
+                if merged == current {
+                    // Nothing new: what is stored is already durable (see module doc).
+                    if let Some(origin) = origin {
+                        out.push(ReplicaEvent::Durable { origin });
+                    }
+                    self.finish(key, out);
+                } else {
+                    self.write(key, partition, job, &merged, out);
+                }
+            }
+            Job::Coordinate {
+                origin,
+                ref context,
+                ref value,
+                mode,
+                now_ms,
+            } => {
+                let dot = current.next_dot(self.config.actor, context);
+                let mut past = context.clone();
+                past.prune(self.config.clock_entries_max);
+                let version = Version {
+                    dot,
+                    past,
+                    written_at_ms: now_ms,
+                    value: value.clone(),
+                };
+                let merged = self.merge(&current, &VersionSet::from_versions(mode, [version]));
+                if merged.len() > self.config.siblings_max {
+                    out.push(ReplicaEvent::Refused {
+                        origin,
+                        refusal: Refusal::TooManySiblings {
+                            count: merged.len(),
+                            limit: self.config.siblings_max,
+                        },
+                    });
+                    self.finish(key, out);
+                    return;
+                }
+                out.push(ReplicaEvent::Created {
+                    origin,
+                    dot,
+                    versions: merged.clone(),
+                });
+                self.write(key, partition, job, &merged, out);
+            }
+        }
+    }
+
+    fn merge(&self, current: &VersionSet, incoming: &VersionSet) -> VersionSet {
+        let mut merged = current.sync(incoming);
+        if self.config.sabotage.keep_one_sibling {
+            merged.keep_latest_only();
+        }
+        merged
+    }
+
+    fn write(
+        &mut self,
+        key: &[u8],
+        partition: PartitionId,
+        job: Job,
+        merged: &VersionSet,
+        out: &mut Vec<ReplicaEvent>,
+    ) {
+        let op = self.new_op(key);
+        out.push(ReplicaEvent::Storage(StorageOp::Write {
+            op,
+            partition,
+            key: key.to_vec(),
+            stored: StoredVersions::encode(merged),
+        }));
+        if self.config.sabotage.ack_before_durable
+            && let Some(origin) = job.origin()
+        {
+            out.push(ReplicaEvent::Durable { origin });
+        }
+        let queue = self.keys.get_mut(key).expect("the written key has a queue");
+        queue.active = Some(Active {
+            op,
+            job,
+            stage: Stage::Writing,
+        });
+    }
+
+    /// The job cannot go on; its origin gets no answer (the coordinator times out)
+    /// except a local put, which learns at once that nothing was written.
+    fn abandon(&mut self, key: &[u8], job: Job, reason: DropReason, out: &mut Vec<ReplicaEvent>) {
+        out.push(ReplicaEvent::Dropped(reason));
+        if let (Job::Coordinate { origin, .. }, DropReason::StorageReadFailed) = (&job, reason) {
+            out.push(ReplicaEvent::Refused {
+                origin: *origin,
+                refusal: Refusal::StorageFailed,
+            });
+        }
+        self.finish(key, out);
+    }
+
+    fn finish(&mut self, key: &[u8], out: &mut Vec<ReplicaEvent>) {
+        let queue = self.keys.get_mut(key).expect("a finishing key has a queue");
+        queue.active = None;
+        if queue.waiting.is_empty() {
+            self.keys.remove(key);
+        } else {
+            self.start_next(key, out);
+        }
+    }
+
+    fn start_next(&mut self, key: &[u8], out: &mut Vec<ReplicaEvent>) {
+        let op = self.new_op(key);
+        let queue = self.keys.get_mut(key).expect("a started key has a queue");
+        let job = queue
+            .waiting
+            .pop_front()
+            .expect("start_next is called with a job waiting");
+        out.push(ReplicaEvent::Storage(StorageOp::Read {
+            op,
+            partition: queue.partition,
+            key: key.to_vec(),
+        }));
+        queue.active = Some(Active {
+            op,
+            job,
+            stage: Stage::Reading,
+        });
+    }
+
+    fn new_op(&mut self, key: &[u8]) -> StorageOpId {
+        self.next_op += 1;
+        let op = StorageOpId(self.next_op);
+        self.in_flight.insert(op, key.to_vec());
+        op
+    }
+}

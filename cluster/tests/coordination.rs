@@ -1,0 +1,465 @@
+//! Request paths through real `Node`s wired by a tiny synchronous driver
+//! (Dynamo §4.5 "Execution of get() and put() operations", §4.4 versioning, §4.7
+//! read repair as used in §4.5).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use ringkv_cluster::{
+    Action, ClientError, ClientReply, ClientToken, ConflictMode, Context, DropReason, GetOutcome,
+    GetRequest, InvalidArgument, Member, Node, NodeConfig, NodeId, PeerMessage, PutOutcome,
+    PutRequest, Quorum, RequestId, Ring, StorageCompletion, StorageOp, StoredVersions,
+};
+
+/// Delivers everything at once, in order; `silenced` nodes neither receive nor send.
+struct Harness {
+    now: Duration,
+    nodes: BTreeMap<NodeId, Node>,
+    disks: BTreeMap<NodeId, BTreeMap<Vec<u8>, StoredVersions>>,
+    inbox: VecDeque<(NodeId, NodeId, PeerMessage)>,
+    timers: Vec<(NodeId, ringkv_cluster::TimerId, Duration)>,
+    replies: BTreeMap<ClientToken, ClientReply>,
+    silenced: BTreeSet<NodeId>,
+    next_client: u64,
+    storage_ops: usize,
+}
+
+impl Harness {
+    fn new(nodes: u32, configure: impl Fn(&mut NodeConfig)) -> Self {
+        let members: Vec<Member> = (1..=nodes).map(|i| Member::new(NodeId(i))).collect();
+        let ring = Ring::new(64, &members).unwrap();
+        let mut harness = Harness {
+            now: Duration::from_millis(1_000),
+            nodes: BTreeMap::new(),
+            disks: BTreeMap::new(),
+            inbox: VecDeque::new(),
+            timers: Vec::new(),
+            replies: BTreeMap::new(),
+            silenced: BTreeSet::new(),
+            next_client: 0,
+            storage_ops: 0,
+        };
+        for i in 1..=nodes {
+            let mut config = NodeConfig::new(NodeId(i), 0);
+            configure(&mut config);
+            harness
+                .nodes
+                .insert(NodeId(i), Node::new(config, ring.clone()));
+            harness.disks.insert(NodeId(i), BTreeMap::new());
+        }
+        harness
+    }
+
+    fn ring(&self) -> Ring {
+        self.nodes.values().next().unwrap().ring().clone()
+    }
+
+    fn replicas(&self, key: &[u8]) -> Vec<NodeId> {
+        self.ring().preference_list_for_key(key, 3)
+    }
+
+    fn client(&mut self) -> ClientToken {
+        self.next_client += 1;
+        ClientToken(self.next_client)
+    }
+
+    fn put(
+        &mut self,
+        at: NodeId,
+        key: &[u8],
+        value: Option<&[u8]>,
+        context: Option<Vec<u8>>,
+        quorum: Quorum,
+    ) -> ClientToken {
+        let client = self.client();
+        let request = PutRequest {
+            key: key.to_vec(),
+            value: value.map(|v| v.to_vec()),
+            context,
+            quorum,
+            mode: ConflictMode::Causal,
+        };
+        self.nodes
+            .get_mut(&at)
+            .unwrap()
+            .handle_put(self.now, client, request);
+        self.settle();
+        client
+    }
+
+    fn get(&mut self, at: NodeId, key: &[u8], quorum: Quorum) -> ClientToken {
+        let client = self.client();
+        let request = GetRequest {
+            key: key.to_vec(),
+            quorum,
+        };
+        self.nodes
+            .get_mut(&at)
+            .unwrap()
+            .handle_get(self.now, client, request);
+        self.settle();
+        client
+    }
+
+    fn put_ok(
+        &mut self,
+        at: NodeId,
+        key: &[u8],
+        value: Option<&[u8]>,
+        context: Option<Vec<u8>>,
+    ) -> PutOutcome {
+        let client = self.put(at, key, value, context, Quorum::default());
+        match self.replies.remove(&client) {
+            Some(ClientReply::Put(Ok(outcome))) => outcome,
+            other => panic!("expected a put outcome, got {other:?}"),
+        }
+    }
+
+    fn get_ok(&mut self, at: NodeId, key: &[u8]) -> GetOutcome {
+        let client = self.get(at, key, Quorum::default());
+        match self.replies.remove(&client) {
+            Some(ClientReply::Get(Ok(outcome))) => outcome,
+            other => panic!("expected a get outcome, got {other:?}"),
+        }
+    }
+
+    /// Runs every node's actions and every message until nothing moves.
+    fn settle(&mut self) {
+        loop {
+            let mut moved = false;
+            let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+            for id in ids {
+                while let Some(action) = self.nodes.get_mut(&id).unwrap().poll_action() {
+                    moved = true;
+                    self.carry_out(id, action);
+                }
+                self.nodes[&id].assert_invariants();
+            }
+            if let Some((from, to, message)) = self.inbox.pop_front() {
+                moved = true;
+                if !self.silenced.contains(&to) && !self.silenced.contains(&from) {
+                    self.nodes
+                        .get_mut(&to)
+                        .unwrap()
+                        .handle_message(self.now, from, message);
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    fn carry_out(&mut self, id: NodeId, action: Action) {
+        match action {
+            Action::Send { to, message } => self.inbox.push_back((id, to, message)),
+            Action::SetTimer { timer, at } => self.timers.push((id, timer, at)),
+            Action::Reply { client, reply } => {
+                assert!(
+                    self.replies.insert(client, reply).is_none(),
+                    "one reply per request"
+                );
+            }
+            Action::Storage(op) => {
+                self.storage_ops += 1;
+                let disk = self.disks.get_mut(&id).unwrap();
+                let completion = match op {
+                    StorageOp::Read { op, key, .. } => StorageCompletion::Read {
+                        op,
+                        result: Ok(disk.get(&key).cloned()),
+                    },
+                    StorageOp::Write {
+                        op, key, stored, ..
+                    } => {
+                        disk.insert(key, stored);
+                        StorageCompletion::Write { op, result: Ok(()) }
+                    }
+                };
+                self.nodes
+                    .get_mut(&id)
+                    .unwrap()
+                    .handle_storage(self.now, completion);
+            }
+        }
+    }
+
+    /// Moves time past every armed timer and fires them.
+    fn expire_timers(&mut self) {
+        let timers = std::mem::take(&mut self.timers);
+        for (node, timer, at) in timers {
+            self.now = self.now.max(at);
+            self.nodes
+                .get_mut(&node)
+                .unwrap()
+                .handle_timer(self.now, timer);
+        }
+        self.settle();
+    }
+
+    fn stored(&self, node: NodeId, key: &[u8]) -> Option<ringkv_cluster::VersionSet> {
+        self.disks[&node].get(key).map(|s| s.decode().unwrap())
+    }
+}
+
+const KEY: &[u8] = b"user:42";
+
+/// Dynamo §4.5: a put acknowledged by W replicas is seen by a later quorum read.
+#[test]
+fn put_then_get_returns_the_value() {
+    let mut h = Harness::new(4, |_| {});
+    let coordinator = h.replicas(KEY)[0];
+    let put = h.put_ok(coordinator, KEY, Some(b"hello"), None);
+    assert_eq!(put.dot.actor.node, coordinator);
+    let reader = *h.nodes.keys().find(|n| **n != coordinator).unwrap();
+    let got = h.get_ok(reader, KEY);
+    assert_eq!(got.values(), vec![&b"hello"[..]]);
+    assert!(got.context.vector().contains(put.dot));
+    for replica in h.replicas(KEY) {
+        assert!(h.stored(replica, KEY).unwrap().contains_dot(put.dot));
+    }
+}
+
+/// Dynamo §4.4: writes without context become siblings; a put with the read context
+/// supersedes exactly what it saw.
+#[test]
+fn concurrent_puts_are_siblings_until_a_write_that_saw_them() {
+    let mut h = Harness::new(3, |_| {});
+    let [a, b, _] = h.replicas(KEY)[..] else {
+        panic!()
+    };
+    h.put_ok(a, KEY, Some(b"one"), None);
+    h.put_ok(b, KEY, Some(b"two"), None);
+    let got = h.get_ok(a, KEY);
+    assert_eq!(got.values().len(), 2);
+    let context = got.context.encode();
+    // A third writer slips in concurrently with the resolving write.
+    let third = h.put_ok(b, KEY, Some(b"three"), None);
+    let resolved = h.put_ok(a, KEY, Some(b"merged"), Some(context));
+    let after = h.get_ok(a, KEY);
+    let mut values = after.values();
+    values.sort();
+    assert_eq!(values, vec![&b"merged"[..], &b"three"[..]]);
+    assert!(after.versions.contains_dot(third.dot));
+    assert!(after.versions.contains_dot(resolved.dot));
+}
+
+/// Dynamo §4.4 (deletes are versions): a delete with context hides what it saw, and
+/// the tombstone is stored on the replicas.
+#[test]
+fn delete_with_context_hides_the_value() {
+    let mut h = Harness::new(3, |_| {});
+    let coordinator = h.replicas(KEY)[0];
+    h.put_ok(coordinator, KEY, Some(b"v"), None);
+    let context = h.get_ok(coordinator, KEY).context.encode();
+    h.put_ok(coordinator, KEY, None, Some(context));
+    let got = h.get_ok(coordinator, KEY);
+    assert!(got.values().is_empty());
+    assert!(got.versions.is_deleted());
+    assert_eq!(got.versions.len(), 1, "the tombstone is the only version");
+    assert!(h.disks[&coordinator][KEY].tombstone);
+}
+
+/// Dynamo §4.5: without W durable acks in time the put answers Timeout, with counts;
+/// the outcome is unknown, not failed (the local replica has the write).
+#[test]
+fn put_without_quorum_times_out_with_counts() {
+    let mut h = Harness::new(3, |_| {});
+    let replicas = h.replicas(KEY);
+    h.silenced.insert(replicas[1]);
+    h.silenced.insert(replicas[2]);
+    let client = h.put(
+        replicas[0],
+        KEY,
+        Some(b"v"),
+        None,
+        Quorum::new(3, 2, 2).unwrap(),
+    );
+    assert!(
+        !h.replies.contains_key(&client),
+        "no reply before the deadline"
+    );
+    h.expire_timers();
+    assert_eq!(
+        h.replies[&client],
+        ClientReply::Put(Err(ClientError::Timeout {
+            acked: 1,
+            required: 2
+        }))
+    );
+    assert!(
+        h.stored(replicas[0], KEY).is_some(),
+        "the local write stands"
+    );
+}
+
+/// Too few reachable replicas: Unavailable at once, nothing stored, no timer.
+#[test]
+fn unavailable_fails_fast() {
+    let mut h = Harness::new(3, |_| {});
+    let replicas = h.replicas(KEY);
+    let coordinator = replicas[0];
+    for other in &replicas[1..] {
+        h.nodes
+            .get_mut(&coordinator)
+            .unwrap()
+            .set_reachable(*other, false);
+    }
+    let client = h.put(coordinator, KEY, Some(b"v"), None, Quorum::default());
+    assert_eq!(
+        h.replies[&client],
+        ClientReply::Put(Err(ClientError::Unavailable {
+            required: 2,
+            reachable: 1
+        }))
+    );
+    let client = h.get(coordinator, KEY, Quorum::default());
+    assert_eq!(
+        h.replies[&client],
+        ClientReply::Get(Err(ClientError::Unavailable {
+            required: 2,
+            reachable: 1
+        }))
+    );
+    assert_eq!(h.storage_ops, 0);
+    assert!(h.timers.is_empty());
+}
+
+#[test]
+fn bad_context_bytes_are_an_invalid_argument() {
+    let mut h = Harness::new(3, |_| {});
+    let coordinator = h.replicas(KEY)[0];
+    let client = h.put(
+        coordinator,
+        KEY,
+        Some(b"v"),
+        Some(vec![1, 9]),
+        Quorum::default(),
+    );
+    match &h.replies[&client] {
+        ClientReply::Put(Err(ClientError::InvalidArgument(InvalidArgument::Context(_)))) => {}
+        other => panic!("expected a context error, got {other:?}"),
+    }
+    assert_eq!(h.storage_ops, 0);
+}
+
+/// Puts go to a replica of the key (Dynamo §4.5: the coordinator is in the
+/// preference list); others say which nodes to use.
+#[test]
+fn put_at_a_non_replica_names_the_replicas() {
+    let mut h = Harness::new(5, |_| {});
+    let replicas = h.replicas(KEY);
+    let outsider = *h.nodes.keys().find(|n| !replicas.contains(n)).unwrap();
+    let client = h.put(outsider, KEY, Some(b"v"), None, Quorum::default());
+    assert_eq!(
+        h.replies[&client],
+        ClientReply::Put(Err(ClientError::NotReplica { replicas }))
+    );
+}
+
+/// Dynamo §4.5 read repair: a replica that missed a write gets it after a read that
+/// saw it was stale.
+#[test]
+fn read_repair_restores_a_replica_that_missed_a_write() {
+    let mut h = Harness::new(3, |_| {});
+    let replicas = h.replicas(KEY);
+    h.silenced.insert(replicas[2]);
+    let put = h.put_ok(replicas[0], KEY, Some(b"v"), None);
+    assert!(h.stored(replicas[2], KEY).is_none());
+    h.silenced.clear();
+    let client = h.get(replicas[1], KEY, Quorum::new(3, 3, 2).unwrap());
+    assert!(matches!(h.replies[&client], ClientReply::Get(Ok(_))));
+    let repaired = h
+        .stored(replicas[2], KEY)
+        .expect("read repair wrote the key");
+    assert!(repaired.contains_dot(put.dot));
+    assert_eq!(h.nodes[&replicas[1]].stats().repairs_sent, 1);
+    assert_eq!(h.stored(replicas[0], KEY), h.stored(replicas[2], KEY));
+}
+
+/// Stale and duplicated peer messages are counted with a reason and dropped.
+#[test]
+fn stale_and_duplicate_answers_are_counted_not_fatal() {
+    let mut h = Harness::new(3, |_| {});
+    let replicas = h.replicas(KEY);
+    h.put_ok(replicas[0], KEY, Some(b"v"), None);
+    let key_partition = h.ring().partition_of(KEY).0;
+    let now = h.now;
+    let node = h.nodes.get_mut(&replicas[0]).unwrap();
+    let stale = RequestId {
+        incarnation: 0,
+        sequence: 1,
+    };
+    node.handle_message(now, replicas[1], PeerMessage::WriteAck { request: stale });
+    node.handle_message(now, replicas[1], PeerMessage::WriteAck { request: stale });
+    node.handle_message(
+        now,
+        replicas[1],
+        PeerMessage::Read {
+            request: stale,
+            partition: ringkv_cluster::PartitionId(63),
+            key: KEY.to_vec(),
+        },
+    );
+    let drops = &node.stats().drops;
+    assert!(drops[&DropReason::LateResponse] >= 2);
+    if key_partition != 63 {
+        assert_eq!(drops[&DropReason::WrongPartition], 1);
+    }
+    node.assert_invariants();
+}
+
+/// Riak's hard sibling limit: a put that would exceed it is refused, nothing written.
+#[test]
+fn too_many_siblings_refuses_the_put() {
+    let mut h = Harness::new(3, |c| c.siblings_max = 2);
+    let coordinator = h.replicas(KEY)[0];
+    h.put_ok(coordinator, KEY, Some(b"a"), None);
+    h.put_ok(coordinator, KEY, Some(b"b"), None);
+    let before = h.stored(coordinator, KEY);
+    let client = h.put(coordinator, KEY, Some(b"c"), None, Quorum::default());
+    assert_eq!(
+        h.replies[&client],
+        ClientReply::Put(Err(ClientError::TooManySiblings { count: 3, limit: 2 }))
+    );
+    assert_eq!(h.stored(coordinator, KEY), before);
+    // Resolving with the context is always possible.
+    let context = h.get_ok(coordinator, KEY).context.encode();
+    h.put_ok(coordinator, KEY, Some(b"resolved"), Some(context));
+}
+
+/// Last-writer-wins namespaces keep one value per key.
+#[test]
+fn last_writer_wins_mode_keeps_one_value() {
+    let mut h = Harness::new(3, |_| {});
+    let [a, b, _] = h.replicas(KEY)[..] else {
+        panic!()
+    };
+    for (at, value) in [(a, &b"first"[..]), (b, b"second")] {
+        h.now += Duration::from_millis(5);
+        let client = h.client();
+        let request = PutRequest {
+            key: KEY.to_vec(),
+            value: Some(value.to_vec()),
+            context: None,
+            quorum: Quorum::default(),
+            mode: ConflictMode::LastWriterWins,
+        };
+        h.nodes
+            .get_mut(&at)
+            .unwrap()
+            .handle_put(h.now, client, request);
+        h.settle();
+    }
+    assert_eq!(h.get_ok(a, KEY).values(), vec![&b"second"[..]]);
+}
+
+/// The context a get returns decodes to exactly the join of its siblings' histories.
+#[test]
+fn get_context_round_trips() {
+    let mut h = Harness::new(3, |_| {});
+    let coordinator = h.replicas(KEY)[0];
+    h.put_ok(coordinator, KEY, Some(b"v"), None);
+    let got = h.get_ok(coordinator, KEY);
+    assert_eq!(Context::decode(&got.context.encode()).unwrap(), got.context);
+    assert_eq!(got.context.vector(), &got.versions.context());
+}
