@@ -1,0 +1,82 @@
+//! Everything a run randomises, drawn from the seed before anything else happens and
+//! printed with it, so a failure report says what the run was.
+
+use ringkv_cluster::Quorum;
+
+use crate::dice::Dice;
+
+/// The shape of one run. Rates are per mille; times are milliseconds of simulated time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub nodes: usize,
+    pub keys: usize,
+    pub clients: usize,
+    pub partitions: u32,
+    /// The quorums client operations draw from. N is 3 (or the node count if smaller).
+    pub quorums: Vec<Quorum>,
+    pub delay_min_ms: u64,
+    pub delay_max_ms: u64,
+    pub drop_per_mille: u32,
+    pub duplicate_per_mille: u32,
+    /// Chance, at every fault tick (50 ms), that a live node crashes.
+    pub crash_per_mille: u32,
+    pub downtime_max_ms: u64,
+    /// Chance, at every fault tick, that the network splits in two.
+    pub partition_per_mille: u32,
+    pub partition_max_ms: u64,
+    pub read_latency_max_ms: u64,
+    pub sync_delay_max_ms: u64,
+    pub request_timeout_ms: u64,
+    pub client_timeout_ms: u64,
+    pub think_max_ms: u64,
+    /// Chance that a put ignores the client's context (a concurrent, blind write).
+    pub blind_put_per_mille: u32,
+    pub delete_per_mille: u32,
+    /// How long clients work and faults strike before the network heals.
+    pub safety_ms: u64,
+}
+
+impl Settings {
+    pub fn random(dice: &mut Dice) -> Settings {
+        let nodes = dice.between(3, 6) as usize;
+        let n = 3.min(nodes);
+        let strong = [(2, 2), (1, 3), (3, 1), (2, 2)];
+        let mut quorums: Vec<Quorum> = strong
+            .iter()
+            .filter(|_| dice.chance(600))
+            .map(|&(r, w)| Quorum::new(n, r.min(n), w.min(n)).expect("r, w <= n by construction"))
+            .collect();
+        if quorums.is_empty() {
+            quorums.push(Quorum::new(n, 2.min(n), 2.min(n)).expect("2 <= n for n >= 2"));
+        }
+        if dice.chance(300) {
+            // Weak quorums are allowed; the checkers exempt them from read-your-writes.
+            quorums.push(Quorum::new(n, 1, 1).expect("1 <= n"));
+        }
+        let delay_min_ms = dice.between(0, 5);
+        let request_timeout_ms = dice.between(100, 400);
+        Settings {
+            nodes,
+            keys: dice.between(1, 6) as usize,
+            clients: dice.between(2, 6) as usize,
+            partitions: 64,
+            quorums,
+            delay_min_ms,
+            delay_max_ms: delay_min_ms + dice.between(0, 40),
+            drop_per_mille: [0, 10, 50, 150][dice.index(4)],
+            duplicate_per_mille: [0, 10, 100][dice.index(3)],
+            crash_per_mille: [0, 10, 40][dice.index(3)],
+            downtime_max_ms: dice.between(50, 800),
+            partition_per_mille: [0, 10, 40][dice.index(3)],
+            partition_max_ms: dice.between(50, 600),
+            read_latency_max_ms: dice.between(0, 3),
+            sync_delay_max_ms: dice.between(1, 30),
+            request_timeout_ms,
+            client_timeout_ms: request_timeout_ms * 3,
+            think_max_ms: dice.between(0, 40),
+            blind_put_per_mille: dice.between(50, 400) as u32,
+            delete_per_mille: dice.between(0, 200) as u32,
+            safety_ms: dice.between(1_000, 2_500),
+        }
+    }
+}

@@ -1,0 +1,743 @@
+//! The simulated world: nodes, disks, network and clients, advanced one event at a
+//! time in simulated time. Everything random comes from one seeded [`Dice`]; events
+//! at the same instant run in the order they were scheduled, so a seed fixes the run.
+//!
+//! A run has three phases, after tigerbeetle's VOPR:
+//! - safety: clients work while faults strike (drops, duplicates, delays, network
+//!   splits, crashes that lose unsynced writes);
+//! - healing: faults stop, crashed nodes restart, clients finish what they started,
+//!   and the world runs until nothing is left to do;
+//! - repair: one read at R = N per key repairs every replica, the world quiesces
+//!   again, and the checkers compare the replicas.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use ringkv_cluster::{
+    Action, ClientReply, ClientToken, GetRequest, Member, Node, NodeConfig, NodeId, PeerMessage,
+    PutRequest, Quorum, Ring, StorageCompletion, StorageOp, TimerId, VersionSet,
+};
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::checker::{self, Checker, Violation};
+use crate::dice::Dice;
+use crate::disk::Disk;
+use crate::history::{GetRecord, History, PutRecord, PutResult};
+use crate::settings::Settings;
+use crate::{Options, RunStats};
+
+/// How often the fault injector considers a crash or a network split.
+const FAULT_TICK: Duration = Duration::from_millis(50);
+/// A run that has not quiesced after this many events is stuck (a liveness bug).
+const EVENTS_MAX: u64 = 3_000_000;
+
+#[derive(Debug)]
+enum Event {
+    Deliver {
+        from: NodeId,
+        to: NodeId,
+        message: PeerMessage,
+    },
+    Timer {
+        node: NodeId,
+        incarnation: u32,
+        timer: TimerId,
+    },
+    ReadDone {
+        node: NodeId,
+        incarnation: u32,
+        completion: StorageCompletion,
+    },
+    Sync {
+        node: NodeId,
+        incarnation: u32,
+    },
+    ClientWake {
+        client: usize,
+    },
+    ClientGiveUp {
+        client: usize,
+        op: u64,
+    },
+    FaultTick,
+    Restart {
+        node: NodeId,
+    },
+    Heal,
+    StopFaults,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Safety,
+    Healing,
+}
+
+struct SimNode {
+    id: NodeId,
+    incarnation: u32,
+    node: Option<Node>,
+    disk: Disk,
+    sync_scheduled: bool,
+}
+
+struct Client {
+    /// The context of this client's latest read of each key.
+    contexts: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+/// A request waiting for its reply.
+enum Waiting {
+    Put {
+        client: usize,
+        index: usize,
+    },
+    Get {
+        client: Option<usize>,
+        key: Vec<u8>,
+        quorum: Quorum,
+        start: Duration,
+    },
+}
+
+pub struct World {
+    settings: Settings,
+    options: Options,
+    dice: Dice,
+    now: Duration,
+    queue: BTreeMap<(Duration, u64), Event>,
+    scheduled: u64,
+    ring: Ring,
+    n: usize,
+    nodes: Vec<SimNode>,
+    clients: Vec<Client>,
+    waiting: BTreeMap<u64, Waiting>,
+    next_op: u64,
+    history: History,
+    phase: Phase,
+    /// One side of the current network split, if any.
+    split: Option<BTreeSet<NodeId>>,
+    hasher: Xxh3,
+    pub stats: RunStats,
+    pub violations: Vec<Violation>,
+}
+
+impl World {
+    pub fn new(seed: u64, settings: Settings, mut dice: Dice, options: Options) -> World {
+        let members: Vec<Member> = (1..=settings.nodes as u32)
+            .map(|i| Member::new(NodeId(i)))
+            .collect();
+        let ring = Ring::new(settings.partitions, &members).expect("settings give a valid ring");
+        let n = settings.quorums[0].n();
+        let mut world = World {
+            n,
+            nodes: Vec::new(),
+            clients: (0..settings.clients)
+                .map(|_| Client {
+                    contexts: BTreeMap::new(),
+                })
+                .collect(),
+            waiting: BTreeMap::new(),
+            next_op: 0,
+            history: History::default(),
+            phase: Phase::Safety,
+            split: None,
+            hasher: Xxh3::new(),
+            stats: RunStats::default(),
+            violations: Vec::new(),
+            queue: BTreeMap::new(),
+            scheduled: 0,
+            now: Duration::ZERO,
+            ring,
+            dice: Dice::new(0),
+            options,
+            settings,
+        };
+        world.hasher.update(&seed.to_le_bytes());
+        for member in members {
+            let node = world.boot(member.node, 0);
+            world.nodes.push(SimNode {
+                id: member.node,
+                incarnation: 0,
+                node: Some(node),
+                disk: Disk::default(),
+                sync_scheduled: false,
+            });
+        }
+        for client in 0..world.settings.clients {
+            let wake = dice.between(0, 20);
+            world.schedule(Duration::from_millis(wake), Event::ClientWake { client });
+        }
+        world.schedule(FAULT_TICK, Event::FaultTick);
+        world.schedule(
+            Duration::from_millis(world.settings.safety_ms),
+            Event::StopFaults,
+        );
+        world.dice = dice;
+        world
+    }
+
+    /// Runs all three phases and the final checks.
+    pub fn run(&mut self) {
+        self.run_until_quiet();
+        self.repair_every_key();
+        self.run_until_quiet();
+        self.check_final_state();
+        self.violations.extend(checker::check_reads(&self.history));
+        self.stats.events_hash = self.hasher.digest();
+    }
+
+    pub fn trace_hash(&self) -> u64 {
+        self.hasher.digest()
+    }
+
+    fn boot(&self, id: NodeId, incarnation: u32) -> Node {
+        let mut config = NodeConfig::new(id, incarnation);
+        config.request_timeout = Duration::from_millis(self.settings.request_timeout_ms);
+        config.sabotage = self.options.sabotage;
+        // Pruning would legitimately resurrect superseded values (see VersionVector::
+        // prune), which checker 4 would flag; the simulator checks the unpruned protocol.
+        config.clock_entries_max = usize::MAX;
+        Node::new(config, self.ring.clone())
+    }
+
+    fn schedule(&mut self, after: Duration, event: Event) {
+        self.scheduled += 1;
+        self.queue.insert((self.now + after, self.scheduled), event);
+    }
+
+    fn run_until_quiet(&mut self) {
+        while let Some(((at, _), event)) = self.queue.pop_first() {
+            self.now = at;
+            self.stats.events += 1;
+            if self.stats.events > EVENTS_MAX {
+                self.violations.push(Violation {
+                    checker: Checker::Convergence,
+                    detail: format!("no quiescence after {EVENTS_MAX} events"),
+                });
+                self.queue.clear();
+                return;
+            }
+            self.hasher
+                .update(format!("{:?} {:?}\n", self.now, event).as_bytes());
+            self.handle(event);
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Deliver { from, to, message } => {
+                let now = self.now;
+                if let Some(node) = self.live_node(to) {
+                    node.handle_message(now, from, message);
+                    self.drain(to);
+                }
+            }
+            Event::Timer {
+                node,
+                incarnation,
+                timer,
+            } => {
+                if self.is_current(node, incarnation) {
+                    let now = self.now;
+                    self.live_node(node)
+                        .expect("current")
+                        .handle_timer(now, timer);
+                    self.drain(node);
+                }
+            }
+            Event::ReadDone {
+                node,
+                incarnation,
+                completion,
+            } => {
+                if self.is_current(node, incarnation) {
+                    let now = self.now;
+                    self.live_node(node)
+                        .expect("current")
+                        .handle_storage(now, completion);
+                    self.drain(node);
+                }
+            }
+            Event::Sync { node, incarnation } => {
+                if self.is_current(node, incarnation) {
+                    self.sync(node);
+                }
+            }
+            Event::ClientWake { client } => self.client_wake(client),
+            Event::ClientGiveUp { client, op } => {
+                if let Some(waiting) = self.waiting.remove(&op) {
+                    self.close(op, waiting, None);
+                    self.schedule_wake(client);
+                }
+            }
+            Event::FaultTick => self.fault_tick(),
+            Event::Restart { node } => self.restart(node),
+            Event::Heal => self.split = None,
+            Event::StopFaults => {
+                self.phase = Phase::Healing;
+                self.split = None;
+                let down: Vec<NodeId> = self
+                    .nodes
+                    .iter()
+                    .filter(|n| n.node.is_none())
+                    .map(|n| n.id)
+                    .collect();
+                for node in down {
+                    self.restart(node);
+                }
+            }
+        }
+    }
+
+    /// Carries out every action a node has queued.
+    fn drain(&mut self, id: NodeId) {
+        loop {
+            let Some(node) = self.live_node(id) else {
+                return;
+            };
+            node.assert_invariants();
+            let Some(action) = node.poll_action() else {
+                return;
+            };
+            match action {
+                Action::Send { to, message } => self.send(id, to, message),
+                Action::Storage(op) => self.storage(id, op),
+                Action::SetTimer { timer, at } => {
+                    let incarnation = self.sim_node(id).incarnation;
+                    let after = at.saturating_sub(self.now);
+                    self.schedule(
+                        after,
+                        Event::Timer {
+                            node: id,
+                            incarnation,
+                            timer,
+                        },
+                    );
+                }
+                Action::Reply { client, reply } => self.reply(client, reply),
+            }
+        }
+    }
+
+    fn send(&mut self, from: NodeId, to: NodeId, message: PeerMessage) {
+        self.stats.messages_sent += 1;
+        if self.phase == Phase::Safety {
+            let split = self
+                .split
+                .as_ref()
+                .is_some_and(|side| side.contains(&from) != side.contains(&to));
+            if split || self.dice.chance(self.settings.drop_per_mille) {
+                self.stats.messages_dropped += 1;
+                return;
+            }
+            if self.dice.chance(self.settings.duplicate_per_mille) {
+                let delay = self.delay();
+                let copy = Event::Deliver {
+                    from,
+                    to,
+                    message: message.clone(),
+                };
+                self.schedule(delay, copy);
+            }
+        }
+        let delay = self.delay();
+        self.schedule(delay, Event::Deliver { from, to, message });
+    }
+
+    fn delay(&mut self) -> Duration {
+        let ms = self
+            .dice
+            .between(self.settings.delay_min_ms, self.settings.delay_max_ms);
+        Duration::from_millis(ms)
+    }
+
+    fn storage(&mut self, id: NodeId, op: StorageOp) {
+        match op {
+            StorageOp::Read { op, key, .. } => {
+                let stored = self.sim_node(id).disk.read(&key);
+                let incarnation = self.sim_node(id).incarnation;
+                let latency = self.dice.between(0, self.settings.read_latency_max_ms);
+                let completion = StorageCompletion::Read {
+                    op,
+                    result: Ok(stored),
+                };
+                self.schedule(
+                    Duration::from_millis(latency),
+                    Event::ReadDone {
+                        node: id,
+                        incarnation,
+                        completion,
+                    },
+                );
+            }
+            StorageOp::Write {
+                op, key, stored, ..
+            } => {
+                self.sim_node_mut(id).disk.write(op, key, stored);
+                self.ensure_sync(id);
+            }
+        }
+    }
+
+    fn ensure_sync(&mut self, id: NodeId) {
+        let node = self.sim_node(id);
+        if node.sync_scheduled || node.disk.pending_writes() == 0 {
+            return;
+        }
+        let incarnation = node.incarnation;
+        let delay = self.dice.between(1, self.settings.sync_delay_max_ms);
+        self.sim_node_mut(id).sync_scheduled = true;
+        self.schedule(
+            Duration::from_millis(delay),
+            Event::Sync {
+                node: id,
+                incarnation,
+            },
+        );
+    }
+
+    fn sync(&mut self, id: NodeId) {
+        let now = self.now;
+        let sim = self.sim_node_mut(id);
+        sim.sync_scheduled = false;
+        let done = sim.disk.sync();
+        for op in done {
+            let completion = StorageCompletion::Write { op, result: Ok(()) };
+            self.live_node(id)
+                .expect("synced nodes are live")
+                .handle_storage(now, completion);
+            self.drain(id);
+        }
+        self.ensure_sync(id);
+    }
+
+    fn fault_tick(&mut self) {
+        if self.phase != Phase::Safety {
+            return;
+        }
+        if self.dice.chance(self.settings.crash_per_mille) {
+            let live: Vec<NodeId> = self
+                .nodes
+                .iter()
+                .filter(|n| n.node.is_some())
+                .map(|n| n.id)
+                .collect();
+            if !live.is_empty() {
+                let victim = live[self.dice.index(live.len())];
+                self.crash(victim);
+            }
+        }
+        if self.split.is_none() && self.dice.chance(self.settings.partition_per_mille) {
+            let mut side = BTreeSet::new();
+            for node in &self.nodes {
+                if self.dice.chance(500) {
+                    side.insert(node.id);
+                }
+            }
+            if !side.is_empty() && side.len() < self.nodes.len() {
+                self.stats.partitions += 1;
+                self.split = Some(side);
+                let lasts = self.dice.between(50, self.settings.partition_max_ms);
+                self.schedule(Duration::from_millis(lasts), Event::Heal);
+            }
+        }
+        if self.now + FAULT_TICK < Duration::from_millis(self.settings.safety_ms) {
+            self.schedule(FAULT_TICK, Event::FaultTick);
+        }
+    }
+
+    fn crash(&mut self, id: NodeId) {
+        self.stats.crashes += 1;
+        let sim = self.sim_node_mut(id);
+        sim.node = None;
+        sim.sync_scheduled = false;
+        let lost = sim.disk.crash();
+        self.stats.lost_pending_writes += lost as u64;
+        // A perfect failure detector for crashes: the others stop asking this node.
+        for other in self.nodes.iter_mut() {
+            if let Some(node) = other.node.as_mut() {
+                node.set_reachable(id, false);
+            }
+        }
+        let downtime = self.dice.between(10, self.settings.downtime_max_ms);
+        self.schedule(Duration::from_millis(downtime), Event::Restart { node: id });
+    }
+
+    fn restart(&mut self, id: NodeId) {
+        if self.sim_node(id).node.is_some() {
+            return;
+        }
+        let incarnation = self.sim_node(id).incarnation + 1;
+        let mut node = self.boot(id, incarnation);
+        for other in &self.nodes {
+            if other.node.is_none() && other.id != id {
+                node.set_reachable(other.id, false);
+            }
+        }
+        let sim = self.sim_node_mut(id);
+        sim.incarnation = incarnation;
+        sim.node = Some(node);
+        for other in self.nodes.iter_mut() {
+            if let Some(node) = other.node.as_mut() {
+                node.set_reachable(id, true);
+            }
+        }
+    }
+
+    fn client_wake(&mut self, client: usize) {
+        if self.phase != Phase::Safety {
+            return;
+        }
+        let key = format!("k{}", self.dice.index(self.settings.keys)).into_bytes();
+        let quorum = self.settings.quorums[self.dice.index(self.settings.quorums.len())];
+        self.next_op += 1;
+        let op = self.next_op;
+        if self.dice.chance(400) {
+            self.issue_get(Some(client), op, key, quorum);
+        } else {
+            self.issue_put(client, op, key, quorum);
+        }
+        let timeout = Duration::from_millis(self.settings.client_timeout_ms);
+        self.schedule(timeout, Event::ClientGiveUp { client, op });
+    }
+
+    fn issue_get(&mut self, client: Option<usize>, op: u64, key: Vec<u8>, quorum: Quorum) {
+        let live: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|n| n.node.is_some())
+            .map(|n| n.id)
+            .collect();
+        let waiting = Waiting::Get {
+            client,
+            key: key.clone(),
+            quorum,
+            start: self.now,
+        };
+        if live.is_empty() {
+            self.close(op, waiting, None);
+            if let Some(client) = client {
+                self.schedule_wake(client);
+            }
+            return;
+        }
+        let at = live[self.dice.index(live.len())];
+        self.waiting.insert(op, waiting);
+        let now = self.now;
+        let request = GetRequest { key, quorum };
+        self.live_node(at)
+            .expect("chosen among live nodes")
+            .handle_get(now, ClientToken(op), request);
+        self.drain(at);
+    }
+
+    fn issue_put(&mut self, client: usize, op: u64, key: Vec<u8>, quorum: Quorum) {
+        let known = self.clients[client].contexts.remove(&key);
+        let blind = self.dice.chance(self.settings.blind_put_per_mille);
+        let context = if blind { None } else { known };
+        let delete = context.is_some() && self.dice.chance(self.settings.delete_per_mille);
+        let value = (!delete).then(|| format!("c{client}-op{op}").into_bytes());
+        let replicas = self.ring.preference_list_for_key(&key, quorum.n());
+        let coordinator = replicas[self.dice.index(replicas.len())];
+        let decoded = context
+            .as_deref()
+            .map(|bytes| ringkv_cluster::Context::decode(bytes).expect("contexts come from gets"))
+            .unwrap_or_default();
+        self.history.puts.push(PutRecord {
+            op,
+            client,
+            key: key.clone(),
+            value: value.clone(),
+            context: decoded.0,
+            quorum,
+            coordinator,
+            start: self.now,
+            end: None,
+            outcome: PutResult::Pending,
+        });
+        let waiting = Waiting::Put {
+            client,
+            index: self.history.puts.len() - 1,
+        };
+        if self.sim_node(coordinator).node.is_none() {
+            // Connection refused: the client learns at once, nothing was written.
+            self.close(op, waiting, None);
+            self.schedule_wake(client);
+            return;
+        }
+        self.waiting.insert(op, waiting);
+        let request = PutRequest {
+            key,
+            value,
+            context,
+            quorum,
+            mode: ringkv_cluster::ConflictMode::Causal,
+        };
+        let now = self.now;
+        self.live_node(coordinator)
+            .expect("checked live above")
+            .handle_put(now, ClientToken(op), request);
+        self.drain(coordinator);
+    }
+
+    fn reply(&mut self, client: ClientToken, reply: ClientReply) {
+        let op = client.0;
+        self.hasher
+            .update(format!("reply {op} {reply:?}\n").as_bytes());
+        let Some(waiting) = self.waiting.remove(&op) else {
+            // The client gave up before this arrived.
+            self.stats.late_replies += 1;
+            return;
+        };
+        let client = match &waiting {
+            Waiting::Put { client, .. } => Some(*client),
+            Waiting::Get { client, .. } => *client,
+        };
+        self.close(op, waiting, Some(reply));
+        if let Some(client) = client {
+            self.schedule_wake(client);
+        }
+    }
+
+    /// Records how an operation ended (`None`: no reply).
+    fn close(&mut self, op: u64, waiting: Waiting, reply: Option<ClientReply>) {
+        match waiting {
+            Waiting::Put { index, .. } => {
+                let record = &mut self.history.puts[index];
+                record.end = Some(self.now);
+                record.outcome = match reply {
+                    Some(ClientReply::Put(Ok(outcome))) => {
+                        self.stats.puts_acked += 1;
+                        PutResult::Acked(outcome.dot)
+                    }
+                    Some(other) => {
+                        self.stats.puts_not_acked += 1;
+                        PutResult::NotAcked(format!("{other:?}"))
+                    }
+                    None => {
+                        self.stats.puts_not_acked += 1;
+                        PutResult::NotAcked("no reply".to_string())
+                    }
+                };
+            }
+            Waiting::Get {
+                client,
+                key,
+                quorum,
+                start,
+            } => match reply {
+                Some(ClientReply::Get(Ok(outcome))) => {
+                    self.stats.gets_ok += 1;
+                    if let Some(client) = client {
+                        self.clients[client]
+                            .contexts
+                            .insert(key.clone(), outcome.context.encode());
+                    }
+                    self.history.gets.push(GetRecord {
+                        op,
+                        key,
+                        quorum,
+                        start,
+                        end: self.now,
+                        context: outcome.context.0.clone(),
+                        versions: outcome.versions,
+                    });
+                }
+                _ => {
+                    self.stats.gets_failed += 1;
+                    self.history.failed_gets += 1;
+                    if client.is_none() {
+                        self.violations.push(Violation {
+                            checker: Checker::Convergence,
+                            detail: format!(
+                                "repair read of {:?} failed after healing: {reply:?}",
+                                String::from_utf8_lossy(&key)
+                            ),
+                        });
+                    }
+                }
+            },
+        }
+    }
+
+    fn schedule_wake(&mut self, client: usize) {
+        let think = self.dice.between(0, self.settings.think_max_ms);
+        self.schedule(Duration::from_millis(think), Event::ClientWake { client });
+    }
+
+    /// One read at R = N per key, so read repair brings every replica up to date.
+    fn repair_every_key(&mut self) {
+        let quorum = Quorum::new(self.n, self.n, 1).expect("1 <= N");
+        for k in 0..self.settings.keys {
+            let key = format!("k{k}").into_bytes();
+            self.next_op += 1;
+            let op = self.next_op;
+            self.issue_get(None, op, key, quorum);
+        }
+    }
+
+    fn check_final_state(&mut self) {
+        for sim in &self.nodes {
+            let Some(node) = &sim.node else {
+                self.violations.push(Violation {
+                    checker: Checker::Convergence,
+                    detail: format!("{:?} is down after healing", sim.id),
+                });
+                continue;
+            };
+            if node.open_work() != 0 || sim.disk.pending_writes() != 0 {
+                self.violations.push(Violation {
+                    checker: Checker::Convergence,
+                    detail: format!(
+                        "{:?} still has {} open requests/keys and {} unsynced writes",
+                        sim.id,
+                        node.open_work(),
+                        sim.disk.pending_writes()
+                    ),
+                });
+            }
+            for (reason, count) in &node.stats().drops {
+                *self.stats.drops.entry(format!("{reason:?}")).or_default() += count;
+            }
+            self.stats.repairs += node.stats().repairs_sent;
+        }
+        for k in 0..self.settings.keys {
+            let key = format!("k{k}").into_bytes();
+            let replicas: Vec<(NodeId, VersionSet)> = self
+                .ring
+                .preference_list_for_key(&key, self.n)
+                .into_iter()
+                .map(|id| {
+                    let set = match self.sim_node(id).disk.durable(&key) {
+                        Some(stored) => stored.decode().expect("the simulator stores valid sets"),
+                        None => VersionSet::new(),
+                    };
+                    (id, set)
+                })
+                .collect();
+            checker::check_converged(&key, &replicas, &mut self.violations);
+            let merged = replicas
+                .iter()
+                .fold(VersionSet::new(), |acc, (_, set)| acc.sync(set));
+            checker::check_final_key(&key, &merged, &self.history, &mut self.violations);
+        }
+    }
+
+    fn sim_node(&self, id: NodeId) -> &SimNode {
+        &self.nodes[id.0 as usize - 1]
+    }
+
+    fn sim_node_mut(&mut self, id: NodeId) -> &mut SimNode {
+        &mut self.nodes[id.0 as usize - 1]
+    }
+
+    fn live_node(&mut self, id: NodeId) -> Option<&mut Node> {
+        self.sim_node_mut(id).node.as_mut()
+    }
+
+    fn is_current(&self, id: NodeId, incarnation: u32) -> bool {
+        let sim = self.sim_node(id);
+        sim.node.is_some() && sim.incarnation == incarnation
+    }
+}
