@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
-use crate::clock::{Actor, Dot};
+use crate::clock::{Actor, Dot, VersionVector};
 use crate::codec::Context;
 use crate::coordinator::{Answer, GetCoordination, PutCoordination};
 use crate::message::{PeerMessage, RequestId};
@@ -67,6 +67,10 @@ pub struct Sabotage {
     pub ack_before_durable: bool,
     /// Keep only the latest sibling on every merge, losing concurrent writes.
     pub keep_one_sibling: bool,
+    /// Never send read repairs, so replicas that missed writes stay behind.
+    pub skip_read_repair: bool,
+    /// Treat every put as blind, so deletes and overwrites supersede nothing.
+    pub ignore_context: bool,
 }
 
 /// Which timer fired.
@@ -244,6 +248,7 @@ impl Node {
             mode,
         } = request;
         let context = match context.as_deref().map(Context::decode).transpose() {
+            Ok(_) if self.config.sabotage.ignore_context => VersionVector::new(),
             Ok(context) => context.map(|c| c.0).unwrap_or_default(),
             Err(error) => {
                 let error = ClientError::InvalidArgument(InvalidArgument::Context(error));
@@ -473,6 +478,9 @@ impl Node {
     /// Dynamo §4.5 read repair: send the merged set to every replica that answered
     /// with less.
     fn repair(&mut self, now: Duration, get: &GetCoordination) {
+        if self.config.sabotage.skip_read_repair {
+            return;
+        }
         let (merged, stale) = get.repairs();
         for node in stale {
             self.stats.repairs_sent += 1;

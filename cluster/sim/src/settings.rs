@@ -76,7 +76,7 @@ impl Settings {
             think_max_ms: dice.between(0, 40),
             blind_put_per_mille: dice.between(50, 400) as u32,
             delete_per_mille: dice.between(0, 200) as u32,
-            safety_ms: dice.between(1_000, 2_500),
+            safety_ms: dice.between(1_500, 5_000),
         }
     }
 }

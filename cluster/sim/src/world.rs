@@ -662,7 +662,9 @@ impl World {
     }
 
     fn schedule_wake(&mut self, client: usize) {
-        let think = self.dice.between(0, self.settings.think_max_ms);
+        // At least 1 ms: a request that fails at once (coordinator down, Unavailable)
+        // must not let a client spin forever at one instant of simulated time.
+        let think = self.dice.between(1, self.settings.think_max_ms.max(1));
         self.schedule(Duration::from_millis(think), Event::ClientWake { client });
     }
 

@@ -21,8 +21,20 @@ fn run_logged(seed: u64, options: &Options) -> Report {
     report
 }
 
+/// RINGKV_SIM_FAULTS=heavy turns on the crash-heavy fault profile for sweeps and
+/// replays.
+fn sweep_options() -> Options {
+    let heavy = std::env::var("RINGKV_SIM_FAULTS").is_ok_and(|v| v == "heavy");
+    Options {
+        tweak: heavy.then_some(crash_heavy as fn(&mut ringkv_sim::Settings)),
+        ..Options::default()
+    }
+}
+
 /// Seeds 0..CI_SEEDS, every checker after every run.
-const CI_SEEDS: u64 = 40;
+const CI_SEEDS: u64 = 200;
+/// Seeds 0..CI_HEAVY_SEEDS again under the crash-heavy profile.
+const CI_HEAVY_SEEDS: u64 = 60;
 
 #[test]
 fn fixed_seed_batch_passes_every_checker() {
@@ -33,6 +45,21 @@ fn fixed_seed_batch_passes_every_checker() {
     assert!(
         failing.is_empty(),
         "failing seeds: {failing:?} (replay with RINGKV_SIM_SEED=<seed>)"
+    );
+}
+
+#[test]
+fn fixed_seed_batch_passes_under_heavy_crashes() {
+    let options = Options {
+        tweak: Some(crash_heavy),
+        ..Options::default()
+    };
+    let failing: Vec<u64> = (0..CI_HEAVY_SEEDS)
+        .filter(|&seed| !run_logged(seed, &options).passed())
+        .collect();
+    assert!(
+        failing.is_empty(),
+        "failing seeds: {failing:?} (replay with RINGKV_SIM_FAULTS=heavy RINGKV_SIM_SEED=<seed>)"
     );
 }
 
@@ -60,7 +87,7 @@ fn sweep() {
         return;
     };
     let first = env_u64("RINGKV_SIM_FIRST_SEED").unwrap_or(1000);
-    let options = Options::default();
+    let options = sweep_options();
     let mut failing = Vec::new();
     for seed in first..first + count {
         let report = run(seed, &options);
@@ -89,7 +116,7 @@ fn replay() {
     };
     let options = Options {
         verbose: true,
-        ..Options::default()
+        ..sweep_options()
     };
     let report = run_logged(seed, &options);
     println!("{:#?}", report.stats);
@@ -157,4 +184,46 @@ fn checkers_catch_acks_before_durability() {
         let report = run_logged(seed, &honest);
         assert!(report.passed(), "seed {seed} fails even without sabotage");
     }
+}
+
+/// Runs seeds 0..count with `sabotage` and returns the seeds where `checker` fired.
+fn caught_by(checker: Checker, sabotage: Sabotage, count: u64) -> Vec<u64> {
+    let options = Options {
+        sabotage,
+        ..Options::default()
+    };
+    (0..count)
+        .filter(|&seed| {
+            run(seed, &options)
+                .violations
+                .iter()
+                .any(|v| v.checker == checker)
+        })
+        .collect()
+}
+
+/// Checker 3 must catch a node that never read-repairs: after healing, replicas that
+/// missed writes during faults stay behind.
+#[test]
+fn checkers_catch_missing_read_repair() {
+    let sabotage = Sabotage {
+        skip_read_repair: true,
+        ..Sabotage::default()
+    };
+    let caught = caught_by(Checker::Convergence, sabotage, 20);
+    println!("missing read repair caught on seeds {caught:?}");
+    assert!(caught.len() >= 3, "caught only on {caught:?}");
+}
+
+/// Checker 4 must catch puts that ignore their context: a delete then supersedes
+/// nothing, and the deleted value is read again.
+#[test]
+fn checkers_catch_resurrected_deletes() {
+    let sabotage = Sabotage {
+        ignore_context: true,
+        ..Sabotage::default()
+    };
+    let caught = caught_by(Checker::NoResurrection, sabotage, 20);
+    println!("ignored contexts caught on seeds {caught:?}");
+    assert!(caught.len() >= 3, "caught only on {caught:?}");
 }
