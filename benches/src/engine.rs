@@ -2,7 +2,7 @@
 //! disk itself (a bare 4 KiB write+fdatasync and a 4 KiB O_DIRECT read) in the same run
 //! and on the same filesystem.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -31,24 +31,82 @@ pub struct EngineBenchOptions {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EngineBenchReport {
+    pub durability: String,
+    pub value_size: usize,
+    pub writers: usize,
+    pub phase_seconds: f64,
     pub measurements: Vec<Measurement>,
-    pub keys_loaded: u64,
-    /// Heap bytes of the index per key, beyond the key bytes themselves.
-    pub index_bytes_per_key: f64,
-    /// Seconds to reopen the store holding `keys_loaded` keys (index from hint files).
-    pub recovery_seconds: f64,
-    /// After a steady overwrite workload with compaction running: bytes of records on
-    /// disk divided by bytes of live records.
-    pub space_amplification: f64,
+    pub index: IndexMemory,
+    pub recovery: Recovery,
+    pub space: Space,
+}
+
+/// Heap bytes of the index per key beyond the key bytes, `(index_bytes - key_bytes) /
+/// keys`, sampled as the load grows: the hash tables double in steps, so one size alone
+/// can flatter or condemn the index.
+#[derive(Debug, Clone, Serialize)]
+pub struct IndexMemory {
+    pub keys: u64,
+    /// At `keys` keys.
+    pub bytes_per_key: f64,
+    /// Lowest and highest over the samples taken while loading.
+    pub min_bytes_per_key: f64,
+    pub max_bytes_per_key: f64,
+    /// (keys loaded, bytes per key) at each sample.
+    pub samples: Vec<(u64, f64)>,
+    pub load_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Recovery {
+    pub keys: u64,
+    /// Time for `Store::open` on the closed store (hint files plus a scan of the rest).
+    pub seconds: f64,
+    pub segments: usize,
+    pub scanned_segments: u64,
+}
+
+/// A steady uniform overwrite of a fixed key set with compaction running in a
+/// low-priority task queue.
+#[derive(Debug, Clone, Serialize)]
+pub struct Space {
+    pub keys: u64,
+    pub segment_bytes: u64,
+    pub puts: u64,
+    /// Puts divided by keys: how many times the key set was rewritten.
+    pub passes: f64,
+    pub seconds: f64,
     pub compactions: u64,
+    /// record_bytes / live_bytes: the highest seen while writing (sampled every 50 ms),
+    /// at the end of the writes, and after compaction caught up with no more writes.
+    pub peak_amplification: f64,
+    pub amplification_at_end: f64,
+    pub amplification_after_catch_up: f64,
+    pub live_bytes: u64,
+    pub record_bytes: u64,
+    /// Segments at the end of the writes, the active one included.
+    pub segments: usize,
+    /// At the end of the writes: sizes of every file in the store's directory (segments,
+    /// hints), and the blocks the filesystem allocated for them.
+    pub file_bytes: u64,
+    pub allocated_bytes: u64,
+    /// allocated_bytes / live_bytes at the end of the writes.
+    pub disk_amplification: f64,
 }
 
 const PARTITIONS: u32 = 64;
 /// Keys read by the cached-get measurement: 100k records of ~160 B fit the default cache.
 const HOT_KEYS: u64 = 100_000;
-/// Keys overwritten by the space measurement: ~30 MiB live, many times a segment, so
-/// the bound (about 2x live, plus the active segment) is what is measured.
+/// Keys overwritten by the space measurement: ~30 MiB live with 100 B values, many times
+/// a segment, so the bound (about 2x live, plus the active segment) is what is measured.
 const OVERWRITE_KEYS: u64 = 200_000;
+/// Segment size for the space measurement (small, so the live set spans many segments).
+const OVERWRITE_SEGMENT: u64 = 2 << 20;
+/// Times the overwrite key set is rewritten, unless `OVERWRITE_PHASES` phases pass first.
+const OVERWRITE_PASSES: u64 = 4;
+const OVERWRITE_PHASES: u32 = 5;
+/// Index samples taken while loading.
+const INDEX_SAMPLES: u64 = 10;
 
 /// glommio's error type is not Sync; anyhow needs it as an io::Error.
 fn io<T>(result: glommio::Result<T, ()>) -> std::io::Result<T> {
@@ -67,6 +125,14 @@ fn key(i: u64) -> [u8; 20] {
 
 fn partition(i: u64) -> u32 {
     (i % PARTITIONS as u64) as u32
+}
+
+fn durability_name(d: Durability) -> String {
+    match d {
+        Durability::Sync => "sync".into(),
+        Durability::None => "none".into(),
+        Durability::Interval(every) => format!("interval({}ms)", every.as_millis()),
+    }
 }
 
 pub fn run(options: &EngineBenchOptions) -> anyhow::Result<EngineBenchReport> {
@@ -92,8 +158,8 @@ async fn open(dir: &Path, config: StoreConfig) -> anyhow::Result<Rc<Store<DmaDis
 }
 
 async fn run_on_executor(root: &Path, o: &EngineBenchOptions) -> anyhow::Result<EngineBenchReport> {
-    let mut rows = Vec::new();
     let value = vec![0xA5u8; o.value_size];
+    let mode = durability_name(o.durability);
     let config = StoreConfig {
         durability: o.durability,
         ..StoreConfig::default()
@@ -104,18 +170,22 @@ async fn run_on_executor(root: &Path, o: &EngineBenchOptions) -> anyhow::Result<
     let puts_dir = root.join("puts");
     let store = open(&puts_dir, config.clone()).await?;
 
-    let fsync = baseline_write_fsync(root, o.phase).await?;
+    let overwrite_fsync = baseline_overwrite_fsync(root, o.phase).await?;
+    let append_fsync = baseline_append_fsync(root, o.phase).await?;
     let read = baseline_direct_read(root, o.phase).await?;
 
+    // Both put rows are compared with the cheaper bare write: a 4 KiB O_DIRECT rewrite
+    // of an allocated block plus fdatasync is the floor for acknowledging anything
+    // durably, and it is what a lone writer's group commit mostly does (it rewrites the
+    // partial tail block of the segment).
     let mut put1 = puts(&store, 1, &value, o.phase, 0)
         .await?
-        .measurement("put, 1 writer", o.phase);
-    put1.p50_vs_baseline = Some(put1.p50_us / fsync.p50_us);
-    let name = format!("put, {} writers", o.writers);
+        .measurement(&format!("put ({mode}), 1 writer"), o.phase);
+    put1.compare_with(&overwrite_fsync);
     let mut put_n = puts(&store, o.writers, &value, o.phase, 1 << 40)
         .await?
-        .measurement(&name, o.phase);
-    put_n.p50_vs_baseline = Some(put_n.p50_us / fsync.p50_us);
+        .measurement(&format!("put ({mode}), {} writers", o.writers), o.phase);
+    put_n.compare_with(&overwrite_fsync);
     store.close().await?;
 
     // Load keys without waiting for fdatasync (the load is setup, not a measurement).
@@ -125,18 +195,16 @@ async fn run_on_executor(root: &Path, o: &EngineBenchOptions) -> anyhow::Result<
         ..StoreConfig::default()
     };
     let store = open(&load_dir, load_config.clone()).await?;
-    load(&store, o.keys, &value).await?;
-    let usage = store.usage();
-    let index_bytes_per_key =
-        (usage.index_bytes - usage.key_bytes) as f64 / usage.keys.max(1) as f64;
+    let index = load(&store, o.keys, &value).await?;
     // A hot set that fits the cache, read once to warm it, then measured.
     let hot = o.keys.min(HOT_KEYS);
     gets(&store, hot, Duration::from_millis(200)).await?;
     let cached_gets = gets(&store, hot, o.phase)
         .await?
-        .measurement("get, from cache (hot set)", o.phase);
+        .measurement(&format!("get, from cache ({hot} hot keys)"), o.phase);
     store.close().await?;
 
+    // Reopen with no cache: recovery time, then every get goes to the disk.
     let started = Instant::now();
     let store = open(
         &load_dir,
@@ -146,33 +214,87 @@ async fn run_on_executor(root: &Path, o: &EngineBenchOptions) -> anyhow::Result<
         },
     )
     .await?;
-    let recovery_seconds = started.elapsed().as_secs_f64();
+    let recovery = Recovery {
+        keys: o.keys,
+        seconds: started.elapsed().as_secs_f64(),
+        segments: store.usage().segments,
+        scanned_segments: store.stats().recovered_segments_scanned,
+    };
     anyhow::ensure!(store.usage().keys as u64 == o.keys, "recovery lost keys");
     let mut disk_gets = gets(&store, o.keys, o.phase)
         .await?
-        .measurement("get, from disk (QD1)", o.phase);
-    disk_gets.p50_vs_baseline = Some(disk_gets.p50_us / read.p50_us);
+        .measurement(&format!("get, from disk (QD1, {} keys)", o.keys), o.phase);
+    disk_gets.compare_with(&read);
+    let stats = store.stats();
+    anyhow::ensure!(
+        stats.cache_hits * 100 <= stats.gets,
+        "{} of {} disk gets were served from the cache",
+        stats.cache_hits,
+        stats.gets
+    );
     store.close().await?;
 
-    let (space_amplification, compactions) = overwrite(root, o, &value).await?;
+    let space = overwrite(root, o, &value).await?;
 
-    rows.extend([fsync, read, put1, put_n, cached_gets, disk_gets]);
     Ok(EngineBenchReport {
-        measurements: rows,
-        keys_loaded: o.keys,
-        index_bytes_per_key,
-        recovery_seconds,
-        space_amplification,
-        compactions,
+        durability: mode,
+        value_size: o.value_size,
+        writers: o.writers,
+        phase_seconds: o.phase.as_secs_f64(),
+        measurements: vec![
+            overwrite_fsync,
+            append_fsync,
+            read,
+            put1,
+            put_n,
+            cached_gets,
+            disk_gets,
+        ],
+        index,
+        recovery,
+        space,
     })
 }
 
-async fn baseline_write_fsync(root: &Path, phase: Duration) -> anyhow::Result<Measurement> {
+/// 4 KiB O_DIRECT write + fdatasync, one at a time, cycling over 1 MiB of a file whose
+/// blocks are already written and synced: no allocation, no size change, so fdatasync
+/// has only the data to flush.
+async fn baseline_overwrite_fsync(root: &Path, phase: Duration) -> anyhow::Result<Measurement> {
+    const REGION: u64 = 1 << 20;
     let file = io(OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
-        .dma_open(root.join("baseline-write"))
+        .dma_open(root.join("baseline-overwrite"))
+        .await)?;
+    let mut buf = file.alloc_dma_buffer(REGION as usize);
+    buf.as_bytes_mut().fill(0x5A);
+    io(file.write_at(buf, 0).await)?;
+    io(file.fdatasync().await)?;
+    let mut recorder = Recorder::default();
+    let started = Instant::now();
+    let mut pos = 0u64;
+    while started.elapsed() < phase {
+        let mut buf = file.alloc_dma_buffer(4096);
+        buf.as_bytes_mut().fill(pos as u8);
+        let t = Instant::now();
+        io(file.write_at(buf, pos).await)?;
+        io(file.fdatasync().await)?;
+        recorder.record(t.elapsed());
+        pos = (pos + 4096) % REGION;
+    }
+    io(file.close().await)?;
+    Ok(recorder.measurement("bare: 4 KiB overwrite+fdatasync", started.elapsed()))
+}
+
+/// 4 KiB O_DIRECT write + fdatasync, one at a time, each into a new block at the end of
+/// the file: every fdatasync also commits the block allocation and the new size.
+async fn baseline_append_fsync(root: &Path, phase: Duration) -> anyhow::Result<Measurement> {
+    let file = io(OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .dma_open(root.join("baseline-append"))
         .await)?;
     let mut recorder = Recorder::default();
     let started = Instant::now();
@@ -184,10 +306,10 @@ async fn baseline_write_fsync(root: &Path, phase: Duration) -> anyhow::Result<Me
         io(file.write_at(buf, pos).await)?;
         io(file.fdatasync().await)?;
         recorder.record(t.elapsed());
-        pos = (pos + 4096) % (64 << 20);
+        pos += 4096;
     }
     io(file.close().await)?;
-    Ok(recorder.measurement("baseline: 4 KiB write+fdatasync", started.elapsed()))
+    Ok(recorder.measurement("bare: 4 KiB append+fdatasync", started.elapsed()))
 }
 
 async fn baseline_direct_read(root: &Path, phase: Duration) -> anyhow::Result<Measurement> {
@@ -207,7 +329,7 @@ async fn baseline_direct_read(root: &Path, phase: Duration) -> anyhow::Result<Me
         anyhow::ensure!(read.len() == 4096, "short read");
     }
     io(file.close().await)?;
-    Ok(recorder.measurement("baseline: 4 KiB O_DIRECT read", started.elapsed()))
+    Ok(recorder.measurement("bare: 4 KiB O_DIRECT read (QD1)", started.elapsed()))
 }
 
 /// Closed-loop writers, each putting fresh keys for `phase`.
@@ -244,24 +366,49 @@ async fn puts(
         .into_inner())
 }
 
-async fn load(store: &Rc<Store<DmaDisk>>, keys: u64, value: &[u8]) -> anyhow::Result<()> {
+/// Loads keys `0..keys` with 64 concurrent writers, sampling the index's bytes per key
+/// at `INDEX_SAMPLES` evenly spaced sizes.
+async fn load(store: &Rc<Store<DmaDisk>>, keys: u64, value: &[u8]) -> anyhow::Result<IndexMemory> {
     const LOADERS: u64 = 64;
-    let mut tasks = Vec::new();
-    for l in 0..LOADERS {
-        let (store, value) = (store.clone(), value.to_vec());
-        tasks.push(glommio::spawn_local(async move {
-            let mut i = l;
-            while i < keys {
-                store.put(partition(i), &key(i), b"version", &value).await?;
-                i += LOADERS;
-            }
-            anyhow::Ok(())
-        }));
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    let mut loaded = 0;
+    for step in 1..=INDEX_SAMPLES {
+        let until = keys * step / INDEX_SAMPLES;
+        if until == loaded {
+            continue;
+        }
+        let mut tasks = Vec::new();
+        for l in 0..LOADERS {
+            let (store, value) = (store.clone(), value.to_vec());
+            tasks.push(glommio::spawn_local(async move {
+                let mut i = loaded + l;
+                while i < until {
+                    store.put(partition(i), &key(i), b"version", &value).await?;
+                    i += LOADERS;
+                }
+                anyhow::Ok(())
+            }));
+        }
+        for task in tasks {
+            task.await?;
+        }
+        loaded = until;
+        let usage = store.usage();
+        anyhow::ensure!(usage.keys as u64 == loaded, "load lost keys");
+        let per_key = (usage.index_bytes - usage.key_bytes) as f64 / usage.keys.max(1) as f64;
+        samples.push((loaded, per_key));
     }
-    for task in tasks {
-        task.await?;
-    }
-    Ok(())
+    let load_seconds = started.elapsed().as_secs_f64();
+    let per_key: Vec<f64> = samples.iter().map(|s| s.1).collect();
+    Ok(IndexMemory {
+        keys,
+        bytes_per_key: per_key.last().copied().unwrap_or(0.0),
+        min_bytes_per_key: per_key.iter().copied().fold(f64::INFINITY, f64::min),
+        max_bytes_per_key: per_key.iter().copied().fold(0.0, f64::max),
+        samples,
+        load_seconds,
+    })
 }
 
 /// One task reading random loaded keys for `phase`.
@@ -285,19 +432,36 @@ async fn gets(store: &Rc<Store<DmaDisk>>, keys: u64, phase: Duration) -> anyhow:
     Ok(recorder)
 }
 
-/// Overwrites a fixed key set for `phase` with compaction running in a low-priority
-/// queue; returns (record bytes / live bytes, compactions).
-async fn overwrite(
-    root: &Path,
-    o: &EngineBenchOptions,
-    value: &[u8],
-) -> anyhow::Result<(f64, u64)> {
+fn amplification(store: &Store<DmaDisk>) -> f64 {
+    let usage = store.usage();
+    usage.record_bytes as f64 / usage.live_bytes.max(1) as f64
+}
+
+/// Apparent and allocated bytes of every file in `dir`.
+fn files_on_disk(dir: &Path) -> anyhow::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let (mut apparent, mut allocated) = (0, 0);
+    for entry in std::fs::read_dir(dir)? {
+        let meta = entry?.metadata()?;
+        if meta.is_file() {
+            apparent += meta.len();
+            allocated += meta.blocks() * 512;
+        }
+    }
+    Ok((apparent, allocated))
+}
+
+/// Overwrites a fixed key set uniformly at random with `writers` writers, in the
+/// configured durability mode, until it has been rewritten `OVERWRITE_PASSES` times (or
+/// `OVERWRITE_PHASES` phases pass), with compaction running in a low-priority queue.
+async fn overwrite(root: &Path, o: &EngineBenchOptions, value: &[u8]) -> anyhow::Result<Space> {
+    let dir = root.join("overwrite");
     let config = StoreConfig {
-        segment_size: 2 << 20,
+        segment_size: OVERWRITE_SEGMENT,
         durability: o.durability,
         ..StoreConfig::default()
     };
-    let store = open(&root.join("overwrite"), config).await?;
+    let store = open(&dir, config).await?;
     let queue = glommio::executor().create_task_queue(
         Shares::Static(10),
         Latency::NotImportant,
@@ -310,16 +474,30 @@ async fn overwrite(
     ))?
     .detach();
     let keys = OVERWRITE_KEYS;
-    let duration = o.phase * 2;
+    let target = keys * OVERWRITE_PASSES;
+    let cap = o.phase * OVERWRITE_PHASES;
+    let puts = Rc::new(Cell::new(0u64));
+    let done = Rc::new(Cell::new(false));
+    let peak = Rc::new(Cell::new(0f64));
+    let sampler = {
+        let (store, done, peak) = (store.clone(), done.clone(), peak.clone());
+        glommio::spawn_local(async move {
+            while !done.get() {
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                peak.set(peak.get().max(amplification(&store)));
+            }
+        })
+    };
     let started = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..o.writers.max(1) as u64 {
-        let (store, value) = (store.clone(), value.to_vec());
+        let (store, value, puts) = (store.clone(), value.to_vec(), puts.clone());
         tasks.push(glommio::spawn_local(async move {
             let mut rng = fastrand::Rng::with_seed(w);
-            while started.elapsed() < duration {
+            while puts.get() < target && started.elapsed() < cap {
                 let i = rng.u64(0..keys);
                 store.put(partition(i), &key(i), b"version", &value).await?;
+                puts.set(puts.get() + 1);
             }
             anyhow::Ok(())
         }));
@@ -327,14 +505,33 @@ async fn overwrite(
     for task in tasks {
         task.await?;
     }
-    // Let compaction catch up with the last sealed segments.
+    let seconds = started.elapsed().as_secs_f64();
+    done.set(true);
+    sampler.await;
+    let at_end = amplification(&store);
+    let end_usage = store.usage();
+    let (file_bytes, allocated_bytes) = files_on_disk(&dir)?;
+    // Let compaction catch up with the last sealed segments, with no writes.
     while store.compact_once().await?.is_some() {}
-    let usage = store.usage();
+    let after = amplification(&store);
     let compactions = store.stats().compactions;
     store.close().await?;
     compaction.cancel();
-    Ok((
-        usage.record_bytes as f64 / usage.live_bytes.max(1) as f64,
+    Ok(Space {
+        keys,
+        segment_bytes: OVERWRITE_SEGMENT,
+        puts: puts.get(),
+        passes: puts.get() as f64 / keys as f64,
+        seconds,
         compactions,
-    ))
+        peak_amplification: peak.get().max(at_end),
+        amplification_at_end: at_end,
+        amplification_after_catch_up: after,
+        live_bytes: end_usage.live_bytes,
+        record_bytes: end_usage.record_bytes,
+        segments: end_usage.segments,
+        file_bytes,
+        allocated_bytes,
+        disk_amplification: allocated_bytes as f64 / end_usage.live_bytes.max(1) as f64,
+    })
 }

@@ -15,8 +15,23 @@ pub struct Measurement {
     pub p99_us: f64,
     pub p999_us: f64,
     pub max_us: f64,
-    /// p50 divided by the p50 of the matching bare-disk baseline, where there is one.
+    /// The bare-disk measurement this one is compared with, where there is one.
+    pub baseline: Option<String>,
+    /// Each percentile divided by the same percentile of `baseline`.
     pub p50_vs_baseline: Option<f64>,
+    pub p99_vs_baseline: Option<f64>,
+    pub p999_vs_baseline: Option<f64>,
+}
+
+impl Measurement {
+    /// Records `baseline` as the comparison and fills in the ratios.
+    pub fn compare_with(&mut self, baseline: &Measurement) {
+        let ratio = |ours: f64, theirs: f64| (theirs > 0.0).then(|| ours / theirs);
+        self.baseline = Some(baseline.name.clone());
+        self.p50_vs_baseline = ratio(self.p50_us, baseline.p50_us);
+        self.p99_vs_baseline = ratio(self.p99_us, baseline.p99_us);
+        self.p999_vs_baseline = ratio(self.p999_us, baseline.p999_us);
+    }
 }
 
 /// Records latencies in nanoseconds, up to one minute.
@@ -42,6 +57,14 @@ impl Recorder {
         self.histogram.add(&other.histogram).expect("same bounds");
     }
 
+    pub fn len(&self) -> u64 {
+        self.histogram.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.histogram.is_empty()
+    }
+
     pub fn measurement(&self, name: &str, elapsed: Duration) -> Measurement {
         let us = |q: f64| self.histogram.value_at_quantile(q) as f64 / 1000.0;
         Measurement {
@@ -52,23 +75,46 @@ impl Recorder {
             p99_us: us(0.99),
             p999_us: us(0.999),
             max_us: self.histogram.max() as f64 / 1000.0,
+            baseline: None,
             p50_vs_baseline: None,
+            p99_vs_baseline: None,
+            p999_vs_baseline: None,
         }
     }
 }
 
 pub fn print_table(rows: &[Measurement]) {
     println!(
-        "{:<34} {:>10} {:>12} {:>9} {:>9} {:>9} {:>9} {:>10}",
-        "operation", "ops", "ops/s", "p50 us", "p99 us", "p999 us", "max us", "p50/base"
+        "{:<40} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9}  {:<21}",
+        "operation",
+        "ops",
+        "ops/s",
+        "p50 us",
+        "p99 us",
+        "p999 us",
+        "max us",
+        "vs base p50/p99/p999"
     );
     for m in rows {
-        let ratio = m
-            .p50_vs_baseline
-            .map_or("-".to_owned(), |r| format!("{r:.2}x"));
+        let ratio = |r: Option<f64>| r.map_or("-".to_owned(), |r| format!("{r:.2}"));
+        let ratios = if m.baseline.is_some() {
+            format!(
+                "{}/{}/{}",
+                ratio(m.p50_vs_baseline),
+                ratio(m.p99_vs_baseline),
+                ratio(m.p999_vs_baseline)
+            )
+        } else {
+            "-".to_owned()
+        };
         println!(
-            "{:<34} {:>10} {:>12.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10}",
-            m.name, m.ops, m.ops_per_sec, m.p50_us, m.p99_us, m.p999_us, m.max_us, ratio
+            "{:<40} {:>9} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1}  {:<21}",
+            m.name, m.ops, m.ops_per_sec, m.p50_us, m.p99_us, m.p999_us, m.max_us, ratios
         );
+    }
+    for m in rows {
+        if let Some(base) = &m.baseline {
+            println!("  {} is compared with {}", m.name, base);
+        }
     }
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use ringkv_bench::engine::{EngineBenchOptions, run};
+use ringkv_bench::engine::{EngineBenchOptions, EngineBenchReport, run};
 use ringkv_bench::report::print_table;
 use ringkv_engine::Durability;
 
@@ -19,13 +19,15 @@ struct Cli {
     command: Command,
 }
 
+/// Top-level commands. `server`, `cluster` and admin commands join this enum later.
 #[derive(Subcommand)]
 enum Command {
-    /// Benchmarks that print numbers.
+    /// Benchmarks that print numbers (never pass/fail).
     #[command(subcommand)]
     Bench(Bench),
 }
 
+/// What to benchmark. A whole-cluster benchmark joins this enum later.
 #[derive(Subcommand)]
 enum Bench {
     /// One shard's storage engine on this machine's disk, next to the bare disk.
@@ -41,16 +43,16 @@ struct EngineArgs {
     /// Value size in bytes.
     #[arg(long, default_value_t = 100)]
     value_size: usize,
-    /// Concurrent writers for the group-commit measurement.
+    /// Concurrent writers for the group-commit and overwrite measurements.
     #[arg(long, default_value_t = 64)]
     writers: usize,
     /// Keys loaded for the read, index-memory and recovery measurements.
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value_t = 1_000_000)]
     keys: u64,
     /// Seconds per measured phase.
     #[arg(long, default_value_t = 2.0)]
     seconds: f64,
-    /// sync, none, or interval(<ms>)
+    /// Durability of the measured puts: sync, none, or interval(<ms>), e.g. interval(5ms).
     #[arg(long, default_value = "sync")]
     durability: String,
     /// Print one JSON object instead of a table.
@@ -65,7 +67,11 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn bench_engine(args: EngineArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.seconds > 0.0, "--seconds must be above zero");
+    anyhow::ensure!(
+        args.seconds > 0.0 && args.seconds.is_finite(),
+        "--seconds must be above zero"
+    );
+    anyhow::ensure!(args.value_size > 0, "--value-size must be above zero");
     let durability: Durability = args.durability.parse()?;
     let options = EngineBenchOptions {
         dir: args.dir,
@@ -78,24 +84,48 @@ fn bench_engine(args: EngineArgs) -> anyhow::Result<()> {
     let report = run(&options)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
+    } else {
+        print_report(&report);
     }
-    println!(
-        "ringkv bench engine: value {} B, {} writers, durability {:?}, {} keys, {:.1} s per phase",
-        options.value_size, options.writers, options.durability, options.keys, args.seconds
-    );
-    print_table(&report.measurements);
-    println!(
-        "index bytes per key (beyond key bytes): {:.1}",
-        report.index_bytes_per_key
-    );
-    println!(
-        "recovery of {} keys: {:.3} s",
-        report.keys_loaded, report.recovery_seconds
-    );
-    println!(
-        "space after steady overwrite with compaction: {:.2}x live data ({} compactions)",
-        report.space_amplification, report.compactions
-    );
     Ok(())
+}
+
+fn print_report(r: &EngineBenchReport) {
+    println!(
+        "ringkv bench engine: value {} B, {} writers, durability {}, {} keys, {:.1} s per phase",
+        r.value_size, r.writers, r.durability, r.index.keys, r.phase_seconds
+    );
+    print_table(&r.measurements);
+    let i = &r.index;
+    println!(
+        "index bytes per key beyond key bytes: {:.1} at {} keys (min {:.1}, max {:.1} over {} sizes while loading in {:.1} s)",
+        i.bytes_per_key,
+        i.keys,
+        i.min_bytes_per_key,
+        i.max_bytes_per_key,
+        i.samples.len(),
+        i.load_seconds
+    );
+    println!(
+        "recovery (Store::open) of {} keys in {} segments: {:.3} s ({} segments scanned without a hint)",
+        r.recovery.keys, r.recovery.segments, r.recovery.seconds, r.recovery.scanned_segments
+    );
+    let s = &r.space;
+    println!(
+        "space, {} keys overwritten {:.1} times in {:.1} s ({} segments of {} MiB, {} compactions): \
+         records/live {:.2}x peak, {:.2}x at end, {:.2}x after compaction caught up; \
+         on disk {:.1} MiB allocated for {:.1} MiB live ({:.2}x)",
+        s.keys,
+        s.passes,
+        s.seconds,
+        s.segments,
+        s.segment_bytes >> 20,
+        s.compactions,
+        s.peak_amplification,
+        s.amplification_at_end,
+        s.amplification_after_catch_up,
+        s.allocated_bytes as f64 / (1 << 20) as f64,
+        s.live_bytes as f64 / (1 << 20) as f64,
+        s.disk_amplification
+    );
 }
