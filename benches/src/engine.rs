@@ -178,13 +178,18 @@ async fn run_on_executor(root: &Path, o: &EngineBenchOptions) -> anyhow::Result<
     // of an allocated block plus fdatasync is the floor for acknowledging anything
     // durably, and it is what a lone writer's group commit mostly does (it rewrites the
     // partial tail block of the segment).
-    let mut put1 = puts(&store, 1, &value, o.phase, 0)
-        .await?
-        .measurement(&format!("put ({mode}), 1 writer"), o.phase);
+    let mut put1 = measured_puts(
+        &store,
+        1,
+        &value,
+        o.phase,
+        0,
+        &format!("put ({mode}), 1 writer"),
+    )
+    .await?;
     put1.compare_with(&overwrite_fsync);
-    let mut put_n = puts(&store, o.writers, &value, o.phase, 1 << 40)
-        .await?
-        .measurement(&format!("put ({mode}), {} writers", o.writers), o.phase);
+    let name = format!("put ({mode}), {} writers", o.writers);
+    let mut put_n = measured_puts(&store, o.writers, &value, o.phase, 1 << 40, &name).await?;
     put_n.compare_with(&overwrite_fsync);
     store.close().await?;
 
@@ -199,9 +204,8 @@ async fn run_on_executor(root: &Path, o: &EngineBenchOptions) -> anyhow::Result<
     // A hot set that fits the cache, read once to warm it, then measured.
     let hot = o.keys.min(HOT_KEYS);
     gets(&store, hot, Duration::from_millis(200)).await?;
-    let cached_gets = gets(&store, hot, o.phase)
-        .await?
-        .measurement(&format!("get, from cache ({hot} hot keys)"), o.phase);
+    let (recorder, elapsed) = gets(&store, hot, o.phase).await?;
+    let cached_gets = recorder.measurement(&format!("get, from cache ({hot} hot keys)"), elapsed);
     store.close().await?;
 
     // Reopen with no cache: recovery time, then every get goes to the disk.
@@ -221,9 +225,9 @@ async fn run_on_executor(root: &Path, o: &EngineBenchOptions) -> anyhow::Result<
         scanned_segments: store.stats().recovered_segments_scanned,
     };
     anyhow::ensure!(store.usage().keys as u64 == o.keys, "recovery lost keys");
-    let mut disk_gets = gets(&store, o.keys, o.phase)
-        .await?
-        .measurement(&format!("get, from disk (QD1, {} keys)", o.keys), o.phase);
+    let (recorder, elapsed) = gets(&store, o.keys, o.phase).await?;
+    let mut disk_gets =
+        recorder.measurement(&format!("get, from disk (QD1, {} keys)", o.keys), elapsed);
     disk_gets.compare_with(&read);
     let stats = store.stats();
     anyhow::ensure!(
@@ -274,13 +278,15 @@ async fn baseline_overwrite_fsync(root: &Path, phase: Duration) -> anyhow::Resul
     let mut recorder = Recorder::default();
     let started = Instant::now();
     let mut pos = 0u64;
-    while started.elapsed() < phase {
+    loop {
         let mut buf = file.alloc_dma_buffer(4096);
         buf.as_bytes_mut().fill(pos as u8);
         let t = Instant::now();
         io(file.write_at(buf, pos).await)?;
         io(file.fdatasync().await)?;
-        recorder.record(t.elapsed());
+        if recorder.record_since(t) - started >= phase {
+            break;
+        }
         pos = (pos + 4096) % REGION;
     }
     io(file.close().await)?;
@@ -299,13 +305,15 @@ async fn baseline_append_fsync(root: &Path, phase: Duration) -> anyhow::Result<M
     let mut recorder = Recorder::default();
     let started = Instant::now();
     let mut pos = 0u64;
-    while started.elapsed() < phase {
+    loop {
         let mut buf = file.alloc_dma_buffer(4096);
         buf.as_bytes_mut().fill(0x5A);
         let t = Instant::now();
         io(file.write_at(buf, pos).await)?;
         io(file.fdatasync().await)?;
-        recorder.record(t.elapsed());
+        if recorder.record_since(t) - started >= phase {
+            break;
+        }
         pos += 4096;
     }
     io(file.close().await)?;
@@ -321,15 +329,38 @@ async fn baseline_direct_read(root: &Path, phase: Duration) -> anyhow::Result<Me
     let mut rng = fastrand::Rng::with_seed(7);
     let mut recorder = Recorder::default();
     let started = Instant::now();
-    while started.elapsed() < phase {
+    loop {
         let pos = rng.u64(0..len / 4096) * 4096;
         let t = Instant::now();
         let read = io(file.read_at_aligned(pos, 4096).await)?;
-        recorder.record(t.elapsed());
+        let now = recorder.record_since(t);
         anyhow::ensure!(read.len() == 4096, "short read");
+        if now - started >= phase {
+            break;
+        }
     }
     io(file.close().await)?;
     Ok(recorder.measurement("bare: 4 KiB O_DIRECT read (QD1)", started.elapsed()))
+}
+
+/// `puts`, summarised, with the group commits it took.
+async fn measured_puts(
+    store: &Rc<Store<DmaDisk>>,
+    writers: usize,
+    value: &[u8],
+    phase: Duration,
+    base: u64,
+    name: &str,
+) -> anyhow::Result<Measurement> {
+    let before = store.stats();
+    let (recorder, elapsed) = puts(store, writers, value, phase, base).await?;
+    let after = store.stats();
+    let mut m = recorder.measurement(name, elapsed);
+    let commits = after.commits - before.commits;
+    m.records_per_commit =
+        Some((after.committed_records - before.committed_records) as f64 / commits.max(1) as f64);
+    m.syncs_per_sec = Some((after.syncs - before.syncs) as f64 / elapsed.as_secs_f64());
+    Ok(m)
 }
 
 /// Closed-loop writers, each putting fresh keys for `phase`.
@@ -339,7 +370,7 @@ async fn puts(
     value: &[u8],
     phase: Duration,
     base: u64,
-) -> anyhow::Result<Recorder> {
+) -> anyhow::Result<(Recorder, Duration)> {
     let total = Rc::new(RefCell::new(Recorder::default()));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -348,10 +379,12 @@ async fn puts(
         tasks.push(glommio::spawn_local(async move {
             let mut recorder = Recorder::default();
             let mut i = base + (w << 32);
-            while started.elapsed() < phase {
+            loop {
                 let t = Instant::now();
                 store.put(partition(i), &key(i), b"version", &value).await?;
-                recorder.record(t.elapsed());
+                if recorder.record_since(t) - started >= phase {
+                    break;
+                }
                 i += 1;
             }
             total.borrow_mut().merge(&recorder);
@@ -361,9 +394,11 @@ async fn puts(
     for task in tasks {
         task.await?;
     }
-    Ok(Rc::try_unwrap(total)
+    let elapsed = started.elapsed();
+    let recorder = Rc::try_unwrap(total)
         .map_err(|_| anyhow::anyhow!("writer still running"))?
-        .into_inner())
+        .into_inner();
+    Ok((recorder, elapsed))
 }
 
 /// Loads keys `0..keys` with 64 concurrent writers, sampling the index's bytes per key
@@ -412,24 +447,31 @@ async fn load(store: &Rc<Store<DmaDisk>>, keys: u64, value: &[u8]) -> anyhow::Re
 }
 
 /// One task reading random loaded keys for `phase`.
-async fn gets(store: &Rc<Store<DmaDisk>>, keys: u64, phase: Duration) -> anyhow::Result<Recorder> {
+async fn gets(
+    store: &Rc<Store<DmaDisk>>,
+    keys: u64,
+    phase: Duration,
+) -> anyhow::Result<(Recorder, Duration)> {
     let mut rng = fastrand::Rng::with_seed(11);
     let mut recorder = Recorder::default();
     let started = Instant::now();
     let mut n = 0u32;
-    while started.elapsed() < phase {
+    loop {
         let i = rng.u64(0..keys);
         let t = Instant::now();
         let record = store.get(partition(i), &key(i)).await?;
-        recorder.record(t.elapsed());
+        let now = recorder.record_since(t);
         anyhow::ensure!(record.is_some(), "key {i} missing");
+        if now - started >= phase {
+            break;
+        }
         n = n.wrapping_add(1);
         if n.is_multiple_of(4096) {
             // Cache hits never yield on their own; let the commit task breathe.
             glommio::yield_if_needed().await;
         }
     }
-    Ok(recorder)
+    Ok((recorder, started.elapsed()))
 }
 
 fn amplification(store: &Store<DmaDisk>) -> f64 {

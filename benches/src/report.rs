@@ -1,6 +1,6 @@
 //! Latency summaries from hdrhistogram, and their table and JSON forms.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -21,6 +21,9 @@ pub struct Measurement {
     pub p50_vs_baseline: Option<f64>,
     pub p99_vs_baseline: Option<f64>,
     pub p999_vs_baseline: Option<f64>,
+    /// For puts: records carried by each group commit, and fdatasyncs per second.
+    pub records_per_commit: Option<f64>,
+    pub syncs_per_sec: Option<f64>,
 }
 
 impl Measurement {
@@ -53,6 +56,14 @@ impl Recorder {
             .saturating_record(latency.as_nanos().max(1) as u64);
     }
 
+    /// Records the time since `start` and returns now: one clock read per operation
+    /// besides the one that starts it.
+    pub fn record_since(&mut self, start: Instant) -> Instant {
+        let now = Instant::now();
+        self.record(now - start);
+        now
+    }
+
     pub fn merge(&mut self, other: &Recorder) {
         self.histogram.add(&other.histogram).expect("same bounds");
     }
@@ -79,6 +90,8 @@ impl Recorder {
             p50_vs_baseline: None,
             p99_vs_baseline: None,
             p999_vs_baseline: None,
+            records_per_commit: None,
+            syncs_per_sec: None,
         }
     }
 }
@@ -114,7 +127,13 @@ pub fn print_table(rows: &[Measurement]) {
     }
     for m in rows {
         if let Some(base) = &m.baseline {
-            println!("  {} is compared with {}", m.name, base);
+            println!("  {}: compared with {}", m.name, base);
+        }
+        if let (Some(records), Some(syncs)) = (m.records_per_commit, m.syncs_per_sec) {
+            println!(
+                "  {}: {records:.1} records per group commit, {syncs:.0} fdatasyncs/s",
+                m.name
+            );
         }
     }
 }
