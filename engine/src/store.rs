@@ -380,6 +380,28 @@ impl<D: Disk> Store<D> {
             .collect()
     }
 
+    /// Calls `visit` with every live record (values and tombstones) of `partition`, for
+    /// anti-entropy and handoff. Walks that partition's index only, never a whole segment;
+    /// keys written after the walk starts may or may not be visited. Stops at the first
+    /// error (a corrupt record is reported, not skipped, so a handoff never silently
+    /// drops a key).
+    pub async fn scan_partition(
+        &self,
+        partition: u32,
+        mut visit: impl FnMut(Record),
+    ) -> Result<usize> {
+        let keys = self.partition_keys(partition);
+        let mut visited = 0;
+        for summary in keys {
+            // A key dropped or compacted away meanwhile is simply gone.
+            if let Some(record) = self.get(partition, &summary.key).await? {
+                visit(record);
+                visited += 1;
+            }
+        }
+        Ok(visited)
+    }
+
     /// Partitions that hold at least one key, ascending.
     pub fn partitions(&self) -> Vec<u32> {
         self.inner.borrow().index.partition_ids()

@@ -182,3 +182,38 @@ fn config_limits_are_checked() {
     );
     assert!("sometimes".parse::<ringkv_engine::Durability>().is_err());
 }
+
+#[test]
+fn scan_partition_visits_exactly_the_live_records_of_that_partition() {
+    with_store(async |disk, open| {
+        let store = open(&disk);
+        for i in 0..50u8 {
+            store.put(5, &[i], b"v", &[i; 3]).await.unwrap();
+            store.put(6, &[i], b"v", b"other partition").await.unwrap();
+        }
+        store.put(5, &[7], b"v2", b"overwritten").await.unwrap();
+        store.delete(5, &[9], b"gone").await.unwrap();
+        let mut seen = std::collections::BTreeMap::new();
+        let n = store
+            .scan_partition(5, |r| {
+                assert_eq!(r.partition(), 5);
+                seen.insert(r.key()[0], (r.is_tombstone(), r.value().to_vec()));
+            })
+            .await
+            .unwrap();
+        assert_eq!(n, 50);
+        assert_eq!(seen.len(), 50);
+        assert_eq!(seen[&7], (false, b"overwritten".to_vec()));
+        assert_eq!(seen[&9], (true, Vec::new()));
+        assert_eq!(seen[&0], (false, vec![0; 3]));
+        store.drop_partition(5).await.unwrap();
+        assert_eq!(
+            store
+                .scan_partition(5, |_| panic!("dropped partition visited"))
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(store.scan_partition(6, |_| {}).await.unwrap(), 50);
+    });
+}
