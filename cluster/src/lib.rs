@@ -13,6 +13,7 @@
 //! - [`node`]: one node's state machine (coordinator and replica), driven by
 //!   `handle_*` inputs and [`Node::poll_action`] outputs; [`message`] and [`request`]
 //!   are what it exchanges with peers and clients.
+//! - [`wire`]: peer messages as validated rkyv archives.
 
 pub mod clock;
 pub mod codec;
@@ -24,6 +25,7 @@ mod replica;
 pub mod request;
 pub mod ring;
 pub mod version;
+pub mod wire;
 
 pub use clock::{Actor, ClockEntry, Dot, VersionVector};
 pub use codec::{Context, DecodeError, StoredVersions};
@@ -37,3 +39,4 @@ pub use request::{
 };
 pub use ring::{Member, NodeId, PartitionId, Ring, RingError, ZoneId};
 pub use version::{ConflictMode, Value, Version, VersionSet};
+pub use wire::WireError;

@@ -33,10 +33,11 @@ const EVENTS_MAX: u64 = 3_000_000;
 
 #[derive(Debug)]
 enum Event {
+    /// A peer message in its wire form (rkyv), decoded on arrival as a server would.
     Deliver {
         from: NodeId,
         to: NodeId,
-        message: PeerMessage,
+        bytes: Vec<u8>,
     },
     Timer {
         node: NodeId,
@@ -218,16 +219,38 @@ impl World {
                 self.queue.clear();
                 return;
             }
-            self.hasher
-                .update(format!("{:?} {:?}\n", self.now, event).as_bytes());
+            self.hash_event(&event);
             self.handle(event);
+        }
+    }
+
+    fn hash_event(&mut self, event: &Event) {
+        match event {
+            // Debug-formatting the bytes would be slow; hash them raw.
+            Event::Deliver { from, to, bytes } => {
+                let header = format!("{:?} deliver {from:?}->{to:?} ", self.now);
+                self.hasher.update(header.as_bytes());
+                self.hasher.update(bytes);
+            }
+            other => {
+                self.hasher
+                    .update(format!("{:?} {other:?}\n", self.now).as_bytes());
+            }
         }
     }
 
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Deliver { from, to, message } => {
+            Event::Deliver { from, to, bytes } => {
                 let now = self.now;
+                let message = match ringkv_cluster::wire::decode(&bytes) {
+                    Ok(message) => message,
+                    Err(error) => {
+                        // Nodes only send valid messages and the network does not
+                        // corrupt them: a failure here is a codec bug.
+                        panic!("{from:?} -> {to:?}: undecodable message: {error}");
+                    }
+                };
                 if let Some(node) = self.live_node(to) {
                     node.handle_message(now, from, message);
                     self.drain(to);
@@ -322,6 +345,7 @@ impl World {
 
     fn send(&mut self, from: NodeId, to: NodeId, message: PeerMessage) {
         self.stats.messages_sent += 1;
+        let bytes = ringkv_cluster::wire::encode(&message);
         if self.phase == Phase::Safety {
             let split = self
                 .split
@@ -336,13 +360,13 @@ impl World {
                 let copy = Event::Deliver {
                     from,
                     to,
-                    message: message.clone(),
+                    bytes: bytes.clone(),
                 };
                 self.schedule(delay, copy);
             }
         }
         let delay = self.delay();
-        self.schedule(delay, Event::Deliver { from, to, message });
+        self.schedule(delay, Event::Deliver { from, to, bytes });
     }
 
     fn delay(&mut self) -> Duration {

@@ -32,9 +32,9 @@ fn sweep_options() -> Options {
 }
 
 /// Seeds 0..CI_SEEDS, every checker after every run.
-const CI_SEEDS: u64 = 200;
+const CI_SEEDS: u64 = 500;
 /// Seeds 0..CI_HEAVY_SEEDS again under the crash-heavy profile.
-const CI_HEAVY_SEEDS: u64 = 60;
+const CI_HEAVY_SEEDS: u64 = 150;
 
 #[test]
 fn fixed_seed_batch_passes_every_checker() {
