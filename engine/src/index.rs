@@ -1,7 +1,8 @@
 //! The in-memory index: for each partition, key -> where its newest record lives.
 //!
 //! Memory is the constraint (hundreds of millions of keys per node), so an entry is a
-//! 20-byte `Slot` stored inline in a `hashbrown::HashTable`, and key bytes live in a
+//! 20-byte `Slot` in a vector indexed by a `hashbrown::HashTable` of positions, and key
+//! bytes live in a
 //! per-partition arena of large chunks behind a 1-3 byte length prefix, rather than one
 //! heap allocation per key (which would cost 16-32 bytes of allocator overhead alone).
 //! `Index::memory_bytes` reports what it really uses; `ringkv bench engine` prints it
@@ -146,44 +147,61 @@ fn hash(key: &[u8]) -> u64 {
 }
 
 /// One partition's keys.
+///
+/// Slots live in a vector grown by a quarter at a time; the hash table holds only their
+/// 4-byte positions. A table of whole slots would cost 21 bytes per bucket, and hash
+/// tables double, leaving 21 to 48 bytes per key; this way the doubling applies to 5
+/// bytes per bucket and the slot vector wastes at most a quarter of 20.
 #[derive(Default)]
 pub struct PartitionIndex {
-    table: HashTable<Slot>,
+    table: HashTable<u32>,
+    slots: Vec<Slot>,
     arena: KeyArena,
 }
 
 impl PartitionIndex {
-    pub fn get(&self, key: &[u8]) -> Option<Entry> {
-        let arena = &self.arena;
+    fn find(&self, key: &[u8]) -> Option<usize> {
+        let (slots, arena) = (&self.slots, &self.arena);
         self.table
-            .find(hash(key), |s| arena.key(s.key_ref) == key)
-            .map(Slot::entry)
+            .find(hash(key), |&i| arena.key(slots[i as usize].key_ref) == key)
+            .map(|&i| i as usize)
+    }
+
+    pub fn get(&self, key: &[u8]) -> Option<Entry> {
+        self.find(key).map(|i| self.slots[i].entry())
     }
 
     /// Points `key` at `entry`; returns what it pointed at before.
     pub fn insert(&mut self, key: &[u8], entry: Entry) -> Option<Entry> {
-        let arena = &mut self.arena;
+        let (slots, arena) = (&self.slots, &self.arena);
         let found = self.table.entry(
             hash(key),
-            |s| arena.key(s.key_ref) == key,
-            |s| hash(arena.key(s.key_ref)),
+            |&i| arena.key(slots[i as usize].key_ref) == key,
+            |&i| hash(arena.key(slots[i as usize].key_ref)),
         );
         match found {
-            TableEntry::Occupied(mut occupied) => {
-                let old = occupied.get().entry();
-                occupied.get_mut().set(entry);
+            TableEntry::Occupied(occupied) => {
+                let slot = &mut self.slots[*occupied.get() as usize];
+                let old = slot.entry();
+                slot.set(entry);
                 Some(old)
             }
             TableEntry::Vacant(vacant) => {
+                let position =
+                    u32::try_from(self.slots.len()).expect("over 4 billion keys in one partition");
+                vacant.insert(position);
                 let mut slot = Slot {
-                    key_ref: arena.push(key),
+                    key_ref: self.arena.push(key),
                     file: 0,
                     offset: 0,
                     len_and_tombstone: 0,
                     version_digest: 0,
                 };
                 slot.set(entry);
-                vacant.insert(slot);
+                if self.slots.len() == self.slots.capacity() {
+                    self.slots.reserve_exact((self.slots.len() / 4).max(16));
+                }
+                self.slots.push(slot);
                 None
             }
         }
@@ -191,13 +209,10 @@ impl PartitionIndex {
 
     /// Moves `key` from `from` to `to` only if it still points at `from`.
     pub fn relocate(&mut self, key: &[u8], from: Location, to: Location) -> bool {
-        let arena = &self.arena;
-        let Some(slot) = self
-            .table
-            .find_mut(hash(key), |s| arena.key(s.key_ref) == key)
-        else {
+        let Some(i) = self.find(key) else {
             return false;
         };
+        let slot = &mut self.slots[i];
         let mut entry = slot.entry();
         if entry.location != from {
             return false;
@@ -208,22 +223,24 @@ impl PartitionIndex {
     }
 
     pub fn len(&self) -> usize {
-        self.table.len()
+        self.slots.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.table.is_empty()
+        self.slots.is_empty()
     }
 
-    /// Every key and entry, in an order fixed by the key hashes (deterministic).
+    /// Every key and entry, in insertion order (deterministic).
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], Entry)> {
-        self.table
+        self.slots
             .iter()
             .map(|s| (self.arena.key(s.key_ref), s.entry()))
     }
 
     fn memory_bytes(&self) -> usize {
-        self.table.allocation_size() + self.arena.memory_bytes()
+        self.table.allocation_size()
+            + self.slots.capacity() * std::mem::size_of::<Slot>()
+            + self.arena.memory_bytes()
     }
 }
 
