@@ -35,6 +35,9 @@ pub struct EngineBenchReport {
     pub value_size: usize,
     pub writers: usize,
     pub phase_seconds: f64,
+    /// /proc/loadavg before and after the run: other work on the machine skews latency.
+    pub loadavg_before: String,
+    pub loadavg_after: String,
     pub measurements: Vec<Measurement>,
     pub index: IndexMemory,
     pub recovery: Recovery,
@@ -135,19 +138,31 @@ fn durability_name(d: Durability) -> String {
     }
 }
 
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 pub fn run(options: &EngineBenchOptions) -> anyhow::Result<EngineBenchReport> {
+    let loadavg_before = loadavg();
     std::fs::create_dir_all(&options.dir)?;
     let scratch = tempfile::tempdir_in(&options.dir).context("creating a scratch directory")?;
     let root = scratch.path().to_path_buf();
     let options = options.clone();
-    glommio::LocalExecutorBuilder::default()
+    let report = glommio::LocalExecutorBuilder::default()
         .name("bench-engine")
         .spawn(move || async move { run_on_executor(&root, &options).await })
         .map_err(|e| {
             anyhow::anyhow!("cannot start a glommio executor (is io_uring allowed here?): {e}")
         })?
         .join()
-        .map_err(|e| anyhow::anyhow!("benchmark executor failed: {e:?}"))?
+        .map_err(|e| anyhow::anyhow!("benchmark executor failed: {e:?}"))??;
+    Ok(EngineBenchReport {
+        loadavg_before,
+        loadavg_after: loadavg(),
+        ..report
+    })
 }
 
 async fn open(dir: &Path, config: StoreConfig) -> anyhow::Result<Rc<Store<DmaDisk>>> {
@@ -245,6 +260,8 @@ async fn run_on_executor(root: &Path, o: &EngineBenchOptions) -> anyhow::Result<
         value_size: o.value_size,
         writers: o.writers,
         phase_seconds: o.phase.as_secs_f64(),
+        loadavg_before: String::new(),
+        loadavg_after: String::new(),
         measurements: vec![
             overwrite_fsync,
             append_fsync,

@@ -95,6 +95,10 @@ fn print_report(r: &EngineBenchReport) {
         "ringkv bench engine: value {} B, {} writers, durability {}, {} keys, {:.1} s per phase",
         r.value_size, r.writers, r.durability, r.index.keys, r.phase_seconds
     );
+    println!(
+        "load average before {}, after {} (2 cores: above ~0.3 means other work shared the machine)",
+        r.loadavg_before, r.loadavg_after
+    );
     print_table(&r.measurements);
     let i = &r.index;
     println!(
