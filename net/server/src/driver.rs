@@ -1,0 +1,163 @@
+//! Drives one shard's `Node` (sans-IO) against its engine store and glommio's timers.
+//!
+//! Requests enter through `get` and `put`, which hand the node a client token and wait
+//! for the reply that the node emits as an action. `pump` drains the node's actions:
+//! storage operations and timers run as local tasks that feed their completion back
+//! into the node and pump again. The node is only borrowed between awaits, never
+//! across one.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use futures_channel::oneshot;
+use hashbrown::HashMap;
+use ringkv_cluster::{
+    Action, ClientError, ClientReply, ClientToken, GetOutcome, GetRequest, Node, PutOutcome,
+    PutRequest, StorageCompletion, StorageFailure, StorageOp, StoredVersions,
+};
+use ringkv_engine::disk::Disk;
+use ringkv_engine::{Store, StoreError};
+
+pub struct ShardDriver<D: Disk> {
+    node: RefCell<Node>,
+    store: Rc<Store<D>>,
+    waiting: RefCell<HashMap<u64, oneshot::Sender<ClientReply>>>,
+    next_token: Cell<u64>,
+    started: Instant,
+}
+
+impl<D: Disk> ShardDriver<D> {
+    pub fn new(node: Node, store: Rc<Store<D>>) -> Rc<Self> {
+        Rc::new(ShardDriver {
+            node: RefCell::new(node),
+            store,
+            waiting: RefCell::new(HashMap::new()),
+            next_token: Cell::new(0),
+            started: Instant::now(),
+        })
+    }
+
+    pub fn store(&self) -> &Rc<Store<D>> {
+        &self.store
+    }
+
+    /// Time as the node sees it: since this driver started.
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub async fn get(self: &Rc<Self>, request: GetRequest) -> Result<GetOutcome, ClientError> {
+        let reply = self
+            .request(|node, now, token| node.handle_get(now, token, request))
+            .await;
+        match reply {
+            ClientReply::Get(result) => result,
+            ClientReply::Put(_) => unreachable!("the node answers a get with a get reply"),
+        }
+    }
+
+    pub async fn put(self: &Rc<Self>, request: PutRequest) -> Result<PutOutcome, ClientError> {
+        let reply = self
+            .request(|node, now, token| node.handle_put(now, token, request))
+            .await;
+        match reply {
+            ClientReply::Put(result) => result,
+            ClientReply::Get(_) => unreachable!("the node answers a put with a put reply"),
+        }
+    }
+
+    async fn request(
+        self: &Rc<Self>,
+        submit: impl FnOnce(&mut Node, Duration, ClientToken),
+    ) -> ClientReply {
+        let token = self.next_token.get();
+        self.next_token.set(token + 1);
+        let (sender, receiver) = oneshot::channel();
+        self.waiting.borrow_mut().insert(token, sender);
+        submit(&mut self.node.borrow_mut(), self.now(), ClientToken(token));
+        self.pump();
+        // The node answers every request it accepts (at the latest when its timeout
+        // fires), and the driver never drops a waiting sender before delivering.
+        receiver.await.expect("the driver delivers every reply")
+    }
+
+    /// Carries out every action the node has queued.
+    fn pump(self: &Rc<Self>) {
+        loop {
+            let Some(action) = self.node.borrow_mut().poll_action() else {
+                break;
+            };
+            match action {
+                Action::Reply { client, reply } => {
+                    if let Some(sender) = self.waiting.borrow_mut().remove(&client.0) {
+                        // The requester may have gone (connection closed); nothing to do.
+                        let _ = sender.send(reply);
+                    }
+                }
+                Action::Storage(op) => {
+                    let this = self.clone();
+                    glommio::spawn_local(async move { this.run_storage(op).await }).detach();
+                }
+                Action::SetTimer { timer, at } => {
+                    let this = self.clone();
+                    glommio::spawn_local(async move {
+                        glommio::timer::sleep(at.saturating_sub(this.now())).await;
+                        let now = this.now();
+                        this.node.borrow_mut().handle_timer(now, timer);
+                        this.pump();
+                    })
+                    .detach();
+                }
+                Action::Send { to, .. } => {
+                    // A single node has no peers; the peer transport comes with
+                    // replication (issue 6). Count it so it cannot pass unnoticed.
+                    tracing::warn!(?to, "dropping a peer message: no peer transport yet");
+                }
+            }
+        }
+    }
+
+    async fn run_storage(self: Rc<Self>, op: StorageOp) {
+        let completion = match op {
+            StorageOp::Read { op, partition, key } => {
+                let result = match self.store.get(partition.0, &key).await {
+                    Ok(Some(record)) => Ok(Some(StoredVersions {
+                        version: record.version().to_vec(),
+                        value: record.value().to_vec(),
+                        tombstone: record.is_tombstone(),
+                    })),
+                    Ok(None) => Ok(None),
+                    // Never served; the replication layer repairs it from replicas.
+                    Err(StoreError::Corrupt(reason)) => {
+                        tracing::warn!(%reason, "corrupt record read as missing");
+                        Ok(None)
+                    }
+                    Err(err) => Err(StorageFailure(err.to_string())),
+                };
+                StorageCompletion::Read { op, result }
+            }
+            StorageOp::Write {
+                op,
+                partition,
+                key,
+                stored,
+            } => {
+                let written = if stored.tombstone {
+                    self.store.delete(partition.0, &key, &stored.version).await
+                } else {
+                    self.store
+                        .put(partition.0, &key, &stored.version, &stored.value)
+                        .await
+                };
+                StorageCompletion::Write {
+                    op,
+                    result: written.map_err(|e| StorageFailure(e.to_string())),
+                }
+            }
+        };
+        let now = self.now();
+        self.node.borrow_mut().handle_storage(now, completion);
+        self.pump();
+    }
+}

@@ -1,0 +1,11 @@
+//! ringkv-server: the node runtime.
+//!
+//! Each shard (one glommio executor, one core) owns a disjoint set of partitions, one
+//! engine store, and one `ringkv_cluster::Node` state machine. The `driver` module
+//! carries out what that state machine asks (storage reads and durable writes, timers,
+//! replies) — the same state machine the simulator drives in tests. A single node is a
+//! one-member ring, so replication later adds members, not a new request path.
+
+pub mod driver;
+
+pub use driver::ShardDriver;
