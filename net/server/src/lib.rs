@@ -6,6 +6,8 @@
 //! replies) — the same state machine the simulator drives in tests. A single node is a
 //! one-member ring, so replication later adds members, not a new request path.
 
+pub mod config;
 pub mod driver;
+pub mod layout;
 
 pub use driver::ShardDriver;

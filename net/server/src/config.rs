@@ -1,0 +1,173 @@
+//! Server configuration: defaults, the TOML file, and validation. The binary overlays
+//! command-line flags on top of the file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub node_id: u32,
+    /// Native protocol address, shared by every shard (SO_REUSEPORT).
+    pub listen: SocketAddr,
+    /// Redis protocol address, shared by every shard (SO_REUSEPORT).
+    pub resp: SocketAddr,
+    /// Shard i also listens alone on `resp` port + 1 + i, so a shard-aware client can
+    /// land on the owner of a key without a hop.
+    pub data_dir: PathBuf,
+    /// Executors (one per core); 0 means one per available core.
+    pub shards: usize,
+    /// Partitions of the key space (a power of two); fixed for the life of the data.
+    pub partitions: u32,
+    /// `sync`, `none` or `interval(<ms>)`.
+    pub durability: String,
+    pub max_value_bytes: usize,
+    /// Open connections per shard beyond which new ones are refused with an error.
+    pub max_connections_per_shard: usize,
+    /// Pipelined requests of one connection executed at once; more wait their turn.
+    pub max_pipeline: usize,
+    /// Requests in flight on one shard beyond which new ones get `Overloaded`.
+    pub max_inflight_per_shard: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            node_id: 1,
+            listen: "127.0.0.1:7500".parse().expect("a valid literal address"),
+            resp: "127.0.0.1:7379".parse().expect("a valid literal address"),
+            data_dir: PathBuf::from("ringkv-data"),
+            shards: 0,
+            partitions: 1024,
+            durability: "sync".into(),
+            max_value_bytes: 1 << 20,
+            max_connections_per_shard: 10_000,
+            max_pipeline: 128,
+            max_inflight_per_shard: 50_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl ServerConfig {
+    pub fn from_file(path: &std::path::Path) -> Result<ServerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The shard count after resolving 0 to the number of available cores.
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            return self.shards;
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if !self.partitions.is_power_of_two() || self.partitions < 2 {
+            return invalid(format!(
+                "partitions = {} must be a power of two, at least 2",
+                self.partitions
+            ));
+        }
+        if self.shard_count() > self.partitions as usize {
+            return invalid(format!(
+                "{} shards cannot share {} partitions",
+                self.shard_count(),
+                self.partitions
+            ));
+        }
+        if self.shard_count() > 256 {
+            return invalid(format!("{} shards: at most 256", self.shard_count()));
+        }
+        if self.max_pipeline == 0
+            || self.max_connections_per_shard == 0
+            || self.max_inflight_per_shard == 0
+        {
+            return invalid("max_pipeline, max_connections_per_shard and max_inflight_per_shard must be above 0".into());
+        }
+        self.durability
+            .parse::<ringkv_engine::Durability>()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        Ok(())
+    }
+
+    /// The port shard `shard` listens on alone for RESP.
+    pub fn shard_resp_addr(&self, shard: usize) -> SocketAddr {
+        let mut addr = self.resp;
+        addr.set_port(self.resp.port() + 1 + shard as u16);
+        addr
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_defaults_and_rejects_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ringkv.toml");
+        std::fs::write(
+            &path,
+            "node_id = 7\npartitions = 256\nresp = \"127.0.0.1:9000\"\n",
+        )
+        .unwrap();
+        let config = ServerConfig::from_file(&path).unwrap();
+        assert_eq!((config.node_id, config.partitions), (7, 256));
+        assert_eq!(config.shard_resp_addr(1).port(), 9002);
+        assert_eq!(config.max_pipeline, ServerConfig::default().max_pipeline);
+        std::fs::write(&path, "nodeid = 7\n").unwrap();
+        assert!(matches!(
+            ServerConfig::from_file(&path),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        let bad = ServerConfig {
+            partitions: 1000,
+            ..ServerConfig::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("power of two")
+        );
+        let bad = ServerConfig {
+            shards: 8,
+            partitions: 4,
+            ..ServerConfig::default()
+        };
+        assert!(bad.validate().is_err());
+        let bad = ServerConfig {
+            durability: "often".into(),
+            ..ServerConfig::default()
+        };
+        assert!(bad.validate().is_err());
+        assert!(ServerConfig::default().validate().is_ok());
+    }
+}
