@@ -93,6 +93,8 @@ pub struct Space {
     /// hints), and the blocks the filesystem allocated for them.
     pub file_bytes: u64,
     pub allocated_bytes: u64,
+    /// Of `allocated_bytes`, what the hint files (the index snapshots) take.
+    pub hint_allocated_bytes: u64,
     /// allocated_bytes / live_bytes at the end of the writes.
     pub disk_amplification: f64,
 }
@@ -496,18 +498,22 @@ fn amplification(store: &Store<DmaDisk>) -> f64 {
     usage.record_bytes as f64 / usage.live_bytes.max(1) as f64
 }
 
-/// Apparent and allocated bytes of every file in `dir`.
-fn files_on_disk(dir: &Path) -> anyhow::Result<(u64, u64)> {
+/// Apparent and allocated bytes of every file in `dir`, and allocated bytes of hint files.
+fn files_on_disk(dir: &Path) -> anyhow::Result<(u64, u64, u64)> {
     use std::os::unix::fs::MetadataExt;
-    let (mut apparent, mut allocated) = (0, 0);
+    let (mut apparent, mut allocated, mut hints) = (0, 0, 0);
     for entry in std::fs::read_dir(dir)? {
-        let meta = entry?.metadata()?;
+        let entry = entry?;
+        let meta = entry.metadata()?;
         if meta.is_file() {
             apparent += meta.len();
             allocated += meta.blocks() * 512;
+            if entry.file_name().to_string_lossy().ends_with(".hint") {
+                hints += meta.blocks() * 512;
+            }
         }
     }
-    Ok((apparent, allocated))
+    Ok((apparent, allocated, hints))
 }
 
 /// Overwrites a fixed key set uniformly at random with `writers` writers, in the
@@ -569,7 +575,7 @@ async fn overwrite(root: &Path, o: &EngineBenchOptions, value: &[u8]) -> anyhow:
     sampler.await;
     let at_end = amplification(&store);
     let end_usage = store.usage();
-    let (file_bytes, allocated_bytes) = files_on_disk(&dir)?;
+    let (file_bytes, allocated_bytes, hint_allocated_bytes) = files_on_disk(&dir)?;
     // Let compaction catch up with the last sealed segments, with no writes.
     while store.compact_once().await?.is_some() {}
     let after = amplification(&store);
@@ -591,6 +597,7 @@ async fn overwrite(root: &Path, o: &EngineBenchOptions, value: &[u8]) -> anyhow:
         segments: end_usage.segments,
         file_bytes,
         allocated_bytes,
+        hint_allocated_bytes,
         disk_amplification: allocated_bytes as f64 / end_usage.live_bytes.max(1) as f64,
     })
 }

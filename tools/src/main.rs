@@ -118,7 +118,7 @@ fn print_report(r: &EngineBenchReport) {
     println!(
         "space, {} keys overwritten {:.1} times in {:.1} s ({} segments of {} MiB, {} compactions): \
          records/live {:.2}x peak, {:.2}x at end, {:.2}x after compaction caught up; \
-         on disk {:.1} MiB allocated for {:.1} MiB live ({:.2}x)",
+         on disk {:.1} MiB allocated ({:.1} MiB of it hint files) for {:.1} MiB live ({:.2}x)",
         s.keys,
         s.passes,
         s.seconds,
@@ -129,6 +129,7 @@ fn print_report(r: &EngineBenchReport) {
         s.amplification_at_end,
         s.amplification_after_catch_up,
         s.allocated_bytes as f64 / (1 << 20) as f64,
+        s.hint_allocated_bytes as f64 / (1 << 20) as f64,
         s.live_bytes as f64 / (1 << 20) as f64,
         s.disk_amplification
     );
