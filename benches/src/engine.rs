@@ -187,24 +187,19 @@ async fn run_on_executor(root: &Path, o: &EngineBenchOptions) -> anyhow::Result<
     let puts_dir = root.join("puts");
     let store = open(&puts_dir, config.clone()).await?;
 
-    let overwrite_fsync = baseline_overwrite_fsync(root, o.phase).await?;
-    let append_fsync = baseline_append_fsync(root, o.phase).await?;
-    let read = baseline_direct_read(root, o.phase).await?;
-
-    // Both put rows are compared with the cheaper bare write: a 4 KiB O_DIRECT rewrite
-    // of an allocated block plus fdatasync is the floor for acknowledging anything
-    // durably, and it is what a lone writer's group commit mostly does (it rewrites the
-    // partial tail block of the segment).
-    let mut put1 = measured_puts(
+    let (overwrite_fsync, put1) = overwrite_and_single_put(
         &store,
-        1,
+        root,
         &value,
         o.phase,
-        0,
         &format!("put ({mode}), 1 writer"),
     )
     .await?;
-    put1.compare_with(&overwrite_fsync);
+    let append_fsync = baseline_append_fsync(root, o.phase).await?;
+    let read = baseline_direct_read(root, o.phase).await?;
+
+    // The many-writer row is compared with the same bare write as the single put: the
+    // floor for acknowledging anything durably.
     let name = format!("put ({mode}), {} writers", o.writers);
     let mut put_n = measured_puts(&store, o.writers, &value, o.phase, 1 << 40, &name).await?;
     put_n.compare_with(&overwrite_fsync);
@@ -279,11 +274,20 @@ async fn run_on_executor(root: &Path, o: &EngineBenchOptions) -> anyhow::Result<
     })
 }
 
-/// 4 KiB O_DIRECT write + fdatasync, one at a time, cycling over 1 MiB of a file whose
-/// blocks are already written and synced: no allocation, no size change, so fdatasync
-/// has only the data to flush.
-async fn baseline_overwrite_fsync(root: &Path, phase: Duration) -> anyhow::Result<Measurement> {
+/// The bare 4 KiB O_DIRECT write + fdatasync, one at a time, cycling over 1 MiB of a
+/// file whose blocks are already written and synced (no allocation, no size change, so
+/// fdatasync has only the data to flush), and the single-writer put, measured in
+/// alternating rounds of `ROUND` operations so that drift on a shared machine hits both
+/// alike. Each gets `phase` of time in total.
+async fn overwrite_and_single_put(
+    store: &Rc<Store<DmaDisk>>,
+    root: &Path,
+    value: &[u8],
+    phase: Duration,
+    put_name: &str,
+) -> anyhow::Result<(Measurement, Measurement)> {
     const REGION: u64 = 1 << 20;
+    const ROUND: usize = 25;
     let file = io(OpenOptions::new()
         .read(true)
         .write(true)
@@ -294,22 +298,41 @@ async fn baseline_overwrite_fsync(root: &Path, phase: Duration) -> anyhow::Resul
     buf.as_bytes_mut().fill(0x5A);
     io(file.write_at(buf, 0).await)?;
     io(file.fdatasync().await)?;
-    let mut recorder = Recorder::default();
-    let started = Instant::now();
-    let mut pos = 0u64;
-    loop {
-        let mut buf = file.alloc_dma_buffer(4096);
-        buf.as_bytes_mut().fill(pos as u8);
-        let t = Instant::now();
-        io(file.write_at(buf, pos).await)?;
-        io(file.fdatasync().await)?;
-        if recorder.record_since(t) - started >= phase {
-            break;
+    let before = store.stats();
+    let (mut bare, mut put) = (Recorder::default(), Recorder::default());
+    let (mut bare_time, mut put_time) = (Duration::ZERO, Duration::ZERO);
+    let (mut pos, mut i) = (0u64, 0u64);
+    while bare_time < phase || put_time < phase {
+        let round = Instant::now();
+        for _ in 0..ROUND {
+            let mut buf = file.alloc_dma_buffer(4096);
+            buf.as_bytes_mut().fill(pos as u8);
+            let t = Instant::now();
+            io(file.write_at(buf, pos).await)?;
+            io(file.fdatasync().await)?;
+            bare.record_since(t);
+            pos = (pos + 4096) % REGION;
         }
-        pos = (pos + 4096) % REGION;
+        bare_time += round.elapsed();
+        let round = Instant::now();
+        for _ in 0..ROUND {
+            let t = Instant::now();
+            store.put(partition(i), &key(i), b"version", value).await?;
+            put.record_since(t);
+            i += 1;
+        }
+        put_time += round.elapsed();
     }
     io(file.close().await)?;
-    Ok(recorder.measurement("bare: 4 KiB overwrite+fdatasync", started.elapsed()))
+    let after = store.stats();
+    let bare = bare.measurement("bare: 4 KiB overwrite+fdatasync", bare_time);
+    let mut put = put.measurement(put_name, put_time);
+    let commits = after.commits - before.commits;
+    put.records_per_commit =
+        Some((after.committed_records - before.committed_records) as f64 / commits.max(1) as f64);
+    put.syncs_per_sec = Some((after.syncs - before.syncs) as f64 / put_time.as_secs_f64());
+    put.compare_with(&bare);
+    Ok((bare, put))
 }
 
 /// 4 KiB O_DIRECT write + fdatasync, one at a time, each into a new block at the end of
