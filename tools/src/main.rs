@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use ringkv_bench::engine::{EngineBenchOptions, EngineBenchReport, run};
 use ringkv_bench::report::print_table;
 use ringkv_engine::Durability;
+use ringkv_server::config::ServerConfig;
 
 #[derive(Parser)]
 #[command(
@@ -16,12 +17,15 @@ use ringkv_engine::Durability;
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 /// Top-level commands. `server`, `cluster` and admin commands join this enum later.
 #[derive(Subcommand)]
 enum Command {
+    /// Run a node: one executor per core, Redis protocol on --resp (the default when no
+    /// command is given).
+    Server(ServerArgs),
     /// Benchmarks that print numbers (never pass/fail).
     #[command(subcommand)]
     Bench(Bench),
@@ -60,10 +64,55 @@ struct EngineArgs {
     json: bool,
 }
 
+/// Flags override the config file, which overrides the defaults.
+#[derive(Args, Default)]
+struct ServerArgs {
+    /// TOML file with any of the settings below (snake_case keys).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    node_id: Option<u32>,
+    /// Native protocol address (HOST:PORT).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Redis protocol address (HOST:PORT); shard i also listens on PORT+1+i.
+    #[arg(long)]
+    resp: Option<std::net::SocketAddr>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Executors, one per core (default: every available core).
+    #[arg(long)]
+    shards: Option<usize>,
+    /// Partitions of the key space, a power of two (fixed for the life of the data).
+    #[arg(long)]
+    partitions: Option<u32>,
+    /// sync (default), none, or interval(<ms>).
+    #[arg(long)]
+    durability: Option<String>,
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Bench(Bench::Engine(args)) => bench_engine(args),
+        None => server(ServerArgs::default()),
+        Some(Command::Server(args)) => server(args),
+        Some(Command::Bench(Bench::Engine(args))) => bench_engine(args),
     }
+}
+
+fn server(args: ServerArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => ServerConfig::from_file(path)?,
+        None => ServerConfig::default(),
+    };
+    config.node_id = args.node_id.unwrap_or(config.node_id);
+    config.listen = args.listen.unwrap_or(config.listen);
+    config.resp = args.resp.unwrap_or(config.resp);
+    config.data_dir = args.data_dir.unwrap_or(config.data_dir);
+    config.shards = args.shards.unwrap_or(config.shards);
+    config.partitions = args.partitions.unwrap_or(config.partitions);
+    config.durability = args.durability.unwrap_or(config.durability);
+    ringkv_server::runtime::run(config)?;
+    Ok(())
 }
 
 fn bench_engine(args: EngineArgs) -> anyhow::Result<()> {

@@ -25,8 +25,10 @@ impl DmaDisk {
     /// Uses `root`, creating it if needed.
     pub fn new(root: impl AsRef<Path>) -> io::Result<DmaDisk> {
         std::fs::create_dir_all(root.as_ref())?;
+        // glommio cannot open a relative directory for fsync (EBADF); keep it absolute.
+        let root = std::fs::canonicalize(root.as_ref())?;
         Ok(DmaDisk {
-            root: Rc::new(root.as_ref().to_path_buf()),
+            root: Rc::new(root),
             probed: Rc::default(),
         })
     }

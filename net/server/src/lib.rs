@@ -6,8 +6,13 @@
 //! replies) — the same state machine the simulator drives in tests. A single node is a
 //! one-member ring, so replication later adds members, not a new request path.
 
+pub mod commands;
 pub mod config;
 pub mod driver;
 pub mod layout;
+pub mod resp;
+pub mod runtime;
+pub mod shard;
+pub mod wire;
 
 pub use driver::ShardDriver;

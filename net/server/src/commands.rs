@@ -1,0 +1,459 @@
+//! Redis commands (and ringkv's KV.* extensions) as cluster requests.
+//!
+//! Plain `SET` reads the key's context first and writes with it, so it replaces what it
+//! saw as a Redis user expects; two `SET`s racing from different clients can still leave
+//! siblings, which `KV.GET` shows. Plain `GET` on a key with siblings returns one value
+//! by a fixed rule: the sibling with the greatest dot (node, incarnation, counter), i.e.
+//! the last in the version set's dot order. docs/protocol.md lists every command.
+
+use ringkv_cluster::{ClientError, ConflictMode, GetOutcome, GetRequest, PutRequest, Quorum};
+
+use crate::shard::{ServerError, Shard};
+
+/// A reply before encoding; the connection encodes it as RESP2 or RESP3.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Vec<u8>),
+    Null,
+    Array(Vec<Reply>),
+    /// A RESP3 map; RESP2 gets a flat array of alternating keys and values.
+    Map(Vec<(Reply, Reply)>),
+}
+
+impl Reply {
+    fn ok() -> Reply {
+        Reply::Simple("OK".into())
+    }
+    fn err(message: impl Into<String>) -> Reply {
+        Reply::Error(message.into())
+    }
+    fn bulk(bytes: &[u8]) -> Reply {
+        Reply::Bulk(bytes.to_vec())
+    }
+}
+
+/// Per-connection state that commands read or change.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub protocol: u8,
+    pub name: Option<Vec<u8>>,
+    pub id: u64,
+    /// Set by QUIT: answer, then close.
+    pub closing: bool,
+}
+
+impl Session {
+    pub fn new(id: u64) -> Session {
+        Session {
+            protocol: 2,
+            name: None,
+            id,
+            closing: false,
+        }
+    }
+}
+
+/// N, R and W for requests that do not name their own (a single node: all 1).
+pub const DEFAULT_N: usize = 1;
+
+fn error_reply(err: ServerError) -> Reply {
+    match err {
+        ServerError::Client(ClientError::Timeout { acked, required }) => Reply::err(format!(
+            "TIMEOUT outcome unknown: {acked} of {required} replicas answered in time; the write may still be applied"
+        )),
+        ServerError::Client(ClientError::Unavailable {
+            required,
+            reachable,
+        }) => Reply::err(format!(
+            "UNAVAILABLE {reachable} replicas reachable, {required} required"
+        )),
+        ServerError::Client(other) => Reply::err(format!("ERR {other}")),
+        ServerError::Overloaded { inflight } => Reply::err(format!(
+            "OVERLOADED {inflight} requests in flight on this shard; retry later"
+        )),
+        ServerError::ShuttingDown => Reply::err("ERR shutting down"),
+    }
+}
+
+fn quorum(r: Option<usize>, w: Option<usize>) -> Result<Quorum, Reply> {
+    let r = r.unwrap_or(DEFAULT_N.div_ceil(2).max(1));
+    let w = w.unwrap_or(DEFAULT_N.div_ceil(2).max(1));
+    Quorum::new(DEFAULT_N, r, w).map_err(|e| Reply::err(format!("ERR invalid quorum: {e}")))
+}
+
+fn upper(arg: &[u8]) -> String {
+    String::from_utf8_lossy(arg).to_ascii_uppercase()
+}
+
+fn wrong_args(name: &str) -> Reply {
+    Reply::err(format!(
+        "ERR wrong number of arguments for '{}' command",
+        name.to_ascii_lowercase()
+    ))
+}
+
+/// Runs one command. `args[0]` is the command name; `args` is never empty.
+pub async fn execute(shard: &Shard, session: &mut Session, args: &[Vec<u8>]) -> Reply {
+    let name = upper(&args[0]);
+    let rest = &args[1..];
+    match (name.as_str(), rest.len()) {
+        ("PING", 0) => Reply::Simple("PONG".into()),
+        ("PING", 1) => Reply::bulk(&rest[0]),
+        ("ECHO", 1) => Reply::bulk(&rest[0]),
+        ("QUIT", _) => {
+            session.closing = true;
+            Reply::ok()
+        }
+        ("HELLO", _) => hello(session, rest),
+        ("SELECT", 1) if rest[0] == b"0" => Reply::ok(),
+        ("SELECT", 1) => Reply::err("ERR DB index is out of range (ringkv has database 0 only)"),
+        ("DBSIZE", 0) => match shard.count_keys().await {
+            Ok(n) => Reply::Int(n as i64),
+            Err(e) => error_reply(e),
+        },
+        ("INFO", _) => info(shard),
+        ("COMMAND", _) => command_info(rest),
+        ("CONFIG", _) => config(rest),
+        ("CLIENT", _) => client(session, rest),
+        ("GET", 1) => match read(shard, &rest[0], None).await {
+            Ok(outcome) => outcome
+                .values()
+                .last()
+                .map_or(Reply::Null, |v| Reply::bulk(v)),
+            Err(reply) => reply,
+        },
+        ("SET", 2) => set(shard, &rest[0], &rest[1]).await,
+        ("SET", n) if n > 2 => Reply::err(format!(
+            "ERR ringkv cannot honour SET option {} atomically; use plain SET, or KV.PUT with a context",
+            upper(&rest[2])
+        )),
+        ("DEL", n) if n > 0 => {
+            let mut deleted = 0;
+            for key in rest {
+                match delete_seen(shard, key).await {
+                    Ok(true) => deleted += 1,
+                    Ok(false) => {}
+                    Err(reply) => return reply,
+                }
+            }
+            Reply::Int(deleted)
+        }
+        ("EXISTS", n) if n > 0 => {
+            let mut found = 0;
+            for key in rest {
+                match read(shard, key, None).await {
+                    Ok(outcome) if !outcome.values().is_empty() => found += 1,
+                    Ok(_) => {}
+                    Err(reply) => return reply,
+                }
+            }
+            Reply::Int(found)
+        }
+        ("MGET", n) if n > 0 => {
+            let mut values = Vec::with_capacity(n);
+            for key in rest {
+                values.push(match read(shard, key, None).await {
+                    Ok(outcome) => outcome
+                        .values()
+                        .last()
+                        .map_or(Reply::Null, |v| Reply::bulk(v)),
+                    Err(reply) => return reply,
+                });
+            }
+            Reply::Array(values)
+        }
+        ("MSET", n) if n > 0 && n % 2 == 0 => {
+            for pair in rest.chunks(2) {
+                let reply = set(shard, &pair[0], &pair[1]).await;
+                if matches!(reply, Reply::Error(_)) {
+                    return reply;
+                }
+            }
+            Reply::ok()
+        }
+        ("KV.GET", _) => kv_get(shard, rest).await,
+        ("KV.PUT", _) => kv_put(shard, rest, false).await,
+        ("KV.DEL", _) => kv_put(shard, rest, true).await,
+        (
+            "PING" | "ECHO" | "SELECT" | "DBSIZE" | "GET" | "SET" | "DEL" | "EXISTS" | "MGET"
+            | "MSET",
+            _,
+        ) => wrong_args(&name),
+        _ => {
+            let shown: Vec<String> = rest
+                .iter()
+                .take(3)
+                .map(|a| format!("'{}'", String::from_utf8_lossy(a)))
+                .collect();
+            Reply::err(format!(
+                "ERR unknown command '{}', with args beginning with: {}",
+                String::from_utf8_lossy(&args[0]),
+                shown.join(" ")
+            ))
+        }
+    }
+}
+
+async fn read(shard: &Shard, key: &[u8], r: Option<usize>) -> Result<GetOutcome, Reply> {
+    let quorum = quorum(r, None)?;
+    shard
+        .get(GetRequest {
+            key: key.to_vec(),
+            quorum,
+        })
+        .await
+        .map_err(error_reply)
+}
+
+async fn write(
+    shard: &Shard,
+    key: &[u8],
+    value: Option<&[u8]>,
+    context: Option<Vec<u8>>,
+    w: Option<usize>,
+) -> Reply {
+    if let Some(reply) = too_large(shard, key, value) {
+        return reply;
+    }
+    let quorum = match quorum(None, w) {
+        Ok(q) => q,
+        Err(reply) => return reply,
+    };
+    let request = PutRequest {
+        key: key.to_vec(),
+        value: value.map(<[u8]>::to_vec),
+        context,
+        quorum,
+        mode: ConflictMode::Causal,
+    };
+    match shard.put(request).await {
+        Ok(_) => Reply::ok(),
+        Err(e) => error_reply(e),
+    }
+}
+
+/// Refuses keys and values over the limits before anything is read or written.
+fn too_large(shard: &Shard, key: &[u8], value: Option<&[u8]>) -> Option<Reply> {
+    if key.len() > ringkv_engine::record::MAX_KEY_LEN {
+        let max = ringkv_engine::record::MAX_KEY_LEN;
+        return Some(Reply::err(format!(
+            "ERR key of {} bytes exceeds the limit of {max}",
+            key.len()
+        )));
+    }
+    let len = value.map_or(0, <[u8]>::len);
+    (len > shard.max_value_bytes).then(|| {
+        Reply::err(format!(
+            "ERR value of {len} bytes exceeds the limit of {}",
+            shard.max_value_bytes
+        ))
+    })
+}
+
+/// SET: write with the context just read, replacing what was there.
+async fn set(shard: &Shard, key: &[u8], value: &[u8]) -> Reply {
+    if let Some(reply) = too_large(shard, key, Some(value)) {
+        return reply;
+    }
+    match read(shard, key, None).await {
+        Ok(seen) => write(shard, key, Some(value), Some(seen.context.encode()), None).await,
+        Err(reply) => reply,
+    }
+}
+
+/// DEL of one key: Ok(true) if it held a value.
+async fn delete_seen(shard: &Shard, key: &[u8]) -> Result<bool, Reply> {
+    let seen = read(shard, key, None).await?;
+    if seen.values().is_empty() {
+        return Ok(false);
+    }
+    match write(shard, key, None, Some(seen.context.encode()), None).await {
+        Reply::Error(e) => Err(Reply::Error(e)),
+        _ => Ok(true),
+    }
+}
+
+/// Parses `[NAME n]` pairs after the fixed arguments; returns None on anything else.
+fn options<'a>(args: &'a [Vec<u8>], allowed: &[&str]) -> Result<Vec<(String, &'a [u8])>, Reply> {
+    if !args.len().is_multiple_of(2) {
+        return Err(Reply::err(
+            "ERR syntax error: options come in NAME value pairs",
+        ));
+    }
+    let mut found = Vec::new();
+    for pair in args.chunks(2) {
+        let name = upper(&pair[0]);
+        if !allowed.contains(&name.as_str()) {
+            return Err(Reply::err(format!(
+                "ERR syntax error: unknown option {name}"
+            )));
+        }
+        found.push((name, pair[1].as_slice()));
+    }
+    Ok(found)
+}
+
+fn count(name: &str, value: &[u8]) -> Result<usize, Reply> {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Reply::err(format!("ERR {name} must be a positive integer")))
+}
+
+/// KV.GET key [R n] -> [context, [sibling values...]]
+async fn kv_get(shard: &Shard, args: &[Vec<u8>]) -> Reply {
+    let Some((key, rest)) = args.split_first() else {
+        return wrong_args("KV.GET");
+    };
+    let parsed = options(rest, &["R"])
+        .and_then(|opts| opts.iter().map(|(n, v)| count(n, v)).next().transpose());
+    let r = match parsed {
+        Ok(r) => r,
+        Err(reply) => return reply,
+    };
+    match read(shard, key, r).await {
+        Ok(outcome) => Reply::Array(vec![
+            Reply::Bulk(outcome.context.encode()),
+            Reply::Array(outcome.values().into_iter().map(Reply::bulk).collect()),
+        ]),
+        Err(reply) => reply,
+    }
+}
+
+/// KV.PUT key value [CONTEXT ctx] [W n] / KV.DEL key [CONTEXT ctx] [W n]
+async fn kv_put(shard: &Shard, args: &[Vec<u8>], delete: bool) -> Reply {
+    let fixed = if delete { 1 } else { 2 };
+    if args.len() < fixed {
+        return wrong_args(if delete { "KV.DEL" } else { "KV.PUT" });
+    }
+    let (key, value) = (
+        &args[0],
+        if delete {
+            None
+        } else {
+            Some(args[1].as_slice())
+        },
+    );
+    let opts = match options(&args[fixed..], &["CONTEXT", "W"]) {
+        Ok(o) => o,
+        Err(reply) => return reply,
+    };
+    let mut context = None;
+    let mut w = None;
+    for (name, v) in opts {
+        if name == "CONTEXT" {
+            context = Some(v.to_vec());
+        } else {
+            match count("W", v) {
+                Ok(n) => w = Some(n),
+                Err(reply) => return reply,
+            }
+        }
+    }
+    write(shard, key, value, context, w).await
+}
+
+fn hello(session: &mut Session, args: &[Vec<u8>]) -> Reply {
+    if let Some(version) = args.first() {
+        match version.as_slice() {
+            b"2" => session.protocol = 2,
+            b"3" => session.protocol = 3,
+            _ => return Reply::err("NOPROTO unsupported protocol version"),
+        }
+        let mut rest = &args[1..];
+        while let Some(option) = rest.first() {
+            match (upper(option).as_str(), rest.len()) {
+                ("AUTH", n) if n >= 3 => rest = &rest[3..],
+                ("SETNAME", n) if n >= 2 => {
+                    session.name = Some(rest[1].clone());
+                    rest = &rest[2..];
+                }
+                _ => return Reply::err("ERR syntax error in HELLO"),
+            }
+        }
+    }
+    let text = |s: &str| Reply::Bulk(s.as_bytes().to_vec());
+    Reply::Map(vec![
+        (text("server"), text("ringkv")),
+        (text("version"), text(env!("CARGO_PKG_VERSION"))),
+        (text("proto"), Reply::Int(session.protocol as i64)),
+        (text("id"), Reply::Int(session.id as i64)),
+        (text("mode"), text("standalone")),
+        (text("role"), text("master")),
+        (text("modules"), Reply::Array(Vec::new())),
+    ])
+}
+
+fn info(shard: &Shard) -> Reply {
+    let store = shard.driver().store();
+    let (stats, usage) = (store.stats(), store.usage());
+    let text = format!(
+        "# Server\r\nredis_version:7.0.0\r\nringkv_version:{}\r\nshard:{}\r\nshards:{}\r\n\
+         # Keyspace\r\ndb0:keys={},expires=0\r\n\
+         # Ringkv shard\r\nputs:{}\r\ngets:{}\r\ncache_hits:{}\r\ncommits:{}\r\nsegments:{}\r\n",
+        env!("CARGO_PKG_VERSION"),
+        shard.id,
+        shard.count,
+        usage.keys,
+        stats.puts,
+        stats.gets,
+        stats.cache_hits,
+        stats.commits,
+        usage.segments,
+    );
+    Reply::Bulk(text.into_bytes())
+}
+
+fn command_info(args: &[Vec<u8>]) -> Reply {
+    match args.first().map(|a| upper(a)).as_deref() {
+        None => Reply::Array(Vec::new()),
+        Some("COUNT") => Reply::Int(COMMANDS.len() as i64),
+        Some("DOCS") => Reply::Map(Vec::new()),
+        Some(other) => Reply::err(format!("ERR COMMAND {other} is not supported")),
+    }
+}
+
+const COMMANDS: &[&str] = &[
+    "PING", "ECHO", "QUIT", "HELLO", "SELECT", "DBSIZE", "INFO", "COMMAND", "CONFIG", "CLIENT",
+    "GET", "SET", "DEL", "EXISTS", "MGET", "MSET", "KV.GET", "KV.PUT", "KV.DEL",
+];
+
+/// CONFIG GET answers what redis-benchmark and memtier ask about persistence.
+fn config(args: &[Vec<u8>]) -> Reply {
+    match (args.first().map(|a| upper(a)).as_deref(), args.len()) {
+        (Some("GET"), 2) => {
+            let wanted = String::from_utf8_lossy(&args[1]).to_ascii_lowercase();
+            let known = [
+                ("save", ""),
+                ("appendonly", "no"),
+                ("databases", "1"),
+                ("maxmemory", "0"),
+            ];
+            let mut reply = Vec::new();
+            for (name, value) in known {
+                if wanted == "*" || wanted == name {
+                    reply.push(Reply::bulk(name.as_bytes()));
+                    reply.push(Reply::bulk(value.as_bytes()));
+                }
+            }
+            Reply::Array(reply)
+        }
+        _ => Reply::err("ERR ringkv supports CONFIG GET <parameter> only"),
+    }
+}
+
+fn client(session: &mut Session, args: &[Vec<u8>]) -> Reply {
+    match (args.first().map(|a| upper(a)).as_deref(), args.len()) {
+        (Some("SETNAME"), 2) => {
+            session.name = Some(args[1].clone());
+            Reply::ok()
+        }
+        (Some("GETNAME"), 1) => session.name.as_deref().map_or(Reply::Null, Reply::bulk),
+        (Some("SETINFO"), 3) => Reply::ok(),
+        (Some("ID"), 1) => Reply::Int(session.id as i64),
+        _ => Reply::err("ERR ringkv supports CLIENT SETNAME, GETNAME, SETINFO and ID"),
+    }
+}

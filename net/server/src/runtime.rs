@@ -1,0 +1,223 @@
+//! Starting and stopping a node: startup checks, one pinned glommio executor per shard
+//! joined by a channel mesh, listeners, and a graceful stop on SIGINT or SIGTERM (stop
+//! accepting, let open connections finish what they started, close the stores).
+
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::net::TcpListener;
+use glommio::{Latency, LocalExecutorPoolBuilder, PoolPlacement, Shares};
+use ringkv_cluster::{Member, Node, NodeConfig, NodeId, Ring};
+use ringkv_engine::disk::DmaDisk;
+use ringkv_engine::{Durability, Store, StoreConfig};
+
+use crate::config::ServerConfig;
+use crate::driver::ShardDriver;
+use crate::layout::{self, NodeLayout};
+use crate::shard::{Hop, Shard};
+
+/// Why a node could not start; each is one clear line for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Layout(#[from] crate::layout::LayoutError),
+    #[error(
+        "io_uring is disabled on this machine (kernel.io_uring_disabled = {0}); ringkv needs it. \
+         Inside Docker, the default seccomp profile blocks io_uring: run with a profile that allows it"
+    )]
+    IoUringDisabled(String),
+    #[error(
+        "cannot start the shard executors ({0}). If this runs in a container, io_uring may be blocked \
+         by seccomp, or the locked-memory limit (ulimit -l) may be too low"
+    )]
+    Executors(String),
+    #[error("shard {shard} failed: {message}")]
+    Shard { shard: usize, message: String },
+}
+
+/// How long a stopping node waits for open connections to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs the node until SIGINT or SIGTERM; returns once every shard has stopped cleanly.
+pub fn run(config: ServerConfig) -> Result<(), StartError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone())
+            .map_err(|e| StartError::Executors(format!("cannot handle signals: {e}")))?;
+    }
+    run_until(config, stop)
+}
+
+/// Runs the node until `stop` is set.
+pub fn run_until(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), StartError> {
+    config.validate()?;
+    check_io_uring()?;
+    let shards = config.shard_count();
+    let layout = layout::open(&config.data_dir, config.node_id, config.partitions, shards)?;
+    let mesh = MeshBuilder::<Hop, _>::full(shards, 1024);
+    let listening = Arc::new(AtomicUsize::new(0));
+    let config = Arc::new(config);
+    let handles = LocalExecutorPoolBuilder::new(PoolPlacement::MaxSpread(shards, None))
+        .on_all_shards(move || {
+            let (config, layout, mesh, stop, listening) = (
+                config.clone(),
+                layout.clone(),
+                mesh.clone(),
+                stop.clone(),
+                listening.clone(),
+            );
+            async move {
+                let result = run_shard(&config, &layout, mesh, &stop, &listening).await;
+                // One shard failing stops the node: a node missing a shard would refuse
+                // every key that shard owns.
+                if result.is_err() {
+                    stop.store(true, Ordering::SeqCst);
+                }
+                result
+            }
+        })
+        .map_err(|e| StartError::Executors(e.to_string()))?;
+    let mut first_error = None;
+    for (shard, result) in handles.join_all().into_iter().enumerate() {
+        let outcome = match result {
+            Ok(Ok(())) => continue,
+            Ok(Err(message)) => message,
+            Err(e) => format!("executor panicked: {e:?}"),
+        };
+        first_error.get_or_insert(StartError::Shard {
+            shard,
+            message: outcome,
+        });
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+fn check_io_uring() -> Result<(), StartError> {
+    match std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
+        Ok(value) if value.trim() != "0" => {
+            Err(StartError::IoUringDisabled(value.trim().to_owned()))
+        }
+        _ => Ok(()),
+    }
+}
+
+async fn run_shard(
+    config: &ServerConfig,
+    layout: &NodeLayout,
+    mesh: MeshBuilder<Hop, glommio::channels::channel_mesh::Full>,
+    stop: &AtomicBool,
+    listening: &AtomicUsize,
+) -> Result<(), String> {
+    let (peers, mut hops) = mesh
+        .join()
+        .await
+        .map_err(|e| format!("cannot join the shard mesh: {e}"))?;
+    let id = peers.peer_id();
+    let durability: Durability = config.durability.parse().map_err(|e| format!("{e}"))?;
+    let store_config = StoreConfig {
+        durability,
+        max_value_len: config.max_value_bytes,
+        ..StoreConfig::default()
+    };
+    let dir = layout::shard_dir(&config.data_dir, id);
+    let store = Store::open(
+        DmaDisk::new(&dir).map_err(|e| format!("{}: {e}", dir.display()))?,
+        store_config,
+    )
+    .await
+    .map_err(|e| format!("opening the store in {}: {e}", dir.display()))?;
+    let runner = store.clone();
+    let commits = glommio::spawn_local(async move { runner.run().await });
+    let background = glommio::executor().create_task_queue(
+        Shares::Static(10),
+        Latency::NotImportant,
+        "compaction",
+    );
+    let compactor = store.clone();
+    glommio::spawn_local_into(
+        async move { compactor.run_compaction(Duration::from_secs(1)).await },
+        background,
+    )
+    .map_err(|e| format!("cannot start compaction: {e}"))?
+    .detach();
+
+    let node_id = NodeId(config.node_id);
+    let ring = Ring::new(config.partitions, &[Member::new(node_id)]).map_err(|e| e.to_string())?;
+    let node = Node::new(NodeConfig::new(node_id, layout.incarnation), ring.clone());
+    let driver = ShardDriver::new(node, store.clone());
+    let shard = Shard::new(
+        ring,
+        driver,
+        peers,
+        config.max_inflight_per_shard,
+        config.max_value_bytes,
+    );
+    for (_, receiver) in hops.streams() {
+        glommio::spawn_local(shard.clone().serve_peer(receiver)).detach();
+    }
+
+    let shared = TcpListener::bind(config.resp)
+        .map_err(|e| format!("cannot listen on {}: {e}", config.resp))?;
+    let own_addr = config.shard_resp_addr(id);
+    let own =
+        TcpListener::bind(own_addr).map_err(|e| format!("cannot listen on {own_addr}: {e}"))?;
+    let connections = Rc::new(crate::resp::Connections::new(
+        config.max_connections_per_shard,
+        config.max_pipeline,
+    ));
+    let mut acceptors = Vec::new();
+    for listener in [shared, own] {
+        let (shard, connections) = (shard.clone(), connections.clone());
+        acceptors.push(glommio::spawn_local(async move {
+            crate::resp::accept(listener, shard, connections).await
+        }));
+    }
+    listening.fetch_add(1, Ordering::SeqCst);
+    if id == 0 {
+        while listening.load(Ordering::SeqCst) < shard.count && !stop.load(Ordering::SeqCst) {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+        println!(
+            "ringkv server ready: node {} resp={} shards={} (shard ports {}..={}) data={} incarnation={}",
+            config.node_id,
+            config.resp,
+            shard.count,
+            config.shard_resp_addr(0).port(),
+            config.shard_resp_addr(shard.count - 1).port(),
+            config.data_dir.display(),
+            layout.incarnation
+        );
+    }
+
+    while !stop.load(Ordering::Relaxed) {
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+    }
+    for acceptor in acceptors {
+        acceptor.cancel().await;
+    }
+    connections.close();
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    while connections.open() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    store
+        .close()
+        .await
+        .map_err(|e| format!("closing the store: {e}"))?;
+    commits.await;
+    if id == 0 {
+        println!("ringkv server stopped");
+    }
+    Ok(())
+}
+
+/// Used by tests and tools that need the data directory of a shard.
+pub fn shard_data_dir(data_dir: &Path, shard: usize) -> std::path::PathBuf {
+    layout::shard_dir(data_dir, shard)
+}

@@ -1,0 +1,186 @@
+//! One shard's view of the node: routes each request to the shard that owns its key
+//! (directly, or with one hop over the glommio channel mesh), and bounds the work in
+//! flight so an overloaded shard answers `Overloaded` instead of queueing without end.
+
+use std::cell::Cell;
+use std::rc::Rc;
+
+use futures_channel::oneshot;
+use glommio::channels::channel_mesh::Senders;
+use ringkv_cluster::{ClientError, GetOutcome, GetRequest, PutOutcome, PutRequest, Ring};
+use ringkv_engine::disk::DmaDisk;
+
+use crate::driver::ShardDriver;
+
+/// A request carried to another shard, with where to send the answer.
+pub struct Hop {
+    request: HopRequest,
+    reply: oneshot::Sender<HopReply>,
+}
+
+enum HopRequest {
+    Get(GetRequest),
+    Put(PutRequest),
+    CountKeys,
+}
+
+enum HopReply {
+    Get(Result<GetOutcome, ClientError>),
+    Put(Result<PutOutcome, ClientError>),
+    Count(u64),
+}
+
+/// Why the server (not the cluster logic) could not answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServerError {
+    #[error("{0}")]
+    Client(ClientError),
+    #[error("shard overloaded: {inflight} requests in flight; retry later")]
+    Overloaded { inflight: usize },
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+pub struct Shard {
+    pub id: usize,
+    pub count: usize,
+    ring: Ring,
+    driver: Rc<ShardDriver<DmaDisk>>,
+    peers: Senders<Hop>,
+    inflight: Cell<usize>,
+    max_inflight: usize,
+    /// Largest value a put may carry (the store's limit).
+    pub max_value_bytes: usize,
+}
+
+/// Counts one request in flight for as long as it lives.
+struct InFlight<'a>(&'a Cell<usize>);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
+impl Shard {
+    pub fn new(
+        ring: Ring,
+        driver: Rc<ShardDriver<DmaDisk>>,
+        peers: Senders<Hop>,
+        max_inflight: usize,
+        max_value_bytes: usize,
+    ) -> Rc<Shard> {
+        Rc::new(Shard {
+            id: peers.peer_id(),
+            count: peers.nr_consumers(),
+            ring,
+            driver,
+            peers,
+            inflight: Cell::new(0),
+            max_inflight,
+            max_value_bytes,
+        })
+    }
+
+    pub fn driver(&self) -> &Rc<ShardDriver<DmaDisk>> {
+        &self.driver
+    }
+
+    /// The shard that owns `key`: partitions are dealt to shards round-robin.
+    pub fn owner(&self, key: &[u8]) -> usize {
+        self.ring.partition_of(key).0 as usize % self.count
+    }
+
+    fn admit(&self) -> Result<InFlight<'_>, ServerError> {
+        let inflight = self.inflight.get();
+        if inflight >= self.max_inflight {
+            return Err(ServerError::Overloaded { inflight });
+        }
+        self.inflight.set(inflight + 1);
+        Ok(InFlight(&self.inflight))
+    }
+
+    pub async fn get(&self, request: GetRequest) -> Result<GetOutcome, ServerError> {
+        let _admitted = self.admit()?;
+        let owner = self.owner(&request.key);
+        if owner == self.id {
+            return self.driver.get(request).await.map_err(ServerError::Client);
+        }
+        match self.hop(owner, HopRequest::Get(request)).await? {
+            HopReply::Get(result) => result.map_err(ServerError::Client),
+            _ => unreachable!("a get hop is answered with a get reply"),
+        }
+    }
+
+    pub async fn put(&self, request: PutRequest) -> Result<PutOutcome, ServerError> {
+        let _admitted = self.admit()?;
+        let owner = self.owner(&request.key);
+        if owner == self.id {
+            return self.driver.put(request).await.map_err(ServerError::Client);
+        }
+        match self.hop(owner, HopRequest::Put(request)).await? {
+            HopReply::Put(result) => result.map_err(ServerError::Client),
+            _ => unreachable!("a put hop is answered with a put reply"),
+        }
+    }
+
+    /// Live (not deleted) keys on every shard of this node.
+    pub async fn count_keys(&self) -> Result<u64, ServerError> {
+        let mut total = self.local_key_count();
+        for peer in (0..self.count).filter(|&p| p != self.id) {
+            match self.hop(peer, HopRequest::CountKeys).await? {
+                HopReply::Count(n) => total += n,
+                _ => unreachable!("a count hop is answered with a count"),
+            }
+        }
+        Ok(total)
+    }
+
+    fn local_key_count(&self) -> u64 {
+        let store = self.driver.store();
+        let partitions = store.partitions();
+        partitions
+            .into_iter()
+            .map(|p| {
+                store
+                    .partition_keys(p)
+                    .iter()
+                    .filter(|k| !k.tombstone)
+                    .count() as u64
+            })
+            .sum()
+    }
+
+    async fn hop(&self, owner: usize, request: HopRequest) -> Result<HopReply, ServerError> {
+        let (reply, answer) = oneshot::channel();
+        if self
+            .peers
+            .send_to(owner, Hop { request, reply })
+            .await
+            .is_err()
+        {
+            return Err(ServerError::ShuttingDown);
+        }
+        answer.await.map_err(|_| ServerError::ShuttingDown)
+    }
+
+    /// Serves hops from one peer shard until it goes away.
+    pub async fn serve_peer(
+        self: Rc<Self>,
+        hops: glommio::channels::shared_channel::ConnectedReceiver<Hop>,
+    ) {
+        while let Some(Hop { request, reply }) = hops.recv().await {
+            let this = self.clone();
+            glommio::spawn_local(async move {
+                let answer = match request {
+                    HopRequest::Get(r) => HopReply::Get(this.driver.get(r).await),
+                    HopRequest::Put(r) => HopReply::Put(this.driver.put(r).await),
+                    HopRequest::CountKeys => HopReply::Count(this.local_key_count()),
+                };
+                // The requesting connection may be gone; nothing to do then.
+                let _ = reply.send(answer);
+            })
+            .detach();
+        }
+    }
+}
