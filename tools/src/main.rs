@@ -57,8 +57,8 @@ struct EngineArgs {
     #[arg(long, default_value_t = 2.0)]
     seconds: f64,
     /// Durability of the measured puts: sync, none, or interval(<ms>), e.g. interval(5ms).
-    #[arg(long, default_value = "sync")]
-    durability: String,
+    #[arg(long, default_value = "sync", value_parser = parse_durability)]
+    durability: Durability,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -91,6 +91,11 @@ struct ServerArgs {
     durability: Option<String>,
 }
 
+fn parse_durability(s: &str) -> Result<Durability, String> {
+    s.parse()
+        .map_err(|e: ringkv_engine::StoreError| e.to_string())
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         None => server(ServerArgs::default()),
@@ -121,7 +126,7 @@ fn bench_engine(args: EngineArgs) -> anyhow::Result<()> {
         "--seconds must be above zero"
     );
     anyhow::ensure!(args.value_size > 0, "--value-size must be above zero");
-    let durability: Durability = args.durability.parse()?;
+    let durability = args.durability;
     let options = EngineBenchOptions {
         dir: args.dir,
         value_size: args.value_size,
