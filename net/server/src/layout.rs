@@ -29,6 +29,8 @@ pub enum LayoutError {
         dir: PathBuf,
         source: std::io::Error,
     },
+    #[error("data directory {dir} is in use by another running ringkv node")]
+    Locked { dir: PathBuf },
     #[error("{path} is damaged: {message}")]
     Damaged { path: PathBuf, message: String },
     #[error(
@@ -43,6 +45,28 @@ pub enum LayoutError {
 }
 
 const FILE: &str = "node.toml";
+
+/// Held for as long as a node runs: a second node on the same data directory would
+/// corrupt both. Released (by the kernel) when the process exits, however it exits.
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+pub fn lock(dir: &Path) -> Result<DirLock, LayoutError> {
+    let io = |source| LayoutError::Io {
+        dir: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let file = std::fs::File::create(dir.join("LOCK")).map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(DirLock { _file: file }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(LayoutError::Locked {
+            dir: dir.to_owned(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+    }
+}
 
 /// Opens (or creates) the layout in `dir`, checks it against the requested shape, bumps
 /// the incarnation durably and returns the new layout.
@@ -129,6 +153,15 @@ pub fn shard_dir(dir: &Path, shard: usize) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_node_cannot_lock_the_same_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock(dir.path()).unwrap();
+        assert!(matches!(lock(dir.path()), Err(LayoutError::Locked { .. })));
+        drop(held);
+        assert!(lock(dir.path()).is_ok());
+    }
 
     #[test]
     fn incarnation_grows_and_shape_changes_are_refused() {

@@ -37,6 +37,8 @@ pub enum StartError {
          by seccomp, or the locked-memory limit (ulimit -l) may be too low"
     )]
     Executors(String),
+    #[error("cannot listen on {0}: {1} (is another ringkv or redis running there?)")]
+    AddressInUse(std::net::SocketAddr, String),
     #[error("shard {shard} failed: {message}")]
     Shard { shard: usize, message: String },
 }
@@ -59,6 +61,8 @@ pub fn run_until(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), Star
     config.validate()?;
     check_io_uring()?;
     let shards = config.shard_count();
+    check_addresses_free(&config)?;
+    let _lock = layout::lock(&config.data_dir)?;
     let layout = layout::open(&config.data_dir, config.node_id, config.partitions, shards)?;
     let mesh = MeshBuilder::<Hop, _>::full(shards, 1024);
     let listening = Arc::new(AtomicUsize::new(0));
@@ -96,6 +100,18 @@ pub fn run_until(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), Star
         });
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// Shards bind with SO_REUSEPORT, which would let a second process (another node, or a
+/// leftover one) silently share a port with us; a plain bind first refuses that.
+fn check_addresses_free(config: &ServerConfig) -> Result<(), StartError> {
+    let shard_addrs = (0..config.shard_count()).map(|i| config.shard_resp_addr(i));
+    for addr in std::iter::once(config.resp).chain(shard_addrs) {
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            return Err(StartError::AddressInUse(addr, e.to_string()));
+        }
+    }
+    Ok(())
 }
 
 fn check_io_uring() -> Result<(), StartError> {

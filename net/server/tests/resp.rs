@@ -299,6 +299,35 @@ fn redis_clients_get_what_they_expect() {
 }
 
 #[test]
+fn a_second_node_on_the_same_port_or_directory_is_refused() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let other = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let port = free_ports();
+    let node = Node::start(dir.path(), port);
+    let same_port = ServerConfig {
+        resp: format!("127.0.0.1:{port}").parse().unwrap(),
+        data_dir: other.path().to_path_buf(),
+        shards: 2,
+        partitions: 64,
+        ..ServerConfig::default()
+    };
+    let err =
+        ringkv_server::runtime::run_until(same_port, Arc::new(AtomicBool::new(true))).unwrap_err();
+    assert!(err.to_string().contains("cannot listen"), "{err}");
+    let same_dir = ServerConfig {
+        resp: format!("127.0.0.1:{}", free_ports()).parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        shards: 2,
+        partitions: 64,
+        ..ServerConfig::default()
+    };
+    let err =
+        ringkv_server::runtime::run_until(same_dir, Arc::new(AtomicBool::new(true))).unwrap_err();
+    assert!(err.to_string().contains("in use by another"), "{err}");
+    node.stop();
+}
+
+#[test]
 fn a_changed_shard_count_is_refused_with_a_clear_message() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let port = free_ports();

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# ringkv next to redis-server, driven by the same redis-benchmark, in one run.
+#
+#   benches/redis_compare.sh [requests]        (default 200000 per test)
+#
+# Needs redis-server and redis-benchmark (Debian: apt-get install redis-server
+# redis-tools); installs nothing itself. Builds ringkv in release mode. Prints one
+# line per (server, test) with requests/s and latency percentiles in ms.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+requests=${1:-200000}
+for tool in redis-server redis-benchmark; do
+  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install redis-server redis-tools)" >&2; exit 1; }
+done
+cargo build --release -q -p ringkv-tools
+work=$(mktemp -d "${PWD}/target/redis-compare.XXXXXX")
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+./target/release/ringkv server --resp 127.0.0.1:17379 --data-dir "$work/ringkv" >"$work/ringkv.log" 2>&1 &
+pids+=($!)
+redis-server --port 17479 --dir "$work" --save '' --appendonly yes --appendfsync always \
+  --appendfilename always.aof --daemonize no >"$work/redis-always.log" 2>&1 &
+pids+=($!)
+redis-server --port 17579 --dir "$work" --save '' --appendonly no --daemonize no >"$work/redis-off.log" 2>&1 &
+pids+=($!)
+for port in 17379 17479 17579; do
+  for _ in $(seq 100); do redis-benchmark -p "$port" -n 1 -t ping -q >/dev/null 2>&1 && break; sleep 0.1; done
+done
+
+run() { # name port clients pipeline
+  local name=$1 port=$2 clients=$3 pipeline=$4
+  redis-benchmark -p "$port" -t set,get -d 100 -c "$clients" -P "$pipeline" -n "$requests" -r 100000 --csv 2>/dev/null |
+    tail -n +2 | tr -d '"' | while IFS=, read -r test rps avg min p50 p95 p99 max; do
+      printf '%-28s %-4s c=%-3s P=%-3s %10.0f req/s  p50 %6s  p99 %6s  max %6s ms\n' \
+        "$name" "$test" "$clients" "$pipeline" "$rps" "$p50" "$p99" "$max"
+    done
+}
+echo "redis-benchmark -t set,get -d 100 -n $requests -r 100000, $(date -u +%F), $(nproc) cores shared by servers and load"
+for shape in "50 1" "50 16" "1 1"; do
+  set -- $shape
+  run "ringkv (sync)" 17379 "$1" "$2"
+  run "redis appendfsync always" 17479 "$1" "$2"
+  run "redis persistence off" 17579 "$1" "$2"
+done
