@@ -2,6 +2,7 @@
 //! joined by a channel mesh, listeners, and a graceful stop on SIGINT or SIGTERM (stop
 //! accepting, let open connections finish what they started, close the stores).
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -104,11 +105,27 @@ pub fn run_until(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), Star
 
 /// Shards bind with SO_REUSEPORT, which would let a second process (another node, or a
 /// leftover one) silently share a port with us; a plain bind first refuses that.
+///
+/// A node that has just stopped (a restart, a test) can hold its listeners for a moment
+/// after its executors exit: the kernel tears an io_uring instance down asynchronously,
+/// and its pending accepts keep the sockets open until then. So a busy address is retried
+/// for a short grace period before it is reported.
 fn check_addresses_free(config: &ServerConfig) -> Result<(), StartError> {
+    const GRACE: Duration = Duration::from_secs(3);
     let shard_addrs = (0..config.shard_count()).map(|i| config.shard_resp_addr(i));
-    for addr in std::iter::once(config.resp).chain(shard_addrs) {
-        if let Err(e) = std::net::TcpListener::bind(addr) {
-            return Err(StartError::AddressInUse(addr, e.to_string()));
+    let addrs: Vec<SocketAddr> = std::iter::once(config.resp).chain(shard_addrs).collect();
+    let deadline = Instant::now() + GRACE;
+    for addr in addrs {
+        loop {
+            match std::net::TcpListener::bind(addr) {
+                Ok(_) => break,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(StartError::AddressInUse(addr, e.to_string())),
+            }
         }
     }
     Ok(())
