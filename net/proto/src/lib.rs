@@ -1,1 +1,23 @@
-//! ringkv-proto: wire formats shared by the server and the client (see issue 3).
+//! ringkv-proto: the bytes that travel between clients and nodes, with no runtime.
+//!
+//! - [`frame`]: the native protocol's length-prefixed frames; sizes are checked before
+//!   anything is allocated.
+//! - [`native`]: the native protocol's messages (requests with ids for pipelining, a
+//!   versioned handshake, typed errors) as rkyv archives validated before use.
+//! - [`topology`]: which node and shard own a key, as a client computes it.
+//! - [`resp`]: the Redis protocol (RESP2 and RESP3) codec.
+//!
+//! docs/protocol.md describes both protocols byte by byte. The server (glommio) and the
+//! client (threads or tokio) share this crate, so neither can drift from the other.
+
+pub mod frame;
+pub mod native;
+pub mod resp;
+pub mod topology;
+
+pub use frame::{FrameError, MAX_FRAME};
+pub use native::{
+    Body, DecodeError, ErrorReply, Found, Op, PROTOCOL_VERSION, Put, Request, Response, Welcome,
+    WriteContext,
+};
+pub use topology::{NodeAddress, Topology, partition_of};

@@ -6,34 +6,12 @@
 //! by a fixed rule: the sibling with the greatest dot (node, incarnation, counter), i.e.
 //! the last in the version set's dot order. docs/protocol.md lists every command.
 
-use ringkv_cluster::{ClientError, ConflictMode, GetOutcome, GetRequest, PutRequest, Quorum};
+use ringkv_cluster::GetOutcome;
+pub use ringkv_proto::resp::Reply;
+use ringkv_proto::{ErrorReply, WriteContext};
 
-use crate::shard::{ServerError, Shard};
-
-/// A reply before encoding; the connection encodes it as RESP2 or RESP3.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Reply {
-    Simple(String),
-    Error(String),
-    Int(i64),
-    Bulk(Vec<u8>),
-    Null,
-    Array(Vec<Reply>),
-    /// A RESP3 map; RESP2 gets a flat array of alternating keys and values.
-    Map(Vec<(Reply, Reply)>),
-}
-
-impl Reply {
-    fn ok() -> Reply {
-        Reply::Simple("OK".into())
-    }
-    fn err(message: impl Into<String>) -> Reply {
-        Reply::Error(message.into())
-    }
-    fn bulk(bytes: &[u8]) -> Reply {
-        Reply::Bulk(bytes.to_vec())
-    }
-}
+use crate::ops;
+use crate::shard::Shard;
 
 /// Per-connection state that commands read or change.
 #[derive(Debug, Clone)]
@@ -56,32 +34,22 @@ impl Session {
     }
 }
 
-/// N, R and W for requests that do not name their own (a single node: all 1).
-pub const DEFAULT_N: usize = 1;
-
-fn error_reply(err: ServerError) -> Reply {
-    match err {
-        ServerError::Client(ClientError::Timeout { acked, required }) => Reply::err(format!(
+/// Renders an error in Redis style: a leading code word, then what happened.
+fn error(err: ErrorReply) -> Reply {
+    Reply::err(match err {
+        ErrorReply::Timeout { acked, required } => format!(
             "TIMEOUT outcome unknown: {acked} of {required} replicas answered in time; the write may still be applied"
-        )),
-        ServerError::Client(ClientError::Unavailable {
+        ),
+        ErrorReply::Unavailable {
             required,
             reachable,
-        }) => Reply::err(format!(
-            "UNAVAILABLE {reachable} replicas reachable, {required} required"
-        )),
-        ServerError::Client(other) => Reply::err(format!("ERR {other}")),
-        ServerError::Overloaded { inflight } => Reply::err(format!(
-            "OVERLOADED {inflight} requests in flight on this shard; retry later"
-        )),
-        ServerError::ShuttingDown => Reply::err("ERR shutting down"),
-    }
-}
-
-fn quorum(r: Option<usize>, w: Option<usize>) -> Result<Quorum, Reply> {
-    let r = r.unwrap_or(DEFAULT_N.div_ceil(2).max(1));
-    let w = w.unwrap_or(DEFAULT_N.div_ceil(2).max(1));
-    Quorum::new(DEFAULT_N, r, w).map_err(|e| Reply::err(format!("ERR invalid quorum: {e}")))
+        } => format!("UNAVAILABLE {reachable} replicas reachable, {required} required"),
+        ErrorReply::Overloaded { inflight } => {
+            format!("OVERLOADED {inflight} requests in flight on this shard; retry later")
+        }
+        ErrorReply::InvalidArgument { message } => format!("ERR {message}"),
+        other => format!("ERR {other}"),
+    })
 }
 
 fn upper(arg: &[u8]) -> String {
@@ -112,7 +80,7 @@ pub async fn execute(shard: &Shard, session: &mut Session, args: &[Vec<u8>]) -> 
         ("SELECT", 1) => Reply::err("ERR DB index is out of range (ringkv has database 0 only)"),
         ("DBSIZE", 0) => match shard.count_keys().await {
             Ok(n) => Reply::Int(n as i64),
-            Err(e) => error_reply(e),
+            Err(e) => error(ops::error_reply(e)),
         },
         ("INFO", _) => info(shard),
         ("COMMAND", _) => command_info(rest),
@@ -133,10 +101,10 @@ pub async fn execute(shard: &Shard, session: &mut Session, args: &[Vec<u8>]) -> 
         ("DEL", n) if n > 0 => {
             let mut deleted = 0;
             for key in rest {
-                match delete_seen(shard, key).await {
+                match ops::delete_existing(shard, key).await {
                     Ok(true) => deleted += 1,
                     Ok(false) => {}
-                    Err(reply) => return reply,
+                    Err(e) => return error(e),
                 }
             }
             Reply::Int(deleted)
@@ -198,82 +166,25 @@ pub async fn execute(shard: &Shard, session: &mut Session, args: &[Vec<u8>]) -> 
 }
 
 async fn read(shard: &Shard, key: &[u8], r: Option<usize>) -> Result<GetOutcome, Reply> {
-    let quorum = quorum(r, None)?;
-    shard
-        .get(GetRequest {
-            key: key.to_vec(),
-            quorum,
-        })
-        .await
-        .map_err(error_reply)
+    ops::get(shard, key, r).await.map_err(error)
 }
 
 async fn write(
     shard: &Shard,
     key: &[u8],
     value: Option<&[u8]>,
-    context: Option<Vec<u8>>,
+    context: WriteContext,
     w: Option<usize>,
 ) -> Reply {
-    if let Some(reply) = too_large(shard, key, value) {
-        return reply;
+    match ops::put(shard, key, value, context, w).await {
+        Ok(()) => Reply::ok(),
+        Err(e) => error(e),
     }
-    let quorum = match quorum(None, w) {
-        Ok(q) => q,
-        Err(reply) => return reply,
-    };
-    let request = PutRequest {
-        key: key.to_vec(),
-        value: value.map(<[u8]>::to_vec),
-        context,
-        quorum,
-        mode: ConflictMode::Causal,
-    };
-    match shard.put(request).await {
-        Ok(_) => Reply::ok(),
-        Err(e) => error_reply(e),
-    }
-}
-
-/// Refuses keys and values over the limits before anything is read or written.
-fn too_large(shard: &Shard, key: &[u8], value: Option<&[u8]>) -> Option<Reply> {
-    if key.len() > ringkv_engine::record::MAX_KEY_LEN {
-        let max = ringkv_engine::record::MAX_KEY_LEN;
-        return Some(Reply::err(format!(
-            "ERR key of {} bytes exceeds the limit of {max}",
-            key.len()
-        )));
-    }
-    let len = value.map_or(0, <[u8]>::len);
-    (len > shard.max_value_bytes).then(|| {
-        Reply::err(format!(
-            "ERR value of {len} bytes exceeds the limit of {}",
-            shard.max_value_bytes
-        ))
-    })
 }
 
 /// SET: write with the context just read, replacing what was there.
 async fn set(shard: &Shard, key: &[u8], value: &[u8]) -> Reply {
-    if let Some(reply) = too_large(shard, key, Some(value)) {
-        return reply;
-    }
-    match read(shard, key, None).await {
-        Ok(seen) => write(shard, key, Some(value), Some(seen.context.encode()), None).await,
-        Err(reply) => reply,
-    }
-}
-
-/// DEL of one key: Ok(true) if it held a value.
-async fn delete_seen(shard: &Shard, key: &[u8]) -> Result<bool, Reply> {
-    let seen = read(shard, key, None).await?;
-    if seen.values().is_empty() {
-        return Ok(false);
-    }
-    match write(shard, key, None, Some(seen.context.encode()), None).await {
-        Reply::Error(e) => Err(Reply::Error(e)),
-        _ => Ok(true),
-    }
+    write(shard, key, Some(value), WriteContext::Latest, None).await
 }
 
 /// Parses `[NAME n]` pairs after the fixed arguments; returns None on anything else.
@@ -341,11 +252,13 @@ async fn kv_put(shard: &Shard, args: &[Vec<u8>], delete: bool) -> Reply {
         Ok(o) => o,
         Err(reply) => return reply,
     };
-    let mut context = None;
+    // Without a CONTEXT the write is a sibling of what is stored (the Dynamo way);
+    // plain SET is the command that replaces.
+    let mut context = WriteContext::Blind;
     let mut w = None;
     for (name, v) in opts {
         if name == "CONTEXT" {
-            context = Some(v.to_vec());
+            context = WriteContext::Given(v.to_vec());
         } else {
             match count("W", v) {
                 Ok(n) => w = Some(n),

@@ -10,12 +10,13 @@ use serde::Deserialize;
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     pub node_id: u32,
-    /// Native protocol address, shared by every shard (SO_REUSEPORT).
+    /// Native protocol address, shared by every shard (SO_REUSEPORT). Shard i also
+    /// listens alone on port + 1 + i, so a shard-aware client lands on a key's owner
+    /// without a hop.
     pub listen: SocketAddr,
-    /// Redis protocol address, shared by every shard (SO_REUSEPORT).
+    /// Redis protocol address, shared by every shard (SO_REUSEPORT); shard i also
+    /// listens alone on port + 1 + i.
     pub resp: SocketAddr,
-    /// Shard i also listens alone on `resp` port + 1 + i, so a shard-aware client can
-    /// land on the owner of a key without a hop.
     pub data_dir: PathBuf,
     /// Executors (one per core); 0 means one per available core.
     pub shards: usize,
@@ -107,6 +108,7 @@ impl ServerConfig {
         {
             return invalid("max_pipeline, max_connections_per_shard and max_inflight_per_shard must be above 0".into());
         }
+        self.check_ports()?;
         self.durability
             .parse::<ringkv_engine::Durability>()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -115,10 +117,59 @@ impl ServerConfig {
 
     /// The port shard `shard` listens on alone for RESP.
     pub fn shard_resp_addr(&self, shard: usize) -> SocketAddr {
-        let mut addr = self.resp;
-        addr.set_port(self.resp.port() + 1 + shard as u16);
-        addr
+        shard_addr(self.resp, shard)
     }
+
+    /// The port shard `shard` listens on alone for the native protocol.
+    pub fn shard_native_addr(&self, shard: usize) -> SocketAddr {
+        shard_addr(self.listen, shard)
+    }
+
+    /// Every address the node listens on.
+    pub fn all_addrs(&self) -> Vec<SocketAddr> {
+        let shards = 0..self.shard_count();
+        let mut addrs = vec![self.resp, self.listen];
+        addrs.extend(shards.clone().map(|i| self.shard_resp_addr(i)));
+        addrs.extend(shards.map(|i| self.shard_native_addr(i)));
+        addrs
+    }
+
+    /// Each protocol takes a block of 1 + shards ports; the blocks must be real ports
+    /// and must not overlap.
+    fn check_ports(&self) -> Result<(), ConfigError> {
+        let span = self.shard_count() as u32;
+        let block = |addr: SocketAddr| addr.port() as u32..=addr.port() as u32 + span;
+        let (resp, native) = (block(self.resp), block(self.listen));
+        for (name, ports) in [("resp", &resp), ("listen", &native)] {
+            if *ports.start() == 0 || *ports.end() > u16::MAX as u32 {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} port {} leaves no room for {span} shard ports after it (ports {}..={})",
+                    ports.start(),
+                    ports.start(),
+                    ports.end()
+                )));
+            }
+        }
+        let same_host = self.resp.ip() == self.listen.ip()
+            || self.resp.ip().is_unspecified()
+            || self.listen.ip().is_unspecified();
+        if same_host && resp.start() <= native.end() && native.start() <= resp.end() {
+            return Err(ConfigError::Invalid(format!(
+                "resp ports {}..={} overlap listen ports {}..={} (each protocol takes 1 + shards ports)",
+                resp.start(),
+                resp.end(),
+                native.start(),
+                native.end()
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn shard_addr(base: SocketAddr, shard: usize) -> SocketAddr {
+    let mut addr = base;
+    addr.set_port(base.port() + 1 + shard as u16);
+    addr
 }
 
 #[cfg(test)]
@@ -168,6 +219,18 @@ mod tests {
             ..ServerConfig::default()
         };
         assert!(bad.validate().is_err());
+        let bad = ServerConfig {
+            shards: 2,
+            resp: "127.0.0.1:7000".parse().unwrap(),
+            listen: "127.0.0.1:7002".parse().unwrap(),
+            ..ServerConfig::default()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("overlap"));
+        let bad = ServerConfig {
+            listen: "127.0.0.1:65535".parse().unwrap(),
+            ..ServerConfig::default()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("no room"));
         assert!(ServerConfig::default().validate().is_ok());
     }
 }

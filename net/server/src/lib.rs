@@ -8,11 +8,15 @@
 
 pub mod commands;
 pub mod config;
+pub mod connections;
 pub mod driver;
 pub mod layout;
+pub mod listener;
+pub mod native;
+pub mod ops;
+pub mod pipeline;
 pub mod resp;
 pub mod runtime;
 pub mod shard;
-pub mod wire;
 
 pub use driver::ShardDriver;

@@ -12,14 +12,17 @@ use std::time::{Duration, Instant};
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::net::TcpListener;
 use glommio::{Latency, LocalExecutorPoolBuilder, PoolPlacement, Shares};
-use ringkv_cluster::{Member, Node, NodeConfig, NodeId, Ring};
+use ringkv_cluster::{Member, Node, NodeConfig, NodeId, PartitionId, Ring};
 use ringkv_engine::disk::DmaDisk;
 use ringkv_engine::{Durability, Store, StoreConfig};
 
 use crate::config::ServerConfig;
 use crate::driver::ShardDriver;
 use crate::layout::{self, NodeLayout};
+use crate::listener::{self, Stopper};
+use crate::native::NodeInfo;
 use crate::shard::{Hop, Shard};
+use ringkv_proto::{NodeAddress, Topology};
 
 /// Why a node could not start; each is one clear line for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +41,11 @@ pub enum StartError {
          by seccomp, or the locked-memory limit (ulimit -l) may be too low"
     )]
     Executors(String),
+    #[error(
+        "the locked-memory limit is {0} KiB; ringkv's io_uring reactor needs at least {1} KiB. \
+         Raise it with `ulimit -l` (or LimitMEMLOCK= in a systemd unit, --ulimit memlock= in Docker)"
+    )]
+    LockedMemory(u64, u64),
     #[error("cannot listen on {0}: {1} (is another ringkv or redis running there?)")]
     AddressInUse(std::net::SocketAddr, String),
     #[error("shard {shard} failed: {message}")]
@@ -61,6 +69,7 @@ pub fn run(config: ServerConfig) -> Result<(), StartError> {
 pub fn run_until(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), StartError> {
     config.validate()?;
     check_io_uring()?;
+    check_locked_memory()?;
     let shards = config.shard_count();
     check_addresses_free(&config)?;
     let _lock = layout::lock(&config.data_dir)?;
@@ -112,10 +121,8 @@ pub fn run_until(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), Star
 /// for a short grace period before it is reported.
 fn check_addresses_free(config: &ServerConfig) -> Result<(), StartError> {
     const GRACE: Duration = Duration::from_secs(3);
-    let shard_addrs = (0..config.shard_count()).map(|i| config.shard_resp_addr(i));
-    let addrs: Vec<SocketAddr> = std::iter::once(config.resp).chain(shard_addrs).collect();
     let deadline = Instant::now() + GRACE;
-    for addr in addrs {
+    for addr in config.all_addrs() {
         loop {
             match std::net::TcpListener::bind(addr) {
                 Ok(_) => break,
@@ -129,6 +136,25 @@ fn check_addresses_free(config: &ServerConfig) -> Result<(), StartError> {
         }
     }
     Ok(())
+}
+
+/// glommio refuses to start a reactor under 512 KiB of lockable memory (it registers
+/// its I/O buffers with io_uring); say so in one line instead of failing inside it.
+fn check_locked_memory() -> Result<(), StartError> {
+    const NEEDED_KIB: u64 = 512;
+    let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else {
+        return Ok(());
+    };
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max locked memory"))
+        .and_then(|l| l.split_whitespace().nth(3));
+    match soft.map(str::parse::<u64>) {
+        Some(Ok(bytes)) if bytes / 1024 < NEEDED_KIB => {
+            Err(StartError::LockedMemory(bytes / 1024, NEEDED_KIB))
+        }
+        _ => Ok(()), // "unlimited", or a format we do not know: let glommio decide.
+    }
 }
 
 fn check_io_uring() -> Result<(), StartError> {
@@ -195,20 +221,27 @@ async fn run_shard(
         glommio::spawn_local(shard.clone().serve_peer(receiver)).detach();
     }
 
-    let shared = TcpListener::bind(config.resp)
-        .map_err(|e| format!("cannot listen on {}: {e}", config.resp))?;
-    let own_addr = config.shard_resp_addr(id);
-    let own =
-        TcpListener::bind(own_addr).map_err(|e| format!("cannot listen on {own_addr}: {e}"))?;
-    let connections = Rc::new(crate::resp::Connections::new(
+    let connections = Rc::new(crate::connections::Connections::new(
         config.max_connections_per_shard,
         config.max_pipeline,
     ));
+    let info = Rc::new(NodeInfo {
+        topology: topology(config, &ring_of(&shard)),
+    });
     let mut acceptors = Vec::new();
-    for listener in [shared, own] {
+    let mut stoppers = Vec::new();
+    for addr in [config.resp, config.shard_resp_addr(id)] {
+        let listener = bind(addr, &mut stoppers)?;
         let (shard, connections) = (shard.clone(), connections.clone());
         acceptors.push(glommio::spawn_local(async move {
             crate::resp::accept(listener, shard, connections).await
+        }));
+    }
+    for addr in [config.listen, config.shard_native_addr(id)] {
+        let listener = bind(addr, &mut stoppers)?;
+        let (shard, connections, info) = (shard.clone(), connections.clone(), info.clone());
+        acceptors.push(glommio::spawn_local(async move {
+            crate::native::accept(listener, shard, connections, info).await
         }));
     }
     listening.fetch_add(1, Ordering::SeqCst);
@@ -216,13 +249,17 @@ async fn run_shard(
         while listening.load(Ordering::SeqCst) < shard.count && !stop.load(Ordering::SeqCst) {
             glommio::timer::sleep(Duration::from_millis(5)).await;
         }
+        let last = shard.count - 1;
         println!(
-            "ringkv server ready: node {} resp={} shards={} (shard ports {}..={}) data={} incarnation={}",
+            "ringkv server ready: node {} native={} resp={} shards={} (shard ports native {}..={}, resp {}..={}) data={} incarnation={}",
             config.node_id,
+            config.listen,
             config.resp,
             shard.count,
+            config.shard_native_addr(0).port(),
+            config.shard_native_addr(last).port(),
             config.shard_resp_addr(0).port(),
-            config.shard_resp_addr(shard.count - 1).port(),
+            config.shard_resp_addr(last).port(),
             config.data_dir.display(),
             layout.incarnation
         );
@@ -231,10 +268,13 @@ async fn run_shard(
     while !stop.load(Ordering::Relaxed) {
         glommio::timer::sleep(Duration::from_millis(50)).await;
     }
+    connections.close();
+    for stopper in &stoppers {
+        stopper.stop();
+    }
     for acceptor in acceptors {
         acceptor.cancel().await;
     }
-    connections.close();
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     while connections.open() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
@@ -248,6 +288,37 @@ async fn run_shard(
         println!("ringkv server stopped");
     }
     Ok(())
+}
+
+fn bind(addr: SocketAddr, stoppers: &mut Vec<Stopper>) -> Result<TcpListener, String> {
+    let bound = listener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    stoppers.push(bound.stopper);
+    Ok(bound.listener)
+}
+
+fn ring_of(shard: &Shard) -> Ring {
+    shard.ring().clone()
+}
+
+/// The node's answer to a topology request: itself, its shard ports, the partition map.
+fn topology(config: &ServerConfig, ring: &Ring) -> Topology {
+    let shards = config.shard_count();
+    Topology {
+        node_id: config.node_id,
+        epoch: ring.epoch(),
+        partitions: ring.partition_count(),
+        nodes: vec![NodeAddress {
+            node_id: config.node_id,
+            native: config.listen.to_string(),
+            resp: config.resp.to_string(),
+            shard_native: (0..shards)
+                .map(|i| config.shard_native_addr(i).to_string())
+                .collect(),
+        }],
+        owners: (0..ring.partition_count())
+            .map(|p| ring.owner(PartitionId(p)).0)
+            .collect(),
+    }
 }
 
 /// Used by tests and tools that need the data directory of a shard.

@@ -82,6 +82,10 @@ impl Shard {
         })
     }
 
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
     pub fn driver(&self) -> &Rc<ShardDriver<DmaDisk>> {
         &self.driver
     }

@@ -2,73 +2,15 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use redis::{Commands, Value};
 use ringkv_server::config::ServerConfig;
 
-struct Node {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Node {
-    fn start(dir: &Path, port: u16) -> Node {
-        let config = ServerConfig {
-            resp: format!("127.0.0.1:{port}").parse().unwrap(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data_dir: dir.to_path_buf(),
-            shards: 2,
-            partitions: 64,
-            max_value_bytes: 64 << 10,
-            ..ServerConfig::default()
-        };
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            ringkv_server::runtime::run_until(config, flag).expect("node ran")
-        });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port + 2)).is_err() {
-            assert!(Instant::now() < deadline, "node did not start listening");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Node {
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn client(&self, port: u16) -> redis::Connection {
-        redis::Client::open(format!("redis://127.0.0.1:{port}/"))
-            .unwrap()
-            .get_connection()
-            .unwrap()
-    }
-
-    fn stop(mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread
-            .take()
-            .unwrap()
-            .join()
-            .expect("node stopped cleanly");
-    }
-}
-
-/// A base port with the two shard ports after it free (best effort; loopback only).
-fn free_ports() -> u16 {
-    loop {
-        let base = fastrand::u16(20_000..60_000);
-        if (0..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return base;
-        }
-    }
-}
+mod common;
+use common::{Node, config, free_ports};
 
 /// Sends `bytes`, closes the sending side (so the node sees the end even of an
 /// incomplete command), and returns what the node answered before closing.
@@ -304,23 +246,11 @@ fn a_second_node_on_the_same_port_or_directory_is_refused() {
     let other = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let port = free_ports();
     let node = Node::start(dir.path(), port);
-    let same_port = ServerConfig {
-        resp: format!("127.0.0.1:{port}").parse().unwrap(),
-        data_dir: other.path().to_path_buf(),
-        shards: 2,
-        partitions: 64,
-        ..ServerConfig::default()
-    };
+    let same_port = config(other.path(), port);
     let err =
         ringkv_server::runtime::run_until(same_port, Arc::new(AtomicBool::new(true))).unwrap_err();
     assert!(err.to_string().contains("cannot listen"), "{err}");
-    let same_dir = ServerConfig {
-        resp: format!("127.0.0.1:{}", free_ports()).parse().unwrap(),
-        data_dir: dir.path().to_path_buf(),
-        shards: 2,
-        partitions: 64,
-        ..ServerConfig::default()
-    };
+    let same_dir = config(dir.path(), free_ports());
     let err =
         ringkv_server::runtime::run_until(same_dir, Arc::new(AtomicBool::new(true))).unwrap_err();
     assert!(err.to_string().contains("in use by another"), "{err}");
@@ -333,11 +263,8 @@ fn a_changed_shard_count_is_refused_with_a_clear_message() {
     let port = free_ports();
     Node::start(dir.path(), port).stop();
     let config = ServerConfig {
-        resp: format!("127.0.0.1:{port}").parse().unwrap(),
-        data_dir: dir.path().to_path_buf(),
         shards: 1,
-        partitions: 64,
-        ..ServerConfig::default()
+        ..config(dir.path(), port)
     };
     let err =
         ringkv_server::runtime::run_until(config, Arc::new(AtomicBool::new(true))).unwrap_err();

@@ -1,7 +1,30 @@
-//! RESP framing for the connection loop: take one command off the input, encode one
-//! reply. Limits are checked before anything is allocated.
+//! The Redis protocol: take one command off the input, encode one reply in RESP2 or
+//! RESP3. Limits are checked before anything is allocated.
 
-use crate::commands::Reply;
+/// A reply before encoding; the connection encodes it as RESP2 or RESP3.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Vec<u8>),
+    Null,
+    Array(Vec<Reply>),
+    /// A RESP3 map; RESP2 gets a flat array of alternating keys and values.
+    Map(Vec<(Reply, Reply)>),
+}
+
+impl Reply {
+    pub fn ok() -> Reply {
+        Reply::Simple("OK".into())
+    }
+    pub fn err(message: impl Into<String>) -> Reply {
+        Reply::Error(message.into())
+    }
+    pub fn bulk(bytes: &[u8]) -> Reply {
+        Reply::Bulk(bytes.to_vec())
+    }
+}
 
 /// Longest bulk string accepted: the largest value plus room for the key and options.
 const MAX_BULK: usize = 17 << 20;

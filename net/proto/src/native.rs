@@ -1,0 +1,401 @@
+//! The native protocol's messages.
+//!
+//! A connection carries frames ([`crate::frame`]) whose payloads are rkyv archives: a
+//! [`Request`] from the client, a [`Response`] from the node. Every request carries an
+//! id chosen by the client and its response carries the same id, so a client may keep
+//! many requests in flight on one connection; the node may answer them in any order.
+//!
+//! The first request on a connection must be [`Op::Hello`]; the node answers
+//! [`Body::Welcome`] with the protocol version both sides will speak, or an error
+//! (and closes) when their version ranges do not meet. Archives are validated
+//! (bytecheck) before a single field is read: a malformed frame is a [`DecodeError`],
+//! and the node closes that connection only.
+
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
+use thiserror::Error;
+
+use crate::frame::{self, FrameError};
+use crate::topology::Topology;
+
+/// The protocol version this build speaks. A change to any archived type below bumps it.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Opens every handshake, so a node can tell a ringkv client from anything else that
+/// connects (an HTTP probe, a Redis client on the wrong port) at the first frame.
+pub const MAGIC: u64 = u64::from_le_bytes(*b"ringkv\0\x01");
+
+/// One request and the id its response will carry.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub id: u64,
+    pub op: Op,
+}
+
+/// What a request asks. `r` and `w` of `None` use the node's defaults.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// The handshake; must come first. The node picks the highest version in
+    /// `min_version..=max_version` that it speaks.
+    Hello {
+        magic: u64,
+        min_version: u16,
+        max_version: u16,
+        client: String,
+    },
+    Ping,
+    /// Every sibling of `key` and the causal context covering them.
+    Get {
+        key: Vec<u8>,
+        r: Option<u8>,
+    },
+    Put(Put),
+    /// A tombstone, superseding what `context` covers.
+    Delete {
+        key: Vec<u8>,
+        context: WriteContext,
+        w: Option<u8>,
+    },
+    /// Gets of several keys; answered by [`Body::FoundMany`] in the same order.
+    MultiGet {
+        keys: Vec<Vec<u8>>,
+        r: Option<u8>,
+    },
+    /// Puts of several keys; answered by [`Body::WrittenMany`] in the same order. Each
+    /// put stands alone: there is no atomicity across keys.
+    MultiPut(Vec<Put>),
+    /// The node's view of the cluster: its members, their shard ports, the partition map.
+    Topology,
+}
+
+/// A write of one key.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Put {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub context: WriteContext,
+    pub w: Option<u8>,
+}
+
+/// Which versions a write supersedes.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum WriteContext {
+    /// Exactly those a previous get returned (the context bytes, unchanged): the only
+    /// way to resolve siblings safely.
+    Given(Vec<u8>),
+    /// Whatever the coordinator reads just before writing, like Redis's SET. Two such
+    /// writes racing from different clients can still leave siblings; nothing is lost.
+    Latest,
+    /// Nothing: the write becomes a sibling of whatever is stored.
+    Blind,
+}
+
+/// The answer to the request with the same id.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub id: u64,
+    pub body: Body,
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    Welcome(Welcome),
+    Pong,
+    Found(Found),
+    /// A put or delete reached its write quorum durably.
+    Written,
+    FoundMany(Vec<Result<Found, ErrorReply>>),
+    WrittenMany(Vec<Result<(), ErrorReply>>),
+    Topology(Topology),
+    Error(ErrorReply),
+}
+
+/// The node's side of the handshake.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    pub version: u16,
+    pub node_id: u32,
+    /// The shard (core) that accepted this connection, and how many the node runs.
+    pub shard: u32,
+    pub shards: u32,
+    pub server: String,
+}
+
+/// A read's result: the live sibling values (empty when the key is absent or deleted)
+/// and the opaque context to hand back with the next write of the key.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub context: Vec<u8>,
+    pub siblings: Vec<Vec<u8>>,
+}
+
+/// Why a request did not succeed. Whether a retry is safe depends on the kind:
+/// `Timeout` on a write means the outcome is unknown, never that it failed.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq, Error)]
+pub enum ErrorReply {
+    /// The request can never succeed as sent (bad quorum, bad context, bad handshake).
+    #[error("invalid argument: {message}")]
+    InvalidArgument { message: String },
+    /// A key or value over the node's limits; nothing was written.
+    #[error("{what} of {size} bytes exceeds the limit of {limit}")]
+    TooLarge { what: String, size: u64, limit: u64 },
+    /// The shard has too much in flight; nothing was done. Retry after a pause.
+    #[error("overloaded: {inflight} requests in flight on the shard")]
+    Overloaded { inflight: u32 },
+    /// Too few replicas reachable to try; nothing was done.
+    #[error("unavailable: {reachable} replicas reachable, {required} required")]
+    Unavailable { required: u32, reachable: u32 },
+    /// The quorum was not reached in time. For a write the outcome is unknown: it may
+    /// be on some replicas and may yet spread.
+    #[error(
+        "timed out with {acked} of {required} replicas answering (a write's outcome is unknown)"
+    )]
+    Timeout { acked: u32, required: u32 },
+    /// The write would leave more siblings than the node allows; nothing was written.
+    #[error("{count} siblings would exceed the limit of {limit}; read, merge, write back")]
+    TooManySiblings { count: u32, limit: u32 },
+    /// The node is stopping; nothing was done.
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    /// Something failed inside the node (a store error); the message says what.
+    #[error("internal error: {message}")]
+    Internal { message: String },
+}
+
+/// Why a payload is not a valid message.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("malformed archive: {0}")]
+    Archive(String),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
+/// Appends `request` to `out` as one frame.
+pub fn encode_request(request: &Request, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    let bytes = rkyv::to_bytes::<rancor::Error>(request)
+        .expect("serialising plain data into memory cannot fail");
+    frame::write_frame(&bytes, out)
+}
+
+/// Appends `response` to `out` as one frame.
+pub fn encode_response(response: &Response, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    let bytes = rkyv::to_bytes::<rancor::Error>(response)
+        .expect("serialising plain data into memory cannot fail");
+    frame::write_frame(&bytes, out)
+}
+
+/// Validates and decodes one request payload. `scratch` is reused between calls: rkyv
+/// reads archives in place and needs them aligned, and a payload inside a read buffer
+/// usually is not.
+pub fn decode_request(
+    payload: &[u8],
+    scratch: &mut AlignedVec<16>,
+) -> Result<Request, DecodeError> {
+    scratch.clear();
+    scratch.extend_from_slice(payload);
+    rkyv::from_bytes::<Request, rancor::Error>(scratch)
+        .map_err(|e| DecodeError::Archive(e.to_string()))
+}
+
+/// Validates and decodes one response payload (see [`decode_request`]).
+pub fn decode_response(
+    payload: &[u8],
+    scratch: &mut AlignedVec<16>,
+) -> Result<Response, DecodeError> {
+    scratch.clear();
+    scratch.extend_from_slice(payload);
+    rkyv::from_bytes::<Response, rancor::Error>(scratch)
+        .map_err(|e| DecodeError::Archive(e.to_string()))
+}
+
+/// The request that opens a connection.
+pub fn hello(id: u64, client: &str) -> Request {
+    Request {
+        id,
+        op: Op::Hello {
+            magic: MAGIC,
+            min_version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            client: client.to_owned(),
+        },
+    }
+}
+
+/// The node's answer to a handshake: the version to speak, or why there is none.
+pub fn negotiate(magic: u64, min_version: u16, max_version: u16) -> Result<u16, ErrorReply> {
+    if magic != MAGIC {
+        return Err(ErrorReply::InvalidArgument {
+            message: "not a ringkv handshake (bad magic)".into(),
+        });
+    }
+    if min_version > PROTOCOL_VERSION || max_version < PROTOCOL_VERSION {
+        return Err(ErrorReply::InvalidArgument {
+            message: format!(
+                "protocol versions {min_version}..={max_version} requested; this node speaks {PROTOCOL_VERSION}"
+            ),
+        });
+    }
+    Ok(PROTOCOL_VERSION)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::next_frame;
+    use crate::topology::NodeAddress;
+    use proptest::prelude::*;
+
+    fn frame_payload(wire: &[u8]) -> &[u8] {
+        let (payload, end) = next_frame(wire).unwrap().unwrap();
+        assert_eq!(end, wire.len());
+        &wire[payload]
+    }
+
+    fn bytes() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(any::<u8>(), 0..40)
+    }
+
+    fn write_context() -> impl Strategy<Value = WriteContext> {
+        prop_oneof![
+            bytes().prop_map(WriteContext::Given),
+            Just(WriteContext::Latest),
+            Just(WriteContext::Blind),
+        ]
+    }
+
+    fn put() -> impl Strategy<Value = Put> {
+        (bytes(), bytes(), write_context(), any::<Option<u8>>()).prop_map(
+            |(key, value, context, w)| Put {
+                key,
+                value,
+                context,
+                w,
+            },
+        )
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (any::<u64>(), any::<u16>(), any::<u16>(), ".{0,8}").prop_map(
+                |(magic, min_version, max_version, client)| Op::Hello {
+                    magic,
+                    min_version,
+                    max_version,
+                    client
+                }
+            ),
+            Just(Op::Ping),
+            Just(Op::Topology),
+            (bytes(), any::<Option<u8>>()).prop_map(|(key, r)| Op::Get { key, r }),
+            put().prop_map(Op::Put),
+            (bytes(), write_context(), any::<Option<u8>>())
+                .prop_map(|(key, context, w)| Op::Delete { key, context, w }),
+            (
+                proptest::collection::vec(bytes(), 0..4),
+                any::<Option<u8>>()
+            )
+                .prop_map(|(keys, r)| Op::MultiGet { keys, r }),
+            proptest::collection::vec(put(), 0..4).prop_map(Op::MultiPut),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn requests_round_trip(id in any::<u64>(), op in op()) {
+            let request = Request { id, op };
+            let mut wire = Vec::new();
+            encode_request(&request, &mut wire).unwrap();
+            let mut scratch = AlignedVec::new();
+            prop_assert_eq!(decode_request(frame_payload(&wire), &mut scratch).unwrap(), request);
+        }
+
+        /// Flipped bytes decode to an error or to some valid request; never a panic.
+        #[test]
+        fn corrupted_requests_never_panic(op in op(), flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6)) {
+            let mut wire = Vec::new();
+            encode_request(&Request { id: 1, op }, &mut wire).unwrap();
+            let mut payload = frame_payload(&wire).to_vec();
+            for (at, byte) in flips {
+                let at = at % payload.len();
+                payload[at] ^= byte | 1;
+            }
+            let _ = decode_request(&payload, &mut AlignedVec::new());
+            payload.truncate(payload.len() / 2);
+            let _ = decode_request(&payload, &mut AlignedVec::new());
+        }
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        let topology = Topology {
+            node_id: 3,
+            epoch: 9,
+            partitions: 8,
+            nodes: vec![NodeAddress {
+                node_id: 3,
+                native: "127.0.0.1:7500".into(),
+                resp: "127.0.0.1:7379".into(),
+                shard_native: vec!["127.0.0.1:7501".into()],
+            }],
+            owners: vec![3; 8],
+        };
+        let bodies = [
+            Body::Pong,
+            Body::Written,
+            Body::Topology(topology),
+            Body::Found(Found {
+                context: vec![1, 2],
+                siblings: vec![b"a".to_vec(), Vec::new()],
+            }),
+            Body::FoundMany(vec![
+                Ok(Found {
+                    context: Vec::new(),
+                    siblings: Vec::new(),
+                }),
+                Err(ErrorReply::Timeout {
+                    acked: 1,
+                    required: 2,
+                }),
+            ]),
+            Body::WrittenMany(vec![Ok(()), Err(ErrorReply::ShuttingDown)]),
+            Body::Error(ErrorReply::TooLarge {
+                what: "value".into(),
+                size: 9,
+                limit: 8,
+            }),
+        ];
+        let mut scratch = AlignedVec::new();
+        for (id, body) in bodies.into_iter().enumerate() {
+            let response = Response {
+                id: id as u64,
+                body,
+            };
+            let mut wire = Vec::new();
+            encode_response(&response, &mut wire).unwrap();
+            assert_eq!(
+                decode_response(frame_payload(&wire), &mut scratch).unwrap(),
+                response
+            );
+        }
+    }
+
+    #[test]
+    fn random_payloads_are_errors_not_panics() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut scratch = AlignedVec::new();
+        for _ in 0..20_000 {
+            let payload: Vec<u8> = (0..rng.usize(0..96)).map(|_| rng.u8(..)).collect();
+            let _ = decode_request(&payload, &mut scratch);
+            let _ = decode_response(&payload, &mut scratch);
+        }
+    }
+
+    #[test]
+    fn handshake_versions_must_meet() {
+        assert_eq!(negotiate(MAGIC, 1, 5), Ok(PROTOCOL_VERSION));
+        assert!(negotiate(MAGIC, 2, 5).is_err());
+        assert!(negotiate(MAGIC, 0, 0).is_err());
+        assert!(negotiate(0x4745_5420, 1, 1).is_err());
+    }
+}

@@ -1,0 +1,100 @@
+//! Accepting connections for either protocol: a bound on how many are open per shard,
+//! ids, and a stop switch so a stopping node lets open connections finish their work.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::rc::Rc;
+
+use futures_lite::AsyncWriteExt;
+use glommio::net::{TcpListener, TcpStream};
+
+/// Bytes read from a socket at a time.
+pub const READ_CHUNK: usize = 64 << 10;
+
+/// The connections of one shard: how many are open, and whether new ones are welcome.
+pub struct Connections {
+    open: Cell<usize>,
+    max: usize,
+    max_pipeline: usize,
+    closing: Cell<bool>,
+    next_id: Cell<u64>,
+}
+
+impl Connections {
+    pub fn new(max: usize, max_pipeline: usize) -> Connections {
+        Connections {
+            open: Cell::new(0),
+            max,
+            max_pipeline,
+            closing: Cell::new(false),
+            next_id: Cell::new(1),
+        }
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.get()
+    }
+
+    /// Requests of one connection parsed and run at once; more wait for the next turn.
+    pub fn max_pipeline(&self) -> usize {
+        self.max_pipeline
+    }
+
+    /// Stops accepting work: open connections finish the requests they have read.
+    pub fn close(&self) {
+        self.closing.set(true);
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.get()
+    }
+}
+
+/// Accepts on `listener` until the node stops, serving each connection with `serve`
+/// (given the stream and a connection id). Past the connection limit a new connection
+/// gets `refusal` and is closed.
+pub async fn accept<F, Fut>(
+    listener: TcpListener,
+    connections: Rc<Connections>,
+    refusal: &'static [u8],
+    serve: F,
+) where
+    F: Fn(TcpStream, u64) -> Fut,
+    Fut: Future<Output = Result<(), String>> + 'static,
+{
+    loop {
+        let stream = match listener.accept().await {
+            Ok(stream) => stream,
+            // A stopping node shuts its listeners down, which fails the accept.
+            Err(_) if connections.closing.get() => break,
+            Err(err) => {
+                tracing::warn!(%err, "accept failed");
+                glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if connections.closing.get() {
+            break;
+        }
+        if connections.open.get() >= connections.max {
+            glommio::spawn_local(async move {
+                let mut stream = stream;
+                let _ = stream.write_all(refusal).await;
+            })
+            .detach();
+            continue;
+        }
+        connections.open.set(connections.open.get() + 1);
+        let id = connections.next_id.get();
+        connections.next_id.set(id + 1);
+        let served = serve(stream, id);
+        let connections = connections.clone();
+        glommio::spawn_local(async move {
+            if let Err(reason) = served.await {
+                tracing::debug!(%reason, id, "connection closed");
+            }
+            connections.open.set(connections.open.get() - 1);
+        })
+        .detach();
+    }
+}

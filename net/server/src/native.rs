@@ -1,0 +1,235 @@
+//! Native-protocol connections (docs/protocol.md): a handshake, then pipelined requests
+//! in length-prefixed rkyv frames, each answered with its id.
+//!
+//! Like the Redis side, a connection parses every complete frame that has arrived (up to
+//! `max_pipeline`), runs them concurrently where no two touch the same key
+//! ([`crate::pipeline`]), and writes the answers. A frame that is too large or does not
+//! validate gets one error response with id 0 and closes that connection only.
+
+use std::rc::Rc;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+use ringkv_proto::frame::next_frame;
+use ringkv_proto::native::{decode_request, encode_response, negotiate};
+use ringkv_proto::{Body, ErrorReply, Found, Op, Put, Request, Response, Topology, Welcome};
+use rkyv::util::AlignedVec;
+
+use crate::connections::{Connections, READ_CHUNK};
+use crate::ops;
+use crate::pipeline::{Touch, run_in_order};
+use crate::shard::Shard;
+
+/// What a shard tells clients about the node.
+pub struct NodeInfo {
+    pub topology: Topology,
+}
+
+/// Accepts native-protocol connections until the node stops.
+pub async fn accept(
+    listener: TcpListener,
+    shard: Rc<Shard>,
+    connections: Rc<Connections>,
+    info: Rc<NodeInfo>,
+) {
+    crate::connections::accept(
+        listener,
+        connections.clone(),
+        refusal(),
+        move |stream, _| {
+            let (shard, connections, info) = (shard.clone(), connections.clone(), info.clone());
+            async move { serve(stream, &shard, &connections, &info).await }
+        },
+    )
+    .await
+}
+
+/// The frame a connection past the limit gets before it is closed.
+fn refusal() -> &'static [u8] {
+    static REFUSAL: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    REFUSAL.get_or_init(|| {
+        let mut out = Vec::new();
+        let body = Body::Error(ErrorReply::Overloaded { inflight: 0 });
+        encode_response(&Response { id: 0, body }, &mut out).expect("a small frame");
+        out
+    })
+}
+
+async fn serve(
+    mut stream: TcpStream,
+    shard: &Shard,
+    connections: &Connections,
+    info: &NodeInfo,
+) -> Result<(), String> {
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let mut input: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let mut output: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let mut chunk = vec![0u8; READ_CHUNK];
+    let mut scratch = AlignedVec::<16>::new();
+    let mut greeted = false;
+    loop {
+        let mut consumed = 0;
+        let mut batch = Vec::new();
+        let mut malformed = None;
+        while batch.len() < connections.max_pipeline() {
+            match next_frame(&input[consumed..]) {
+                Ok(Some((payload, used))) => {
+                    let payload = &input[consumed..][payload];
+                    consumed += used;
+                    match decode_request(payload, &mut scratch) {
+                        Ok(request) => batch.push(request),
+                        Err(e) => {
+                            malformed = Some(e.to_string());
+                            break;
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    malformed = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        input.drain(..consumed);
+        if batch.is_empty() && malformed.is_none() {
+            if connections.is_closing() {
+                return Ok(());
+            }
+            let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Ok(());
+            }
+            input.extend_from_slice(&chunk[..n]);
+            continue;
+        }
+        let mut requests = &batch[..];
+        let mut refused = None;
+        if !greeted && let Some(first) = requests.first() {
+            let body = welcome(first, shard, info);
+            if let Body::Error(e) = &body {
+                refused = Some(format!("handshake refused: {e}"));
+            }
+            encode(first.id, body, &mut output);
+            greeted = true;
+            requests = if refused.is_some() {
+                &[]
+            } else {
+                &requests[1..]
+            };
+        }
+        let answers = run_in_order(requests, touch, |r| execute(shard, info, r)).await;
+        for (request, body) in requests.iter().zip(answers) {
+            encode(request.id, body, &mut output);
+        }
+        if let Some(reason) = &malformed {
+            let message = format!("malformed frame: {reason}");
+            encode(
+                0,
+                Body::Error(ErrorReply::InvalidArgument { message }),
+                &mut output,
+            );
+        }
+        stream.write_all(&output).await.map_err(|e| e.to_string())?;
+        output.clear();
+        if let Some(reason) = malformed
+            .map(|r| format!("malformed frame: {r}"))
+            .or(refused)
+        {
+            tracing::info!(%reason, "closing a native connection");
+            return Err(reason);
+        }
+    }
+}
+
+fn encode(id: u64, body: Body, out: &mut Vec<u8>) {
+    if let Err(e) = encode_response(&Response { id, body }, out) {
+        // Only a multi-get can outgrow a frame; say so instead of sending a broken one.
+        let message = format!("the reply does not fit in a frame: {e}; ask for fewer keys");
+        let body = Body::Error(ErrorReply::InvalidArgument { message });
+        encode_response(&Response { id, body }, out).expect("a small frame");
+    }
+}
+
+/// The answer to the first request, which must be the handshake.
+fn welcome(first: &Request, shard: &Shard, info: &NodeInfo) -> Body {
+    let Op::Hello {
+        magic,
+        min_version,
+        max_version,
+        ..
+    } = &first.op
+    else {
+        return Body::Error(ErrorReply::InvalidArgument {
+            message: "the first request on a connection must be Hello".into(),
+        });
+    };
+    match negotiate(*magic, *min_version, *max_version) {
+        Ok(version) => Body::Welcome(Welcome {
+            version,
+            node_id: info.topology.node_id,
+            shard: shard.id as u32,
+            shards: shard.count as u32,
+            server: format!("ringkv {}", env!("CARGO_PKG_VERSION")),
+        }),
+        Err(e) => Body::Error(e),
+    }
+}
+
+fn touch(request: &Request) -> Touch<'_> {
+    match &request.op {
+        Op::Get { key, .. } | Op::Delete { key, .. } | Op::Put(Put { key, .. }) => Touch::Key(key),
+        Op::Ping | Op::Topology => Touch::Nothing,
+        Op::Hello { .. } | Op::MultiGet { .. } | Op::MultiPut(_) => Touch::Alone,
+    }
+}
+
+fn touch_put(put: &Put) -> Touch<'_> {
+    Touch::Key(&put.key)
+}
+
+async fn execute(shard: &Shard, info: &NodeInfo, request: &Request) -> Body {
+    let count = |n: Option<u8>| n.map(usize::from);
+    match &request.op {
+        Op::Ping => Body::Pong,
+        Op::Topology => Body::Topology(info.topology.clone()),
+        Op::Hello { .. } => Body::Error(ErrorReply::InvalidArgument {
+            message: "Hello is only allowed once, as the first request".into(),
+        }),
+        Op::Get { key, r } => match get(shard, key, count(*r)).await {
+            Ok(found) => Body::Found(found),
+            Err(e) => Body::Error(e),
+        },
+        Op::Put(put) => match write(shard, put).await {
+            Ok(()) => Body::Written,
+            Err(e) => Body::Error(e),
+        },
+        Op::Delete { key, context, w } => {
+            match ops::put(shard, key, None, context.clone(), count(*w)).await {
+                Ok(()) => Body::Written,
+                Err(e) => Body::Error(e),
+            }
+        }
+        Op::MultiGet { keys, r } => {
+            let reads = keys.iter().map(|key| get(shard, key, count(*r)));
+            Body::FoundMany(futures_util::future::join_all(reads).await)
+        }
+        Op::MultiPut(puts) => {
+            let written = run_in_order(puts, touch_put, |put| write(shard, put)).await;
+            Body::WrittenMany(written)
+        }
+    }
+}
+
+async fn get(shard: &Shard, key: &[u8], r: Option<usize>) -> Result<Found, ErrorReply> {
+    let outcome = ops::get(shard, key, r).await?;
+    Ok(Found {
+        context: outcome.context.encode(),
+        siblings: outcome.values().into_iter().map(<[u8]>::to_vec).collect(),
+    })
+}
+
+async fn write(shard: &Shard, put: &Put) -> Result<(), ErrorReply> {
+    let w = put.w.map(usize::from);
+    ops::put(shard, &put.key, Some(&put.value), put.context.clone(), w).await
+}

@@ -1,0 +1,120 @@
+//! The data operations both protocols share: size limits, quorums, the write contexts,
+//! and one error vocabulary ([`ErrorReply`]) that each protocol renders its own way.
+
+use ringkv_cluster::{ClientError, ConflictMode, GetOutcome, GetRequest, PutRequest, Quorum};
+use ringkv_proto::{ErrorReply, WriteContext};
+
+use crate::shard::{ServerError, Shard};
+
+/// N, R and W for requests that do not name their own (a single node: all 1).
+pub const DEFAULT_N: usize = 1;
+
+/// Every sibling of `key` from R replicas (the default R when `r` is None).
+pub async fn get(shard: &Shard, key: &[u8], r: Option<usize>) -> Result<GetOutcome, ErrorReply> {
+    check_key(key)?;
+    let quorum = quorum(r, None)?;
+    shard
+        .get(GetRequest {
+            key: key.to_vec(),
+            quorum,
+        })
+        .await
+        .map_err(error_reply)
+}
+
+/// Writes `value` (a tombstone when None) superseding what `context` names.
+pub async fn put(
+    shard: &Shard,
+    key: &[u8],
+    value: Option<&[u8]>,
+    context: WriteContext,
+    w: Option<usize>,
+) -> Result<(), ErrorReply> {
+    check_key(key)?;
+    let len = value.map_or(0, <[u8]>::len);
+    if len > shard.max_value_bytes {
+        return Err(too_large("value", len, shard.max_value_bytes));
+    }
+    let quorum = quorum(None, w)?;
+    let context = match context {
+        WriteContext::Given(bytes) => Some(bytes),
+        WriteContext::Blind => None,
+        WriteContext::Latest => Some(get(shard, key, None).await?.context.encode()),
+    };
+    let request = PutRequest {
+        key: key.to_vec(),
+        value: value.map(<[u8]>::to_vec),
+        context,
+        quorum,
+        mode: ConflictMode::Causal,
+    };
+    shard.put(request).await.map(|_| ()).map_err(error_reply)
+}
+
+/// Deletes `key` if it holds a value (Redis DEL); true if it did.
+pub async fn delete_existing(shard: &Shard, key: &[u8]) -> Result<bool, ErrorReply> {
+    let seen = get(shard, key, None).await?;
+    if seen.values().is_empty() {
+        return Ok(false);
+    }
+    let context = WriteContext::Given(seen.context.encode());
+    put(shard, key, None, context, None).await?;
+    Ok(true)
+}
+
+fn check_key(key: &[u8]) -> Result<(), ErrorReply> {
+    let max = ringkv_engine::record::MAX_KEY_LEN;
+    if key.len() > max {
+        return Err(too_large("key", key.len(), max));
+    }
+    Ok(())
+}
+
+fn too_large(what: &str, size: usize, limit: usize) -> ErrorReply {
+    ErrorReply::TooLarge {
+        what: what.into(),
+        size: size as u64,
+        limit: limit as u64,
+    }
+}
+
+pub fn quorum(r: Option<usize>, w: Option<usize>) -> Result<Quorum, ErrorReply> {
+    let r = r.unwrap_or(DEFAULT_N.div_ceil(2).max(1));
+    let w = w.unwrap_or(DEFAULT_N.div_ceil(2).max(1));
+    Quorum::new(DEFAULT_N, r, w).map_err(|e| ErrorReply::InvalidArgument {
+        message: format!("invalid quorum: {e}"),
+    })
+}
+
+pub fn error_reply(err: ServerError) -> ErrorReply {
+    let count = |n: usize| n.min(u32::MAX as usize) as u32;
+    match err {
+        ServerError::Client(ClientError::Timeout { acked, required }) => ErrorReply::Timeout {
+            acked: count(acked),
+            required: count(required),
+        },
+        ServerError::Client(ClientError::Unavailable {
+            required,
+            reachable,
+        }) => ErrorReply::Unavailable {
+            required: count(required),
+            reachable: count(reachable),
+        },
+        ServerError::Client(ClientError::TooManySiblings { count: n, limit }) => {
+            ErrorReply::TooManySiblings {
+                count: count(n),
+                limit: count(limit),
+            }
+        }
+        ServerError::Client(ClientError::InvalidArgument(e)) => ErrorReply::InvalidArgument {
+            message: e.to_string(),
+        },
+        ServerError::Client(other) => ErrorReply::Internal {
+            message: other.to_string(),
+        },
+        ServerError::Overloaded { inflight } => ErrorReply::Overloaded {
+            inflight: count(inflight),
+        },
+        ServerError::ShuttingDown => ErrorReply::ShuttingDown,
+    }
+}
