@@ -1,6 +1,9 @@
 //! The `ringkv` binary. It parses arguments and calls the libraries; nothing more.
 
+mod kv;
+
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -20,12 +23,21 @@ struct Cli {
     command: Option<Command>,
 }
 
-/// Top-level commands. `server`, `cluster` and admin commands join this enum later.
+/// Top-level commands. `cluster` joins this enum with replication.
 #[derive(Subcommand)]
 enum Command {
-    /// Run a node: one executor per core, Redis protocol on --resp (the default when no
-    /// command is given).
+    /// Run a node: one executor per core, native protocol on --listen, Redis protocol
+    /// on --resp (the default when no command is given).
     Server(ServerArgs),
+    /// Read a key: its value, or every sibling and the context to resolve them.
+    /// Exit 0 found, 1 absent, 3 unreachable, 4 timeout, 5 refused, 6 other.
+    Get(kv::GetArgs),
+    /// Write a key (the value from standard input when left out).
+    Put(kv::PutArgs),
+    /// Delete a key.
+    Del(kv::DelArgs),
+    /// Every node, its shards and partitions, and request counters.
+    Status(kv::StatusArgs),
     /// Benchmarks that print numbers (never pass/fail).
     #[command(subcommand)]
     Bench(Bench),
@@ -96,11 +108,16 @@ fn parse_durability(s: &str) -> Result<Durability, String> {
         .map_err(|e: ringkv_engine::StoreError| e.to_string())
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
+    let done = |result: anyhow::Result<()>| result.map(|()| ExitCode::SUCCESS);
     match Cli::parse().command {
-        None => server(ServerArgs::default()),
-        Some(Command::Server(args)) => server(args),
-        Some(Command::Bench(Bench::Engine(args))) => bench_engine(args),
+        None => done(server(ServerArgs::default())),
+        Some(Command::Server(args)) => done(server(args)),
+        Some(Command::Get(args)) => Ok(kv::get(args)),
+        Some(Command::Put(args)) => Ok(kv::put(args)),
+        Some(Command::Del(args)) => Ok(kv::del(args)),
+        Some(Command::Status(args)) => Ok(kv::status(args)),
+        Some(Command::Bench(Bench::Engine(args))) => done(bench_engine(args)),
     }
 }
 

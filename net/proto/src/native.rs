@@ -66,6 +66,8 @@ pub enum Op {
     MultiPut(Vec<Put>),
     /// The node's view of the cluster: its members, their shard ports, the partition map.
     Topology,
+    /// What the node holds and has served, shard by shard.
+    Status,
 }
 
 /// A write of one key.
@@ -108,6 +110,33 @@ pub enum Body {
     WrittenMany(Vec<Result<(), ErrorReply>>),
     Topology(Topology),
     Error(ErrorReply),
+    Status(NodeStatus),
+}
+
+/// One node's answer to [`Op::Status`].
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub node_id: u32,
+    /// Grows by one each time the node starts.
+    pub incarnation: u32,
+    pub shards: Vec<ShardStatus>,
+}
+
+/// One shard's counters since the node started (keys and bytes: now).
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ShardStatus {
+    pub shard: u32,
+    /// Partitions this shard owns.
+    pub partitions: u32,
+    /// Live keys (tombstones not counted) and bytes of records on disk.
+    pub keys: u64,
+    pub disk_bytes: u64,
+    /// Client reads and writes this shard coordinated, and those it refused as overloaded.
+    pub reads: u64,
+    pub writes: u64,
+    pub overloaded: u64,
+    /// Group commits (each one write and one fdatasync).
+    pub commits: u64,
 }
 
 /// The node's side of the handshake.
@@ -287,6 +316,7 @@ mod tests {
             ),
             Just(Op::Ping),
             Just(Op::Topology),
+            Just(Op::Status),
             (bytes(), any::<Option<u8>>()).prop_map(|(key, r)| Op::Get { key, r }),
             put().prop_map(Op::Put),
             (bytes(), write_context(), any::<Option<u8>>())

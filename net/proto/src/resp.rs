@@ -98,10 +98,17 @@ fn array(input: &[u8]) -> Result<Option<Parsed>, String> {
     Ok(Some((args, at)))
 }
 
+/// An inline command ends at LF (with or without CR before it), as Redis reads it, so
+/// `printf 'PING\n' | nc` works.
 fn inline(input: &[u8]) -> Result<Option<Parsed>, String> {
-    let Some((text, used)) = line(input, 0, MAX_INLINE)? else {
+    let window = &input[..input.len().min(MAX_INLINE + 2)];
+    let Some(end) = window.iter().position(|&b| b == b'\n') else {
+        if window.len() >= MAX_INLINE + 2 {
+            return Err(format!("line longer than {MAX_INLINE} bytes"));
+        }
         return Ok(None);
     };
+    let (text, used) = (&window[..end], end + 1);
     let args = text
         .split(|b| b.is_ascii_whitespace())
         .filter(|w| !w.is_empty())
@@ -161,6 +168,8 @@ mod tests {
         assert_eq!(args, vec![b"GET".to_vec(), b"k".to_vec()]);
         let (args, rest) = next_command(&two[used..]).unwrap().unwrap();
         assert_eq!((args, rest), (vec![b"PING".to_vec()], 6));
+        let (args, used) = next_command(b"SET a b\nGET a\n").unwrap().unwrap();
+        assert_eq!((args.len(), used), (3, 8));
         for cut in 0..used {
             assert_eq!(next_command(&two[..cut]).unwrap(), None, "cut at {cut}");
         }

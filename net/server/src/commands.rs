@@ -38,7 +38,7 @@ impl Session {
 fn error(err: ErrorReply) -> Reply {
     Reply::err(match err {
         ErrorReply::Timeout { acked, required } => format!(
-            "TIMEOUT outcome unknown: {acked} of {required} replicas answered in time; the write may still be applied"
+            "TIMEOUT {acked} of {required} replicas answered in time; a write's outcome is unknown (it may still be applied)"
         ),
         ErrorReply::Unavailable {
             required,
@@ -94,10 +94,7 @@ pub async fn execute(shard: &Shard, session: &mut Session, args: &[Vec<u8>]) -> 
             Err(reply) => reply,
         },
         ("SET", 2) => set(shard, &rest[0], &rest[1]).await,
-        ("SET", n) if n > 2 => Reply::err(format!(
-            "ERR ringkv cannot honour SET option {} atomically; use plain SET, or KV.PUT with a context",
-            upper(&rest[2])
-        )),
+        ("SET", n) if n > 2 => set_option_refused(&upper(&rest[2])),
         ("DEL", n) if n > 0 => {
             let mut deleted = 0;
             for key in rest {
@@ -252,9 +249,14 @@ async fn kv_put(shard: &Shard, args: &[Vec<u8>], delete: bool) -> Reply {
         Ok(o) => o,
         Err(reply) => return reply,
     };
-    // Without a CONTEXT the write is a sibling of what is stored (the Dynamo way);
-    // plain SET is the command that replaces.
-    let mut context = WriteContext::Blind;
+    // Without a CONTEXT a put is a sibling of what is stored (the Dynamo way; plain
+    // SET is the command that replaces), while a delete removes what it finds: a
+    // tombstone beside live siblings would delete nothing a reader could see.
+    let mut context = if delete {
+        WriteContext::Latest
+    } else {
+        WriteContext::Blind
+    };
     let mut w = None;
     for (name, v) in opts {
         if name == "CONTEXT" {
@@ -269,23 +271,43 @@ async fn kv_put(shard: &Shard, args: &[Vec<u8>], delete: bool) -> Reply {
     write(shard, key, value, context, w).await
 }
 
+/// SET options are refused rather than ignored: each would promise what ringkv does
+/// not do.
+fn set_option_refused(option: &str) -> Reply {
+    let why = match option {
+        "EX" | "PX" | "EXAT" | "PXAT" | "KEEPTTL" => "ringkv has no expiry (TTL)",
+        "NX" | "XX" | "GET" => "a replicated write cannot check and set atomically",
+        _ => "it is not a SET option ringkv knows",
+    };
+    Reply::err(format!(
+        "ERR SET option {option} is not supported: {why}; use plain SET, or KV.PUT with a context"
+    ))
+}
+
+/// HELLO [protover [AUTH user pass] [SETNAME name]]: nothing changes unless all of it
+/// is valid. AUTH is accepted and ignored (ringkv has no users yet).
 fn hello(session: &mut Session, args: &[Vec<u8>]) -> Reply {
     if let Some(version) = args.first() {
-        match version.as_slice() {
-            b"2" => session.protocol = 2,
-            b"3" => session.protocol = 3,
+        let protocol = match version.as_slice() {
+            b"2" => 2,
+            b"3" => 3,
             _ => return Reply::err("NOPROTO unsupported protocol version"),
-        }
+        };
+        let mut name = None;
         let mut rest = &args[1..];
         while let Some(option) = rest.first() {
             match (upper(option).as_str(), rest.len()) {
                 ("AUTH", n) if n >= 3 => rest = &rest[3..],
                 ("SETNAME", n) if n >= 2 => {
-                    session.name = Some(rest[1].clone());
+                    name = Some(rest[1].clone());
                     rest = &rest[2..];
                 }
                 _ => return Reply::err("ERR syntax error in HELLO"),
             }
+        }
+        session.protocol = protocol;
+        if name.is_some() {
+            session.name = name;
         }
     }
     let text = |s: &str| Reply::Bulk(s.as_bytes().to_vec());

@@ -12,7 +12,9 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use ringkv_proto::frame::next_frame;
 use ringkv_proto::native::{decode_request, encode_response, negotiate};
-use ringkv_proto::{Body, ErrorReply, Found, Op, Put, Request, Response, Topology, Welcome};
+use ringkv_proto::{
+    Body, ErrorReply, Found, NodeStatus, Op, Put, Request, Response, Topology, Welcome,
+};
 use rkyv::util::AlignedVec;
 
 use crate::connections::{Connections, READ_CHUNK};
@@ -23,6 +25,7 @@ use crate::shard::Shard;
 /// What a shard tells clients about the node.
 pub struct NodeInfo {
     pub topology: Topology,
+    pub incarnation: u32,
 }
 
 /// Accepts native-protocol connections until the node stops.
@@ -179,7 +182,7 @@ fn welcome(first: &Request, shard: &Shard, info: &NodeInfo) -> Body {
 fn touch(request: &Request) -> Touch<'_> {
     match &request.op {
         Op::Get { key, .. } | Op::Delete { key, .. } | Op::Put(Put { key, .. }) => Touch::Key(key),
-        Op::Ping | Op::Topology => Touch::Nothing,
+        Op::Ping | Op::Topology | Op::Status => Touch::Nothing,
         Op::Hello { .. } | Op::MultiGet { .. } | Op::MultiPut(_) => Touch::Alone,
     }
 }
@@ -193,6 +196,14 @@ async fn execute(shard: &Shard, info: &NodeInfo, request: &Request) -> Body {
     match &request.op {
         Op::Ping => Body::Pong,
         Op::Topology => Body::Topology(info.topology.clone()),
+        Op::Status => match shard.status().await {
+            Ok(shards) => Body::Status(NodeStatus {
+                node_id: info.topology.node_id,
+                incarnation: info.incarnation,
+                shards,
+            }),
+            Err(e) => Body::Error(ops::error_reply(e)),
+        },
         Op::Hello { .. } => Body::Error(ErrorReply::InvalidArgument {
             message: "Hello is only allowed once, as the first request".into(),
         }),

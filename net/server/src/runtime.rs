@@ -227,6 +227,7 @@ async fn run_shard(
     ));
     let info = Rc::new(NodeInfo {
         topology: topology(config, &ring_of(&shard)),
+        incarnation: layout.incarnation,
     });
     let mut acceptors = Vec::new();
     let mut stoppers = Vec::new();

@@ -9,6 +9,7 @@ use futures_channel::oneshot;
 use glommio::channels::channel_mesh::Senders;
 use ringkv_cluster::{ClientError, GetOutcome, GetRequest, PutOutcome, PutRequest, Ring};
 use ringkv_engine::disk::DmaDisk;
+use ringkv_proto::ShardStatus;
 
 use crate::driver::ShardDriver;
 
@@ -22,12 +23,14 @@ enum HopRequest {
     Get(GetRequest),
     Put(PutRequest),
     CountKeys,
+    Status,
 }
 
 enum HopReply {
     Get(Result<GetOutcome, ClientError>),
     Put(Result<PutOutcome, ClientError>),
     Count(u64),
+    Status(ShardStatus),
 }
 
 /// Why the server (not the cluster logic) could not answer.
@@ -49,6 +52,9 @@ pub struct Shard {
     peers: Senders<Hop>,
     inflight: Cell<usize>,
     max_inflight: usize,
+    reads: Cell<u64>,
+    writes: Cell<u64>,
+    overloaded: Cell<u64>,
     /// Largest value a put may carry (the store's limit).
     pub max_value_bytes: usize,
 }
@@ -78,6 +84,9 @@ impl Shard {
             peers,
             inflight: Cell::new(0),
             max_inflight,
+            reads: Cell::new(0),
+            writes: Cell::new(0),
+            overloaded: Cell::new(0),
             max_value_bytes,
         })
     }
@@ -95,17 +104,19 @@ impl Shard {
         self.ring.partition_of(key).0 as usize % self.count
     }
 
-    fn admit(&self) -> Result<InFlight<'_>, ServerError> {
+    fn admit(&self, counter: &Cell<u64>) -> Result<InFlight<'_>, ServerError> {
         let inflight = self.inflight.get();
         if inflight >= self.max_inflight {
+            self.overloaded.set(self.overloaded.get() + 1);
             return Err(ServerError::Overloaded { inflight });
         }
+        counter.set(counter.get() + 1);
         self.inflight.set(inflight + 1);
         Ok(InFlight(&self.inflight))
     }
 
     pub async fn get(&self, request: GetRequest) -> Result<GetOutcome, ServerError> {
-        let _admitted = self.admit()?;
+        let _admitted = self.admit(&self.reads)?;
         let owner = self.owner(&request.key);
         if owner == self.id {
             return self.driver.get(request).await.map_err(ServerError::Client);
@@ -117,7 +128,7 @@ impl Shard {
     }
 
     pub async fn put(&self, request: PutRequest) -> Result<PutOutcome, ServerError> {
-        let _admitted = self.admit()?;
+        let _admitted = self.admit(&self.writes)?;
         let owner = self.owner(&request.key);
         if owner == self.id {
             return self.driver.put(request).await.map_err(ServerError::Client);
@@ -138,6 +149,37 @@ impl Shard {
             }
         }
         Ok(total)
+    }
+
+    /// Every shard's status, this one's first.
+    pub async fn status(&self) -> Result<Vec<ShardStatus>, ServerError> {
+        let mut all = vec![self.local_status()];
+        for peer in (0..self.count).filter(|&p| p != self.id) {
+            match self.hop(peer, HopRequest::Status).await? {
+                HopReply::Status(status) => all.push(status),
+                _ => unreachable!("a status hop is answered with a status"),
+            }
+        }
+        all.sort_by_key(|s| s.shard);
+        Ok(all)
+    }
+
+    fn local_status(&self) -> ShardStatus {
+        let store = self.driver.store();
+        let (stats, usage) = (store.stats(), store.usage());
+        let partitions = self.ring.partition_count() as usize;
+        // Partition p belongs to shard p % count.
+        let owned = partitions / self.count + usize::from(self.id < partitions % self.count);
+        ShardStatus {
+            shard: self.id as u32,
+            partitions: owned as u32,
+            keys: self.local_key_count(),
+            disk_bytes: usage.record_bytes,
+            reads: self.reads.get(),
+            writes: self.writes.get(),
+            overloaded: self.overloaded.get(),
+            commits: stats.commits,
+        }
     }
 
     fn local_key_count(&self) -> u64 {
@@ -165,7 +207,14 @@ impl Shard {
         {
             return Err(ServerError::ShuttingDown);
         }
-        answer.await.map_err(|_| ServerError::ShuttingDown)
+        // The owner took the request and then dropped it unanswered (it is stopping):
+        // it may have been applied, so the outcome is unknown, not "nothing done".
+        answer.await.map_err(|_| {
+            ServerError::Client(ClientError::Timeout {
+                acked: 0,
+                required: 0,
+            })
+        })
     }
 
     /// Serves hops from one peer shard until it goes away.
@@ -180,6 +229,7 @@ impl Shard {
                     HopRequest::Get(r) => HopReply::Get(this.driver.get(r).await),
                     HopRequest::Put(r) => HopReply::Put(this.driver.put(r).await),
                     HopRequest::CountKeys => HopReply::Count(this.local_key_count()),
+                    HopRequest::Status => HopReply::Status(this.local_status()),
                 };
                 // The requesting connection may be gone; nothing to do then.
                 let _ = reply.send(answer);

@@ -163,6 +163,35 @@ fn redis_clients_get_what_they_expect() {
     let (_, siblings): (Vec<u8>, Vec<String>) =
         redis::cmd("KV.GET").arg("s").query(&mut c).unwrap();
     assert!(siblings.is_empty());
+    // KV.DEL without a context removes what it finds, siblings included.
+    for value in ["x", "y"] {
+        let _: () = redis::cmd("KV.PUT")
+            .arg("d")
+            .arg(value)
+            .query(&mut c)
+            .unwrap();
+    }
+    let _: () = redis::cmd("KV.DEL").arg("d").query(&mut c).unwrap();
+    let (_, siblings): (Vec<u8>, Vec<String>) =
+        redis::cmd("KV.GET").arg("d").query(&mut c).unwrap();
+    assert!(siblings.is_empty(), "{siblings:?}");
+    // A HELLO with a bad option changes nothing; SET options say why they are refused.
+    assert!(
+        redis::cmd("HELLO")
+            .arg(3)
+            .arg("BOGUS")
+            .query::<Value>(&mut c)
+            .is_err()
+    );
+    let still_resp2: Value = redis::cmd("GET").arg("absent-key").query(&mut c).unwrap();
+    assert_eq!(still_resp2, Value::Nil);
+    let ex = redis::cmd("SET")
+        .arg("k")
+        .arg("v")
+        .arg("EX")
+        .arg(10)
+        .query::<Value>(&mut c);
+    assert!(ex.unwrap_err().to_string().contains("no expiry"));
     assert!(
         redis::cmd("KV.GET")
             .arg("s")
@@ -208,6 +237,9 @@ fn redis_clients_get_what_they_expect() {
         200 + 5,
         "200 spread keys, plus the binary key, empty, m1, m2 and p"
     );
+
+    // Inline commands end at a bare LF too, as redis-server reads them.
+    assert_eq!(raw(port, b"PING\nECHO hi\n"), b"+PONG\r\n$2\r\nhi\r\n");
 
     // Garbage closes only its own connection.
     let reply = raw(port, b"*2\r\n$3\r\nGET\r\n$-7\r\n");

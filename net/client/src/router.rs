@@ -1,0 +1,128 @@
+//! Where each request goes: the partition map learned from the nodes, and a pool of
+//! connections per shard address.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use ringkv_proto::{Body, Op, Topology};
+
+use crate::connection::Connection;
+use crate::{Config, Error};
+
+pub(crate) struct Router {
+    pub config: Config,
+    topology: RwLock<Option<Arc<Topology>>>,
+    pools: Mutex<HashMap<String, Vec<Arc<Connection>>>>,
+    turn: AtomicUsize,
+}
+
+impl Router {
+    pub fn new(config: Config) -> Router {
+        Router {
+            config,
+            topology: RwLock::new(None),
+            pools: Mutex::new(HashMap::new()),
+            turn: AtomicUsize::new(0),
+        }
+    }
+
+    /// The partition map, fetched first if the client has none.
+    pub async fn topology(&self) -> Result<Arc<Topology>, Error> {
+        if let Some(topology) = self.topology.read().expect("never poisoned").clone() {
+            return Ok(topology);
+        }
+        self.refresh().await
+    }
+
+    /// Fetches the partition map from the first node that answers: known nodes first,
+    /// then the seeds.
+    pub async fn refresh(&self) -> Result<Arc<Topology>, Error> {
+        let mut candidates: Vec<String> = self
+            .topology
+            .read()
+            .expect("never poisoned")
+            .iter()
+            .flat_map(|t| t.nodes.iter().map(|n| n.native.clone()))
+            .collect();
+        candidates.extend(self.config.seeds.iter().cloned());
+        candidates.dedup();
+        let mut last_error = Error::Connect {
+            addr: String::new(),
+            reason: "no seed addresses configured".into(),
+        };
+        for addr in candidates {
+            let fetched = async {
+                let connection = self.connection_to(&addr).await?;
+                let wait = self.config.request_timeout;
+                match tokio::time::timeout(wait, connection.call(Op::Topology)).await {
+                    Err(_) => Err(Error::gave_up()),
+                    Ok(Err(e)) => {
+                        self.forget(&connection);
+                        Err(e)
+                    }
+                    Ok(Ok(Body::Topology(t))) => Ok(t),
+                    Ok(Ok(other)) => Err(Error::Protocol(format!(
+                        "topology request answered with {other:?}"
+                    ))),
+                }
+            };
+            match fetched.await {
+                Ok(topology) => {
+                    let topology = Arc::new(topology);
+                    *self.topology.write().expect("never poisoned") = Some(topology.clone());
+                    return Ok(topology);
+                }
+                Err(e) => last_error = e,
+            }
+        }
+        Err(last_error)
+    }
+
+    /// The native address of the shard that owns `key` (any node when `key` is None).
+    pub async fn address_for(&self, key: Option<&[u8]>) -> Result<String, Error> {
+        let topology = self.topology().await?;
+        let routed = key.and_then(|key| topology.route(key));
+        if let Some((node, shard)) = routed
+            && let Some(addr) = node.shard_native.get(shard)
+        {
+            return Ok(addr.clone());
+        }
+        // No usable map entry (or a keyless request): any node can serve it.
+        let n = topology.nodes.len().max(1);
+        let node = topology
+            .nodes
+            .get(self.turn.fetch_add(1, Ordering::Relaxed) % n);
+        Ok(node.map_or_else(|| self.config.seeds[0].clone(), |n| n.native.clone()))
+    }
+
+    /// A live connection to `addr`, opening one if the pool is not full yet.
+    pub async fn connection_to(&self, addr: &str) -> Result<Arc<Connection>, Error> {
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut pools = self.pools.lock().expect("never poisoned");
+            let pool = pools.entry(addr.to_owned()).or_default();
+            pool.retain(|c| c.is_alive());
+            if pool.len() >= self.config.connections_per_shard.max(1) {
+                return Ok(pool[turn % pool.len()].clone());
+            }
+        }
+        let config = &self.config;
+        let connection =
+            Arc::new(Connection::open(addr, config.connect_timeout, &config.client_name).await?);
+        let mut pools = self.pools.lock().expect("never poisoned");
+        let pool = pools.entry(addr.to_owned()).or_default();
+        if pool.len() < config.connections_per_shard.max(1) {
+            pool.push(connection.clone());
+        }
+        Ok(connection)
+    }
+
+    /// Drops a connection that failed, so the next request opens a fresh one.
+    pub fn forget(&self, connection: &Arc<Connection>) {
+        let mut pools = self.pools.lock().expect("never poisoned");
+        if let Some(pool) = pools.get_mut(&connection.addr) {
+            pool.retain(|c| !Arc::ptr_eq(c, connection));
+        }
+    }
+}

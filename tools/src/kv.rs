@@ -1,0 +1,372 @@
+//! `ringkv get | put | del | status`: one request through the client, printed for
+//! people (`-o table`) or scripts (`-o json`), with exit codes scripts can rely on.
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use ringkv_client::{Client, Context, Error, PutMode, ReadOptions, Versions, WriteOptions};
+use serde_json::{Value, json};
+
+/// Exit codes (also in README.md): 0 done; 1 the key is absent (get); 2 bad usage
+/// (clap's); 3 no node reachable or none could serve; 4 timed out (a write's outcome is
+/// unknown); 5 the request was refused as invalid or too large; 6 anything else.
+pub mod exit {
+    pub const NOT_FOUND: u8 = 1;
+    pub const UNREACHABLE: u8 = 3;
+    pub const TIMEOUT: u8 = 4;
+    pub const REFUSED: u8 = 5;
+    pub const OTHER: u8 = 6;
+}
+
+#[derive(Clone, Copy, ValueEnum, Default)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(Args)]
+pub struct Common {
+    /// Any node's native-protocol address.
+    #[arg(long, default_value = "127.0.0.1:7500")]
+    pub addr: String,
+    /// Output for people (table) or scripts (json).
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// Seconds to wait for the answer.
+    #[arg(long, default_value_t = 5.0)]
+    pub timeout: f64,
+}
+
+#[derive(Args)]
+pub struct GetArgs {
+    pub key: String,
+    /// Replicas that must answer (default: the node's).
+    #[arg(long)]
+    pub r: Option<u8>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args)]
+pub struct PutArgs {
+    pub key: String,
+    /// The value; read from standard input when left out.
+    pub value: Option<String>,
+    /// Supersede exactly the siblings of this context (hex, as `get` prints it);
+    /// without it the write replaces whatever the node holds.
+    #[arg(long)]
+    pub context: Option<String>,
+    /// Replicas that must store the write durably (default: the node's).
+    #[arg(long)]
+    pub w: Option<u8>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args)]
+pub struct DelArgs {
+    pub key: String,
+    /// Delete exactly the siblings of this context (hex, as `get` prints it).
+    #[arg(long)]
+    pub context: Option<String>,
+    #[arg(long)]
+    pub w: Option<u8>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub common: Common,
+}
+
+pub fn get(args: GetArgs) -> ExitCode {
+    let key = args.key.as_bytes();
+    let common = &args.common;
+    let result = connect(common).and_then(|client| {
+        let options = ReadOptions {
+            r: args.r,
+            timeout: Some(timeout(common)),
+        };
+        client.get_with(key, options)
+    });
+    match result {
+        Ok(found) => {
+            match common.output {
+                Output::Json => print_json(&found_json(&args.key, &found)),
+                Output::Table => print_found(&args.key, &found),
+            }
+            if found.is_empty() {
+                ExitCode::from(exit::NOT_FOUND)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => fail(common.output, &e),
+    }
+}
+
+pub fn put(args: PutArgs) -> ExitCode {
+    let value = match args.value {
+        Some(value) => value.into_bytes(),
+        None => {
+            let mut value = Vec::new();
+            if let Err(e) = std::io::stdin().read_to_end(&mut value) {
+                eprintln!("ringkv: cannot read the value from standard input: {e}");
+                return ExitCode::from(exit::OTHER);
+            }
+            value
+        }
+    };
+    let mode = match mode(args.context.as_deref()) {
+        Ok(mode) => mode,
+        Err(code) => return code,
+    };
+    let common = &args.common;
+    let options = WriteOptions {
+        w: args.w,
+        timeout: Some(timeout(common)),
+    };
+    let result = connect(common)
+        .and_then(|client| client.put_with(args.key.as_bytes(), &value, mode, options));
+    done(common.output, "put", &args.key, result)
+}
+
+pub fn del(args: DelArgs) -> ExitCode {
+    let mode = match mode(args.context.as_deref()) {
+        Ok(mode) => mode,
+        Err(code) => return code,
+    };
+    let common = &args.common;
+    let options = WriteOptions {
+        w: args.w,
+        timeout: Some(timeout(common)),
+    };
+    let result =
+        connect(common).and_then(|client| client.delete_with(args.key.as_bytes(), mode, options));
+    done(common.output, "del", &args.key, result)
+}
+
+pub fn status(args: StatusArgs) -> ExitCode {
+    let common = &args.common;
+    let result = connect(common).and_then(|c| Ok((c.topology()?, c.status()?)));
+    let (topology, nodes) = match result {
+        Ok(found) => found,
+        Err(e) => return fail(common.output, &e),
+    };
+    match common.output {
+        Output::Json => {
+            let nodes: Vec<Value> = nodes
+                .iter()
+                .map(|n| {
+                    let address = topology.node(n.node_id);
+                    let owned = topology.owners.iter().filter(|&&o| o == n.node_id).count();
+                    json!({
+                        "node_id": n.node_id,
+                        "incarnation": n.incarnation,
+                        "native": address.map(|a| a.native.clone()),
+                        "resp": address.map(|a| a.resp.clone()),
+                        "partitions": owned,
+                        "shards": n.shards.iter().map(|s| json!({
+                            "shard": s.shard,
+                            "port": address.and_then(|a| a.shard_native.get(s.shard as usize).cloned()),
+                            "partitions": s.partitions,
+                            "keys": s.keys,
+                            "disk_bytes": s.disk_bytes,
+                            "reads": s.reads,
+                            "writes": s.writes,
+                            "overloaded": s.overloaded,
+                            "commits": s.commits,
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            print_json(&json!({
+                "epoch": topology.epoch,
+                "partitions": topology.partitions,
+                "nodes": nodes,
+            }));
+        }
+        Output::Table => {
+            println!(
+                "cluster: {} node(s), {} partitions, ring epoch {}",
+                nodes.len(),
+                topology.partitions,
+                topology.epoch
+            );
+            for n in &nodes {
+                let address = topology.node(n.node_id);
+                let owned = topology.owners.iter().filter(|&&o| o == n.node_id).count();
+                println!(
+                    "node {} (incarnation {}) native={} resp={} partitions={}",
+                    n.node_id,
+                    n.incarnation,
+                    address.map_or("?", |a| &a.native),
+                    address.map_or("?", |a| &a.resp),
+                    owned
+                );
+                println!(
+                    "  {:>5} {:<22} {:>10} {:>10} {:>12} {:>12} {:>12} {:>10}",
+                    "shard",
+                    "port",
+                    "partitions",
+                    "keys",
+                    "disk bytes",
+                    "reads",
+                    "writes",
+                    "overloaded"
+                );
+                for s in &n.shards {
+                    let port = address
+                        .and_then(|a| a.shard_native.get(s.shard as usize))
+                        .map_or("?", String::as_str);
+                    println!(
+                        "  {:>5} {:<22} {:>10} {:>10} {:>12} {:>12} {:>12} {:>10}",
+                        s.shard,
+                        port,
+                        s.partitions,
+                        s.keys,
+                        s.disk_bytes,
+                        s.reads,
+                        s.writes,
+                        s.overloaded
+                    );
+                }
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn connect(common: &Common) -> Result<Client, Error> {
+    Client::builder()
+        .seeds([common.addr.clone()])
+        .connect_timeout(timeout(common))
+        .request_timeout(timeout(common))
+        .client_name("ringkv cli")
+        .connect_blocking()
+}
+
+fn timeout(common: &Common) -> Duration {
+    Duration::try_from_secs_f64(common.timeout).unwrap_or(Duration::from_secs(5))
+}
+
+fn mode(context: Option<&str>) -> Result<PutMode, ExitCode> {
+    match context {
+        None => Ok(PutMode::Latest),
+        Some(hex) => match decode_hex(hex) {
+            Some(bytes) => Ok(PutMode::After(Context::from_bytes(bytes))),
+            None => {
+                eprintln!("ringkv: --context must be the hex string `ringkv get` printed");
+                Err(ExitCode::from(exit::REFUSED))
+            }
+        },
+    }
+}
+
+fn done(output: Output, what: &str, key: &str, result: Result<(), Error>) -> ExitCode {
+    match result {
+        Ok(()) => {
+            match output {
+                Output::Json => print_json(&json!({"ok": true, "op": what, "key": key})),
+                Output::Table => println!("OK"),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(output, &e),
+    }
+}
+
+fn fail(output: Output, error: &Error) -> ExitCode {
+    let code = match error {
+        Error::Connect { .. } | Error::Unavailable { .. } | Error::ShuttingDown => {
+            exit::UNREACHABLE
+        }
+        Error::Timeout { .. } | Error::ConnectionLost => exit::TIMEOUT,
+        Error::InvalidArgument(_) | Error::TooLarge { .. } | Error::TooManySiblings { .. } => {
+            exit::REFUSED
+        }
+        _ => exit::OTHER,
+    };
+    match output {
+        Output::Json => print_json(&json!({
+            "ok": false,
+            "error": error.to_string(),
+            "outcome_unknown": error.outcome_unknown(),
+            "retry_safe": error.retry_safe(),
+        })),
+        Output::Table => eprintln!("ringkv: {error}"),
+    }
+    ExitCode::from(code)
+}
+
+fn print_found(key: &str, found: &Versions) {
+    match found.siblings.as_slice() {
+        [] => eprintln!("(not found: {key})"),
+        [one] => {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(one);
+            if !one.ends_with(b"\n") {
+                let _ = out.write_all(b"\n");
+            }
+            // The context goes to stderr so that stdout is the value alone.
+            eprintln!("context: {}", encode_hex(found.context.as_bytes()));
+        }
+        many => {
+            println!("{} siblings (concurrent writes) for {key}:", many.len());
+            for (i, value) in many.iter().enumerate() {
+                println!("  [{}] {}", i + 1, value.escape_ascii());
+            }
+            let context = encode_hex(found.context.as_bytes());
+            println!("context: {context}");
+            println!("resolve with: ringkv put {key} <merged value> --context {context}");
+        }
+    }
+}
+
+fn found_json(key: &str, found: &Versions) -> Value {
+    let siblings: Vec<Value> = found
+        .siblings
+        .iter()
+        .map(|v| match std::str::from_utf8(v) {
+            Ok(text) => Value::String(text.to_owned()),
+            Err(_) => json!({ "hex": encode_hex(v) }),
+        })
+        .collect();
+    json!({
+        "key": key,
+        "found": !found.is_empty(),
+        "siblings": siblings,
+        "context": encode_hex(found.context.as_bytes()),
+    })
+}
+
+fn print_json(value: &Value) {
+    println!("{value}");
+}
+
+fn encode_hex(bytes: &[u8]) -> String {
+    hex::encode(bytes)
+}
+
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    hex::decode(text).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips_and_rejects_junk() {
+        let bytes = vec![0, 1, 0xab, 0xff];
+        assert_eq!(decode_hex(&encode_hex(&bytes)), Some(bytes));
+        assert_eq!(decode_hex("abc"), None);
+        assert_eq!(decode_hex("zz"), None);
+        assert_eq!(decode_hex(""), Some(Vec::new()));
+    }
+}
