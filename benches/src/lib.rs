@@ -2,4 +2,5 @@
 //! `ringkv bench ...`, and criterion micro-benches under benches/.
 
 pub mod engine;
+pub mod load;
 pub mod report;

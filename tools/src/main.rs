@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use ringkv_bench::engine::{EngineBenchOptions, EngineBenchReport, run};
+use ringkv_bench::load::{self, KeyDistribution, LoadOptions, Workload};
 use ringkv_bench::report::print_table;
 use ringkv_engine::Durability;
 use ringkv_server::config::ServerConfig;
@@ -38,9 +39,80 @@ enum Command {
     Del(kv::DelArgs),
     /// Every node, its shards and partitions, and request counters.
     Status(kv::StatusArgs),
-    /// Benchmarks that print numbers (never pass/fail).
+    /// Load a running node or cluster and print ops/s and latency percentiles;
+    /// `ringkv bench engine` measures the storage engine alone.
+    Bench(BenchCommand),
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BenchCommand {
     #[command(subcommand)]
-    Bench(Bench),
+    which: Option<Bench>,
+    #[command(flatten)]
+    load: LoadArgs,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum WorkloadArg {
+    /// 50% reads, 50% updates (YCSB A).
+    A,
+    /// 95% reads, 5% updates (YCSB B).
+    B,
+    /// Reads only (YCSB C).
+    C,
+    /// Writes only.
+    W,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DistributionArg {
+    Uniform,
+    Zipfian,
+}
+
+#[derive(Args)]
+struct LoadArgs {
+    /// Any node's native-protocol address.
+    #[arg(long, default_value = "127.0.0.1:7500")]
+    addr: String,
+    /// Connections in all (spread over the shards).
+    #[arg(short, long, default_value_t = 50)]
+    connections: usize,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 1)]
+    depth: usize,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Open loop at this many requests per second in all (latencies corrected for
+    /// coordinated omission); without it, closed loop.
+    #[arg(long)]
+    rate: Option<f64>,
+    #[arg(long, value_enum, default_value_t = WorkloadArg::A)]
+    workload: WorkloadArg,
+    #[arg(long, value_enum, default_value_t = DistributionArg::Uniform)]
+    distribution: DistributionArg,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 100_000)]
+    keys: u64,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 100)]
+    value_size: usize,
+    /// Skip writing every key once before measuring.
+    #[arg(long)]
+    no_preload: bool,
+    /// Replicas a read must hear from (default: the node's).
+    #[arg(long)]
+    r: Option<u8>,
+    /// Replicas a write must be durable on (default: the node's).
+    #[arg(long)]
+    w: Option<u8>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print one JSON object instead of a table (and no progress lines).
+    #[arg(long)]
+    json: bool,
 }
 
 /// What to benchmark. A whole-cluster benchmark joins this enum later.
@@ -117,7 +189,11 @@ fn main() -> anyhow::Result<ExitCode> {
         Some(Command::Put(args)) => Ok(kv::put(args)),
         Some(Command::Del(args)) => Ok(kv::del(args)),
         Some(Command::Status(args)) => Ok(kv::status(args)),
-        Some(Command::Bench(Bench::Engine(args))) => done(bench_engine(args)),
+        Some(Command::Bench(BenchCommand {
+            which: Some(Bench::Engine(args)),
+            ..
+        })) => done(bench_engine(args)),
+        Some(Command::Bench(BenchCommand { which: None, load })) => done(bench_load(load)),
     }
 }
 
@@ -134,6 +210,44 @@ fn server(args: ServerArgs) -> anyhow::Result<()> {
     config.partitions = args.partitions.unwrap_or(config.partitions);
     config.durability = args.durability.unwrap_or(config.durability);
     ringkv_server::runtime::run(config)?;
+    Ok(())
+}
+
+fn bench_load(args: LoadArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.seconds > 0.0 && args.seconds.is_finite(),
+        "--seconds must be above zero"
+    );
+    let options = LoadOptions {
+        addr: args.addr,
+        connections: args.connections,
+        depth: args.depth,
+        duration: Duration::from_secs_f64(args.seconds),
+        rate: args.rate,
+        workload: match args.workload {
+            WorkloadArg::A => Workload::A,
+            WorkloadArg::B => Workload::B,
+            WorkloadArg::C => Workload::C,
+            WorkloadArg::W => Workload::W,
+        },
+        distribution: match args.distribution {
+            DistributionArg::Uniform => KeyDistribution::Uniform,
+            DistributionArg::Zipfian => KeyDistribution::Zipfian,
+        },
+        keys: args.keys,
+        value_size: args.value_size,
+        preload: !args.no_preload,
+        r: args.r,
+        w: args.w,
+        seed: args.seed,
+        progress: !args.json,
+    };
+    let report = load::run(&options)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        load::print_report(&report);
+    }
     Ok(())
 }
 

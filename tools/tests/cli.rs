@@ -125,3 +125,34 @@ fn round_trips_siblings_and_exit_codes() {
     let down = ringkv(addr, &["get", "greeting", "--timeout", "0.5"]);
     assert_eq!(down.status.code(), Some(3), "{down:?}");
 }
+
+#[test]
+fn bench_runs_for_a_second_and_prints_one_json_object() {
+    let dir = tempdir();
+    let server = Server::start(dir.path());
+    let out = Command::new(env!("CARGO_BIN_EXE_ringkv"))
+        .args(["bench", "--seconds", "1", "--json", "--keys", "500"])
+        .args(["--connections", "4", "--depth", "2", "--workload", "a"])
+        .args(["--distribution", "zipfian", "--addr", &server.native])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = json(&out);
+    let operations = report["operations"].as_array().unwrap();
+    let names: Vec<&str> = operations
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["read", "update"]);
+    for op in operations {
+        for field in ["ops_per_sec", "p50_us", "p99_us", "p999_us", "max_us"] {
+            assert!(op[field].as_f64().unwrap() > 0.0, "{field} in {op}");
+        }
+        assert_eq!(op["errors"], 0, "{report}");
+        assert!(op["p50_us"].as_f64() <= op["p99_us"].as_f64());
+    }
+}
