@@ -1,6 +1,7 @@
 //! The `ringkv` binary. It parses arguments and calls the libraries; nothing more.
 
 mod kv;
+mod local_cluster;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,9 +25,12 @@ struct Cli {
     command: Option<Command>,
 }
 
-/// Top-level commands. `cluster` joins this enum with replication.
+/// Top-level commands.
 #[derive(Subcommand)]
 enum Command {
+    /// A local development cluster of real server processes on loopback (the default
+    /// when no command is given): 3 nodes, N=3.
+    Cluster(local_cluster::ClusterArgs),
     /// Run a node: one executor per core, native protocol on --listen, Redis protocol
     /// on --resp (the default when no command is given).
     Server(ServerArgs),
@@ -173,6 +177,12 @@ struct ServerArgs {
     /// sync (default), none, or interval(<ms>).
     #[arg(long)]
     durability: Option<String>,
+    /// Every member, this node included: id@host:port,... (native addresses).
+    #[arg(long, value_delimiter = ',')]
+    peers: Option<Vec<String>>,
+    /// N, replicas of each key (at most the member count).
+    #[arg(long)]
+    replicas: Option<usize>,
 }
 
 fn parse_durability(s: &str) -> Result<Durability, String> {
@@ -183,7 +193,8 @@ fn parse_durability(s: &str) -> Result<Durability, String> {
 fn main() -> anyhow::Result<ExitCode> {
     let done = |result: anyhow::Result<()>| result.map(|()| ExitCode::SUCCESS);
     match Cli::parse().command {
-        None => done(server(ServerArgs::default())),
+        None => done(local_cluster::run(local_cluster::ClusterArgs::default())),
+        Some(Command::Cluster(args)) => done(local_cluster::run(args)),
         Some(Command::Server(args)) => done(server(args)),
         Some(Command::Get(args)) => Ok(kv::get(args)),
         Some(Command::Put(args)) => Ok(kv::put(args)),
@@ -209,6 +220,8 @@ fn server(args: ServerArgs) -> anyhow::Result<()> {
     config.shards = args.shards.unwrap_or(config.shards);
     config.partitions = args.partitions.unwrap_or(config.partitions);
     config.durability = args.durability.unwrap_or(config.durability);
+    config.peers = args.peers.unwrap_or(config.peers);
+    config.replicas = args.replicas.unwrap_or(config.replicas);
     ringkv_server::runtime::run(config)?;
     Ok(())
 }

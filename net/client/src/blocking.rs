@@ -47,6 +47,11 @@ impl Client {
         self.runtime.block_on(self.inner.get_with(key, options))
     }
 
+    /// See [`AsyncClient::get_on`].
+    pub fn get_on(&self, addr: &str, key: &[u8], options: ReadOptions) -> Result<Versions, Error> {
+        self.runtime.block_on(self.inner.get_on(addr, key, options))
+    }
+
     pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), Error> {
         self.runtime.block_on(self.inner.put(key, value))
     }

@@ -191,6 +191,35 @@ impl AsyncClient {
         .await
     }
 
+    /// A read coordinated by the node at `addr` (a native address) instead of the
+    /// key's owner: for tools that check one node's view.
+    pub async fn get_on(
+        &self,
+        addr: &str,
+        key: &[u8],
+        options: ReadOptions,
+    ) -> Result<Versions, Error> {
+        let r = options.r.or(self.router.config.default_r);
+        let wait = options
+            .timeout
+            .unwrap_or(self.router.config.request_timeout);
+        let connection = self.router.connection_to(addr).await?;
+        let op = Op::Get {
+            key: key.to_vec(),
+            r,
+        };
+        match tokio::time::timeout(wait, connection.call(op)).await {
+            Err(_) => Err(Error::gave_up()),
+            Ok(Err(e)) => {
+                self.router.forget(&connection);
+                Err(e)
+            }
+            Ok(Ok(Body::Found(found))) => Ok(found.into()),
+            Ok(Ok(Body::Error(e))) => Err(e.into()),
+            Ok(Ok(other)) => Err(unexpected(other)),
+        }
+    }
+
     /// Writes `value`, replacing what the node holds (like Redis's SET).
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<(), Error> {
         self.put_with(key, value, PutMode::Latest, WriteOptions::default())
@@ -357,14 +386,20 @@ impl AsyncClient {
         let connection = match self.router.connection_to(&addr).await {
             Ok(c) => c,
             Err(e) => {
-                // The node may have moved or restarted: learn the map again.
+                // The node is down or moved: route around it, and learn the map again.
+                self.router.avoid(&addr);
                 let _ = self.router.refresh().await;
                 return Err(e);
             }
         };
         match tokio::time::timeout(wait, connection.call(op)).await {
-            Err(_) => Err(Error::gave_up()),
+            Err(_) => {
+                // A silent node: the next attempt goes elsewhere.
+                self.router.avoid(&addr);
+                Err(Error::gave_up())
+            }
             Ok(Err(e)) => {
+                self.router.avoid(&addr);
                 self.router.forget(&connection);
                 let _ = self.router.refresh().await;
                 Err(e)

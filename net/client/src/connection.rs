@@ -99,6 +99,13 @@ impl Connection {
 
     /// Sends `op` and waits for its answer (the caller bounds the wait).
     pub async fn call(&self, op: Op) -> Result<Body, Error> {
+        if !self.is_alive() {
+            // Known dead before anything was sent: safe to send elsewhere.
+            return Err(Error::Connect {
+                addr: self.addr.clone(),
+                reason: "connection closed".into(),
+            });
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (answer, answered) = oneshot::channel();
         self.waiting

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use ringkv_proto::{Body, Op, Topology};
 
@@ -15,7 +16,13 @@ pub(crate) struct Router {
     topology: RwLock<Option<Arc<Topology>>>,
     pools: Mutex<HashMap<String, Vec<Arc<Connection>>>>,
     turn: AtomicUsize,
+    /// Addresses that failed recently, and until when to avoid them: any node accepts
+    /// any key, so a request whose owner is down or silent goes to another node.
+    avoid: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long an address that failed is avoided.
+const AVOID_FOR: Duration = Duration::from_secs(2);
 
 impl Router {
     pub fn new(config: Config) -> Router {
@@ -24,6 +31,7 @@ impl Router {
             topology: RwLock::new(None),
             pools: Mutex::new(HashMap::new()),
             turn: AtomicUsize::new(0),
+            avoid: Mutex::new(HashMap::new()),
         }
     }
 
@@ -85,15 +93,40 @@ impl Router {
         let routed = key.and_then(|key| topology.route(key));
         if let Some((node, shard)) = routed
             && let Some(addr) = node.shard_native.get(shard)
+            && !self.avoided(addr)
+            && !self.avoided(&node.native)
         {
             return Ok(addr.clone());
         }
-        // No usable map entry (or a keyless request): any node can serve it.
+        // No usable map entry, a keyless request, or an owner that failed recently:
+        // any node can serve it (the node forwards a write it holds no replica of).
         let n = topology.nodes.len().max(1);
-        let node = topology
-            .nodes
-            .get(self.turn.fetch_add(1, Ordering::Relaxed) % n);
-        Ok(node.map_or_else(|| self.config.seeds[0].clone(), |n| n.native.clone()))
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        let healthy = (0..topology.nodes.len())
+            .map(|i| &topology.nodes[(turn + i) % n])
+            .find(|node| !self.avoided(&node.native));
+        let any = topology.nodes.get(turn % n);
+        Ok(healthy
+            .or(any)
+            .map_or_else(|| self.config.seeds[0].clone(), |n| n.native.clone()))
+    }
+
+    /// Avoids `addr` for a while after it failed.
+    pub fn avoid(&self, addr: &str) {
+        let mut avoid = self.avoid.lock().expect("never poisoned");
+        avoid.insert(addr.to_owned(), Instant::now() + AVOID_FOR);
+    }
+
+    fn avoided(&self, addr: &str) -> bool {
+        let mut avoid = self.avoid.lock().expect("never poisoned");
+        match avoid.get(addr) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                avoid.remove(addr);
+                false
+            }
+            None => false,
+        }
     }
 
     /// A live connection to `addr`, opening one if the pool is not full yet.

@@ -4,6 +4,7 @@
 //!   anything is allocated.
 //! - [`native`]: the native protocol's messages (requests with ids for pipelining, a
 //!   versioned handshake, typed errors) as rkyv archives validated before use.
+//! - [`peer`]: frames between nodes (replication messages, forwarded requests).
 //! - [`topology`]: which node and shard own a key, as a client computes it.
 //! - [`resp`]: the Redis protocol (RESP2 and RESP3) codec.
 //!
@@ -12,6 +13,7 @@
 
 pub mod frame;
 pub mod native;
+pub mod peer;
 pub mod resp;
 pub mod topology;
 

@@ -68,6 +68,9 @@ pub enum Op {
     Topology,
     /// What the node holds and has served, shard by shard.
     Status,
+    /// Instead of `Hello`, from another node: the connection becomes a peer link
+    /// ([`crate::peer`]).
+    PeerHello(crate::peer::PeerHello),
 }
 
 /// A write of one key.
@@ -111,6 +114,8 @@ pub enum Body {
     Topology(Topology),
     Error(ErrorReply),
     Status(NodeStatus),
+    /// The answer to an accepted `PeerHello`: how to reach the accepting node.
+    PeerWelcome(crate::topology::NodeAddress),
 }
 
 /// One node's answer to [`Op::Status`].

@@ -31,6 +31,14 @@ pub struct ServerConfig {
     pub max_pipeline: usize,
     /// Requests in flight on one shard beyond which new ones get `Overloaded`.
     pub max_inflight_per_shard: usize,
+    /// Every member of the cluster, this node included, as `id@host:port` (each one's
+    /// native address); every node must be given the same list. Empty: a single node.
+    pub peers: Vec<String>,
+    /// N, replicas of each key (at most the member count). Requests that name no R or
+    /// W use a majority of N.
+    pub replicas: usize,
+    /// How long a coordinator waits for its quorum before answering Timeout (ms).
+    pub request_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -47,6 +55,9 @@ impl Default for ServerConfig {
             max_connections_per_shard: 10_000,
             max_pipeline: 128,
             max_inflight_per_shard: 50_000,
+            peers: Vec::new(),
+            replicas: 3,
+            request_timeout_ms: 1000,
         }
     }
 }
@@ -109,10 +120,55 @@ impl ServerConfig {
             return invalid("max_pipeline, max_connections_per_shard and max_inflight_per_shard must be above 0".into());
         }
         self.check_ports()?;
+        self.members()?;
+        if self.replicas == 0 {
+            return invalid("replicas must be at least 1".into());
+        }
         self.durability
             .parse::<ringkv_engine::Durability>()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(())
+    }
+
+    /// The cluster's members as (id, native address), ordered by id; just this node
+    /// when no peers are configured.
+    pub fn members(&self) -> Result<Vec<(u32, SocketAddr)>, ConfigError> {
+        if self.peers.is_empty() {
+            return Ok(vec![(self.node_id, self.listen)]);
+        }
+        let mut members = Vec::new();
+        for peer in &self.peers {
+            let parsed = peer.split_once('@').and_then(|(id, addr)| {
+                Some((id.parse::<u32>().ok()?, addr.parse::<SocketAddr>().ok()?))
+            });
+            let Some(member) = parsed else {
+                return Err(ConfigError::Invalid(format!(
+                    "peer '{peer}' is not id@host:port (for example 2@127.0.0.1:7510)"
+                )));
+            };
+            members.push(member);
+        }
+        members.sort();
+        if members.windows(2).any(|w| w[0].0 == w[1].0) {
+            return Err(ConfigError::Invalid("peers name a node id twice".into()));
+        }
+        match members.iter().find(|(id, _)| *id == self.node_id) {
+            None => Err(ConfigError::Invalid(format!(
+                "peers do not include this node (id {}); list every member, this one too",
+                self.node_id
+            ))),
+            Some((_, addr)) if *addr != self.listen => Err(ConfigError::Invalid(format!(
+                "peers give node {} the address {addr}, but it listens on {}",
+                self.node_id, self.listen
+            ))),
+            Some(_) => Ok(members),
+        }
+    }
+
+    /// N as used: the configured replicas, at most one per member.
+    pub fn replica_count(&self) -> usize {
+        let members = self.members().map_or(1, |m| m.len());
+        self.replicas.clamp(1, members)
     }
 
     /// The port shard `shard` listens on alone for RESP.
@@ -231,6 +287,23 @@ mod tests {
             ..ServerConfig::default()
         };
         assert!(bad.validate().unwrap_err().to_string().contains("no room"));
+        let cluster = |peers: &[&str]| ServerConfig {
+            peers: peers.iter().map(|p| p.to_string()).collect(),
+            ..ServerConfig::default()
+        };
+        let good = cluster(&["2@127.0.0.1:7510", "1@127.0.0.1:7500", "3@127.0.0.1:7520"]);
+        assert_eq!(good.members().unwrap()[0].0, 1);
+        assert_eq!(good.replica_count(), 3);
+        for (peers, problem) in [
+            (&["2@127.0.0.1:7510"][..], "do not include this node"),
+            (&["1@127.0.0.1:9999"][..], "listens on"),
+            (&["1@127.0.0.1:7500", "1@127.0.0.1:7510"][..], "twice"),
+            (&["one@here"][..], "id@host:port"),
+        ] {
+            let err = cluster(peers).validate().unwrap_err().to_string();
+            assert!(err.contains(problem), "{err}");
+        }
+        assert_eq!(ServerConfig::default().replica_count(), 1);
         assert!(ServerConfig::default().validate().is_ok());
     }
 }

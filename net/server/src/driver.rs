@@ -13,11 +13,21 @@ use std::time::{Duration, Instant};
 use futures_channel::oneshot;
 use hashbrown::HashMap;
 use ringkv_cluster::{
-    Action, ClientError, ClientReply, ClientToken, GetOutcome, GetRequest, Node, PutOutcome,
-    PutRequest, StorageCompletion, StorageFailure, StorageOp, StoredVersions,
+    Action, ClientError, ClientReply, ClientToken, GetOutcome, GetRequest, Node, NodeId,
+    PeerMessage, PutOutcome, PutRequest, RequestId, StorageCompletion, StorageFailure, StorageOp,
+    StoredVersions,
 };
 use ringkv_engine::disk::Disk;
 use ringkv_engine::{Store, StoreError};
+
+/// Where the driver hands messages for other nodes: the peer transport.
+pub trait PeerSend {
+    /// Sends `message` to node `to`; `to_shard` names the shard a reply is for.
+    fn send(&self, to: NodeId, to_shard: Option<u16>, message: &PeerMessage);
+}
+
+/// Requests from peers awaiting our reply, at most.
+const MAX_ORIGINS: usize = 1 << 20;
 
 pub struct ShardDriver<D: Disk> {
     node: RefCell<Node>,
@@ -25,6 +35,10 @@ pub struct ShardDriver<D: Disk> {
     waiting: RefCell<HashMap<u64, oneshot::Sender<ClientReply>>>,
     next_token: Cell<u64>,
     started: Instant,
+    peers: RefCell<Option<Rc<dyn PeerSend>>>,
+    /// The shard on the other node that sent each request we have yet to answer, so
+    /// the reply reaches the coordinator that waits for it.
+    origins: RefCell<HashMap<(NodeId, RequestId), u16>>,
 }
 
 impl<D: Disk> ShardDriver<D> {
@@ -35,7 +49,41 @@ impl<D: Disk> ShardDriver<D> {
             waiting: RefCell::new(HashMap::new()),
             next_token: Cell::new(0),
             started: Instant::now(),
+            peers: RefCell::new(None),
+            origins: RefCell::new(HashMap::new()),
         })
+    }
+
+    /// Connects the driver to the peer transport (a single node has none).
+    pub fn set_peers(&self, peers: Rc<dyn PeerSend>) {
+        *self.peers.borrow_mut() = Some(peers);
+    }
+
+    /// A message from shard `from_shard` of node `from`.
+    pub fn handle_peer(self: &Rc<Self>, from: NodeId, from_shard: u16, message: PeerMessage) {
+        match &message {
+            PeerMessage::Read { request, .. } | PeerMessage::Write { request, .. } => {
+                let mut origins = self.origins.borrow_mut();
+                // Bounded: a peer flooding requests we never answer cannot grow this
+                // without end (its requests then time out at its end).
+                if origins.len() < MAX_ORIGINS {
+                    origins.insert((from, *request), from_shard);
+                }
+            }
+            _ => {}
+        }
+        let now = self.now();
+        self.node.borrow_mut().handle_message(now, from, message);
+        self.pump();
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.node.borrow().id()
+    }
+
+    /// What the failure detector (for now: the peer links) believes about `node`.
+    pub fn set_reachable(self: &Rc<Self>, node: NodeId, reachable: bool) {
+        self.node.borrow_mut().set_reachable(node, reachable);
     }
 
     pub fn store(&self) -> &Rc<Store<D>> {
@@ -109,10 +157,18 @@ impl<D: Disk> ShardDriver<D> {
                     })
                     .detach();
                 }
-                Action::Send { to, .. } => {
-                    // A single node has no peers; the peer transport comes with
-                    // replication (issue 6). Count it so it cannot pass unnoticed.
-                    tracing::warn!(?to, "dropping a peer message: no peer transport yet");
+                Action::Send { to, message } => {
+                    let to_shard = match &message {
+                        PeerMessage::ReadReply { request, .. }
+                        | PeerMessage::WriteAck { request } => {
+                            self.origins.borrow_mut().remove(&(to, *request))
+                        }
+                        _ => None,
+                    };
+                    match self.peers.borrow().as_ref() {
+                        Some(peers) => peers.send(to, to_shard, &message),
+                        None => tracing::warn!(?to, "no peer transport: message dropped"),
+                    }
                 }
             }
         }

@@ -14,6 +14,7 @@ pub mod layout;
 pub mod listener;
 pub mod native;
 pub mod ops;
+pub mod peers;
 pub mod pipeline;
 pub mod resp;
 pub mod runtime;

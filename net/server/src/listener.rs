@@ -44,3 +44,12 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<Bound> {
     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(fd) };
     Ok(Bound { listener, stopper })
 }
+
+/// Whether `addr` is free to bind for this node: a bind without SO_REUSEPORT (which a
+/// socket of another ringkv or redis would refuse), and without `listen`, so no client
+/// can connect to this probe in the moment it exists.
+pub fn probe(addr: SocketAddr) -> std::io::Result<()> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())
+}

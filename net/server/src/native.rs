@@ -10,10 +10,13 @@ use std::rc::Rc;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
+use ringkv_cluster::NodeId;
 use ringkv_proto::frame::next_frame;
 use ringkv_proto::native::{decode_request, encode_response, negotiate};
+use ringkv_proto::peer::{ClusterSpec, check_peer};
 use ringkv_proto::{
-    Body, ErrorReply, Found, NodeStatus, Op, Put, Request, Response, Topology, Welcome,
+    Body, ErrorReply, Found, NodeAddress, NodeStatus, Op, PROTOCOL_VERSION, Put, Request, Response,
+    Topology, Welcome,
 };
 use rkyv::util::AlignedVec;
 
@@ -22,10 +25,48 @@ use crate::ops;
 use crate::pipeline::{Touch, run_in_order};
 use crate::shard::Shard;
 
-/// What a shard tells clients about the node.
+/// What a shard tells clients and peers about the node and its cluster.
 pub struct NodeInfo {
-    pub topology: Topology,
+    pub me: NodeAddress,
     pub incarnation: u32,
+    pub cluster: ClusterSpec,
+    pub epoch: u64,
+    /// For each partition, the node that coordinates it (first of its preference list).
+    pub owners: Vec<u32>,
+}
+
+impl NodeInfo {
+    /// The topology a client routes by: every member, with the addresses each one gave
+    /// at its last handshake with this shard (just its native address before that).
+    fn topology(&self, shard: &Shard) -> Topology {
+        let peers = shard.peers();
+        let nodes = self
+            .cluster
+            .members
+            .iter()
+            .map(|m| {
+                if m.node_id == self.me.node_id {
+                    return self.me.clone();
+                }
+                peers
+                    .as_ref()
+                    .and_then(|p| p.learned(m.node_id))
+                    .unwrap_or_else(|| NodeAddress {
+                        node_id: m.node_id,
+                        native: m.native.clone(),
+                        resp: String::new(),
+                        shard_native: Vec::new(),
+                    })
+            })
+            .collect();
+        Topology {
+            node_id: self.me.node_id,
+            epoch: self.epoch,
+            partitions: self.cluster.partitions,
+            nodes,
+            owners: self.owners.clone(),
+        }
+    }
 }
 
 /// Accepts native-protocol connections until the node stops.
@@ -60,7 +101,7 @@ fn refusal() -> &'static [u8] {
 
 async fn serve(
     mut stream: TcpStream,
-    shard: &Shard,
+    shard: &Rc<Shard>,
     connections: &Connections,
     info: &NodeInfo,
 ) -> Result<(), String> {
@@ -69,7 +110,58 @@ async fn serve(
     let mut output: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut chunk = vec![0u8; READ_CHUNK];
     let mut scratch = AlignedVec::<16>::new();
-    let mut greeted = false;
+
+    // The handshake, alone: what follows it depends on whether a client or a peer
+    // node is connecting.
+    let first = loop {
+        match next_frame(&input) {
+            Ok(Some((payload, used))) => {
+                let decoded = decode_request(&input[payload], &mut scratch);
+                input.drain(..used);
+                break decoded.map_err(|e| e.to_string());
+            }
+            Ok(None) => {}
+            Err(e) => break Err(e.to_string()),
+        }
+        let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Ok(());
+        }
+        input.extend_from_slice(&chunk[..n]);
+    };
+    let first = match first {
+        Ok(first) => first,
+        Err(reason) => {
+            let message = format!("malformed frame: {reason}");
+            encode(
+                0,
+                Body::Error(ErrorReply::InvalidArgument { message }),
+                &mut output,
+            );
+            let _ = stream.write_all(&output).await;
+            return Err(format!("malformed handshake: {reason}"));
+        }
+    };
+    let body = welcome(&first, shard, info);
+    let refused = match &body {
+        Body::Error(e) => Some(format!("handshake refused: {e}")),
+        _ => None,
+    };
+    let peer = match (&first.op, &body) {
+        (Op::PeerHello(hello), Body::PeerWelcome(_)) => Some(NodeId(hello.from_node)),
+        _ => None,
+    };
+    encode(first.id, body, &mut output);
+    stream.write_all(&output).await.map_err(|e| e.to_string())?;
+    output.clear();
+    if let Some(reason) = refused {
+        tracing::warn!(%reason, "closing a native connection");
+        return Err(reason);
+    }
+    if let Some(from) = peer {
+        return crate::peers::serve(stream, shard, from, input).await;
+    }
+
     loop {
         let mut consumed = 0;
         let mut batch = Vec::new();
@@ -106,23 +198,8 @@ async fn serve(
             input.extend_from_slice(&chunk[..n]);
             continue;
         }
-        let mut requests = &batch[..];
-        let mut refused = None;
-        if !greeted && let Some(first) = requests.first() {
-            let body = welcome(first, shard, info);
-            if let Body::Error(e) = &body {
-                refused = Some(format!("handshake refused: {e}"));
-            }
-            encode(first.id, body, &mut output);
-            greeted = true;
-            requests = if refused.is_some() {
-                &[]
-            } else {
-                &requests[1..]
-            };
-        }
-        let answers = run_in_order(requests, touch, |r| execute(shard, info, r)).await;
-        for (request, body) in requests.iter().zip(answers) {
+        let answers = run_in_order(&batch, touch, |r| execute(shard, info, r)).await;
+        for (request, body) in batch.iter().zip(answers) {
             encode(request.id, body, &mut output);
         }
         if let Some(reason) = &malformed {
@@ -135,10 +212,8 @@ async fn serve(
         }
         stream.write_all(&output).await.map_err(|e| e.to_string())?;
         output.clear();
-        if let Some(reason) = malformed
-            .map(|r| format!("malformed frame: {r}"))
-            .or(refused)
-        {
+        if let Some(reason) = malformed {
+            let reason = format!("malformed frame: {reason}");
             tracing::info!(%reason, "closing a native connection");
             return Err(reason);
         }
@@ -154,8 +229,14 @@ fn encode(id: u64, body: Body, out: &mut Vec<u8>) {
     }
 }
 
-/// The answer to the first request, which must be the handshake.
+/// The answer to the first request, which must be a client's or a peer's handshake.
 fn welcome(first: &Request, shard: &Shard, info: &NodeInfo) -> Body {
+    if let Op::PeerHello(hello) = &first.op {
+        return match check_peer(hello, &info.cluster, PROTOCOL_VERSION) {
+            None => Body::PeerWelcome(info.me.clone()),
+            Some(message) => Body::Error(ErrorReply::InvalidArgument { message }),
+        };
+    }
     let Op::Hello {
         magic,
         min_version,
@@ -170,7 +251,7 @@ fn welcome(first: &Request, shard: &Shard, info: &NodeInfo) -> Body {
     match negotiate(*magic, *min_version, *max_version) {
         Ok(version) => Body::Welcome(Welcome {
             version,
-            node_id: info.topology.node_id,
+            node_id: info.me.node_id,
             shard: shard.id as u32,
             shards: shard.count as u32,
             server: format!("ringkv {}", env!("CARGO_PKG_VERSION")),
@@ -183,7 +264,7 @@ fn touch(request: &Request) -> Touch<'_> {
     match &request.op {
         Op::Get { key, .. } | Op::Delete { key, .. } | Op::Put(Put { key, .. }) => Touch::Key(key),
         Op::Ping | Op::Topology | Op::Status => Touch::Nothing,
-        Op::Hello { .. } | Op::MultiGet { .. } | Op::MultiPut(_) => Touch::Alone,
+        Op::Hello { .. } | Op::PeerHello(_) | Op::MultiGet { .. } | Op::MultiPut(_) => Touch::Alone,
     }
 }
 
@@ -195,17 +276,17 @@ async fn execute(shard: &Shard, info: &NodeInfo, request: &Request) -> Body {
     let count = |n: Option<u8>| n.map(usize::from);
     match &request.op {
         Op::Ping => Body::Pong,
-        Op::Topology => Body::Topology(info.topology.clone()),
+        Op::Topology => Body::Topology(info.topology(shard)),
         Op::Status => match shard.status().await {
             Ok(shards) => Body::Status(NodeStatus {
-                node_id: info.topology.node_id,
+                node_id: info.me.node_id,
                 incarnation: info.incarnation,
                 shards,
             }),
             Err(e) => Body::Error(ops::error_reply(e)),
         },
-        Op::Hello { .. } => Body::Error(ErrorReply::InvalidArgument {
-            message: "Hello is only allowed once, as the first request".into(),
+        Op::Hello { .. } | Op::PeerHello(_) => Body::Error(ErrorReply::InvalidArgument {
+            message: "a handshake is only allowed once, as the first request".into(),
         }),
         Op::Get { key, r } => match get(shard, key, count(*r)).await {
             Ok(found) => Body::Found(found),
@@ -229,6 +310,24 @@ async fn execute(shard: &Shard, info: &NodeInfo, request: &Request) -> Body {
             let written = run_in_order(puts, touch_put, |put| write(shard, put)).await;
             Body::WrittenMany(written)
         }
+    }
+}
+
+/// A write another node handed to this one because it holds a replica of the key.
+pub async fn execute_forwarded(shard: &Shard, op: Op) -> Body {
+    let count = |n: Option<u8>| n.map(usize::from);
+    let written = match op {
+        Op::Put(put) => write(shard, &put).await,
+        Op::Delete { key, context, w } => ops::put(shard, &key, None, context, count(w)).await,
+        other => {
+            return Body::Error(ErrorReply::InvalidArgument {
+                message: format!("only writes are forwarded, not {other:?}"),
+            });
+        }
+    };
+    match written {
+        Ok(()) => Body::Written,
+        Err(e) => Body::Error(e),
     }
 }
 

@@ -1,18 +1,22 @@
 //! The data operations both protocols share: size limits, quorums, the write contexts,
 //! and one error vocabulary ([`ErrorReply`]) that each protocol renders its own way.
 
-use ringkv_cluster::{ClientError, ConflictMode, GetOutcome, GetRequest, PutRequest, Quorum};
-use ringkv_proto::{ErrorReply, WriteContext};
+use std::time::Duration;
+
+use ringkv_cluster::{
+    ClientError, ConflictMode, GetOutcome, GetRequest, NodeId, PutRequest, Quorum,
+};
+use ringkv_proto::{Body, ErrorReply, Op, Put, WriteContext};
 
 use crate::shard::{ServerError, Shard};
 
-/// N, R and W for requests that do not name their own (a single node: all 1).
-pub const DEFAULT_N: usize = 1;
+/// How long a forwarded write may take before the answer is Timeout (outcome unknown).
+const FORWARD_WAIT: Duration = Duration::from_secs(5);
 
 /// Every sibling of `key` from R replicas (the default R when `r` is None).
 pub async fn get(shard: &Shard, key: &[u8], r: Option<usize>) -> Result<GetOutcome, ErrorReply> {
     check_key(key)?;
-    let quorum = quorum(r, None)?;
+    let quorum = quorum(shard, r, None)?;
     shard
         .get(GetRequest {
             key: key.to_vec(),
@@ -35,12 +39,15 @@ pub async fn put(
     if len > shard.max_value_bytes {
         return Err(too_large("value", len, shard.max_value_bytes));
     }
-    let quorum = quorum(None, w)?;
+    let quorum = quorum(shard, None, w)?;
     let context = match context {
         WriteContext::Given(bytes) => Some(bytes),
         WriteContext::Blind => None,
         WriteContext::Latest => Some(get(shard, key, None).await?.context.encode()),
     };
+    let resolved = context
+        .clone()
+        .map_or(WriteContext::Blind, WriteContext::Given);
     let request = PutRequest {
         key: key.to_vec(),
         value: value.map(<[u8]>::to_vec),
@@ -48,7 +55,52 @@ pub async fn put(
         quorum,
         mode: ConflictMode::Causal,
     };
-    shard.put(request).await.map(|_| ()).map_err(error_reply)
+    match shard.put(request).await {
+        Ok(_) => Ok(()),
+        // Any node accepts any key: a write this node holds no replica of goes to one
+        // that does, which coordinates it.
+        Err(ServerError::Client(ClientError::NotReplica { replicas })) => {
+            forward(shard, &replicas, key, value, resolved, w).await
+        }
+        Err(e) => Err(error_reply(e)),
+    }
+}
+
+async fn forward(
+    shard: &Shard,
+    replicas: &[NodeId],
+    key: &[u8],
+    value: Option<&[u8]>,
+    context: WriteContext,
+    w: Option<usize>,
+) -> Result<(), ErrorReply> {
+    let (Some(peers), Some(&replica)) = (shard.peers(), replicas.first()) else {
+        return Err(ErrorReply::Unavailable {
+            required: 1,
+            reachable: 0,
+        });
+    };
+    let w = w.map(|w| w.min(u8::MAX as usize) as u8);
+    let op = match value {
+        Some(value) => Op::Put(Put {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            context,
+            w,
+        }),
+        None => Op::Delete {
+            key: key.to_vec(),
+            context,
+            w,
+        },
+    };
+    match peers.forward(replica, op, FORWARD_WAIT).await {
+        Body::Written => Ok(()),
+        Body::Error(e) => Err(e),
+        other => Err(ErrorReply::Internal {
+            message: format!("a forwarded write was answered with {other:?}"),
+        }),
+    }
 }
 
 /// Deletes `key` if it holds a value (Redis DEL); true if it did.
@@ -78,11 +130,14 @@ fn too_large(what: &str, size: usize, limit: usize) -> ErrorReply {
     }
 }
 
-pub fn quorum(r: Option<usize>, w: Option<usize>) -> Result<Quorum, ErrorReply> {
-    let r = r.unwrap_or(DEFAULT_N.div_ceil(2).max(1));
-    let w = w.unwrap_or(DEFAULT_N.div_ceil(2).max(1));
-    Quorum::new(DEFAULT_N, r, w).map_err(|e| ErrorReply::InvalidArgument {
-        message: format!("invalid quorum: {e}"),
+/// N from the node's configuration; R and W default to a majority of it.
+pub fn quorum(shard: &Shard, r: Option<usize>, w: Option<usize>) -> Result<Quorum, ErrorReply> {
+    let n = shard.replicas;
+    let majority = n / 2 + 1;
+    Quorum::new(n, r.unwrap_or(majority), w.unwrap_or(majority)).map_err(|e| {
+        ErrorReply::InvalidArgument {
+            message: format!("invalid quorum: {e}"),
+        }
     })
 }
 

@@ -22,7 +22,10 @@ use crate::layout::{self, NodeLayout};
 use crate::listener::{self, Stopper};
 use crate::native::NodeInfo;
 use crate::shard::{Hop, Shard};
-use ringkv_proto::{NodeAddress, Topology};
+use ringkv_proto::NodeAddress;
+use ringkv_proto::peer::{ClusterSpec, MemberSpec};
+
+use crate::peers::Peers;
 
 /// Why a node could not start; each is one clear line for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -124,8 +127,8 @@ fn check_addresses_free(config: &ServerConfig) -> Result<(), StartError> {
     let deadline = Instant::now() + GRACE;
     for addr in config.all_addrs() {
         loop {
-            match std::net::TcpListener::bind(addr) {
-                Ok(_) => break,
+            match listener::probe(addr) {
+                Ok(()) => break,
                 Err(e)
                     if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline =>
                 {
@@ -207,15 +210,23 @@ async fn run_shard(
     .detach();
 
     let node_id = NodeId(config.node_id);
-    let ring = Ring::new(config.partitions, &[Member::new(node_id)]).map_err(|e| e.to_string())?;
-    let node = Node::new(NodeConfig::new(node_id, layout.incarnation), ring.clone());
+    let members = config.members().map_err(|e| e.to_string())?;
+    let ring_members: Vec<Member> = members
+        .iter()
+        .map(|(id, _)| Member::new(NodeId(*id)))
+        .collect();
+    let ring = Ring::new(config.partitions, &ring_members).map_err(|e| e.to_string())?;
+    let mut node_config = NodeConfig::new(node_id, layout.incarnation);
+    node_config.request_timeout = Duration::from_millis(config.request_timeout_ms);
+    let node = Node::new(node_config, ring.clone());
     let driver = ShardDriver::new(node, store.clone());
     let shard = Shard::new(
-        ring,
+        ring.clone(),
         driver,
         peers,
         config.max_inflight_per_shard,
         config.max_value_bytes,
+        config.replica_count(),
     );
     for (_, receiver) in hops.streams() {
         glommio::spawn_local(shard.clone().serve_peer(receiver)).detach();
@@ -225,9 +236,18 @@ async fn run_shard(
         config.max_connections_per_shard,
         config.max_pipeline,
     ));
+    let cluster = cluster_spec(config, &members);
+    if members.len() > 1 {
+        shard.set_peers(Peers::start(node_id, &shard, cluster.clone()));
+    }
     let info = Rc::new(NodeInfo {
-        topology: topology(config, &ring_of(&shard)),
+        me: own_address(config),
         incarnation: layout.incarnation,
+        cluster,
+        epoch: ring.epoch(),
+        owners: (0..ring.partition_count())
+            .map(|p| ring.owner(PartitionId(p)).0)
+            .collect(),
     });
     let mut acceptors = Vec::new();
     let mut stoppers = Vec::new();
@@ -269,6 +289,7 @@ async fn run_shard(
     while !stop.load(Ordering::Relaxed) {
         glommio::timer::sleep(Duration::from_millis(50)).await;
     }
+    shard.stop();
     connections.close();
     for stopper in &stoppers {
         stopper.stop();
@@ -297,27 +318,29 @@ fn bind(addr: SocketAddr, stoppers: &mut Vec<Stopper>) -> Result<TcpListener, St
     Ok(bound.listener)
 }
 
-fn ring_of(shard: &Shard) -> Ring {
-    shard.ring().clone()
+/// How clients and peers reach this node.
+fn own_address(config: &ServerConfig) -> NodeAddress {
+    NodeAddress {
+        node_id: config.node_id,
+        native: config.listen.to_string(),
+        resp: config.resp.to_string(),
+        shard_native: (0..config.shard_count())
+            .map(|i| config.shard_native_addr(i).to_string())
+            .collect(),
+    }
 }
 
-/// The node's answer to a topology request: itself, its shard ports, the partition map.
-fn topology(config: &ServerConfig, ring: &Ring) -> Topology {
-    let shards = config.shard_count();
-    Topology {
-        node_id: config.node_id,
-        epoch: ring.epoch(),
-        partitions: ring.partition_count(),
-        nodes: vec![NodeAddress {
-            node_id: config.node_id,
-            native: config.listen.to_string(),
-            resp: config.resp.to_string(),
-            shard_native: (0..shards)
-                .map(|i| config.shard_native_addr(i).to_string())
-                .collect(),
-        }],
-        owners: (0..ring.partition_count())
-            .map(|p| ring.owner(PartitionId(p)).0)
+/// The membership every node must agree on at the peer handshake.
+fn cluster_spec(config: &ServerConfig, members: &[(u32, SocketAddr)]) -> ClusterSpec {
+    ClusterSpec {
+        partitions: config.partitions,
+        replicas: config.replica_count().min(u8::MAX as usize) as u8,
+        members: members
+            .iter()
+            .map(|(id, addr)| MemberSpec {
+                node_id: *id,
+                native: addr.to_string(),
+            })
             .collect(),
     }
 }

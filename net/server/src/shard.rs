@@ -2,16 +2,20 @@
 //! (directly, or with one hop over the glommio channel mesh), and bounds the work in
 //! flight so an overloaded shard answers `Overloaded` instead of queueing without end.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use futures_channel::oneshot;
 use glommio::channels::channel_mesh::Senders;
-use ringkv_cluster::{ClientError, GetOutcome, GetRequest, PutOutcome, PutRequest, Ring};
+use ringkv_cluster::{
+    ClientError, GetOutcome, GetRequest, NodeId, PartitionId, PeerMessage, PutOutcome, PutRequest,
+    Ring,
+};
 use ringkv_engine::disk::DmaDisk;
 use ringkv_proto::ShardStatus;
 
 use crate::driver::ShardDriver;
+use crate::peers::Peers;
 
 /// A request carried to another shard, with where to send the answer.
 pub struct Hop {
@@ -24,6 +28,17 @@ enum HopRequest {
     Put(PutRequest),
     CountKeys,
     Status,
+    /// A replication message from another node, for the shard owning its partition.
+    Peer {
+        from: NodeId,
+        from_shard: u16,
+        message: PeerMessage,
+    },
+    /// The answer to a request this shard forwarded to another node.
+    ForwardAnswer {
+        id: u64,
+        body: ringkv_proto::Body,
+    },
 }
 
 enum HopReply {
@@ -31,6 +46,7 @@ enum HopReply {
     Put(Result<PutOutcome, ClientError>),
     Count(u64),
     Status(ShardStatus),
+    Delivered,
 }
 
 /// Why the server (not the cluster logic) could not answer.
@@ -49,12 +65,17 @@ pub struct Shard {
     pub count: usize,
     ring: Ring,
     driver: Rc<ShardDriver<DmaDisk>>,
-    peers: Senders<Hop>,
+    /// The other shards of this node.
+    mesh: Rc<Senders<Hop>>,
     inflight: Cell<usize>,
     max_inflight: usize,
     reads: Cell<u64>,
     writes: Cell<u64>,
     overloaded: Cell<u64>,
+    /// N: replicas of each key; requests naming no R or W use a majority of it.
+    pub replicas: usize,
+    peers: RefCell<Option<Rc<Peers>>>,
+    stopping: Cell<bool>,
     /// Largest value a put may carry (the store's limit).
     pub max_value_bytes: usize,
 }
@@ -72,23 +93,82 @@ impl Shard {
     pub fn new(
         ring: Ring,
         driver: Rc<ShardDriver<DmaDisk>>,
-        peers: Senders<Hop>,
+        mesh: Senders<Hop>,
         max_inflight: usize,
         max_value_bytes: usize,
+        replicas: usize,
     ) -> Rc<Shard> {
         Rc::new(Shard {
-            id: peers.peer_id(),
-            count: peers.nr_consumers(),
+            id: mesh.peer_id(),
+            count: mesh.nr_consumers(),
             ring,
             driver,
-            peers,
+            mesh: Rc::new(mesh),
             inflight: Cell::new(0),
             max_inflight,
             reads: Cell::new(0),
             writes: Cell::new(0),
             overloaded: Cell::new(0),
+            replicas,
+            peers: RefCell::new(None),
+            stopping: Cell::new(false),
             max_value_bytes,
         })
+    }
+
+    pub fn set_peers(&self, peers: Rc<Peers>) {
+        self.driver.set_peers(peers.clone());
+        *self.peers.borrow_mut() = Some(peers);
+    }
+
+    pub fn peers(&self) -> Option<Rc<Peers>> {
+        self.peers.borrow().clone()
+    }
+
+    /// Marks the node as stopping: peer links stop reconnecting.
+    pub fn stop(&self) {
+        self.stopping.set(true);
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.get()
+    }
+
+    /// Hands a replication message to shard `target` of this node.
+    pub fn peer_message(&self, target: usize, from: NodeId, from_shard: u16, message: PeerMessage) {
+        if target == self.id {
+            self.driver.handle_peer(from, from_shard, message);
+        } else if target < self.count {
+            self.hop_and_forget(
+                target,
+                HopRequest::Peer {
+                    from,
+                    from_shard,
+                    message,
+                },
+            );
+        }
+    }
+
+    /// Hands the answer to a forwarded request to the shard `target` that forwarded it.
+    pub fn forward_answer(&self, target: usize, id: u64, body: ringkv_proto::Body) {
+        if target == self.id {
+            if let Some(peers) = self.peers() {
+                peers.answer_forward(id, body);
+            }
+        } else if target < self.count {
+            self.hop_and_forget(target, HopRequest::ForwardAnswer { id, body });
+        }
+    }
+
+    fn hop_and_forget(&self, target: usize, request: HopRequest) {
+        let (reply, _) = oneshot::channel();
+        let mesh = self.mesh.clone();
+        glommio::spawn_local(async move {
+            // The target shard only goes away when the node stops.
+            let _ = mesh.send_to(target, Hop { request, reply }).await;
+        })
+        .detach();
     }
 
     pub fn ring(&self) -> &Ring {
@@ -167,9 +247,16 @@ impl Shard {
     fn local_status(&self) -> ShardStatus {
         let store = self.driver.store();
         let (stats, usage) = (store.stats(), store.usage());
-        let partitions = self.ring.partition_count() as usize;
-        // Partition p belongs to shard p % count.
-        let owned = partitions / self.count + usize::from(self.id < partitions % self.count);
+        // Partitions this node holds a replica of, and of those, the ones this shard
+        // owns (partition p belongs to shard p % count).
+        let me = self.driver.node_id();
+        let owned = (0..self.ring.partition_count())
+            .filter(|&p| p as usize % self.count == self.id)
+            .filter(|&p| {
+                let replicas = self.ring.preference_list(PartitionId(p), self.replicas);
+                replicas.contains(&me)
+            })
+            .count();
         ShardStatus {
             shard: self.id as u32,
             partitions: owned as u32,
@@ -200,7 +287,7 @@ impl Shard {
     async fn hop(&self, owner: usize, request: HopRequest) -> Result<HopReply, ServerError> {
         let (reply, answer) = oneshot::channel();
         if self
-            .peers
+            .mesh
             .send_to(owner, Hop { request, reply })
             .await
             .is_err()
@@ -230,6 +317,20 @@ impl Shard {
                     HopRequest::Put(r) => HopReply::Put(this.driver.put(r).await),
                     HopRequest::CountKeys => HopReply::Count(this.local_key_count()),
                     HopRequest::Status => HopReply::Status(this.local_status()),
+                    HopRequest::Peer {
+                        from,
+                        from_shard,
+                        message,
+                    } => {
+                        this.driver.handle_peer(from, from_shard, message);
+                        HopReply::Delivered
+                    }
+                    HopRequest::ForwardAnswer { id, body } => {
+                        if let Some(peers) = this.peers() {
+                            peers.answer_forward(id, body);
+                        }
+                        HopReply::Delivered
+                    }
                 };
                 // The requesting connection may be gone; nothing to do then.
                 let _ = reply.send(answer);

@@ -32,19 +32,7 @@ impl Server {
             .stdout(Stdio::piped())
             .spawn()
             .expect("ringkv server starts");
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            assert!(Instant::now() < deadline, "server did not get ready");
-            match lines.next() {
-                Some(Ok(line)) if line.starts_with("ringkv server ready") => break,
-                Some(Ok(_)) => {}
-                _ => panic!("server exited before it was ready"),
-            }
-        }
-        // Keep draining stdout so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        wait_ready(&mut child);
         Server {
             child,
             dir: dir.to_owned(),
@@ -106,4 +94,142 @@ pub fn free_ports() -> u16 {
 
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+}
+
+/// Three real `ringkv server` processes (one shard each) forming one cluster, N=3.
+pub struct Cluster {
+    pub nodes: Vec<Option<Server>>,
+    base: u16,
+    dirs: Vec<tempfile::TempDir>,
+}
+
+impl Cluster {
+    pub fn start(size: usize) -> Cluster {
+        let base = free_ports_n(4 * size as u16);
+        let dirs: Vec<_> = (0..size).map(|_| tempdir()).collect();
+        let mut cluster = Cluster {
+            nodes: Vec::new(),
+            base,
+            dirs,
+        };
+        let children: Vec<_> = (1..=size).map(|id| cluster.spawn(id)).collect();
+        for (id, child) in (1..=size).zip(children) {
+            cluster.nodes.push(Some(cluster.ready(id, child)));
+        }
+        cluster.wait_connected();
+        cluster
+    }
+
+    /// Waits until every running node can reach every other running node: a read at
+    /// R = all of them, coordinated by each node in turn, succeeds.
+    pub fn wait_connected(&self) {
+        let running: Vec<usize> = (1..=self.size())
+            .filter(|&id| self.nodes[id - 1].is_some())
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for &id in &running {
+            let url = format!("redis://127.0.0.1:{}/", self.resp_port(id));
+            let mut connection = redis::Client::open(url).unwrap().get_connection().unwrap();
+            loop {
+                let read = redis::cmd("KV.GET")
+                    .arg("connectivity-probe")
+                    .arg("R")
+                    .arg(running.len())
+                    .query::<redis::Value>(&mut connection);
+                if read.is_ok() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "node {id} cannot reach its peers: {read:?}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    fn size(&self) -> usize {
+        self.dirs.len()
+    }
+
+    /// Node `id`'s native address (shard 0 at the next port).
+    pub fn native(&self, id: usize) -> String {
+        format!("127.0.0.1:{}", self.base + 4 * (id as u16 - 1))
+    }
+
+    pub fn resp_port(&self, id: usize) -> u16 {
+        self.base + 4 * (id as u16 - 1) + 2
+    }
+
+    fn spawn(&self, id: usize) -> Child {
+        let peers: Vec<String> = (1..=self.size())
+            .map(|k| format!("{k}@{}", self.native(k)))
+            .collect();
+        Command::new(env!("CARGO_BIN_EXE_ringkv"))
+            .args(["server", "--node-id", &id.to_string(), "--shards", "1"])
+            .args(["--partitions", "64", "--replicas", "3"])
+            .args(["--listen", &self.native(id)])
+            .args(["--resp", &format!("127.0.0.1:{}", self.resp_port(id))])
+            .args(["--peers", &peers.join(",")])
+            .arg("--data-dir")
+            .arg(self.dirs[id - 1].path())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("ringkv server starts")
+    }
+
+    fn ready(&self, id: usize, child: Child) -> Server {
+        let mut child = child;
+        wait_ready(&mut child);
+        Server {
+            child,
+            dir: self.dirs[id - 1].path().to_owned(),
+            native: self.native(id),
+            resp_port: self.resp_port(id),
+            base: 0,
+        }
+    }
+
+    pub fn node(&self, id: usize) -> &Server {
+        self.nodes[id - 1].as_ref().expect("node is running")
+    }
+
+    /// kill -9: no drain, no flush beyond what was acknowledged.
+    pub fn kill(&mut self, id: usize) {
+        let mut server = self.nodes[id - 1].take().expect("node is running");
+        server.child.kill().unwrap();
+        server.child.wait().unwrap();
+    }
+
+    pub fn restart(&mut self, id: usize) {
+        assert!(self.nodes[id - 1].is_none(), "node {id} is still running");
+        let child = self.spawn(id);
+        self.nodes[id - 1] = Some(self.ready(id, child));
+        self.wait_connected();
+    }
+}
+
+fn wait_ready(child: &mut Child) {
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "server did not get ready");
+        match lines.next() {
+            Some(Ok(line)) if line.starts_with("ringkv server ready") => break,
+            Some(Ok(_)) => {}
+            _ => panic!("server exited before it was ready"),
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+}
+
+/// A base port with `count` ports from it free (best effort; loopback only).
+pub fn free_ports_n(count: u16) -> u16 {
+    loop {
+        let base = fastrand::u16(20_000..60_000);
+        if (0..count).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
 }

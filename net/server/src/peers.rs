@@ -1,0 +1,389 @@
+//! The peer transport of one shard: a link to every other node, and the receiving end
+//! of the links other nodes open to this one (see `ringkv_proto::peer`).
+//!
+//! A link is a bounded queue and a task that connects (with backoff), does the peer
+//! handshake and writes whatever is queued. While a link cannot connect, its node is
+//! reported unreachable to this shard's cluster state machine, so requests that need
+//! it fail fast with Unavailable instead of waiting for a timeout. A full queue drops
+//! the message: the coordinator's timeout covers it, as it covers a lost packet.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
+use futures_channel::oneshot;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_util::StreamExt;
+use glommio::net::TcpStream;
+use ringkv_cluster::{NodeId, PeerMessage};
+use ringkv_proto::frame::next_frame;
+use ringkv_proto::native::{decode_response, encode_request};
+use ringkv_proto::peer::{
+    ClusterSpec, PEER_MAGIC, PeerFrame, PeerHello, decode_peer_frame, encode_peer_frame,
+};
+use ringkv_proto::{Body, ErrorReply, NodeAddress, Op, PROTOCOL_VERSION, Request};
+use rkyv::util::AlignedVec;
+
+use crate::driver::PeerSend;
+use crate::shard::Shard;
+
+/// Frames queued for one peer before new ones are dropped.
+const LINK_QUEUE: usize = 8192;
+/// Bytes gathered into one write.
+const WRITE_BATCH: usize = 256 << 10;
+
+/// The sending end of one link: a queue bounded by counting what is in it.
+struct Link {
+    queue: UnboundedSender<Vec<u8>>,
+    queued: Rc<Cell<usize>>,
+}
+
+/// The link task's end of the queue.
+struct Queue {
+    frames: UnboundedReceiver<Vec<u8>>,
+    queued: Rc<Cell<usize>>,
+}
+
+impl Queue {
+    async fn next(&mut self) -> Option<Vec<u8>> {
+        let frame = self.frames.next().await;
+        self.taken(frame)
+    }
+
+    fn try_next(&mut self) -> Option<Vec<u8>> {
+        let frame = self.frames.try_recv().ok();
+        self.taken(frame)
+    }
+
+    fn taken(&self, frame: Option<Vec<u8>>) -> Option<Vec<u8>> {
+        if frame.is_some() {
+            self.queued.set(self.queued.get() - 1);
+        }
+        frame
+    }
+}
+
+/// One shard's links to the other nodes.
+pub struct Peers {
+    me: NodeId,
+    shard: u16,
+    spec: ClusterSpec,
+    links: HashMap<NodeId, Link>,
+    /// How each node said it is reached (learned at handshakes), for clients' topology.
+    learned: RefCell<HashMap<u32, NodeAddress>>,
+    forwards: RefCell<HashMap<u64, oneshot::Sender<Body>>>,
+    next_forward: Cell<u64>,
+    dropped: Cell<u64>,
+}
+
+impl Peers {
+    /// Starts a link to every other member. `shard` is told when a node's link goes up
+    /// or down.
+    pub fn start(me: NodeId, shard: &Rc<Shard>, spec: ClusterSpec) -> Rc<Peers> {
+        let mut links = HashMap::new();
+        let mut receivers = Vec::new();
+        for member in spec.members.iter().filter(|m| m.node_id != me.0) {
+            let (queue, frames) = unbounded();
+            let queued = Rc::new(Cell::new(0));
+            links.insert(
+                NodeId(member.node_id),
+                Link {
+                    queue,
+                    queued: queued.clone(),
+                },
+            );
+            receivers.push((
+                member.node_id,
+                member.native.clone(),
+                Queue { frames, queued },
+            ));
+        }
+        let peers = Rc::new(Peers {
+            me,
+            shard: shard.id as u16,
+            spec,
+            links,
+            learned: RefCell::new(HashMap::new()),
+            forwards: RefCell::new(HashMap::new()),
+            next_forward: Cell::new(1),
+            dropped: Cell::new(0),
+        });
+        for (node, addr, receiver) in receivers {
+            let (peers, shard) = (peers.clone(), shard.clone());
+            glommio::spawn_local(async move { peers.run_link(&shard, node, addr, receiver).await })
+                .detach();
+        }
+        peers
+    }
+
+    pub fn spec(&self) -> &ClusterSpec {
+        &self.spec
+    }
+
+    /// What a node said about itself at its last handshake, if it has answered one.
+    pub fn learned(&self, node: u32) -> Option<NodeAddress> {
+        self.learned.borrow().get(&node).cloned()
+    }
+
+    fn push(&self, to: NodeId, frame: &PeerFrame) -> bool {
+        let Some(link) = self.links.get(&to) else {
+            return false;
+        };
+        let mut bytes = Vec::new();
+        let sent = link.queued.get() < LINK_QUEUE
+            && encode_peer_frame(frame, &mut bytes).is_ok()
+            && link.queue.unbounded_send(bytes).is_ok();
+        if sent {
+            link.queued.set(link.queued.get() + 1);
+        } else {
+            self.dropped.set(self.dropped.get() + 1);
+        }
+        sent
+    }
+
+    /// Sends a client request to node `to` (which holds a replica of its key) and
+    /// waits for its answer, at most `wait`.
+    pub async fn forward(&self, to: NodeId, op: Op, wait: Duration) -> Body {
+        let id = self.next_forward.get();
+        self.next_forward.set(id + 1);
+        let (sender, answer) = oneshot::channel();
+        self.forwards.borrow_mut().insert(id, sender);
+        let frame = PeerFrame::Forward {
+            from_shard: self.shard,
+            id,
+            op,
+        };
+        if !self.push(to, &frame) {
+            self.forwards.borrow_mut().remove(&id);
+            return Body::Error(ErrorReply::Unavailable {
+                required: 1,
+                reachable: 0,
+            });
+        }
+        let timeout = glommio::timer::sleep(wait);
+        let answered = futures_lite::future::or(async { answer.await.ok() }, async {
+            timeout.await;
+            None
+        })
+        .await;
+        self.forwards.borrow_mut().remove(&id);
+        // Sent but not answered: whether the replica applied it is unknown.
+        answered.unwrap_or(Body::Error(ErrorReply::Timeout {
+            acked: 0,
+            required: 0,
+        }))
+    }
+
+    /// Delivers the answer to a request this shard forwarded.
+    pub fn answer_forward(&self, id: u64, body: Body) {
+        if let Some(sender) = self.forwards.borrow_mut().remove(&id) {
+            let _ = sender.send(body);
+        }
+    }
+
+    /// Sends the answer to a forwarded request back to the shard that asked.
+    pub fn reply_forward(&self, to: NodeId, to_shard: u16, id: u64, body: Body) {
+        self.push(to, &PeerFrame::ForwardReply { to_shard, id, body });
+    }
+
+    async fn run_link(&self, shard: &Rc<Shard>, node: u32, addr: String, mut queue: Queue) {
+        let mut backoff = Duration::from_millis(20);
+        let mut reachable = true;
+        let mut pending: Option<Vec<u8>> = None;
+        loop {
+            let connected = match addr.parse::<SocketAddr>() {
+                Ok(addr) => self.connect(addr).await,
+                Err(e) => Err(format!("bad address {addr}: {e}")),
+            };
+            let mut stream = match connected {
+                Ok((stream, address)) => {
+                    self.learned.borrow_mut().insert(node, address);
+                    if !reachable {
+                        tracing::info!(node, "peer link up");
+                    }
+                    reachable = true;
+                    shard.driver().set_reachable(NodeId(node), true);
+                    backoff = Duration::from_millis(20);
+                    stream
+                }
+                Err(reason) => {
+                    if reachable {
+                        tracing::warn!(node, %reason, "peer unreachable");
+                    }
+                    reachable = false;
+                    shard.driver().set_reachable(NodeId(node), false);
+                    // Messages queued meanwhile would be stale by the time we connect;
+                    // the coordinators waiting on them time out.
+                    while queue.try_next().is_some() {
+                        self.dropped.set(self.dropped.get() + 1);
+                    }
+                    pending = None;
+                    if shard.is_stopping() {
+                        return;
+                    }
+                    glommio::timer::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(250));
+                    continue;
+                }
+            };
+            // Write until the connection fails; then reconnect.
+            let mut out = Vec::with_capacity(WRITE_BATCH);
+            loop {
+                let first = match pending.take() {
+                    Some(frame) => frame,
+                    None => match queue.next().await {
+                        Some(frame) => frame,
+                        None => return,
+                    },
+                };
+                out.extend_from_slice(&first);
+                while out.len() < WRITE_BATCH {
+                    match queue.try_next() {
+                        Some(frame) => out.extend_from_slice(&frame),
+                        None => break,
+                    }
+                }
+                if let Err(e) = stream.write_all(&out).await {
+                    tracing::warn!(node, %e, "peer link broke");
+                    out.clear();
+                    break;
+                }
+                out.clear();
+            }
+        }
+    }
+
+    /// Connects and does the handshake; the peer answers with how it is reached.
+    async fn connect(&self, addr: SocketAddr) -> Result<(TcpStream, NodeAddress), String> {
+        let wait = Duration::from_secs(1);
+        let mut stream = TcpStream::connect_timeout(addr, wait)
+            .await
+            .map_err(|e| e.to_string())?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        stream
+            .set_read_timeout(Some(wait))
+            .map_err(|e| e.to_string())?;
+        let hello = Request {
+            id: 1,
+            op: Op::PeerHello(PeerHello {
+                magic: PEER_MAGIC,
+                version: PROTOCOL_VERSION,
+                cluster: self.spec.clone(),
+                from_node: self.me.0,
+                from_shard: self.shard,
+            }),
+        };
+        let mut out = Vec::new();
+        encode_request(&hello, &mut out).map_err(|e| e.to_string())?;
+        stream.write_all(&out).await.map_err(|e| e.to_string())?;
+        let mut input = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some((payload, _)) = next_frame(&input).map_err(|e| e.to_string())? {
+                let response = decode_response(&input[payload], &mut AlignedVec::new())
+                    .map_err(|e| e.to_string())?;
+                return match response.body {
+                    Body::PeerWelcome(address) => Ok((stream, address)),
+                    Body::Error(e) => Err(format!("handshake refused: {e}")),
+                    other => Err(format!("handshake answered {other:?}")),
+                };
+            }
+            let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("closed during the handshake".into());
+            }
+            input.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+impl PeerSend for Peers {
+    fn send(&self, to: NodeId, to_shard: Option<u16>, message: &PeerMessage) {
+        let frame = PeerFrame::Message {
+            from_shard: self.shard,
+            to_shard,
+            payload: ringkv_cluster::wire::encode(message),
+        };
+        self.push(to, &frame);
+    }
+}
+
+/// Reads a peer connection after its handshake: every frame goes to the shard it is
+/// for. A malformed frame closes the connection (the peer reconnects).
+pub async fn serve(
+    mut stream: TcpStream,
+    shard: &Rc<Shard>,
+    from: NodeId,
+    mut input: Vec<u8>,
+) -> Result<(), String> {
+    let mut chunk = vec![0u8; 64 << 10];
+    let mut scratch = AlignedVec::<16>::new();
+    let mut start = 0;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .map_err(|e| e.to_string())?;
+    loop {
+        while let Some((payload, end)) =
+            next_frame(&input[start..]).map_err(|e| format!("peer {}: {e}", from.0))?
+        {
+            let frame = decode_peer_frame(&input[start..][payload], &mut scratch)
+                .map_err(|e| format!("peer {}: {e}", from.0))?;
+            start += end;
+            deliver(shard, from, frame)?;
+        }
+        input.drain(..start);
+        start = 0;
+        if shard.is_stopping() {
+            return Ok(());
+        }
+        // Wake up now and then to notice a stopping node: a peer link is never idle
+        // for long, but it must not hold up a graceful stop.
+        match stream.read(&mut chunk).await {
+            Ok(0) => return Ok(()),
+            Ok(n) => input.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+fn deliver(shard: &Rc<Shard>, from: NodeId, frame: PeerFrame) -> Result<(), String> {
+    match frame {
+        PeerFrame::Message {
+            from_shard,
+            to_shard,
+            payload,
+        } => {
+            let message = ringkv_cluster::wire::decode(&payload)
+                .map_err(|e| format!("peer {}: bad message: {e}", from.0))?;
+            let target = match (&message, to_shard) {
+                (_, Some(to)) => to as usize,
+                (
+                    PeerMessage::Read { partition, .. }
+                    | PeerMessage::Write { partition, .. }
+                    | PeerMessage::Repair { partition, .. },
+                    None,
+                ) => partition.0 as usize % shard.count,
+                _ => return Err(format!("peer {}: a reply without its shard", from.0)),
+            };
+            shard.peer_message(target, from, from_shard, message);
+        }
+        PeerFrame::Forward { from_shard, id, op } => {
+            let shard = shard.clone();
+            glommio::spawn_local(async move {
+                let body = crate::native::execute_forwarded(&shard, op).await;
+                if let Some(peers) = shard.peers() {
+                    peers.reply_forward(from, from_shard, id, body);
+                }
+            })
+            .detach();
+        }
+        PeerFrame::ForwardReply { to_shard, id, body } => {
+            shard.forward_answer(to_shard as usize, id, body);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,325 @@
+//! A real three-node cluster (three `ringkv server` processes on loopback, N=3) under
+//! faults: kill -9, a stale node coming back, SIGSTOP, concurrent writers, bad peers.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use redis::Value;
+use ringkv_client::{Client, Error, PutMode, ReadOptions, RetryPolicy, WriteOptions};
+use ringkv_proto::native::{decode_response, encode_request};
+use ringkv_proto::peer::{ClusterSpec, MemberSpec, PEER_MAGIC, PeerHello};
+use ringkv_proto::{Body, Op, PROTOCOL_VERSION, Request};
+
+mod common;
+use common::Cluster;
+
+const W2: WriteOptions = WriteOptions {
+    w: Some(2),
+    timeout: None,
+};
+const R2: ReadOptions = ReadOptions {
+    r: Some(2),
+    timeout: None,
+};
+
+fn client(cluster: &Cluster, ids: &[usize]) -> Client {
+    Client::builder()
+        .seeds(ids.iter().map(|&id| cluster.native(id)))
+        .request_timeout(Duration::from_secs(3))
+        .retry(RetryPolicy {
+            attempts: 4,
+            backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(300),
+        })
+        .connect_blocking()
+        .expect("client connects")
+}
+
+fn redis(cluster: &Cluster, id: usize) -> redis::Connection {
+    let url = format!("redis://127.0.0.1:{}/", cluster.resp_port(id));
+    let connection = redis::Client::open(url).unwrap().get_connection().unwrap();
+    connection
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    connection
+}
+
+/// What an application does with an idempotent write whose outcome is unknown (in
+/// flight on a connection to a node that just died): send it again.
+fn put_until_acked(c: &Client, key: &[u8], value: &[u8]) {
+    for _ in 0..5 {
+        match c.put_with(key, value, PutMode::Latest, W2) {
+            Ok(()) => return,
+            Err(e) if e.outcome_unknown() => continue,
+            Err(e) => panic!("write failed outright: {e}"),
+        }
+    }
+    panic!("write never acknowledged");
+}
+
+/// Retries `check` until it holds or `within` passes (read repair is asynchronous).
+fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn acknowledged_writes_survive_kill_9_of_one_node() {
+    let mut cluster = Cluster::start(3);
+    let c = client(&cluster, &[1, 2, 3]);
+    let mut acked = Vec::new();
+    let mut unknown = 0;
+    for i in 0..600u32 {
+        if i == 200 {
+            cluster.kill(3);
+        }
+        let key = format!("unique-{i}");
+        match c.put_with(key.as_bytes(), &i.to_le_bytes(), PutMode::Latest, W2) {
+            Ok(()) => acked.push((key, i)),
+            Err(e) if e.outcome_unknown() => unknown += 1,
+            Err(e) => panic!("write {i} failed outright: {e}"),
+        }
+    }
+    assert!(
+        acked.len() >= 550,
+        "only {} of 600 acked ({unknown} unknown)",
+        acked.len()
+    );
+    let check_all = |c: &Client, when: &str| {
+        for (key, i) in &acked {
+            let found = c.get_with(key.as_bytes(), R2).unwrap();
+            assert_eq!(found.value(), Some(&i.to_le_bytes()[..]), "{key} {when}");
+        }
+    };
+    check_all(&c, "while node 3 is down");
+    cluster.restart(3);
+    check_all(&c, "after node 3 restarted");
+}
+
+#[test]
+fn concurrent_writers_leave_siblings_that_a_merged_write_resolves() {
+    let cluster = Cluster::start(3);
+    let mut a = redis(&cluster, 1);
+    let mut b = redis(&cluster, 2);
+    let _: () = redis::cmd("KV.PUT")
+        .arg("cart")
+        .arg("apple")
+        .query(&mut a)
+        .unwrap();
+    let _: () = redis::cmd("KV.PUT")
+        .arg("cart")
+        .arg("pear")
+        .query(&mut b)
+        .unwrap();
+    let (context, mut siblings): (Vec<u8>, Vec<String>) =
+        redis::cmd("KV.GET").arg("cart").query(&mut a).unwrap();
+    siblings.sort();
+    assert_eq!(siblings, ["apple", "pear"]);
+    // The client sees both too.
+    let c = client(&cluster, &[3]);
+    let mut seen = c.get_with(b"cart", R2).unwrap().siblings;
+    seen.sort();
+    assert_eq!(seen, [b"apple".to_vec(), b"pear".to_vec()]);
+    let _: () = redis::cmd("KV.PUT")
+        .arg("cart")
+        .arg("apple+pear")
+        .arg("CONTEXT")
+        .arg(&context)
+        .query(&mut b)
+        .unwrap();
+    let found = c.get_with(b"cart", R2).unwrap();
+    assert_eq!(found.siblings, [b"apple+pear".to_vec()]);
+}
+
+#[test]
+fn a_stale_node_is_repaired_by_reads() {
+    let mut cluster = Cluster::start(3);
+    let c = client(&cluster, &[1, 2]);
+    for i in 0..30u32 {
+        c.put_with(format!("k{i}").as_bytes(), b"old", PutMode::Latest, W2)
+            .unwrap();
+    }
+    cluster.kill(3);
+    for i in 0..30u32 {
+        put_until_acked(&c, format!("k{i}").as_bytes(), b"new");
+    }
+    cluster.restart(3);
+    // Quorum reads return the latest although node 3 missed it; each read repairs it.
+    for i in 0..30u32 {
+        let found = c.get_with(format!("k{i}").as_bytes(), R2).unwrap();
+        assert_eq!(found.value(), Some(&b"new"[..]), "k{i}");
+    }
+    // With nodes 1 and 2 gone, node 3 alone answers R=1 from its own store: repaired.
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.kill(1);
+    cluster.kill(2);
+    let alone = Client::builder()
+        .seeds([cluster.native(3)])
+        .request_timeout(Duration::from_secs(3))
+        .connect_blocking()
+        .unwrap();
+    let r1 = ReadOptions {
+        r: Some(1),
+        timeout: None,
+    };
+    for i in 0..30u32 {
+        let key = format!("k{i}");
+        let repaired = eventually(Duration::from_secs(5), || {
+            alone
+                .get_with(key.as_bytes(), r1)
+                .is_ok_and(|f| f.value() == Some(b"new"))
+        });
+        assert!(repaired, "{key} was not repaired on node 3");
+    }
+}
+
+#[test]
+fn a_stopped_node_slows_nothing_that_two_replicas_can_answer() {
+    let cluster = Cluster::start(3);
+    let mut r = redis(&cluster, 1);
+    let _: () = redis::cmd("KV.PUT")
+        .arg("x")
+        .arg("0")
+        .arg("W")
+        .arg(3)
+        .query(&mut r)
+        .unwrap();
+    cluster.node(3).pause();
+    for i in 1..=20 {
+        let started = Instant::now();
+        let _: () = redis::cmd("SET")
+            .arg(format!("s{i}"))
+            .arg(i)
+            .query(&mut r)
+            .unwrap();
+        let value: String = redis::cmd("GET")
+            .arg(format!("s{i}"))
+            .query(&mut r)
+            .unwrap();
+        assert_eq!(value, i.to_string());
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "W=2/R=2 waited on the stopped node"
+        );
+    }
+    // Needing all three: Timeout or Unavailable, never a wrong answer.
+    let all = redis::cmd("KV.PUT")
+        .arg("x")
+        .arg("1")
+        .arg("W")
+        .arg(3)
+        .query::<Value>(&mut r);
+    let message = all.unwrap_err().to_string();
+    assert!(
+        message.contains("TIMEOUT") || message.contains("UNAVAILABLE"),
+        "{message}"
+    );
+    let read_all = redis::cmd("KV.GET")
+        .arg("x")
+        .arg("R")
+        .arg(3)
+        .query::<Value>(&mut r);
+    let message = read_all.unwrap_err().to_string();
+    assert!(
+        message.contains("TIMEOUT") || message.contains("UNAVAILABLE"),
+        "{message}"
+    );
+    cluster.node(3).resume();
+    // The write that timed out may or may not have happened; either value is right.
+    let (_, values): (Vec<u8>, Vec<String>) = redis::cmd("KV.GET")
+        .arg("x")
+        .arg("R")
+        .arg(3)
+        .query(&mut r)
+        .unwrap();
+    // KV.PUT without a context is a sibling: "1" either joined "0" or never landed.
+    let mut values = values;
+    values.sort();
+    assert!(values == ["0"] || values == ["0", "1"], "{values:?}");
+}
+
+#[test]
+fn bad_peers_are_dropped_and_the_cluster_keeps_serving() {
+    let cluster = Cluster::start(3);
+    let addr = cluster.native(1);
+    let exchange = |request: &Request| -> Option<Body> {
+        let mut stream = TcpStream::connect(&addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut out = Vec::new();
+        encode_request(request, &mut out).unwrap();
+        stream.write_all(&out).unwrap();
+        let mut input = Vec::new();
+        let _ = stream.read_to_end(&mut input);
+        let (payload, _) = ringkv_proto::frame::next_frame(&input).ok()??;
+        decode_response(&input[payload], &mut rkyv::util::AlignedVec::new())
+            .ok()
+            .map(|r| r.body)
+    };
+    // A node that claims another membership, and one that speaks a future version.
+    let wrong = ClusterSpec {
+        partitions: 64,
+        replicas: 3,
+        members: vec![MemberSpec {
+            node_id: 2,
+            native: "127.0.0.1:1".into(),
+        }],
+    };
+    let hello = |cluster: ClusterSpec, version| Request {
+        id: 1,
+        op: Op::PeerHello(PeerHello {
+            magic: PEER_MAGIC,
+            version,
+            cluster,
+            from_node: 2,
+            from_shard: 0,
+        }),
+    };
+    for (request, why) in [
+        (hello(wrong.clone(), PROTOCOL_VERSION), "differ"),
+        (hello(wrong, PROTOCOL_VERSION + 1), "version"),
+    ] {
+        match exchange(&request) {
+            Some(Body::Error(e)) => assert!(e.to_string().contains(why), "{e}"),
+            other => panic!("a bad peer was answered {other:?}"),
+        }
+    }
+    // Garbage on the native and Redis ports.
+    for port in [
+        cluster.native(1),
+        format!("127.0.0.1:{}", cluster.resp_port(1)),
+    ] {
+        let mut stream = TcpStream::connect(&port).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let _ = stream.write_all(&[0xff; 64]);
+        let _ = stream.read_to_end(&mut Vec::new());
+    }
+    let c = client(&cluster, &[1]);
+    c.put_with(b"still", b"here", PutMode::Latest, W2).unwrap();
+    assert_eq!(
+        c.get_with(b"still", R2).unwrap().value(),
+        Some(&b"here"[..])
+    );
+    let all = ReadOptions {
+        r: Some(3),
+        timeout: None,
+    };
+    assert_eq!(
+        c.get_with(b"still", all).unwrap().value(),
+        Some(&b"here"[..])
+    );
+    assert!(!matches!(
+        c.get_with(b"absent", all),
+        Err(Error::Unavailable { .. })
+    ));
+}
