@@ -183,6 +183,9 @@ struct ServerArgs {
     /// N, replicas of each key (at most the member count).
     #[arg(long)]
     replicas: Option<usize>,
+    /// Microseconds an idle executor polls before it sleeps (0: sleep at once).
+    #[arg(long)]
+    spin_before_park_us: Option<u64>,
 }
 
 fn parse_durability(s: &str) -> Result<Durability, String> {
@@ -222,6 +225,9 @@ fn server(args: ServerArgs) -> anyhow::Result<()> {
     config.durability = args.durability.unwrap_or(config.durability);
     config.peers = args.peers.unwrap_or(config.peers);
     config.replicas = args.replicas.unwrap_or(config.replicas);
+    config.spin_before_park_us = args
+        .spin_before_park_us
+        .unwrap_or(config.spin_before_park_us);
     ringkv_server::runtime::run(config)?;
     Ok(())
 }

@@ -39,6 +39,10 @@ pub struct ServerConfig {
     pub replicas: usize,
     /// How long a coordinator waits for its quorum before answering Timeout (ms).
     pub request_timeout_ms: u64,
+    /// How long an idle executor keeps polling before it sleeps (µs). Waking a
+    /// sleeping executor (a hop from another shard) costs syscalls and inter-processor
+    /// interrupts; a short spin avoids them under load and costs CPU when idle.
+    pub spin_before_park_us: u64,
 }
 
 impl Default for ServerConfig {
@@ -58,6 +62,7 @@ impl Default for ServerConfig {
             peers: Vec::new(),
             replicas: 3,
             request_timeout_ms: 1000,
+            spin_before_park_us: 0,
         }
     }
 }

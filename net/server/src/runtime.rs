@@ -80,7 +80,9 @@ pub fn run_until(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), Star
     let mesh = MeshBuilder::<Hop, _>::full(shards, 1024);
     let listening = Arc::new(AtomicUsize::new(0));
     let config = Arc::new(config);
+    let spin = Duration::from_micros(config.spin_before_park_us);
     let handles = LocalExecutorPoolBuilder::new(PoolPlacement::MaxSpread(shards, None))
+        .spin_before_park(spin)
         .on_all_shards(move || {
             let (config, layout, mesh, stop, listening) = (
                 config.clone(),
