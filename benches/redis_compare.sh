@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 requests=${1:-200000}
-for tool in redis-server redis-benchmark; do
+for tool in redis-server redis-benchmark redis-cli; do
   command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install redis-server redis-tools)" >&2; exit 1; }
 done
 cargo build --release -q -p ringkv-tools
@@ -26,7 +26,7 @@ pids+=($!)
 redis-server --port 17579 --dir "$work" --save '' --appendonly no --daemonize no >"$work/redis-off.log" 2>&1 &
 pids+=($!)
 for port in 17379 17479 17579; do
-  for _ in $(seq 100); do redis-benchmark -p "$port" -n 1 -t ping -q >/dev/null 2>&1 && break; sleep 0.1; done
+  for _ in $(seq 100); do [ "$(redis-cli -p "$port" ping 2>/dev/null)" = PONG ] && break; sleep 0.1; done
 done
 
 run() { # name port clients pipeline
