@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use ringkv_proto::frame::next_frame;
 use ringkv_proto::native::{decode_response, encode_request, hello};
-use ringkv_proto::{Body, Op, Request, Response};
+use ringkv_proto::{Body, ErrorReply, Op, Request, Response};
 use rkyv::util::AlignedVec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -51,7 +51,8 @@ impl Connection {
             .set_nodelay(true)
             .map_err(|e| connect_error(e.to_string()))?;
         let mut out = Vec::new();
-        encode_request(&hello(0, client), &mut out).expect("a small frame");
+        // Id 0 is reserved for the node's connection-level errors.
+        encode_request(&hello(1, client), &mut out).expect("a small frame");
         let handshake = async {
             stream.write_all(&out).await?;
             read_response(&mut stream, &mut Input::default()).await
@@ -63,6 +64,11 @@ impl Connection {
                 body: Body::Welcome(_),
                 ..
             })) => {}
+            // A node at its connection limit did nothing: safe to try again later.
+            Ok(Ok(Response {
+                body: Body::Error(ErrorReply::Overloaded { .. }),
+                ..
+            })) => return Err(Error::Overloaded),
             Ok(Ok(Response {
                 body: Body::Error(e),
                 ..
@@ -88,7 +94,7 @@ impl Connection {
             addr: addr.to_owned(),
             queue,
             waiting,
-            next_id: AtomicU64::new(1),
+            next_id: AtomicU64::new(2),
             alive,
         })
     }

@@ -59,7 +59,7 @@ pub struct Config {
     pub default_w: Option<u8>,
     /// How often the partition map is fetched again in the background.
     pub topology_refresh: Duration,
-    /// Name sent in the handshake (shows in the node's logs).
+    /// Name sent in the handshake (the node logs it when it refuses the handshake).
     pub client_name: String,
 }
 

@@ -18,7 +18,8 @@ use thiserror::Error;
 use crate::frame::{self, FrameError};
 use crate::topology::Topology;
 
-/// The protocol version this build speaks. A change to any archived type below bumps it.
+/// The protocol version this build speaks. Once released, a change to any archived type
+/// below bumps it; until then (nothing deployed) variants are only ever appended.
 pub const PROTOCOL_VERSION: u16 = 1;
 
 /// Opens every handshake, so a node can tell a ringkv client from anything else that
@@ -136,7 +137,9 @@ pub struct ShardStatus {
     /// Live keys (tombstones not counted) and bytes of records on disk.
     pub keys: u64,
     pub disk_bytes: u64,
-    /// Client reads and writes this shard coordinated, and those it refused as overloaded.
+    /// Client reads and writes this shard received (a write that replaces reads first,
+    /// so it counts once in each; a forwarded write counts here too), and those it
+    /// refused as overloaded.
     pub reads: u64,
     pub writes: u64,
     pub overloaded: u64,
@@ -152,6 +155,9 @@ pub struct Welcome {
     /// The shard (core) that accepted this connection, and how many the node runs.
     pub shard: u32,
     pub shards: u32,
+    /// Each shard's own native address, so a shard-aware client can go straight to the
+    /// shard that owns a key (partition % shards).
+    pub shard_native: Vec<String>,
     pub server: String,
 }
 

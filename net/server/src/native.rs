@@ -155,7 +155,11 @@ async fn serve(
     stream.write_all(&output).await.map_err(|e| e.to_string())?;
     output.clear();
     if let Some(reason) = refused {
-        tracing::warn!(%reason, "closing a native connection");
+        let client = match &first.op {
+            Op::Hello { client, .. } => client.as_str(),
+            _ => "",
+        };
+        tracing::warn!(%reason, client, "closing a native connection");
         return Err(reason);
     }
     if let Some(from) = peer {
@@ -254,6 +258,7 @@ fn welcome(first: &Request, shard: &Shard, info: &NodeInfo) -> Body {
             node_id: info.me.node_id,
             shard: shard.id as u32,
             shards: shard.count as u32,
+            shard_native: info.me.shard_native.clone(),
             server: format!("ringkv {}", env!("CARGO_PKG_VERSION")),
         }),
         Err(e) => Body::Error(e),

@@ -119,6 +119,8 @@ fn every_operation_over_the_native_protocol() {
         (welcome.version, welcome.node_id, welcome.shards),
         (PROTOCOL_VERSION, 1, 2)
     );
+    let first_shard_port = format!("127.0.0.1:{}", native_port(base) + 1);
+    assert_eq!(welcome.shard_native.first(), Some(&first_shard_port));
     assert_eq!(c.call(Op::Ping), Body::Pong);
 
     // Latest replaces, like SET; binary-safe keys and values, empty values.
