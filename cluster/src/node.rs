@@ -246,6 +246,7 @@ impl Node {
             context,
             quorum,
             mode,
+            supersede_local,
         } = request;
         let context = match context.as_deref().map(Context::decode).transpose() {
             Ok(_) if self.config.sabotage.ignore_context => VersionVector::new(),
@@ -289,6 +290,7 @@ impl Node {
         let job = Job::Coordinate {
             origin: self.local_origin(id),
             context,
+            supersede_local,
             value: value.map_or(Value::Tombstone, Value::Data),
             mode,
             now_ms: now.as_millis() as u64,

@@ -82,6 +82,8 @@ pub(crate) enum Job {
     Coordinate {
         origin: Origin,
         context: VersionVector,
+        /// Add what this replica holds to `context` (see `PutRequest::supersede_local`).
+        supersede_local: bool,
         value: Value,
         mode: ConflictMode,
         now_ms: u64,
@@ -312,12 +314,17 @@ impl Replica {
             Job::Coordinate {
                 origin,
                 ref context,
+                supersede_local,
                 ref value,
                 mode,
                 now_ms,
             } => {
-                let dot = current.next_dot(self.config.actor, context);
-                let mut past = context.clone();
+                let mut context = context.clone();
+                if supersede_local {
+                    context.join(&current.context());
+                }
+                let dot = current.next_dot(self.config.actor, &context);
+                let mut past = context;
                 past.prune(self.config.clock_entries_max);
                 let version = Version {
                     dot,

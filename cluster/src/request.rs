@@ -29,6 +29,11 @@ pub struct PutRequest {
     pub context: Option<Vec<u8>>,
     pub quorum: Quorum,
     pub mode: ConflictMode,
+    /// Also supersede whatever the coordinator's own replica holds when it writes
+    /// (Redis SET semantics without a separate read). Versions that only other
+    /// replicas hold stay as siblings, so with N > 1 a read first is what makes a
+    /// write replace everything a quorum has seen.
+    pub supersede_local: bool,
 }
 
 /// A successful get: the siblings (tombstones included; see

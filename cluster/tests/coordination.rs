@@ -78,6 +78,7 @@ impl Harness {
             context,
             quorum,
             mode: ConflictMode::Causal,
+            supersede_local: false,
         };
         self.nodes
             .get_mut(&at)
@@ -443,6 +444,7 @@ fn last_writer_wins_mode_keeps_one_value() {
             context: None,
             quorum: Quorum::default(),
             mode: ConflictMode::LastWriterWins,
+            supersede_local: false,
         };
         h.nodes
             .get_mut(&at)

@@ -597,6 +597,7 @@ impl World {
             context,
             quorum,
             mode: ringkv_cluster::ConflictMode::Causal,
+            supersede_local: false,
         };
         let now = self.now;
         self.live_node(coordinator)

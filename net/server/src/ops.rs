@@ -40,20 +40,28 @@ pub async fn put(
         return Err(too_large("value", len, shard.max_value_bytes));
     }
     let quorum = quorum(shard, None, w)?;
+    // Replacing what is stored: a single replica holds everything there is, so the
+    // coordinator's own read inside the put suffices; with N > 1 a quorum read first
+    // makes the write supersede what a quorum has seen, not just the coordinator.
+    let supersede_local = matches!(context, WriteContext::Latest) && quorum.n() == 1;
     let context = match context {
         WriteContext::Given(bytes) => Some(bytes),
         WriteContext::Blind => None,
+        WriteContext::Latest if supersede_local => None,
         WriteContext::Latest => Some(get(shard, key, None).await?.context.encode()),
     };
-    let resolved = context
-        .clone()
-        .map_or(WriteContext::Blind, WriteContext::Given);
+    let resolved = match &context {
+        Some(bytes) => WriteContext::Given(bytes.clone()),
+        None if supersede_local => WriteContext::Latest,
+        None => WriteContext::Blind,
+    };
     let request = PutRequest {
         key: key.to_vec(),
         value: value.map(<[u8]>::to_vec),
         context,
         quorum,
         mode: ConflictMode::Causal,
+        supersede_local,
     };
     match shard.put(request).await {
         Ok(_) => Ok(()),

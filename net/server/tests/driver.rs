@@ -35,6 +35,7 @@ fn put(key: &[u8], value: Option<&[u8]>, context: Option<Vec<u8>>) -> PutRequest
         context,
         quorum: one(),
         mode: ConflictMode::Causal,
+        supersede_local: false,
     }
 }
 
@@ -71,6 +72,20 @@ fn siblings_contexts_deletes_and_restart_over_a_real_store() {
             assert_eq!(
                 driver.get(get(b"k")).await.unwrap().values(),
                 vec![&b"merged"[..]]
+            );
+
+            // Superseding what the coordinator holds replaces siblings without a read.
+            driver.put(put(b"r", Some(b"x"), None)).await.unwrap();
+            driver.put(put(b"r", Some(b"y"), None)).await.unwrap();
+            assert_eq!(driver.get(get(b"r")).await.unwrap().values().len(), 2);
+            let replace = PutRequest {
+                supersede_local: true,
+                ..put(b"r", Some(b"z"), None)
+            };
+            driver.put(replace).await.unwrap();
+            assert_eq!(
+                driver.get(get(b"r")).await.unwrap().values(),
+                vec![&b"z"[..]]
             );
 
             // A delete with its context leaves no value.
