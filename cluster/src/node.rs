@@ -42,6 +42,10 @@ pub struct NodeConfig {
     /// at 100 siblings). Replicas merging sets never enforce it: a concurrent write is
     /// never dropped to respect a cap.
     pub siblings_max: usize,
+    /// Most bytes all sibling values of one key may take together (the store keeps
+    /// them in one record, under its value limit); a put beyond it is refused before
+    /// any replica writes it.
+    pub stored_value_max: usize,
     /// Deliberate bugs, for proving the simulator's checkers; all off in production.
     pub sabotage: Sabotage,
 }
@@ -54,6 +58,7 @@ impl NodeConfig {
             request_timeout: Duration::from_secs(1),
             clock_entries_max: 50,
             siblings_max: 100,
+            stored_value_max: usize::MAX,
             sabotage: Sabotage::default(),
         }
     }
@@ -157,6 +162,7 @@ impl Node {
             actor,
             clock_entries_max: config.clock_entries_max,
             siblings_max: config.siblings_max,
+            stored_value_max: config.stored_value_max,
             sabotage: config.sabotage,
         });
         Node {
@@ -530,6 +536,9 @@ impl Node {
                                 ClientError::TooManySiblings { count, limit }
                             }
                             Refusal::StorageFailed => ClientError::StorageFailed,
+                            Refusal::ValuesTooLarge { size, limit } => {
+                                ClientError::ValuesTooLarge { size, limit }
+                            }
                         };
                         self.reply(put.client, ClientReply::Put(Err(error)));
                     }

@@ -104,6 +104,7 @@ impl Job {
 pub(crate) enum Refusal {
     TooManySiblings { count: usize, limit: usize },
     StorageFailed,
+    ValuesTooLarge { size: usize, limit: usize },
 }
 
 /// What the replica asks its node to do.
@@ -136,6 +137,7 @@ pub(crate) struct ReplicaConfig {
     pub actor: Actor,
     pub clock_entries_max: usize,
     pub siblings_max: usize,
+    pub stored_value_max: usize,
     pub sabotage: Sabotage,
 }
 
@@ -339,6 +341,22 @@ impl Replica {
                         refusal: Refusal::TooManySiblings {
                             count: merged.len(),
                             limit: self.config.siblings_max,
+                        },
+                    });
+                    self.finish(key, out);
+                    return;
+                }
+                let size: usize = merged
+                    .siblings()
+                    .filter_map(|v| v.value.data())
+                    .map(<[u8]>::len)
+                    .sum();
+                if size > self.config.stored_value_max {
+                    out.push(ReplicaEvent::Refused {
+                        origin,
+                        refusal: Refusal::ValuesTooLarge {
+                            size,
+                            limit: self.config.stored_value_max,
                         },
                     });
                     self.finish(key, out);

@@ -81,6 +81,10 @@ pub enum ClientError {
     /// resolve the siblings, and write back with the context.
     #[error("{count} siblings would exceed the limit of {limit}")]
     TooManySiblings { count: usize, limit: usize },
+    /// The key's sibling values together would exceed what the store keeps for one
+    /// key; nothing was written. Read, merge the siblings, write back with the context.
+    #[error("the siblings' values would take {size} bytes together, over the limit of {limit}")]
+    ValuesTooLarge { size: usize, limit: usize },
     /// The coordinator's own storage failed before a version was made; nothing written.
     #[error("the coordinator's storage failed")]
     StorageFailed,

@@ -169,6 +169,11 @@ pub fn error_reply(err: ServerError) -> ErrorReply {
                 limit: count(limit),
             }
         }
+        ServerError::Client(ClientError::ValuesTooLarge { size, limit }) => ErrorReply::TooLarge {
+            what: "siblings' values together".into(),
+            size: size as u64,
+            limit: limit as u64,
+        },
         ServerError::Client(ClientError::InvalidArgument(e)) => ErrorReply::InvalidArgument {
             message: e.to_string(),
         },

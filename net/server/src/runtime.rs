@@ -220,6 +220,7 @@ async fn run_shard(
     let ring = Ring::new(config.partitions, &ring_members).map_err(|e| e.to_string())?;
     let mut node_config = NodeConfig::new(node_id, layout.incarnation);
     node_config.request_timeout = Duration::from_millis(config.request_timeout_ms);
+    node_config.stored_value_max = config.max_value_bytes;
     let node = Node::new(node_config, ring.clone());
     let driver = ShardDriver::new(node, store.clone());
     let shard = Shard::new(

@@ -194,6 +194,18 @@ fn every_operation_over_the_native_protocol() {
         c.put(b"v", &vec![0u8; (64 << 10) + 1], WriteContext::Latest),
         Body::Error(ErrorReply::TooLarge { size, limit: 65536, .. }) if size == 65537
     ));
+    // Siblings share the store's value limit: a write that would push them over it is
+    // refused at once as TooLarge, and the siblings already there are untouched.
+    let half = vec![7u8; 40 << 10];
+    assert_eq!(
+        c.put(b"big siblings", &half, WriteContext::Blind),
+        Body::Written
+    );
+    assert!(matches!(
+        c.put(b"big siblings", &half, WriteContext::Blind),
+        Body::Error(ErrorReply::TooLarge { size, .. }) if size == 80 << 10
+    ));
+    assert_eq!(c.get(b"big siblings").siblings, vec![half.clone()]);
     let bad_quorum = c.call(Op::Get {
         key: b"k".to_vec(),
         r: Some(2),
