@@ -193,7 +193,31 @@ fn parse_durability(s: &str) -> Result<Durability, String> {
         .map_err(|e: ringkv_engine::StoreError| e.to_string())
 }
 
-fn main() -> anyhow::Result<ExitCode> {
+/// Errors end as one line on stderr and exit status 1 (no debug dump: an operator
+/// reads this).
+fn main() -> ExitCode {
+    match dispatch() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ringkv: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, skipping causes the message already quotes.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line = format!("{line}: {cause}");
+        }
+    }
+    line
+}
+
+fn dispatch() -> anyhow::Result<ExitCode> {
     let done = |result: anyhow::Result<()>| result.map(|()| ExitCode::SUCCESS);
     match Cli::parse().command {
         None => done(local_cluster::run(local_cluster::ClusterArgs::default())),
