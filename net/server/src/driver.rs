@@ -7,6 +7,7 @@
 //! across one.
 
 use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ use hashbrown::HashMap;
 use ringkv_cluster::{
     Action, ClientError, ClientReply, ClientToken, GetOutcome, GetRequest, Node, NodeId,
     PeerMessage, PutOutcome, PutRequest, RequestId, StorageCompletion, StorageFailure, StorageOp,
-    StoredVersions,
+    StoredVersions, TimerId,
 };
 use ringkv_engine::disk::Disk;
 use ringkv_engine::{Store, StoreError};
@@ -39,11 +40,18 @@ pub struct ShardDriver<D: Disk> {
     /// The shard on the other node that sent each request we have yet to answer, so
     /// the reply reaches the coordinator that waits for it.
     origins: RefCell<HashMap<(NodeId, RequestId), u16>>,
+    /// Deadlines the node asked for, fired by one ticker task: every request sets one,
+    /// and a task (and a glommio timer) per request cost more than the request itself.
+    timers: RefCell<BTreeMap<(Duration, u64), TimerId>>,
+    timer_seq: Cell<u64>,
 }
+
+/// How late a deadline may fire: request timeouts are a second, so a few ms is noise.
+const TIMER_TICK: Duration = Duration::from_millis(5);
 
 impl<D: Disk> ShardDriver<D> {
     pub fn new(node: Node, store: Rc<Store<D>>) -> Rc<Self> {
-        Rc::new(ShardDriver {
+        let driver = Rc::new(ShardDriver {
             node: RefCell::new(node),
             store,
             waiting: RefCell::new(HashMap::new()),
@@ -51,7 +59,38 @@ impl<D: Disk> ShardDriver<D> {
             started: Instant::now(),
             peers: RefCell::new(None),
             origins: RefCell::new(HashMap::new()),
+            timers: RefCell::new(BTreeMap::new()),
+            timer_seq: Cell::new(0),
+        });
+        let ticker = Rc::downgrade(&driver);
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(TIMER_TICK).await;
+                let Some(driver) = ticker.upgrade() else {
+                    break;
+                };
+                driver.fire_due_timers();
+            }
         })
+        .detach();
+        driver
+    }
+
+    /// Hands the node every deadline that has passed.
+    fn fire_due_timers(self: &Rc<Self>) {
+        let now = self.now();
+        loop {
+            let due = {
+                let mut timers = self.timers.borrow_mut();
+                match timers.first_key_value() {
+                    Some((&(at, _), _)) if at <= now => timers.pop_first().map(|(_, t)| t),
+                    _ => None,
+                }
+            };
+            let Some(timer) = due else { break };
+            self.node.borrow_mut().handle_timer(now, timer);
+        }
+        self.pump();
     }
 
     /// Connects the driver to the peer transport (a single node has none).
@@ -148,14 +187,9 @@ impl<D: Disk> ShardDriver<D> {
                     glommio::spawn_local(async move { this.run_storage(op).await }).detach();
                 }
                 Action::SetTimer { timer, at } => {
-                    let this = self.clone();
-                    glommio::spawn_local(async move {
-                        glommio::timer::sleep(at.saturating_sub(this.now())).await;
-                        let now = this.now();
-                        this.node.borrow_mut().handle_timer(now, timer);
-                        this.pump();
-                    })
-                    .detach();
+                    let seq = self.timer_seq.get();
+                    self.timer_seq.set(seq + 1);
+                    self.timers.borrow_mut().insert((at, seq), timer);
                 }
                 Action::Send { to, message } => {
                     let to_shard = match &message {
