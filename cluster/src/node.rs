@@ -46,6 +46,10 @@ pub struct NodeConfig {
     /// them in one record, under its value limit); a put beyond it is refused before
     /// any replica writes it.
     pub stored_value_max: usize,
+    /// Where this node's request sequence numbers start. A driver that runs several
+    /// state machines as one node (one per core) gives each its own range, so request
+    /// ids stay unique per node and replies can be told apart.
+    pub first_sequence: u64,
     /// Deliberate bugs, for proving the simulator's checkers; all off in production.
     pub sabotage: Sabotage,
 }
@@ -59,6 +63,7 @@ impl NodeConfig {
             clock_entries_max: 50,
             siblings_max: 100,
             stored_value_max: usize::MAX,
+            first_sequence: 0,
             sabotage: Sabotage::default(),
         }
     }
@@ -172,7 +177,7 @@ impl Node {
             replica,
             puts: BTreeMap::new(),
             gets: BTreeMap::new(),
-            next_sequence: 0,
+            next_sequence: config.first_sequence,
             actions: VecDeque::new(),
             local_inbox: VecDeque::new(),
             stats: NodeStats::default(),

@@ -323,3 +323,44 @@ fn bad_peers_are_dropped_and_the_cluster_keeps_serving() {
         Err(Error::Unavailable { .. })
     ));
 }
+
+/// Nodes with different shard counts (2, 1, 2: this machine has two cores): every reply must reach the one shard that asked
+/// (request ids are unique per node, not just per shard), or quorums would count
+/// answers about other keys.
+#[test]
+fn nodes_with_different_shard_counts_answer_every_quorum_correctly() {
+    let cluster = Cluster::start_with_shards(&[2, 1, 2]);
+    let all_w = WriteOptions {
+        w: Some(3),
+        timeout: None,
+    };
+    let all_r = ReadOptions {
+        r: Some(3),
+        timeout: None,
+    };
+    for seed in [1, 2, 3] {
+        let c = client(&cluster, &[seed]);
+        let keys: Vec<Vec<u8>> = (0..150u32)
+            .map(|i| format!("s{seed}-{i}").into_bytes())
+            .collect();
+        // Many writes in flight at once, so both of a node's shards have requests out.
+        let writes = keys.iter().map(|k| {
+            let c = c.as_async().clone();
+            let k = k.clone();
+            async move { c.put_with(&k, &k, PutMode::Latest, all_w).await }
+        });
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        for result in runtime.block_on(futures_util::future::join_all(writes)) {
+            result.unwrap();
+        }
+        for key in &keys {
+            let found = c.get_with(key, all_r).unwrap();
+            assert_eq!(
+                found.siblings,
+                vec![key.clone()],
+                "{}",
+                String::from_utf8_lossy(key)
+            );
+        }
+    }
+}

@@ -115,6 +115,14 @@ impl ServerConfig {
                 self.partitions
             ));
         }
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if self.shard_count() > cpus {
+            return invalid(format!(
+                "{} shards need {} CPUs (one executor pinned to each); this machine has {cpus}",
+                self.shard_count(),
+                self.shard_count()
+            ));
+        }
         if self.shard_count() > 256 {
             return invalid(format!("{} shards: at most 256", self.shard_count()));
         }

@@ -14,6 +14,8 @@ pub const READ_CHUNK: usize = 64 << 10;
 /// The connections of one shard: how many are open, and whether new ones are welcome.
 pub struct Connections {
     open: Cell<usize>,
+    /// Of the open connections, those that are links from other nodes.
+    peer_links: Cell<usize>,
     max: usize,
     max_pipeline: usize,
     closing: Cell<bool>,
@@ -24,6 +26,7 @@ impl Connections {
     pub fn new(max: usize, max_pipeline: usize) -> Connections {
         Connections {
             open: Cell::new(0),
+            peer_links: Cell::new(0),
             max,
             max_pipeline,
             closing: Cell::new(false),
@@ -33,6 +36,19 @@ impl Connections {
 
     pub fn open(&self) -> usize {
         self.open.get()
+    }
+
+    /// Open connections from clients: what a stopping node waits for.
+    pub fn clients_open(&self) -> usize {
+        self.open.get() - self.peer_links.get()
+    }
+
+    /// Counts a connection as a peer link while `serving` runs.
+    pub async fn as_peer_link<T>(&self, serving: impl Future<Output = T>) -> T {
+        self.peer_links.set(self.peer_links.get() + 1);
+        let result = serving.await;
+        self.peer_links.set(self.peer_links.get() - 1);
+        result
     }
 
     /// Requests of one connection parsed and run at once; more wait for the next turn.

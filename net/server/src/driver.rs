@@ -15,7 +15,7 @@ use futures_channel::oneshot;
 use hashbrown::HashMap;
 use ringkv_cluster::{
     Action, ClientError, ClientReply, ClientToken, GetOutcome, GetRequest, Node, NodeId,
-    PeerMessage, PutOutcome, PutRequest, RequestId, StorageCompletion, StorageFailure, StorageOp,
+    PeerMessage, PutOutcome, PutRequest, StorageCompletion, StorageFailure, StorageOp,
     StoredVersions, TimerId,
 };
 use ringkv_engine::disk::Disk;
@@ -23,12 +23,9 @@ use ringkv_engine::{Store, StoreError};
 
 /// Where the driver hands messages for other nodes: the peer transport.
 pub trait PeerSend {
-    /// Sends `message` to node `to`; `to_shard` names the shard a reply is for.
-    fn send(&self, to: NodeId, to_shard: Option<u16>, message: &PeerMessage);
+    /// Sends `message` to node `to`.
+    fn send(&self, to: NodeId, message: &PeerMessage);
 }
-
-/// Requests from peers awaiting our reply, at most.
-const MAX_ORIGINS: usize = 1 << 20;
 
 pub struct ShardDriver<D: Disk> {
     node: RefCell<Node>,
@@ -37,9 +34,6 @@ pub struct ShardDriver<D: Disk> {
     next_token: Cell<u64>,
     started: Instant,
     peers: RefCell<Option<Rc<dyn PeerSend>>>,
-    /// The shard on the other node that sent each request we have yet to answer, so
-    /// the reply reaches the coordinator that waits for it.
-    origins: RefCell<HashMap<(NodeId, RequestId), u16>>,
     /// Deadlines the node asked for, fired by one ticker task: every request sets one,
     /// and a task (and a glommio timer) per request cost more than the request itself.
     timers: RefCell<BTreeMap<(Duration, u64), TimerId>>,
@@ -58,7 +52,6 @@ impl<D: Disk> ShardDriver<D> {
             next_token: Cell::new(0),
             started: Instant::now(),
             peers: RefCell::new(None),
-            origins: RefCell::new(HashMap::new()),
             timers: RefCell::new(BTreeMap::new()),
             timer_seq: Cell::new(0),
         });
@@ -98,19 +91,8 @@ impl<D: Disk> ShardDriver<D> {
         *self.peers.borrow_mut() = Some(peers);
     }
 
-    /// A message from shard `from_shard` of node `from`.
-    pub fn handle_peer(self: &Rc<Self>, from: NodeId, from_shard: u16, message: PeerMessage) {
-        match &message {
-            PeerMessage::Read { request, .. } | PeerMessage::Write { request, .. } => {
-                let mut origins = self.origins.borrow_mut();
-                // Bounded: a peer flooding requests we never answer cannot grow this
-                // without end (its requests then time out at its end).
-                if origins.len() < MAX_ORIGINS {
-                    origins.insert((from, *request), from_shard);
-                }
-            }
-            _ => {}
-        }
+    /// A message from node `from`.
+    pub fn handle_peer(self: &Rc<Self>, from: NodeId, message: PeerMessage) {
         let now = self.now();
         self.node.borrow_mut().handle_message(now, from, message);
         self.pump();
@@ -191,19 +173,10 @@ impl<D: Disk> ShardDriver<D> {
                     self.timer_seq.set(seq + 1);
                     self.timers.borrow_mut().insert((at, seq), timer);
                 }
-                Action::Send { to, message } => {
-                    let to_shard = match &message {
-                        PeerMessage::ReadReply { request, .. }
-                        | PeerMessage::WriteAck { request } => {
-                            self.origins.borrow_mut().remove(&(to, *request))
-                        }
-                        _ => None,
-                    };
-                    match self.peers.borrow().as_ref() {
-                        Some(peers) => peers.send(to, to_shard, &message),
-                        None => tracing::warn!(?to, "no peer transport: message dropped"),
-                    }
-                }
+                Action::Send { to, message } => match self.peers.borrow().as_ref() {
+                    Some(peers) => peers.send(to, &message),
+                    None => tracing::warn!(?to, "no peer transport: message dropped"),
+                },
             }
         }
     }

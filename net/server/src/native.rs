@@ -163,7 +163,8 @@ async fn serve(
         return Err(reason);
     }
     if let Some(from) = peer {
-        return crate::peers::serve(stream, shard, from, input).await;
+        let serving = crate::peers::serve(stream, shard, from, input);
+        return connections.as_peer_link(serving).await;
     }
 
     loop {

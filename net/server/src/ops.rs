@@ -82,7 +82,12 @@ async fn forward(
     context: WriteContext,
     w: Option<usize>,
 ) -> Result<(), ErrorReply> {
-    let (Some(peers), Some(&replica)) = (shard.peers(), replicas.first()) else {
+    let peers = shard.peers();
+    // The first replica whose link is up; a node known to be down would only time out.
+    let replica = peers
+        .as_ref()
+        .and_then(|p| replicas.iter().find(|&&r| p.is_up(r)));
+    let (Some(peers), Some(&replica)) = (peers, replica) else {
         return Err(ErrorReply::Unavailable {
             required: 1,
             reachable: 0,

@@ -77,6 +77,8 @@ pub struct Peers {
     forwards: RefCell<HashMap<u64, oneshot::Sender<Body>>>,
     next_forward: Cell<u64>,
     dropped: Cell<u64>,
+    /// Nodes whose link cannot connect right now.
+    down: RefCell<std::collections::HashSet<u32>>,
 }
 
 impl Peers {
@@ -110,6 +112,7 @@ impl Peers {
             forwards: RefCell::new(HashMap::new()),
             next_forward: Cell::new(1),
             dropped: Cell::new(0),
+            down: RefCell::new(std::collections::HashSet::new()),
         });
         for (node, addr, receiver) in receivers {
             let (peers, shard) = (peers.clone(), shard.clone());
@@ -121,6 +124,11 @@ impl Peers {
 
     pub fn spec(&self) -> &ClusterSpec {
         &self.spec
+    }
+
+    /// Whether this shard's link to `node` is connected (or not yet known to fail).
+    pub fn is_up(&self, node: NodeId) -> bool {
+        !self.down.borrow().contains(&node.0)
     }
 
     /// What a node said about itself at its last handshake, if it has answered one.
@@ -147,6 +155,12 @@ impl Peers {
     /// Sends a client request to node `to` (which holds a replica of its key) and
     /// waits for its answer, at most `wait`.
     pub async fn forward(&self, to: NodeId, op: Op, wait: Duration) -> Body {
+        if !self.is_up(to) {
+            return Body::Error(ErrorReply::Unavailable {
+                required: 1,
+                reachable: 0,
+            });
+        }
         let id = self.next_forward.get();
         self.next_forward.set(id + 1);
         let (sender, answer) = oneshot::channel();
@@ -205,6 +219,7 @@ impl Peers {
                         tracing::info!(node, "peer link up");
                     }
                     reachable = true;
+                    self.down.borrow_mut().remove(&node);
                     shard.driver().set_reachable(NodeId(node), true);
                     backoff = Duration::from_millis(20);
                     stream
@@ -214,6 +229,7 @@ impl Peers {
                         tracing::warn!(node, %reason, "peer unreachable");
                     }
                     reachable = false;
+                    self.down.borrow_mut().insert(node);
                     shard.driver().set_reachable(NodeId(node), false);
                     // Messages queued meanwhile would be stale by the time we connect;
                     // the coordinators waiting on them time out.
@@ -266,6 +282,12 @@ impl Peers {
         stream
             .set_read_timeout(Some(wait))
             .map_err(|e| e.to_string())?;
+        // A peer that stops reading (paused, or its host gone without a FIN) must not
+        // block the link forever: the write fails, the link reconnects, and a peer that
+        // cannot finish a handshake is reported unreachable.
+        stream
+            .set_write_timeout(Some(Duration::from_secs(2)))
+            .map_err(|e| e.to_string())?;
         let hello = Request {
             id: 1,
             op: Op::PeerHello(PeerHello {
@@ -301,10 +323,10 @@ impl Peers {
 }
 
 impl PeerSend for Peers {
-    fn send(&self, to: NodeId, to_shard: Option<u16>, message: &PeerMessage) {
+    fn send(&self, to: NodeId, message: &PeerMessage) {
         let frame = PeerFrame::Message {
             from_shard: self.shard,
-            to_shard,
+            to_shard: None,
             payload: ringkv_cluster::wire::encode(message),
         };
         self.push(to, &frame);
@@ -353,9 +375,7 @@ pub async fn serve(
 fn deliver(shard: &Rc<Shard>, from: NodeId, frame: PeerFrame) -> Result<(), String> {
     match frame {
         PeerFrame::Message {
-            from_shard,
-            to_shard,
-            payload,
+            to_shard, payload, ..
         } => {
             let message = ringkv_cluster::wire::decode(&payload)
                 .map_err(|e| format!("peer {}: bad message: {e}", from.0))?;
@@ -367,9 +387,15 @@ fn deliver(shard: &Rc<Shard>, from: NodeId, frame: PeerFrame) -> Result<(), Stri
                     | PeerMessage::Repair { partition, .. },
                     None,
                 ) => partition.0 as usize % shard.count,
-                _ => return Err(format!("peer {}: a reply without its shard", from.0)),
+                // A reply goes to the shard whose request it answers: shard i numbers
+                // its requests from i << 48 (see runtime.rs).
+                (
+                    PeerMessage::ReadReply { request, .. } | PeerMessage::WriteAck { request },
+                    None,
+                ) => (request.sequence >> 48) as usize,
             };
-            shard.peer_message(target, from, from_shard, message);
+            // An out-of-range shard (a confused or hostile peer) is dropped there.
+            shard.peer_message(target, from, message);
         }
         PeerFrame::Forward { from_shard, id, op } => {
             let shard = shard.clone();

@@ -221,6 +221,9 @@ async fn run_shard(
     let mut node_config = NodeConfig::new(node_id, layout.incarnation);
     node_config.request_timeout = Duration::from_millis(config.request_timeout_ms);
     node_config.stored_value_max = config.max_value_bytes;
+    // Shard i numbers its requests from i << 48: ids stay unique across the node's
+    // shards, so a peer's reply is routed back to the one shard that asked.
+    node_config.first_sequence = (id as u64) << 48;
     let node = Node::new(node_config, ring.clone());
     let driver = ShardDriver::new(node, store.clone());
     let shard = Shard::new(
@@ -292,7 +295,6 @@ async fn run_shard(
     while !stop.load(Ordering::Relaxed) {
         glommio::timer::sleep(Duration::from_millis(50)).await;
     }
-    shard.stop();
     connections.close();
     for stopper in &stoppers {
         stopper.stop();
@@ -301,9 +303,12 @@ async fn run_shard(
         acceptor.cancel().await;
     }
     let deadline = Instant::now() + DRAIN_TIMEOUT;
-    while connections.open() > 0 && Instant::now() < deadline {
+    while connections.clients_open() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
+    // Peer links stay up while clients drain: the requests they finish still need
+    // answers from the other replicas.
+    shard.stop();
     store
         .close()
         .await

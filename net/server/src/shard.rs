@@ -31,7 +31,6 @@ enum HopRequest {
     /// A replication message from another node, for the shard owning its partition.
     Peer {
         from: NodeId,
-        from_shard: u16,
         message: PeerMessage,
     },
     /// The answer to a request this shard forwarded to another node.
@@ -135,18 +134,11 @@ impl Shard {
     }
 
     /// Hands a replication message to shard `target` of this node.
-    pub fn peer_message(&self, target: usize, from: NodeId, from_shard: u16, message: PeerMessage) {
+    pub fn peer_message(&self, target: usize, from: NodeId, message: PeerMessage) {
         if target == self.id {
-            self.driver.handle_peer(from, from_shard, message);
+            self.driver.handle_peer(from, message);
         } else if target < self.count {
-            self.hop_and_forget(
-                target,
-                HopRequest::Peer {
-                    from,
-                    from_shard,
-                    message,
-                },
-            );
+            self.hop_and_forget(target, HopRequest::Peer { from, message });
         }
     }
 
@@ -317,12 +309,8 @@ impl Shard {
                     HopRequest::Put(r) => HopReply::Put(this.driver.put(r).await),
                     HopRequest::CountKeys => HopReply::Count(this.local_key_count()),
                     HopRequest::Status => HopReply::Status(this.local_status()),
-                    HopRequest::Peer {
-                        from,
-                        from_shard,
-                        message,
-                    } => {
-                        this.driver.handle_peer(from, from_shard, message);
+                    HopRequest::Peer { from, message } => {
+                        this.driver.handle_peer(from, message);
                         HopReply::Delivered
                     }
                     HopRequest::ForwardAnswer { id, body } => {

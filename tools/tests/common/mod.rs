@@ -96,21 +96,33 @@ pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
 }
 
-/// Three real `ringkv server` processes (one shard each) forming one cluster, N=3.
+/// Real `ringkv server` processes (one shard each unless told otherwise) forming one
+/// cluster, N=3.
 pub struct Cluster {
     pub nodes: Vec<Option<Server>>,
     base: u16,
     dirs: Vec<tempfile::TempDir>,
+    shards: Vec<usize>,
 }
+
+/// Ports per node: native and up to three shard ports, then the same for RESP.
+const NODE_PORTS: u16 = 8;
 
 impl Cluster {
     pub fn start(size: usize) -> Cluster {
-        let base = free_ports_n(4 * size as u16);
+        Cluster::start_with_shards(&vec![1; size])
+    }
+
+    /// One node per entry, with that many shards (at most 3).
+    pub fn start_with_shards(shards: &[usize]) -> Cluster {
+        let size = shards.len();
+        let base = free_ports_n(NODE_PORTS * size as u16);
         let dirs: Vec<_> = (0..size).map(|_| tempdir()).collect();
         let mut cluster = Cluster {
             nodes: Vec::new(),
             base,
             dirs,
+            shards: shards.to_vec(),
         };
         let children: Vec<_> = (1..=size).map(|id| cluster.spawn(id)).collect();
         for (id, child) in (1..=size).zip(children) {
@@ -154,11 +166,11 @@ impl Cluster {
 
     /// Node `id`'s native address (shard 0 at the next port).
     pub fn native(&self, id: usize) -> String {
-        format!("127.0.0.1:{}", self.base + 4 * (id as u16 - 1))
+        format!("127.0.0.1:{}", self.base + NODE_PORTS * (id as u16 - 1))
     }
 
     pub fn resp_port(&self, id: usize) -> u16 {
-        self.base + 4 * (id as u16 - 1) + 2
+        self.base + NODE_PORTS * (id as u16 - 1) + NODE_PORTS / 2
     }
 
     fn spawn(&self, id: usize) -> Child {
@@ -166,7 +178,8 @@ impl Cluster {
             .map(|k| format!("{k}@{}", self.native(k)))
             .collect();
         Command::new(env!("CARGO_BIN_EXE_ringkv"))
-            .args(["server", "--node-id", &id.to_string(), "--shards", "1"])
+            .args(["server", "--node-id", &id.to_string()])
+            .args(["--shards", &self.shards[id - 1].to_string()])
             .args(["--partitions", "64", "--replicas", "3"])
             .args(["--listen", &self.native(id)])
             .args(["--resp", &format!("127.0.0.1:{}", self.resp_port(id))])
