@@ -354,7 +354,7 @@ pub async fn serve(
             let frame = decode_peer_frame(&input[start..][payload], &mut scratch)
                 .map_err(|e| format!("peer {}: {e}", from.0))?;
             start += end;
-            deliver(shard, from, frame)?;
+            deliver(shard, from, frame).await?;
         }
         input.drain(..start);
         start = 0;
@@ -372,7 +372,7 @@ pub async fn serve(
     }
 }
 
-fn deliver(shard: &Rc<Shard>, from: NodeId, frame: PeerFrame) -> Result<(), String> {
+async fn deliver(shard: &Rc<Shard>, from: NodeId, frame: PeerFrame) -> Result<(), String> {
     match frame {
         PeerFrame::Message {
             to_shard, payload, ..
@@ -395,7 +395,7 @@ fn deliver(shard: &Rc<Shard>, from: NodeId, frame: PeerFrame) -> Result<(), Stri
                 ) => (request.sequence >> 48) as usize,
             };
             // An out-of-range shard (a confused or hostile peer) is dropped there.
-            shard.peer_message(target, from, message);
+            shard.peer_message(target, from, message).await;
         }
         PeerFrame::Forward { from_shard, id, op } => {
             let shard = shard.clone();

@@ -133,12 +133,17 @@ impl Shard {
         self.stopping.get()
     }
 
-    /// Hands a replication message to shard `target` of this node.
-    pub fn peer_message(&self, target: usize, from: NodeId, message: PeerMessage) {
+    /// Hands a replication message to shard `target` of this node. Waiting for room
+    /// in the mesh (rather than spawning a task per message) carries backpressure back
+    /// to the peer's connection when the target shard falls behind.
+    pub async fn peer_message(&self, target: usize, from: NodeId, message: PeerMessage) {
         if target == self.id {
             self.driver.handle_peer(from, message);
         } else if target < self.count {
-            self.hop_and_forget(target, HopRequest::Peer { from, message });
+            let (reply, _) = oneshot::channel();
+            let request = HopRequest::Peer { from, message };
+            // The target shard only goes away when the node stops.
+            let _ = self.mesh.send_to(target, Hop { request, reply }).await;
         }
     }
 
