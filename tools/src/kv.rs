@@ -20,6 +20,17 @@ pub mod exit {
     pub const OTHER: u8 = 6;
 }
 
+/// `println!` that ends the process quietly when stdout is closed early (`| head`)
+/// instead of panicking on the broken pipe.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout(), $($arg)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
 #[derive(Clone, Copy, ValueEnum, Default)]
 pub enum Output {
     #[default]
@@ -192,7 +203,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
             }));
         }
         Output::Table => {
-            println!(
+            say!(
                 "cluster: {} node(s), {} partitions, ring epoch {}",
                 nodes.len(),
                 topology.partitions,
@@ -201,7 +212,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
             for n in &nodes {
                 let address = topology.node(n.node_id);
                 let owned = topology.owners.iter().filter(|&&o| o == n.node_id).count();
-                println!(
+                say!(
                     "node {} (incarnation {}) native={} resp={} partitions={}",
                     n.node_id,
                     n.incarnation,
@@ -209,7 +220,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
                     address.map_or("?", |a| &a.resp),
                     owned
                 );
-                println!(
+                say!(
                     "  {:>5} {:<22} {:>10} {:>10} {:>12} {:>12} {:>12} {:>10}",
                     "shard",
                     "port",
@@ -224,7 +235,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
                     let port = address
                         .and_then(|a| a.shard_native.get(s.shard as usize))
                         .map_or("?", String::as_str);
-                    println!(
+                    say!(
                         "  {:>5} {:<22} {:>10} {:>10} {:>12} {:>12} {:>12} {:>10}",
                         s.shard,
                         port,
@@ -273,7 +284,7 @@ fn done(output: Output, what: &str, key: &str, result: Result<(), Error>) -> Exi
         Ok(()) => {
             match output {
                 Output::Json => print_json(&json!({"ok": true, "op": what, "key": key})),
-                Output::Table => println!("OK"),
+                Output::Table => say!("OK"),
             }
             ExitCode::SUCCESS
         }
@@ -317,13 +328,13 @@ fn print_found(key: &str, found: &Versions) {
             eprintln!("context: {}", encode_hex(found.context.as_bytes()));
         }
         many => {
-            println!("{} siblings (concurrent writes) for {key}:", many.len());
+            say!("{} siblings (concurrent writes) for {key}:", many.len());
             for (i, value) in many.iter().enumerate() {
-                println!("  [{}] {}", i + 1, value.escape_ascii());
+                say!("  [{}] {}", i + 1, value.escape_ascii());
             }
             let context = encode_hex(found.context.as_bytes());
-            println!("context: {context}");
-            println!("resolve with: ringkv put {key} <merged value> --context {context}");
+            say!("context: {context}");
+            say!("resolve with: ringkv put {key} <merged value> --context {context}");
         }
     }
 }
@@ -346,7 +357,7 @@ fn found_json(key: &str, found: &Versions) -> Value {
 }
 
 fn print_json(value: &Value) {
-    println!("{value}");
+    say!("{value}");
 }
 
 fn encode_hex(bytes: &[u8]) -> String {
