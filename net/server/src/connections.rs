@@ -34,10 +34,6 @@ impl Connections {
         }
     }
 
-    pub fn open(&self) -> usize {
-        self.open.get()
-    }
-
     /// Open connections from clients: what a stopping node waits for.
     pub fn clients_open(&self) -> usize {
         self.open.get() - self.peer_links.get()

@@ -76,7 +76,6 @@ pub struct Peers {
     learned: RefCell<HashMap<u32, NodeAddress>>,
     forwards: RefCell<HashMap<u64, oneshot::Sender<Body>>>,
     next_forward: Cell<u64>,
-    dropped: Cell<u64>,
     /// Nodes whose link cannot connect right now.
     down: RefCell<std::collections::HashSet<u32>>,
 }
@@ -111,7 +110,6 @@ impl Peers {
             learned: RefCell::new(HashMap::new()),
             forwards: RefCell::new(HashMap::new()),
             next_forward: Cell::new(1),
-            dropped: Cell::new(0),
             down: RefCell::new(std::collections::HashSet::new()),
         });
         for (node, addr, receiver) in receivers {
@@ -120,10 +118,6 @@ impl Peers {
                 .detach();
         }
         peers
-    }
-
-    pub fn spec(&self) -> &ClusterSpec {
-        &self.spec
     }
 
     /// Whether this shard's link to `node` is connected (or not yet known to fail).
@@ -146,8 +140,6 @@ impl Peers {
             && link.queue.unbounded_send(bytes).is_ok();
         if sent {
             link.queued.set(link.queued.get() + 1);
-        } else {
-            self.dropped.set(self.dropped.get() + 1);
         }
         sent
     }
@@ -204,39 +196,34 @@ impl Peers {
     }
 
     async fn run_link(&self, shard: &Rc<Shard>, node: u32, addr: String, mut queue: Queue) {
+        let addr = match addr.parse::<SocketAddr>() {
+            Ok(addr) => Ok(addr),
+            Err(e) => Err(format!("bad address {addr}: {e}")),
+        };
         let mut backoff = Duration::from_millis(20);
-        let mut reachable = true;
-        let mut pending: Option<Vec<u8>> = None;
         loop {
-            let connected = match addr.parse::<SocketAddr>() {
-                Ok(addr) => self.connect(addr).await,
-                Err(e) => Err(format!("bad address {addr}: {e}")),
+            let connected = match &addr {
+                Ok(addr) => self.connect(*addr).await,
+                Err(reason) => Err(reason.clone()),
             };
             let mut stream = match connected {
                 Ok((stream, address)) => {
                     self.learned.borrow_mut().insert(node, address);
-                    if !reachable {
+                    if self.down.borrow_mut().remove(&node) {
                         tracing::info!(node, "peer link up");
                     }
-                    reachable = true;
-                    self.down.borrow_mut().remove(&node);
                     shard.driver().set_reachable(NodeId(node), true);
                     backoff = Duration::from_millis(20);
                     stream
                 }
                 Err(reason) => {
-                    if reachable {
+                    if self.down.borrow_mut().insert(node) {
                         tracing::warn!(node, %reason, "peer unreachable");
                     }
-                    reachable = false;
-                    self.down.borrow_mut().insert(node);
                     shard.driver().set_reachable(NodeId(node), false);
                     // Messages queued meanwhile would be stale by the time we connect;
                     // the coordinators waiting on them time out.
-                    while queue.try_next().is_some() {
-                        self.dropped.set(self.dropped.get() + 1);
-                    }
-                    pending = None;
+                    while queue.try_next().is_some() {}
                     if shard.is_stopping() {
                         return;
                     }
@@ -248,12 +235,8 @@ impl Peers {
             // Write until the connection fails; then reconnect.
             let mut out = Vec::with_capacity(WRITE_BATCH);
             loop {
-                let first = match pending.take() {
-                    Some(frame) => frame,
-                    None => match queue.next().await {
-                        Some(frame) => frame,
-                        None => return,
-                    },
+                let Some(first) = queue.next().await else {
+                    return;
                 };
                 out.extend_from_slice(&first);
                 while out.len() < WRITE_BATCH {

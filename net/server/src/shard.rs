@@ -168,10 +168,6 @@ impl Shard {
         .detach();
     }
 
-    pub fn ring(&self) -> &Ring {
-        &self.ring
-    }
-
     pub fn driver(&self) -> &Rc<ShardDriver<DmaDisk>> {
         &self.driver
     }
