@@ -5,11 +5,23 @@ use std::cell::Cell;
 use std::future::Future;
 use std::rc::Rc;
 
-use futures_lite::AsyncWriteExt;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
 /// Bytes read from a socket at a time.
 pub const READ_CHUNK: usize = 64 << 10;
+
+/// Reads what has arrived on `stream` (through `chunk`) onto the end of `input`;
+/// false when the other side has closed the connection.
+pub async fn read_more(
+    stream: &mut TcpStream,
+    chunk: &mut [u8],
+    input: &mut Vec<u8>,
+) -> Result<bool, String> {
+    let n = stream.read(chunk).await.map_err(|e| e.to_string())?;
+    input.extend_from_slice(&chunk[..n]);
+    Ok(n > 0)
+}
 
 /// The connections of one shard: how many are open, and whether new ones are welcome.
 pub struct Connections {

@@ -8,7 +8,7 @@
 
 use std::rc::Rc;
 
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::AsyncWriteExt;
 use glommio::net::{TcpListener, TcpStream};
 use ringkv_cluster::NodeId;
 use ringkv_proto::frame::next_frame;
@@ -20,7 +20,7 @@ use ringkv_proto::{
 };
 use rkyv::util::AlignedVec;
 
-use crate::connections::{Connections, READ_CHUNK};
+use crate::connections::{Connections, READ_CHUNK, read_more};
 use crate::ops;
 use crate::pipeline::{Touch, run_in_order};
 use crate::shard::Shard;
@@ -123,11 +123,9 @@ async fn serve(
             Ok(None) => {}
             Err(e) => break Err(e.to_string()),
         }
-        let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
-        if n == 0 {
+        if !read_more(&mut stream, &mut chunk, &mut input).await? {
             return Ok(());
         }
-        input.extend_from_slice(&chunk[..n]);
     };
     let first = match first {
         Ok(first) => first,
@@ -196,11 +194,9 @@ async fn serve(
             if connections.is_closing() {
                 return Ok(());
             }
-            let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
-            if n == 0 {
+            if !read_more(&mut stream, &mut chunk, &mut input).await? {
                 return Ok(());
             }
-            input.extend_from_slice(&chunk[..n]);
             continue;
         }
         let answers = run_in_order(&batch, touch, |r| execute(shard, info, r)).await;

@@ -27,6 +27,7 @@ use ringkv_proto::peer::{
 use ringkv_proto::{Body, ErrorReply, NodeAddress, Op, PROTOCOL_VERSION, Request};
 use rkyv::util::AlignedVec;
 
+use crate::connections::read_more;
 use crate::driver::PeerSend;
 use crate::shard::Shard;
 
@@ -296,11 +297,9 @@ impl Peers {
                     other => Err(format!("handshake answered {other:?}")),
                 };
             }
-            let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
-            if n == 0 {
+            if !read_more(&mut stream, &mut chunk, &mut input).await? {
                 return Err("closed during the handshake".into());
             }
-            input.extend_from_slice(&chunk[..n]);
         }
     }
 }

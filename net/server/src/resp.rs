@@ -9,11 +9,11 @@
 
 use std::rc::Rc;
 
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::AsyncWriteExt;
 use glommio::net::{TcpListener, TcpStream};
 
 use crate::commands::{self, Reply, Session};
-use crate::connections::{Connections, READ_CHUNK};
+use crate::connections::{Connections, READ_CHUNK, read_more};
 use crate::pipeline::{Touch, segment_end};
 use crate::shard::Shard;
 
@@ -64,11 +64,9 @@ async fn serve(
             if connections.is_closing() {
                 return Ok(());
             }
-            let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
-            if n == 0 {
+            if !read_more(&mut stream, &mut chunk, &mut input).await? {
                 return Ok(());
             }
-            input.extend_from_slice(&chunk[..n]);
             continue;
         }
         let replies = run_batch(shard, &mut session, &batch).await;
