@@ -203,20 +203,13 @@ impl AsyncClient {
         let wait = options
             .timeout
             .unwrap_or(self.router.config.request_timeout);
-        let connection = self.router.connection_to(addr).await?;
         let op = Op::Get {
             key: key.to_vec(),
             r,
         };
-        match tokio::time::timeout(wait, connection.call(op)).await {
-            Err(_) => Err(Error::gave_up()),
-            Ok(Err(e)) => {
-                self.router.forget(&connection);
-                Err(e)
-            }
-            Ok(Ok(Body::Found(found))) => Ok(found.into()),
-            Ok(Ok(Body::Error(e))) => Err(e.into()),
-            Ok(Ok(other)) => Err(unexpected(other)),
+        match self.router.call(addr, op, wait).await? {
+            Body::Found(found) => Ok(found.into()),
+            other => Err(failure(other)),
         }
     }
 
@@ -327,19 +320,16 @@ impl AsyncClient {
         .await
     }
 
-    /// Every node's status (shards, keys, request counters), one node at a time.
+    /// Every node's status (shards, keys, request counters), one node at a time, for the
+    /// nodes of the map this client routes by.
     pub async fn status(&self) -> Result<Vec<NodeStatus>, Error> {
-        let topology = self.router.refresh().await?;
+        let topology = self.router.topology().await?;
+        let wait = self.router.config.request_timeout;
         let mut all = Vec::new();
         for node in &topology.nodes {
-            let connection = self.router.connection_to(&node.native).await?;
-            let wait = self.router.config.request_timeout;
-            match tokio::time::timeout(wait, connection.call(Op::Status)).await {
-                Err(_) => return Err(Error::gave_up()),
-                Ok(Err(e)) => return Err(e),
-                Ok(Ok(Body::Status(status))) => all.push(status),
-                Ok(Ok(Body::Error(e))) => return Err(e.into()),
-                Ok(Ok(other)) => return Err(unexpected(other)),
+            match self.router.call(&node.native, Op::Status, wait).await? {
+                Body::Status(status) => all.push(status),
+                other => return Err(failure(other)),
             }
         }
         Ok(all)
@@ -383,29 +373,21 @@ impl AsyncClient {
         parse: &impl Fn(Body) -> Result<T, Error>,
     ) -> Result<T, Error> {
         let addr = self.router.address_for(key).await?;
-        let connection = match self.router.connection_to(&addr).await {
-            Ok(c) => c,
+        match self.router.call(&addr, op, wait).await {
+            // A silent node: the next attempt goes elsewhere.
+            Err(e @ Error::Timeout { .. }) => {
+                self.router.avoid(&addr);
+                Err(e)
+            }
+            // The node is down, moved or broke the connection: route around it, and
+            // learn the map again.
             Err(e) => {
-                // The node is down or moved: route around it, and learn the map again.
                 self.router.avoid(&addr);
-                let _ = self.router.refresh().await;
-                return Err(e);
-            }
-        };
-        match tokio::time::timeout(wait, connection.call(op)).await {
-            Err(_) => {
-                // A silent node: the next attempt goes elsewhere.
-                self.router.avoid(&addr);
-                Err(Error::gave_up())
-            }
-            Ok(Err(e)) => {
-                self.router.avoid(&addr);
-                self.router.forget(&connection);
                 let _ = self.router.refresh().await;
                 Err(e)
             }
-            Ok(Ok(Body::Error(e))) => Err(e.into()),
-            Ok(Ok(body)) => parse(body),
+            Ok(Body::Error(e)) => Err(e.into()),
+            Ok(body) => parse(body),
         }
     }
 }
@@ -419,4 +401,12 @@ fn written(body: Body) -> Result<(), Error> {
 
 fn unexpected(body: Body) -> Error {
     Error::Protocol(format!("unexpected answer {body:?}"))
+}
+
+/// The error an answer other than the expected one stands for.
+fn failure(body: Body) -> Error {
+    match body {
+        Body::Error(e) => e.into(),
+        other => unexpected(other),
+    }
 }

@@ -60,22 +60,15 @@ impl Router {
             reason: "no seed addresses configured".into(),
         };
         for addr in candidates {
-            let fetched = async {
-                let connection = self.connection_to(&addr).await?;
-                let wait = self.config.request_timeout;
-                match tokio::time::timeout(wait, connection.call(Op::Topology)).await {
-                    Err(_) => Err(Error::gave_up()),
-                    Ok(Err(e)) => {
-                        self.forget(&connection);
-                        Err(e)
-                    }
-                    Ok(Ok(Body::Topology(t))) => Ok(t),
-                    Ok(Ok(other)) => Err(Error::Protocol(format!(
-                        "topology request answered with {other:?}"
-                    ))),
-                }
+            let wait = self.config.request_timeout;
+            let fetched = match self.call(&addr, Op::Topology, wait).await {
+                Ok(Body::Topology(t)) => Ok(t),
+                Ok(other) => Err(Error::Protocol(format!(
+                    "topology request answered with {other:?}"
+                ))),
+                Err(e) => Err(e),
             };
-            match fetched.await {
+            match fetched {
                 Ok(topology) => {
                     let topology = Arc::new(topology);
                     *self.topology.write().expect("never poisoned") = Some(topology.clone());
@@ -149,6 +142,20 @@ impl Router {
             pool.push(connection.clone());
         }
         Ok(connection)
+    }
+
+    /// Sends `op` to the node at `addr` and waits at most `wait` for its answer (which
+    /// may be `Body::Error`). A connection that fails is dropped from the pool.
+    pub async fn call(&self, addr: &str, op: Op, wait: Duration) -> Result<Body, Error> {
+        let connection = self.connection_to(addr).await?;
+        match tokio::time::timeout(wait, connection.call(op)).await {
+            Err(_) => Err(Error::gave_up()),
+            Ok(Err(e)) => {
+                self.forget(&connection);
+                Err(e)
+            }
+            Ok(Ok(body)) => Ok(body),
+        }
     }
 
     /// Drops a connection that failed, so the next request opens a fresh one.
