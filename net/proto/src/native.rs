@@ -11,7 +11,9 @@
 //! (bytecheck) before a single field is read: a malformed frame is a [`DecodeError`],
 //! and the node closes that connection only.
 
+use rkyv::api::high::{HighDeserializer, HighSerializer, HighValidator};
 use rkyv::rancor;
+use rkyv::ser::allocator::ArenaHandle;
 use rkyv::util::AlignedVec;
 use thiserror::Error;
 
@@ -213,16 +215,12 @@ pub enum DecodeError {
 
 /// Appends `request` to `out` as one frame.
 pub fn encode_request(request: &Request, out: &mut Vec<u8>) -> Result<(), FrameError> {
-    let bytes = rkyv::to_bytes::<rancor::Error>(request)
-        .expect("serialising plain data into memory cannot fail");
-    frame::write_frame(&bytes, out)
+    encode_archive(request, out)
 }
 
 /// Appends `response` to `out` as one frame.
 pub fn encode_response(response: &Response, out: &mut Vec<u8>) -> Result<(), FrameError> {
-    let bytes = rkyv::to_bytes::<rancor::Error>(response)
-        .expect("serialising plain data into memory cannot fail");
-    frame::write_frame(&bytes, out)
+    encode_archive(response, out)
 }
 
 /// Validates and decodes one request payload. `scratch` is reused between calls: rkyv
@@ -232,10 +230,7 @@ pub fn decode_request(
     payload: &[u8],
     scratch: &mut AlignedVec<16>,
 ) -> Result<Request, DecodeError> {
-    scratch.clear();
-    scratch.extend_from_slice(payload);
-    rkyv::from_bytes::<Request, rancor::Error>(scratch)
-        .map_err(|e| DecodeError::Archive(e.to_string()))
+    decode_archive(payload, scratch)
 }
 
 /// Validates and decodes one response payload (see [`decode_request`]).
@@ -243,10 +238,32 @@ pub fn decode_response(
     payload: &[u8],
     scratch: &mut AlignedVec<16>,
 ) -> Result<Response, DecodeError> {
+    decode_archive(payload, scratch)
+}
+
+/// Appends `value` to `out` as one frame holding its rkyv archive.
+pub(crate) fn encode_archive<T>(value: &T, out: &mut Vec<u8>) -> Result<(), FrameError>
+where
+    T: for<'a> rkyv::Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>,
+{
+    let bytes = rkyv::to_bytes::<rancor::Error>(value)
+        .expect("serialising plain data into memory cannot fail");
+    frame::write_frame(&bytes, out)
+}
+
+/// Copies `payload` into the aligned `scratch`, validates the archive and decodes it.
+pub(crate) fn decode_archive<T>(
+    payload: &[u8],
+    scratch: &mut AlignedVec<16>,
+) -> Result<T, DecodeError>
+where
+    T: rkyv::Archive,
+    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<HighValidator<'a, rancor::Error>>
+        + rkyv::Deserialize<T, HighDeserializer<rancor::Error>>,
+{
     scratch.clear();
     scratch.extend_from_slice(payload);
-    rkyv::from_bytes::<Response, rancor::Error>(scratch)
-        .map_err(|e| DecodeError::Archive(e.to_string()))
+    rkyv::from_bytes::<T, rancor::Error>(scratch).map_err(|e| DecodeError::Archive(e.to_string()))
 }
 
 /// The request that opens a connection.

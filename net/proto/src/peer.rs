@@ -8,11 +8,10 @@
 //! node's shared native port); the accepting shard passes each frame to the shard it
 //! is for. Replies travel on the connections the other way round.
 
-use rkyv::rancor;
 use rkyv::util::AlignedVec;
 
-use crate::frame::{self, FrameError};
-use crate::native::DecodeError;
+use crate::frame::FrameError;
+use crate::native::{DecodeError, decode_archive, encode_archive};
 use crate::{Body, Op};
 
 /// The static membership every node must agree on.
@@ -73,9 +72,7 @@ pub enum PeerFrame {
 
 /// Appends `frame` to `out` as one length-prefixed frame.
 pub fn encode_peer_frame(frame: &PeerFrame, out: &mut Vec<u8>) -> Result<(), FrameError> {
-    let bytes = rkyv::to_bytes::<rancor::Error>(frame)
-        .expect("serialising plain data into memory cannot fail");
-    frame::write_frame(&bytes, out)
+    encode_archive(frame, out)
 }
 
 /// Validates and decodes one peer frame payload (see [`crate::native::decode_request`]).
@@ -83,10 +80,7 @@ pub fn decode_peer_frame(
     payload: &[u8],
     scratch: &mut AlignedVec<16>,
 ) -> Result<PeerFrame, DecodeError> {
-    scratch.clear();
-    scratch.extend_from_slice(payload);
-    rkyv::from_bytes::<PeerFrame, rancor::Error>(scratch)
-        .map_err(|e| DecodeError::Archive(e.to_string()))
+    decode_archive(payload, scratch)
 }
 
 /// Why a peer handshake is refused, or None if the two views agree.
