@@ -133,33 +133,48 @@ pub fn put(args: PutArgs) -> ExitCode {
             value
         }
     };
-    let mode = match mode(args.context.as_deref()) {
-        Ok(mode) => mode,
-        Err(code) => return code,
-    };
-    let common = &args.common;
-    let options = WriteOptions {
-        w: args.w,
-        timeout: Some(timeout(common)),
-    };
-    let result = connect(common)
-        .and_then(|client| client.put_with(args.key.as_bytes(), &value, mode, options));
-    done(common.output, "put", &args.key, result)
+    let (key, context) = (args.key.as_bytes(), args.context.as_deref());
+    write(
+        &args.common,
+        "put",
+        &args.key,
+        context,
+        args.w,
+        |client, mode, options| client.put_with(key, &value, mode, options),
+    )
 }
 
 pub fn del(args: DelArgs) -> ExitCode {
-    let mode = match mode(args.context.as_deref()) {
+    let (key, context) = (args.key.as_bytes(), args.context.as_deref());
+    write(
+        &args.common,
+        "del",
+        &args.key,
+        context,
+        args.w,
+        |client, mode, options| client.delete_with(key, mode, options),
+    )
+}
+
+/// A put or delete: the context flag, W and the timeout, the request, the report.
+fn write(
+    common: &Common,
+    what: &str,
+    key: &str,
+    context: Option<&str>,
+    w: Option<u8>,
+    request: impl FnOnce(&Client, PutMode, WriteOptions) -> Result<(), Error>,
+) -> ExitCode {
+    let mode = match mode(context) {
         Ok(mode) => mode,
         Err(code) => return code,
     };
-    let common = &args.common;
     let options = WriteOptions {
-        w: args.w,
+        w,
         timeout: Some(timeout(common)),
     };
-    let result =
-        connect(common).and_then(|client| client.delete_with(args.key.as_bytes(), mode, options));
-    done(common.output, "del", &args.key, result)
+    let result = connect(common).and_then(|client| request(&client, mode, options));
+    done(common.output, what, key, result)
 }
 
 pub fn status(args: StatusArgs) -> ExitCode {

@@ -82,14 +82,9 @@ fn signal(pid: u32, name: &str) {
     assert!(status.success(), "kill -{name} {pid}");
 }
 
-/// A base port with the six ports from it free (best effort; loopback only).
+/// A base port with the six ports a two-shard node takes from it free.
 pub fn free_ports() -> u16 {
-    loop {
-        let base = fastrand::u16(20_000..60_000);
-        if (0..6).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return base;
-        }
-    }
+    free_ports_n(6)
 }
 
 pub fn tempdir() -> tempfile::TempDir {
