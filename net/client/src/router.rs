@@ -86,8 +86,7 @@ impl Router {
         let routed = key.and_then(|key| topology.route(key));
         if let Some((node, shard)) = routed
             && let Some(addr) = node.shard_native.get(shard)
-            && !self.avoided(addr)
-            && !self.avoided(&node.native)
+            && !self.avoided(&[addr, &node.native])
         {
             return Ok(addr.clone());
         }
@@ -97,7 +96,7 @@ impl Router {
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
         let healthy = (0..topology.nodes.len())
             .map(|i| &topology.nodes[(turn + i) % n])
-            .find(|node| !self.avoided(&node.native));
+            .find(|node| !self.avoided(&[&node.native]));
         let any = topology.nodes.get(turn % n);
         Ok(healthy
             .or(any)
@@ -110,16 +109,16 @@ impl Router {
         avoid.insert(addr.to_owned(), Instant::now() + AVOID_FOR);
     }
 
-    fn avoided(&self, addr: &str) -> bool {
+    /// Whether any of `addrs` failed recently (one lock, and no clock read while
+    /// nothing is avoided: this runs on every request).
+    fn avoided(&self, addrs: &[&str]) -> bool {
         let mut avoid = self.avoid.lock().expect("never poisoned");
-        match avoid.get(addr) {
-            Some(until) if *until > Instant::now() => true,
-            Some(_) => {
-                avoid.remove(addr);
-                false
-            }
-            None => false,
+        if avoid.is_empty() {
+            return false;
         }
+        let now = Instant::now();
+        avoid.retain(|_, until| *until > now);
+        addrs.iter().any(|addr| avoid.contains_key(*addr))
     }
 
     /// A live connection to `addr`, opening one if the pool is not full yet.
