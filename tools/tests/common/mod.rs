@@ -55,8 +55,25 @@ impl Server {
         assert!(status.success(), "server exited with {status}");
     }
 
+    /// SIGSTOP, and wait until the kernel reports the process stopped (the signal is
+    /// delivered asynchronously: a request sent right after `kill` could still be served).
     pub fn pause(&self) {
         signal(self.child.id(), "STOP");
+        let stat = format!("/proc/{}/stat", self.child.id());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(&stat).unwrap_or_default();
+            // The state is the field after the parenthesised command name.
+            let state = text
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().next());
+            if state == Some("T") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "process did not stop: {text}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     pub fn resume(&self) {
