@@ -26,6 +26,7 @@ fn record_framing(c: &mut Criterion) {
                 black_box(b"user:000042"),
                 b"version-bytes",
                 &value,
+                SEED,
             );
         })
     });
@@ -37,15 +38,19 @@ fn record_framing(c: &mut Criterion) {
         b"user:000042",
         b"version-bytes",
         &value,
+        SEED,
     );
     group.bench_function("decode + verify 100 B value", |b| {
         b.iter(|| {
-            let header = decode_header(black_box(&encoded)).unwrap();
-            assert!(checksum_ok(&encoded[..header.record_len()]));
+            let header = decode_header(black_box(&encoded), SEED).unwrap();
+            assert!(checksum_ok(&encoded[..header.record_len()], SEED));
         })
     });
     group.finish();
 }
+
+/// A record's checksum seed: a segment salt combined with the record's offset.
+const SEED: u64 = 0x5a17_0000_0000_1000;
 
 fn index(c: &mut Criterion) {
     const KEYS: u32 = 100_000;
@@ -59,6 +64,7 @@ fn index(c: &mut Criterion) {
             len: 64,
         },
         tombstone: false,
+        lost: false,
         version_digest: i,
     };
     let mut group = c.benchmark_group("index");
@@ -110,6 +116,7 @@ fn index_large(c: &mut Criterion) {
                 len: 64,
             },
             tombstone: false,
+            lost: false,
             version_digest: 0,
         };
         index.insert(i as u32 % 64, &hex_key(i), entry);

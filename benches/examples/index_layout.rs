@@ -108,6 +108,7 @@ mod proposal {
                 len: u(8) & !TOMBSTONE_BIT,
             },
             tombstone: u(8) & TOMBSTONE_BIT != 0,
+            lost: false,
             version_digest: u(12),
         }
     }
@@ -212,6 +213,7 @@ fn entry(i: u64) -> ringkv_engine::index::Entry {
             len: 150,
         },
         tombstone: false,
+        lost: false,
         version_digest: i as u32,
     }
 }

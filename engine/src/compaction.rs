@@ -4,10 +4,17 @@
 //! The output keeps the segment's *order* under a new file number, so the recovery rule
 //! (higher order wins, then later offset) still holds: every record a rewrite keeps was
 //! the newest of its key when it was copied, and anything written since lives in a
-//! higher order. Steps, each crash-safe: write `<new>.log.tmp`, fdatasync, write its hint,
-//! rename into place, sync the directory, re-point the index, then delete the old files.
-//! A crash before the rename leaves a temporary file (removed at open); after it, two
-//! files share the order and recovery keeps the higher file number.
+//! higher order. Steps, each crash-safe: judge liveness, fdatasync the active segment
+//! (so that every record that made an old one garbage is durable before the old one can
+//! disappear), write `<new>.log.tmp`, fdatasync, write its hint, rename into place, sync
+//! the directory, re-point the index, then delete the old files. A crash before the
+//! rename leaves a temporary file (removed at open); after it, two files share the order
+//! and recovery keeps the higher file number.
+//!
+//! Corruption: a record the index still points at but that fails its checksum cannot be
+//! copied. Its key gets a `Lost` marker in the output instead (a live partition-drop
+//! marker is written afresh), so the key reads as missing here, replication repairs it,
+//! and no older record of it can come back at the next recovery.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -17,7 +24,7 @@ use crate::error::{Result, StoreError};
 use crate::hint::HintBuilder;
 use crate::index::Location;
 use crate::record::{self, Header, Kind};
-use crate::scan;
+use crate::scan::{self, Found};
 use crate::segment::{self, Segment, align_up};
 use crate::store::Store;
 
@@ -28,10 +35,80 @@ pub struct CompactionReport {
     pub bytes_before: u64,
     pub bytes_after: u64,
     pub records_kept: usize,
+    /// Live records found corrupt and replaced by lost markers.
+    pub records_lost: usize,
 }
 
 /// Records checked for liveness between yields to foreground work.
 const RECORDS_PER_YIELD: usize = 512;
+
+/// A record of the output: where its original was, and where its copy goes.
+struct Kept {
+    old: Location,
+    new: Location,
+    /// The copy's header (a lost marker's, for a record that was corrupt).
+    header: Header,
+    lost: bool,
+}
+
+/// The output being assembled: header block, then records sealed for their place.
+struct Output {
+    file_no: u32,
+    salt: u64,
+    bytes: Vec<u8>,
+    hint: HintBuilder,
+    kept: Vec<Kept>,
+}
+
+impl Output {
+    fn new(order: u32, file_no: u32, salt: u64) -> Output {
+        let mut bytes = vec![0u8; segment::HEADER_LEN as usize];
+        segment::encode_header(order, file_no, salt, &mut bytes);
+        Output {
+            file_no,
+            salt,
+            bytes,
+            hint: HintBuilder::default(),
+            kept: Vec::new(),
+        }
+    }
+
+    fn has_records(&self) -> bool {
+        !self.kept.is_empty()
+    }
+
+    /// Appends `record` (exactly one record, whose header is `header`), resealed for
+    /// its new offset, in place of the original at `old`.
+    fn push(&mut self, old: Location, header: Header, record: &[u8], lost: bool) {
+        let offset = self.bytes.len() as u64;
+        self.bytes.extend_from_slice(record);
+        let copy = &mut self.bytes[offset as usize..];
+        record::seal(copy, record::position_seed(self.salt, offset));
+        let (key, version, _) = record::split(copy, &header);
+        let new = Location {
+            file: self.file_no,
+            offset: offset as u32,
+            len: record.len() as u32,
+        };
+        self.hint
+            .push(&header, new, record::version_digest(version), key);
+        self.kept.push(Kept {
+            old,
+            new,
+            header,
+            lost,
+        });
+    }
+
+    /// Appends a fresh marker of `kind` (Lost or PartitionDrop) in place of the corrupt
+    /// record at `old`.
+    fn push_marker(&mut self, old: Location, kind: Kind, partition: u32, key: &[u8]) {
+        let mut marker = Vec::new();
+        record::encode_unsealed(&mut marker, kind, partition, key, &[], &[]);
+        let header = record::unsealed_header(&marker);
+        self.push(old, header, &marker, kind == Kind::Lost);
+    }
+}
 
 impl<D: Disk> Store<D> {
     /// Compacts until no segment passes the threshold, then waits `idle`; stops when the
@@ -43,12 +120,13 @@ impl<D: Disk> Store<D> {
                 Ok(None) => {}
                 Err(err) => tracing::warn!(%err, "compaction failed; will retry"),
             }
-            self.disk.sleep(idle).await;
+            self.sleep_unless_closing(idle).await;
             self.disk.yield_now().await;
         }
     }
 
-    /// Compacts the sealed segment with the most garbage, if one passes the threshold.
+    /// Compacts the sealed segment with the most garbage, if one passes the threshold
+    /// (a sealed segment without records always does).
     pub async fn compact_once(&self) -> Result<Option<CompactionReport>> {
         if self.compacting.replace(true) {
             return Ok(None);
@@ -67,41 +145,53 @@ impl<D: Disk> Store<D> {
         inner
             .segments
             .values()
-            .filter(|s| s.sealed && s.len > 0 && s.garbage_ratio() >= threshold)
+            .filter(|s| s.sealed && s.garbage_ratio() >= threshold)
             .max_by(|a, b| a.garbage_ratio().total_cmp(&b.garbage_ratio()))
             .map(|s| s.file_no)
     }
 
     async fn compact_segment(&self, file_no: u32) -> Result<CompactionReport> {
         self.check_writable()?;
-        let (order, file, len) = {
+        let (order, file, len, salt) = {
             let inner = self.inner.borrow();
             let s = &inner.segments[&file_no];
-            (s.order, s.file.clone(), s.len)
+            (s.order, s.file.clone(), s.len, s.salt)
         };
         let data = file
             .read_at(0, len as usize)
             .await
             .map_err(|e| StoreError::io("reading a segment to compact", e))?;
         let mut candidates: Vec<(u64, Header)> = Vec::new();
-        scan::scan(&data, |offset, header, _| candidates.push((offset, header)));
+        let mut damaged: Vec<(u64, u64)> = Vec::new();
+        scan::scan(&data, salt, |found| match found {
+            Found::Record { offset, header, .. } => candidates.push((offset, header)),
+            Found::Damaged { offset, len } => damaged.push((offset, len)),
+        });
+        // The scan stops at the first bytes it cannot read past; whatever the segment
+        // held beyond them is damaged too.
+        let scanned_end = candidates
+            .last()
+            .map_or(segment::HEADER_LEN, |(o, h)| o + h.record_len() as u64);
+        if scanned_end < len {
+            damaged.push((scanned_end, len - scanned_end));
+        }
+        if !damaged.is_empty() {
+            self.inner.borrow_mut().stats.corrupt_regions_found += damaged.len() as u64;
+            tracing::warn!(
+                file_no,
+                regions = damaged.len(),
+                "compaction found damaged records in a sealed segment"
+            );
+        }
 
-        // Numbers are never reused, so taking one now is harmless even if unused.
-        let new_no = {
-            let mut inner = self.inner.borrow_mut();
-            let n = inner.next_number;
-            inner.next_number += 1;
-            n
-        };
-        let mut out = Vec::new();
-        let mut hint = HintBuilder::default();
-        let mut kept: Vec<(Location, u64, Header)> = Vec::new();
+        let new_no = self.reserve_number();
+        let mut out = Output::new(order, new_no, self.disk.fresh_salt());
         for chunk in candidates.chunks(RECORDS_PER_YIELD) {
             {
                 let inner = self.inner.borrow();
                 for &(offset, header) in chunk {
                     let bytes = &data[offset as usize..offset as usize + header.record_len()];
-                    let (key, version, _) = record::split(bytes, &header);
+                    let (key, _, _) = record::split(bytes, &header);
                     let old = Location {
                         file: file_no,
                         offset: offset as u32,
@@ -109,150 +199,278 @@ impl<D: Disk> Store<D> {
                     };
                     let live = match header.kind {
                         Kind::PartitionDrop => inner.drops.get(&header.partition) == Some(&old),
-                        Kind::Value | Kind::Tombstone => inner
+                        Kind::Value | Kind::Tombstone | Kind::Lost => inner
                             .index
                             .get(header.partition, key)
                             .is_some_and(|e| e.location == old),
                     };
                     if live {
-                        let new = Location {
-                            file: new_no,
-                            offset: out.len() as u32,
-                            len: old.len,
-                        };
-                        hint.push(&header, new, record::version_digest(version), key);
-                        kept.push((old, out.len() as u64, header));
-                        out.extend_from_slice(bytes);
+                        out.push(old, header, bytes, header.kind == Kind::Lost);
                     }
                 }
             }
             self.disk.yield_now().await;
         }
-
-        let new_file = if out.is_empty() {
-            None
+        let records_lost = if damaged.is_empty() {
+            0
         } else {
-            Some(self.write_compacted(order, new_no, &out, &hint).await?)
+            self.mark_lost_records(file_no, &damaged, &mut out).await
         };
 
-        // Re-point the index at the copies that are still the newest of their key.
-        {
-            let mut inner = self.inner.borrow_mut();
-            if let Some(new_file) = new_file {
-                inner.segments.insert(
-                    new_no,
-                    Segment {
-                        order,
-                        file_no: new_no,
-                        file: Rc::new(new_file),
-                        len: out.len() as u64,
-                        live_bytes: 0,
-                        sealed: true,
-                    },
-                );
-            }
-            for (old, new_offset, header) in kept {
-                let new = Location {
-                    file: new_no,
-                    offset: new_offset as u32,
-                    len: old.len,
-                };
-                let copy = &out[new_offset as usize..new_offset as usize + old.len as usize];
-                let (key, _, _) = record::split(copy, &header);
-                let moved = match header.kind {
-                    Kind::PartitionDrop => match inner.drops.get_mut(&header.partition) {
-                        Some(at) if *at == old => {
-                            *at = new;
-                            true
-                        }
-                        _ => false,
-                    },
-                    Kind::Value | Kind::Tombstone => {
-                        inner.index.relocate(header.partition, key, old, new)
-                    }
-                };
-                if moved {
-                    inner
-                        .segments
-                        .get_mut(&file_no)
-                        .expect("compacted segment tracked")
-                        .live_bytes -= old.len as u64;
-                    inner
-                        .segments
-                        .get_mut(&new_no)
-                        .expect("output segment tracked")
-                        .live_bytes += old.len as u64;
-                }
-            }
-            let old = inner
-                .segments
-                .remove(&file_no)
-                .expect("compacted segment tracked");
-            assert_eq!(
-                old.live_bytes, 0,
-                "a live record was left behind in a compacted segment"
-            );
-            inner.stats.compactions += 1;
-            inner.stats.compacted_bytes_reclaimed += len - out.len() as u64;
-        }
-        let io = |op| move |e| StoreError::io(op, e);
+        // Whatever made the dropped records garbage must be durable before the output
+        // can replace the segment that holds them.
+        self.sync_active().await?;
+        let new_file = if out.has_records() {
+            Some(self.write_compacted(order, &out).await?)
+        } else {
+            None
+        };
+        self.repoint(file_no, order, &out, new_file, records_lost);
+        self.remove_quietly(&segment::hint_name(order, file_no))
+            .await;
         self.disk
             .remove(&segment::log_name(order, file_no))
             .await
-            .map_err(io("removing a compacted segment"))?;
-        match self.disk.remove(&segment::hint_name(order, file_no)).await {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(StoreError::io("removing a hint", e));
-            }
-            _ => {}
-        }
-        self.disk
-            .sync_dir()
-            .await
-            .map_err(io("syncing the directory"))?;
+            .map_err(|e| StoreError::io("removing a compacted segment", e))?;
+        self.sync_dir().await?;
+        self.ensure_reserve().await;
         Ok(CompactionReport {
             order,
-            bytes_before: len,
-            bytes_after: out.len() as u64,
-            records_kept: out.len(),
+            bytes_before: len - segment::HEADER_LEN,
+            bytes_after: if out.has_records() {
+                out.bytes.len() as u64 - segment::HEADER_LEN
+            } else {
+                0
+            },
+            records_kept: out.kept.len() - records_lost,
+            records_lost,
         })
     }
 
-    async fn write_compacted(
+    /// The slow path, taken only when a segment holds damage: finds the index entries
+    /// (and partition-drop markers) that still point into a damaged region of `file_no`
+    /// and puts markers for them into `out`. Returns the keys marked lost.
+    async fn mark_lost_records(
         &self,
-        order: u32,
         file_no: u32,
-        out: &[u8],
-        hint: &HintBuilder,
-    ) -> Result<D::File> {
-        let io = |op| move |e| StoreError::io(op, e);
-        let name = segment::log_name(order, file_no);
+        damaged: &[(u64, u64)],
+        out: &mut Output,
+    ) -> usize {
+        let inside = |location: Location| {
+            location.file == file_no
+                && damaged.iter().any(|&(offset, len)| {
+                    (offset..offset + len).contains(&(location.offset as u64))
+                })
+        };
+        let partitions = self.partitions();
+        let mut lost = 0;
+        for partition in partitions {
+            let found: Vec<(Vec<u8>, Location)> = {
+                let inner = self.inner.borrow();
+                let Some(index) = inner.index.partition(partition) else {
+                    continue;
+                };
+                index
+                    .iter()
+                    .filter(|(_, e)| inside(e.location))
+                    .map(|(key, e)| (key.to_vec(), e.location))
+                    .collect()
+            };
+            for (key, old) in found {
+                tracing::warn!(
+                    partition,
+                    file_no,
+                    old.offset,
+                    "record lost to corruption; the key reads as missing here until repaired"
+                );
+                out.push_marker(old, Kind::Lost, partition, &key);
+                lost += 1;
+            }
+            self.disk.yield_now().await;
+        }
+        let drops: Vec<(u32, Location)> = {
+            let inner = self.inner.borrow();
+            inner
+                .drops
+                .iter()
+                .filter(|(_, at)| inside(**at))
+                .map(|(p, at)| (*p, *at))
+                .collect()
+        };
+        for (partition, old) in drops {
+            out.push_marker(old, Kind::PartitionDrop, partition, &[]);
+        }
+        lost
+    }
+
+    /// Points the index at the copies that are still the newest of their key, and
+    /// forgets the compacted segment. Runs without awaiting, so no write interleaves.
+    fn repoint(
+        &self,
+        file_no: u32,
+        order: u32,
+        out: &Output,
+        new_file: Option<D::File>,
+        records_lost: usize,
+    ) {
+        let mut inner = self.inner.borrow_mut();
+        if let Some(new_file) = new_file {
+            inner.segments.insert(
+                out.file_no,
+                Segment {
+                    order,
+                    file_no: out.file_no,
+                    file: Rc::new(new_file),
+                    salt: out.salt,
+                    len: out.bytes.len() as u64,
+                    live_bytes: 0,
+                    sealed: true,
+                },
+            );
+        }
+        for kept in &out.kept {
+            let copy = &out.bytes[kept.new.offset as usize..][..kept.new.len as usize];
+            let (key, _, _) = record::split(copy, &kept.header);
+            let moved = match kept.header.kind {
+                Kind::PartitionDrop => match inner.drops.get_mut(&kept.header.partition) {
+                    Some(at) if *at == kept.old => {
+                        *at = kept.new;
+                        true
+                    }
+                    _ => false,
+                },
+                Kind::Value | Kind::Tombstone | Kind::Lost => {
+                    inner
+                        .index
+                        .relocate(kept.header.partition, key, kept.old, kept.new, kept.lost)
+                }
+            };
+            if moved {
+                let old = inner
+                    .segments
+                    .get_mut(&file_no)
+                    .expect("compacted segment tracked");
+                old.live_bytes -= kept.old.len as u64;
+                let new = inner
+                    .segments
+                    .get_mut(&out.file_no)
+                    .expect("output tracked");
+                new.live_bytes += kept.new.len as u64;
+            }
+        }
+        let old = inner
+            .segments
+            .remove(&file_no)
+            .expect("compacted segment tracked");
+        // Every live record was copied or marked lost; anything else is a bug here.
+        assert_eq!(
+            old.live_bytes, 0,
+            "a live record was left behind in a compacted segment"
+        );
+        let bytes_after = if out.has_records() {
+            out.bytes.len() as u64
+        } else {
+            segment::HEADER_LEN
+        };
+        inner.stats.compactions += 1;
+        inner.stats.records_lost += records_lost as u64;
+        inner.stats.compacted_bytes_reclaimed += old.len.saturating_sub(bytes_after);
+        if !out.has_records() && old.record_bytes() == 0 {
+            inner.stats.empty_segments_removed += 1;
+        }
+    }
+}
+
+impl<D: Disk> Store<D> {
+    /// Writes the output under a temporary name, syncs it, writes its hint, renames it
+    /// into place and syncs the directory. On a full disk it gives up the reserve and
+    /// tries once more. A failure removes the temporary file.
+    async fn write_compacted(&self, order: u32, out: &Output) -> Result<D::File> {
+        let name = segment::log_name(order, out.file_no);
         let tmp = segment::tmp_name(&name);
+        let mut result = self.write_output(&tmp, &out.bytes).await;
+        if matches!(result, Err(StoreError::DiskFull { .. })) && self.release_reserve().await {
+            result = self.write_output(&tmp, &out.bytes).await;
+        }
+        let file = match result {
+            Ok(file) => file,
+            Err(err) => {
+                self.remove_quietly(&tmp).await;
+                return Err(err);
+            }
+        };
+        let len = out.bytes.len() as u64;
+        if let Err(err) = self
+            .write_hint(order, out.file_no, len, out.salt, &out.hint)
+            .await
+        {
+            tracing::warn!(%err, order, out.file_no, "could not write a compaction output's hint; recovery will scan");
+        }
+        if let Err(err) = self.disk.rename(&tmp, &name).await {
+            self.remove_quietly(&tmp).await;
+            self.remove_quietly(&segment::hint_name(order, out.file_no))
+                .await;
+            return Err(StoreError::io("renaming a compaction output", err));
+        }
+        self.sync_dir().await?;
+        Ok(file)
+    }
+
+    async fn write_output(&self, tmp: &str, bytes: &[u8]) -> Result<D::File> {
         let file = self
             .disk
-            .open(&tmp)
+            .open(tmp)
             .await
-            .map_err(io("creating a compaction output"))?;
-        let mut buf = file.alloc(align_up(out.len() as u64) as usize);
-        buf.bytes_mut()[..out.len()].copy_from_slice(out);
+            .map_err(|e| StoreError::io("creating a compaction output", e))?;
+        let mut buf = file.alloc(align_up(bytes.len() as u64) as usize);
+        buf.bytes_mut()[..bytes.len()].copy_from_slice(bytes);
         file.write_at(buf, 0)
             .await
-            .map_err(io("writing a compaction output"))?;
+            .map_err(|e| StoreError::io("writing a compaction output", e))?;
         if let Err(err) = file.sync().await {
             return Err(
                 self.latch_failure(format!("fdatasync of a compaction output failed: {err}"))
             );
         }
-        self.write_hint(order, file_no, out.len() as u64, hint)
-            .await?;
-        self.disk
-            .rename(&tmp, &name)
-            .await
-            .map_err(io("renaming a compaction output"))?;
-        self.disk
-            .sync_dir()
-            .await
-            .map_err(io("syncing the directory"))?;
         Ok(file)
+    }
+
+    /// Removes the reserve so compaction can use its space; false if there was none.
+    async fn release_reserve(&self) -> bool {
+        if !self.inner.borrow().reserve {
+            return false;
+        }
+        match self.disk.remove(segment::RESERVE_NAME).await {
+            Ok(()) => {
+                self.inner.borrow_mut().reserve = false;
+                tracing::warn!("disk full: compaction is using its reserved space");
+                true
+            }
+            Err(err) => {
+                tracing::warn!(%err, "could not release the compaction reserve");
+                false
+            }
+        }
+    }
+
+    /// Takes the reserve (one segment of allocated space) if it is configured and not
+    /// held; on a full disk it stays released and is tried again after the next
+    /// compaction.
+    pub(crate) async fn ensure_reserve(&self) {
+        if !self.config.compaction_reserve || self.inner.borrow().reserve {
+            return;
+        }
+        let result = async {
+            let file = self.disk.open(segment::RESERVE_NAME).await?;
+            file.allocate(self.config.segment_size).await
+        }
+        .await;
+        match result {
+            Ok(()) => self.inner.borrow_mut().reserve = true,
+            Err(err) => {
+                tracing::warn!(%err, "could not reserve space for compaction");
+                self.remove_quietly(segment::RESERVE_NAME).await;
+            }
+        }
     }
 }

@@ -62,6 +62,10 @@ pub struct StoreConfig {
     pub commit_batch_bytes: usize,
     /// A sealed segment is compacted once this fraction of its bytes is garbage.
     pub compaction_garbage_ratio: f64,
+    /// Keep one segment's worth of space allocated in `compaction.reserve`, so that
+    /// compaction can still write its output when the disk is full: it frees the
+    /// reserve, compacts, and takes the reserve back once there is room.
+    pub compaction_reserve: bool,
 }
 
 impl Default for StoreConfig {
@@ -73,6 +77,7 @@ impl Default for StoreConfig {
             cache_bytes: 256 << 20,
             commit_batch_bytes: 1 << 20,
             compaction_garbage_ratio: 0.5,
+            compaction_reserve: true,
         }
     }
 }
@@ -97,12 +102,18 @@ impl StoreConfig {
                 self.segment_size
             ));
         }
-        if self.segment_size < self.max_record_len() + ALIGN {
+        // A group commit is written whole into one segment: a fresh segment must hold
+        // the largest batch (a batch closes once it reaches commit_batch_bytes, so it
+        // can exceed that by one maximal record).
+        let largest_batch = self.commit_batch_bytes as u64 + self.max_record_len();
+        if self.segment_size < crate::segment::HEADER_LEN + largest_batch {
             return invalid(format!(
-                "segment_size {} cannot hold a maximal record of {} bytes; raise it or lower max_value_len",
-                self.segment_size,
-                self.max_record_len()
+                "segment_size {} cannot hold its header block and the largest group commit ({} bytes: commit_batch_bytes plus a maximal record); raise it or lower max_value_len or commit_batch_bytes",
+                self.segment_size, largest_batch
             ));
+        }
+        if self.commit_batch_bytes == 0 {
+            return invalid("commit_batch_bytes must be above zero".into());
         }
         if self.segment_size > u32::MAX as u64 {
             return invalid(format!("segment_size {} exceeds 4 GiB", self.segment_size));

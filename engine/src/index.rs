@@ -25,17 +25,23 @@ pub struct Location {
 pub struct Entry {
     pub location: Location,
     pub tombstone: bool,
+    /// The key's newest record was lost to corruption (a `Kind::Lost` marker): it reads
+    /// as missing here until a replica's copy is written again.
+    pub lost: bool,
     pub version_digest: u32,
 }
 
 const TOMBSTONE_BIT: u32 = 1 << 31;
+const LOST_BIT: u32 = 1 << 30;
+const LEN_MASK: u32 = LOST_BIT - 1;
 
 #[derive(Clone, Copy)]
 struct Slot {
     key_ref: u32,
     file: u32,
     offset: u32,
-    /// Record length in the low 31 bits (records are far below 2 GiB), tombstone on top.
+    /// Record length in the low 30 bits (records are far below 1 GiB), then the lost
+    /// and tombstone flags.
     len_and_tombstone: u32,
     version_digest: u32,
 }
@@ -48,22 +54,24 @@ impl Slot {
             location: Location {
                 file: self.file,
                 offset: self.offset,
-                len: self.len_and_tombstone & !TOMBSTONE_BIT,
+                len: self.len_and_tombstone & LEN_MASK,
             },
             tombstone: self.len_and_tombstone & TOMBSTONE_BIT != 0,
+            lost: self.len_and_tombstone & LOST_BIT != 0,
             version_digest: self.version_digest,
         }
     }
 
     fn set(&mut self, entry: Entry) {
         assert!(
-            entry.location.len & TOMBSTONE_BIT == 0,
-            "record length over 2 GiB"
+            entry.location.len & !LEN_MASK == 0,
+            "record length over 1 GiB"
         );
         self.file = entry.location.file;
         self.offset = entry.location.offset;
-        self.len_and_tombstone =
-            entry.location.len | if entry.tombstone { TOMBSTONE_BIT } else { 0 };
+        self.len_and_tombstone = entry.location.len
+            | if entry.tombstone { TOMBSTONE_BIT } else { 0 }
+            | if entry.lost { LOST_BIT } else { 0 };
         self.version_digest = entry.version_digest;
     }
 }
@@ -207,8 +215,9 @@ impl PartitionIndex {
         }
     }
 
-    /// Moves `key` from `from` to `to` only if it still points at `from`.
-    pub fn relocate(&mut self, key: &[u8], from: Location, to: Location) -> bool {
+    /// Moves `key` from `from` to `to` only if it still points at `from`; `lost` marks
+    /// the moved entry as lost (its record was corrupt and a marker replaces it).
+    pub fn relocate(&mut self, key: &[u8], from: Location, to: Location, lost: bool) -> bool {
         let Some(i) = self.find(key) else {
             return false;
         };
@@ -218,6 +227,14 @@ impl PartitionIndex {
             return false;
         }
         entry.location = to;
+        if lost {
+            entry = Entry {
+                tombstone: false,
+                lost: true,
+                version_digest: 0,
+                ..entry
+            };
+        }
         slot.set(entry);
         true
     }
@@ -262,10 +279,17 @@ impl Index {
             .insert(key, entry)
     }
 
-    pub fn relocate(&mut self, partition: u32, key: &[u8], from: Location, to: Location) -> bool {
+    pub fn relocate(
+        &mut self,
+        partition: u32,
+        key: &[u8],
+        from: Location,
+        to: Location,
+        lost: bool,
+    ) -> bool {
         self.partitions
             .get_mut(&partition)
-            .is_some_and(|p| p.relocate(key, from, to))
+            .is_some_and(|p| p.relocate(key, from, to, lost))
     }
 
     pub fn partition(&self, partition: u32) -> Option<&PartitionIndex> {
@@ -327,6 +351,7 @@ mod tests {
                 len: 40,
             },
             tombstone,
+            lost: false,
             version_digest: offset,
         }
     }
@@ -374,11 +399,15 @@ mod tests {
                 offset: 99,
                 len: 40
             },
-            to
+            to,
+            false
         ));
-        assert!(index.relocate(0, b"k", entry(1, 10, false).location, to));
+        assert!(index.relocate(0, b"k", entry(1, 10, false).location, to, false));
         assert_eq!(index.get(0, b"k").unwrap().location, to);
-        assert!(!index.relocate(0, b"missing", to, to));
+        assert!(!index.get(0, b"k").unwrap().lost);
+        assert!(!index.relocate(0, b"missing", to, to, false));
+        assert!(index.relocate(0, b"k", to, to, true));
+        assert!(index.get(0, b"k").unwrap().lost);
     }
 
     #[test]

@@ -7,15 +7,33 @@
 //! the record in the higher order wins, and within a segment the later offset wins.
 //!
 //! Files: `seg-<order>-<file>.log` (records), `seg-<order>-<file>.hint` (index snapshot
-//! written at seal), and `*.tmp` while either is being written.
+//! written at seal), `*.tmp` while either is being written, and `compaction.reserve`
+//! (space held back so compaction can run on a full disk).
+//!
+//! Every segment starts with a 4 KiB header block (`HEADER_LEN`) naming its order, file
+//! number and the random salt its records' checksums are seeded with; records follow.
 
 use std::rc::Rc;
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::config::ALIGN;
+
+/// Bytes of the header block at the start of every segment; records start here.
+pub const HEADER_LEN: u64 = ALIGN;
+const HEADER_MAGIC: [u8; 4] = *b"RKVS";
+const HEADER_VERSION: u32 = 2;
+/// The first bytes of a segment written by format 1, which had no header block.
+const FORMAT_1_START: [u8; 4] = *b"RKV\x01";
 
 pub struct Segment<F> {
     pub order: u32,
     pub file_no: u32,
     pub file: Rc<F>,
-    /// Bytes of records (the logical end); the file may be longer (padding, torn tail).
+    /// Seeds the checksums of this segment's records (see `record::position_seed`).
+    pub salt: u64,
+    /// Logical end: the header block plus the bytes of its records; the file may be
+    /// longer (padding, torn tail).
     pub len: u64,
     /// Bytes of records that the index (or a live partition-drop marker) still points at.
     pub live_bytes: u64,
@@ -23,12 +41,69 @@ pub struct Segment<F> {
 }
 
 impl<F> Segment<F> {
-    pub fn garbage_ratio(&self) -> f64 {
-        if self.len == 0 {
-            return 0.0;
-        }
-        1.0 - self.live_bytes as f64 / self.len as f64
+    pub fn record_bytes(&self) -> u64 {
+        self.len.saturating_sub(HEADER_LEN)
     }
+
+    /// Fraction of record bytes nothing points at; 1 for a segment with no records.
+    pub fn garbage_ratio(&self) -> f64 {
+        let records = self.record_bytes();
+        if records == 0 {
+            return 1.0;
+        }
+        1.0 - self.live_bytes as f64 / records as f64
+    }
+}
+
+/// The header block of segment (`order`, `file_no`) with `salt`.
+pub fn encode_header(order: u32, file_no: u32, salt: u64, block: &mut [u8]) {
+    block[..4].copy_from_slice(&HEADER_MAGIC);
+    block[4..8].copy_from_slice(&HEADER_VERSION.to_le_bytes());
+    block[8..12].copy_from_slice(&order.to_le_bytes());
+    block[12..16].copy_from_slice(&file_no.to_le_bytes());
+    block[16..24].copy_from_slice(&salt.to_le_bytes());
+    let check = xxh3_64(&block[..24]);
+    block[24..32].copy_from_slice(&check.to_le_bytes());
+}
+
+/// What the first bytes of a segment file say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderBlock {
+    /// A valid header: the segment's salt.
+    Salt(u64),
+    /// Nothing but zeroes (or nothing at all): a segment created but never written.
+    Blank,
+    /// Written by format 1, which this build does not read.
+    Format1,
+    /// Damaged, or for another segment.
+    Invalid,
+}
+
+pub fn decode_header(bytes: &[u8], order: u32, file_no: u32) -> HeaderBlock {
+    if bytes.iter().all(|&b| b == 0) {
+        return HeaderBlock::Blank;
+    }
+    if bytes.starts_with(&FORMAT_1_START) {
+        return HeaderBlock::Format1;
+    }
+    let Some(h) = bytes.get(..32) else {
+        return HeaderBlock::Invalid;
+    };
+    let u32_at = |at: usize| u32::from_le_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+    let u64_at = |at: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&h[at..at + 8]);
+        u64::from_le_bytes(b)
+    };
+    if h[..4] != HEADER_MAGIC
+        || u32_at(4) != HEADER_VERSION
+        || u32_at(8) != order
+        || u32_at(12) != file_no
+        || u64_at(24) != xxh3_64(&h[..24])
+    {
+        return HeaderBlock::Invalid;
+    }
+    HeaderBlock::Salt(u64_at(16))
 }
 
 pub fn log_name(order: u32, file_no: u32) -> String {
@@ -43,18 +118,24 @@ pub fn tmp_name(name: &str) -> String {
     format!("{name}.tmp")
 }
 
+pub const RESERVE_NAME: &str = "compaction.reserve";
+
 /// What a file name in the store directory means.
 #[derive(Debug, PartialEq, Eq)]
 pub enum FileKind {
     Log { order: u32, file_no: u32 },
     Hint { order: u32, file_no: u32 },
     Temporary,
+    Reserve,
     Unknown,
 }
 
 pub fn classify(name: &str) -> FileKind {
     if name.ends_with(".tmp") {
         return FileKind::Temporary;
+    }
+    if name == RESERVE_NAME {
+        return FileKind::Reserve;
     }
     let parse = |stem: &str| {
         let rest = stem.strip_prefix("seg-")?;
@@ -104,6 +185,29 @@ mod tests {
         );
         assert_eq!(classify(&tmp_name(&log_name(3, 17))), FileKind::Temporary);
         assert_eq!(classify("partition-map"), FileKind::Unknown);
+        assert_eq!(classify(RESERVE_NAME), FileKind::Reserve);
         assert_eq!(classify("seg-x-1.log"), FileKind::Unknown);
+    }
+
+    #[test]
+    fn header_block_names_its_segment() {
+        let mut block = vec![0u8; HEADER_LEN as usize];
+        assert_eq!(decode_header(&block, 3, 17), HeaderBlock::Blank);
+        encode_header(3, 17, 0xabcdef, &mut block);
+        assert_eq!(decode_header(&block, 3, 17), HeaderBlock::Salt(0xabcdef));
+        assert_eq!(decode_header(&block, 3, 18), HeaderBlock::Invalid);
+        for at in [0, 5, 9, 13, 17, 25] {
+            let mut damaged = block.clone();
+            damaged[at] ^= 1;
+            assert_eq!(
+                decode_header(&damaged, 3, 17),
+                HeaderBlock::Invalid,
+                "byte {at}"
+            );
+        }
+        assert_eq!(
+            decode_header(b"RKV\x01\x00rest", 3, 17),
+            HeaderBlock::Format1
+        );
     }
 }

@@ -36,8 +36,16 @@ pub struct Stats {
     pub commits: u64,
     pub committed_records: u64,
     pub syncs: u64,
-    /// Records read back from disk whose checksum failed (never served).
+    /// Reads answered `Corrupt`: a record that failed its checksum, or a key whose
+    /// record was lost to corruption (never served; replication repairs them).
     pub corrupt_reads: u64,
+    /// Damaged regions that compaction found in sealed segments.
+    pub corrupt_regions_found: u64,
+    /// Newest records of a key found corrupt by compaction and replaced by a lost
+    /// marker (the key reads as missing here until it is written again).
+    pub records_lost: u64,
+    /// Group commits that failed (not acknowledged; the segment was cut back).
+    pub failed_commits: u64,
     /// Found at open: damaged regions skipped, torn tail bytes cut, segments scanned
     /// because they had no usable hint file.
     pub recovered_corrupt_regions: u64,
@@ -45,6 +53,18 @@ pub struct Stats {
     pub recovered_segments_scanned: u64,
     pub compactions: u64,
     pub compacted_bytes_reclaimed: u64,
+    /// Segments removed because they held no records.
+    pub empty_segments_removed: u64,
+}
+
+impl Stats {
+    /// Every kind of corruption seen, for one number in a status report.
+    pub fn corruption(&self) -> u64 {
+        self.corrupt_reads
+            + self.recovered_corrupt_regions
+            + self.corrupt_regions_found
+            + self.records_lost
+    }
 }
 
 /// Sizes right now (not monotonic).
@@ -54,6 +74,9 @@ pub struct Usage {
     pub segments: usize,
     /// Bytes of records in all segments, dead ones included.
     pub record_bytes: u64,
+    /// Bytes written to the active segment and not yet covered by an fdatasync (always
+    /// 0 between commits in `sync` mode).
+    pub unsynced_bytes: u64,
     /// Bytes of records the index still points at.
     pub live_bytes: u64,
     /// Heap bytes of the index, key bytes included; and the key bytes alone.
@@ -97,7 +120,8 @@ pub(crate) fn cache_key(location: Location) -> u64 {
     (location.file as u64) << 32 | location.offset as u64
 }
 
-/// Records waiting to be committed together; one outcome for all of them.
+/// Records waiting to be committed together; one outcome for all of them. The records
+/// are encoded unsealed: their checks are written once the commit knows where they go.
 #[derive(Default)]
 pub(crate) struct Batch {
     pub bytes: Vec<u8>,
@@ -135,16 +159,15 @@ impl Outcome {
 pub(crate) struct Active {
     pub file_no: u32,
     pub order: u32,
-    /// Logical end: bytes of records written so far.
+    pub salt: u64,
+    /// Logical end: the header block plus the records written so far.
     pub end: u64,
+    /// How far an fdatasync that completed is known to cover (never beyond `end`).
+    pub synced_end: u64,
     /// Bytes from the last 4 KiB boundary up to `end`: the next write rewrites them
     /// (identical bytes, so a torn rewrite cannot damage what was acknowledged).
     pub tail: Vec<u8>,
     pub hint: HintBuilder,
-    /// Written since the last fdatasync.
-    pub unsynced: bool,
-    /// A write to it failed: seal it at `end` before writing more.
-    pub broken: bool,
 }
 
 pub(crate) struct Inner<F> {
@@ -158,6 +181,8 @@ pub(crate) struct Inner<F> {
     pub queue: VecDeque<Batch>,
     pub cache: Cache,
     pub stats: Stats,
+    /// Whether `compaction.reserve` is on disk (space compaction may take when full).
+    pub reserve: bool,
 }
 
 impl<F> Inner<F> {
@@ -172,10 +197,11 @@ impl<F> Inner<F> {
         digest: u32,
     ) {
         match kind {
-            Kind::Value | Kind::Tombstone => {
+            Kind::Value | Kind::Tombstone | Kind::Lost => {
                 let entry = Entry {
                     location,
                     tombstone: kind == Kind::Tombstone,
+                    lost: kind == Kind::Lost,
                     version_digest: digest,
                 };
                 if let Some(old) = self.index.insert(partition, key, entry) {
@@ -219,6 +245,8 @@ pub struct Store<D: Disk> {
     /// Set on the first failed fdatasync; writes are refused from then on.
     pub(crate) failed: RefCell<Option<String>>,
     pub(crate) closing: Cell<bool>,
+    /// Signalled once when the store starts closing, to cut background sleeps short.
+    pub(crate) closing_event: Event,
     pub(crate) stopped: Cell<bool>,
     pub(crate) stopped_event: Event,
     pub(crate) compacting: Cell<bool>,
@@ -243,10 +271,18 @@ impl<D: Disk> Store<D> {
         self.stopped_event.notify(usize::MAX);
     }
 
+    /// Makes every write acknowledged so far durable (an fdatasync of the active
+    /// segment if it has unsynced bytes). In `sync` mode there is nothing to do; in
+    /// `interval` and `none` modes this is the barrier a caller can ask for.
+    pub async fn sync(&self) -> Result<()> {
+        self.sync_active().await
+    }
+
     /// Commits what is queued, syncs, and stops `run`. Writes after this fail with Closed.
     pub async fn close(&self) -> Result<()> {
         self.closing.set(true);
         self.work.notify(usize::MAX);
+        self.closing_event.notify(usize::MAX);
         while !self.stopped.get() {
             let listener = self.stopped_event.listen();
             if self.stopped.get() {
@@ -258,12 +294,18 @@ impl<D: Disk> Store<D> {
     }
 
     pub async fn get(&self, partition: u32, key: &[u8]) -> Result<Option<Record>> {
-        let (location, file) = {
+        let (location, file, salt) = {
             let mut inner = self.inner.borrow_mut();
             inner.stats.gets += 1;
             let Some(entry) = inner.index.get(partition, key) else {
                 return Ok(None);
             };
+            if entry.lost {
+                inner.stats.corrupt_reads += 1;
+                return Err(StoreError::Corrupt(
+                    "the key's newest record was lost to corruption".into(),
+                ));
+            }
             if let Some(record) = inner.cache.get(&cache_key(entry.location)) {
                 let record = record.clone();
                 inner.stats.cache_hits += 1;
@@ -272,14 +314,17 @@ impl<D: Disk> Store<D> {
             inner.stats.disk_reads += 1;
             let segment = inner.segments.get(&entry.location.file);
             let segment = segment.expect("index points into a missing segment");
-            (entry.location, segment.file.clone())
+            (entry.location, segment.file.clone(), segment.salt)
         };
         let bytes = file
             .read_at(location.offset as u64, location.len as usize)
             .await
             .map_err(|e| StoreError::io("reading a record", e))?;
-        let header = record::decode_header(&bytes).ok().filter(|h| {
-            h.record_len() == bytes.len() && h.partition == partition && record::checksum_ok(&bytes)
+        let seed = record::position_seed(salt, location.offset as u64);
+        let header = record::decode_header(&bytes, seed).ok().filter(|h| {
+            h.record_len() == bytes.len()
+                && h.partition == partition
+                && record::checksum_ok(&bytes, seed)
         });
         let Some(header) = header else {
             self.inner.borrow_mut().stats.corrupt_reads += 1;
@@ -328,7 +373,8 @@ impl<D: Disk> Store<D> {
 
     /// Atomic read-merge-write: `merge` sees the current record (or None) and decides.
     /// No other put, delete or update of the same key runs in between. Returns whether
-    /// something was written.
+    /// something was written. A current record that is corrupt is seen as None: this
+    /// replica has lost it, and what the merge writes repairs the key.
     pub async fn update(
         &self,
         partition: u32,
@@ -337,7 +383,10 @@ impl<D: Disk> Store<D> {
     ) -> Result<bool> {
         self.validate(key, &[], &[])?;
         let _guard = self.locks.lock(partition, key).await;
-        let current = self.get(partition, key).await?;
+        let current = match self.get(partition, key).await {
+            Err(StoreError::Corrupt(_)) => None,
+            other => other?,
+        };
         match merge(current.as_ref()) {
             Merge::Keep => Ok(false),
             Merge::Write {
@@ -364,7 +413,8 @@ impl<D: Disk> Store<D> {
             .await
     }
 
-    /// Every key of `partition` with its version digest, from memory.
+    /// Every key of `partition` with its version digest, from memory. Keys lost to
+    /// corruption are left out: this replica holds nothing for them.
     pub fn partition_keys(&self, partition: u32) -> Vec<KeySummary> {
         let inner = self.inner.borrow();
         let Some(index) = inner.index.partition(partition) else {
@@ -372,6 +422,7 @@ impl<D: Disk> Store<D> {
         };
         index
             .iter()
+            .filter(|(_, entry)| !entry.lost)
             .map(|(key, entry)| KeySummary {
                 key: key.to_vec(),
                 version_digest: entry.version_digest,
@@ -416,7 +467,8 @@ impl<D: Disk> Store<D> {
         Usage {
             keys: inner.index.len(),
             segments: inner.segments.len(),
-            record_bytes: inner.segments.values().map(|s| s.len).sum(),
+            record_bytes: inner.segments.values().map(|s| s.record_bytes()).sum(),
+            unsynced_bytes: inner.active.end - inner.active.synced_end,
             live_bytes: inner.segments.values().map(|s| s.live_bytes).sum(),
             index_bytes: inner.index.memory_bytes(),
             key_bytes: inner.index.key_bytes(),
@@ -466,14 +518,22 @@ impl<D: Disk> Store<D> {
             }
             let batch = inner.queue.back_mut().expect("a batch was just ensured");
             let start = batch.bytes.len();
-            record::encode(&mut batch.bytes, kind, partition, key, version, value);
-            let header = record::decode_header(&batch.bytes[start..])
-                .expect("a freshly encoded header decodes");
+            record::encode_unsealed(&mut batch.bytes, kind, partition, key, version, value);
+            let header = record::unsealed_header(&batch.bytes[start..]);
             batch.records.push((start, header));
             batch.outcome.clone()
         };
         self.work.notify(1);
         outcome.wait().await
+    }
+
+    /// Sleeps `duration`, or less if the store starts closing meanwhile.
+    pub(crate) async fn sleep_unless_closing(&self, duration: std::time::Duration) {
+        let listener = self.closing_event.listen();
+        if self.closing.get() {
+            return;
+        }
+        futures_lite::future::or(self.disk.sleep(duration), listener).await;
     }
 
     pub(crate) fn check_writable(&self) -> Result<()> {

@@ -11,6 +11,8 @@ use ringkv_engine::disk::DmaDisk;
 use ringkv_engine::{Store, StoreConfig, StoreError};
 
 const RECORD_OVERHEAD: u64 = 36;
+/// Records start after each segment's 4 KiB header block.
+const HEADER: u64 = 4096;
 
 fn on_glommio<T: Send + 'static>(test: impl AsyncFnOnce() -> T + Send + 'static) -> T {
     LocalExecutorBuilder::default()
@@ -38,6 +40,7 @@ fn small_segments() -> StoreConfig {
     StoreConfig {
         segment_size: 256 << 10,
         max_value_len: 1024,
+        commit_batch_bytes: 64 << 10,
         ..StoreConfig::default()
     }
 }
@@ -83,7 +86,7 @@ fn corrupt_record_in_the_middle_is_skipped_at_open_and_never_served() {
         }
         store.close().await.unwrap();
         // The first segment has no hint (never sealed): recovery scans it.
-        flip_byte(&segment_files(&path)[0], 50 * REC_LEN + 60);
+        flip_byte(&segment_files(&path)[0], HEADER + 50 * REC_LEN + 60);
         let store = open(&path, StoreConfig::default()).await;
         assert_eq!(store.stats().recovered_corrupt_regions, 1);
         assert!(
@@ -111,7 +114,7 @@ fn corrupt_record_behind_a_hint_fails_its_read_with_corrupt() {
             store.put(0, &key(i), b"v", &[i as u8; 100]).await.unwrap();
         }
         store.close().await.unwrap();
-        flip_byte(&segment_files(&path)[0], 7 * REC_LEN + 80);
+        flip_byte(&segment_files(&path)[0], HEADER + 7 * REC_LEN + 80);
         let config = StoreConfig {
             cache_bytes: 0,
             ..small_segments()
@@ -148,6 +151,7 @@ fn torn_tail_is_cut_and_writing_resumes() {
             &key(99),
             b"v",
             &[7; 500],
+            ringkv_engine::record::position_seed(0, HEADER + 30 * REC_LEN),
         );
         torn.truncate(200);
         {
@@ -156,7 +160,7 @@ fn torn_tail_is_cut_and_writing_resumes() {
                 .write(true)
                 .open(&segment_files(&path)[0])
                 .unwrap();
-            file.write_all_at(&torn, 30 * REC_LEN).unwrap();
+            file.write_all_at(&torn, HEADER + 30 * REC_LEN).unwrap();
             file.sync_all().unwrap();
         }
         let store = open(&path, StoreConfig::default()).await;

@@ -12,6 +12,7 @@ fn config() -> StoreConfig {
     StoreConfig {
         segment_size: 256 << 10,
         max_value_len: 4096,
+        commit_batch_bytes: 64 << 10,
         ..StoreConfig::default()
     }
 }
@@ -160,6 +161,16 @@ fn config_limits_are_checked() {
         },
         StoreConfig {
             segment_size: 1 << 20,
+            ..StoreConfig::default()
+        },
+        // A fresh segment must hold the largest group commit.
+        StoreConfig {
+            segment_size: 2 << 20,
+            commit_batch_bytes: 2 << 20,
+            ..StoreConfig::default()
+        },
+        StoreConfig {
+            commit_batch_bytes: 0,
             ..StoreConfig::default()
         },
         StoreConfig {

@@ -119,6 +119,11 @@ impl Disk for DmaDisk {
     async fn yield_now(&self) {
         glommio::yield_if_needed().await;
     }
+
+    fn fresh_salt(&self) -> u64 {
+        // fastrand's per-thread generator is seeded from the OS's randomness.
+        fastrand::u64(..)
+    }
 }
 
 impl DiskFile for DmaDiskFile {
@@ -155,5 +160,13 @@ impl DiskFile for DmaDiskFile {
 
     async fn size(&self) -> io::Result<u64> {
         Ok(self.file.file_size().await?)
+    }
+
+    async fn truncate(&self, len: u64) -> io::Result<()> {
+        Ok(self.file.truncate(len).await?)
+    }
+
+    async fn allocate(&self, len: u64) -> io::Result<()> {
+        Ok(self.file.pre_allocate(len, false).await?)
     }
 }

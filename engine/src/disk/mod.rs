@@ -38,6 +38,9 @@ pub trait Disk: Clone + 'static {
     async fn sleep(&self, duration: Duration);
     /// Lets other tasks run if this one has had the CPU for long enough.
     async fn yield_now(&self);
+    /// A fresh random value that no reader of the log can guess (a segment's checksum
+    /// salt): from the OS for DmaDisk, from the seeded generator for SimDisk.
+    fn fresh_salt(&self) -> u64;
 }
 
 #[allow(async_fn_in_trait)]
@@ -53,6 +56,11 @@ pub trait DiskFile: 'static {
     /// fdatasync.
     async fn sync(&self) -> io::Result<()>;
     async fn size(&self) -> io::Result<u64>;
+    /// Cuts (or extends with zeroes) the file to `len` bytes; durable after `sync`.
+    async fn truncate(&self, len: u64) -> io::Result<()>;
+    /// Allocates space for the first `len` bytes (fallocate), so that writing them later
+    /// cannot run out of space; the file's size becomes at least `len`.
+    async fn allocate(&self, len: u64) -> io::Result<()>;
 }
 
 pub trait WriteBuf {

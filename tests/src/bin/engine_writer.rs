@@ -33,6 +33,7 @@ fn main() -> anyhow::Result<()> {
             let config = StoreConfig {
                 segment_size: 512 << 10,
                 max_value_len: 4096,
+                commit_batch_bytes: 64 << 10,
                 ..StoreConfig::default()
             };
             let store = Store::open(DmaDisk::new(&dir)?, config)
