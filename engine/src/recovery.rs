@@ -150,12 +150,29 @@ impl<D: Disk> Store<D> {
                             sealed: true,
                         },
                     );
-                    match hint {
-                        Some(hint) => Self::replay_hint(&mut inner, file_no, hint),
-                        None => {
-                            let builder = Self::replay_scan(&mut inner, file_no, size).await?;
-                            needs_hint.push((order, file_no, builder));
+                    let builder = match hint {
+                        Some(hint) => {
+                            Self::replay_hint(&mut inner, file_no, hint);
+                            None
                         }
+                        None => Some(Self::replay_scan(&mut inner, file_no, size).await?),
+                    };
+                    if inner.segments[&file_no].record_bytes() == 0 {
+                        // No records (the active segment of a store that stopped before
+                        // its next write): nothing to keep.
+                        inner.segments.remove(&file_no);
+                        disk.remove(&name)
+                            .await
+                            .map_err(io("removing an empty segment"))?;
+                        if has_hint {
+                            disk.remove(&segment::hint_name(order, file_no))
+                                .await
+                                .map_err(io("removing an empty segment's hint"))?;
+                        }
+                        inner.stats.empty_segments_removed += 1;
+                        removed_any = true;
+                    } else if let Some(builder) = builder {
+                        needs_hint.push((order, file_no, builder));
                     }
                 }
             }
