@@ -207,6 +207,8 @@ pub fn status(args: StatusArgs) -> ExitCode {
                             "writes": s.writes,
                             "overloaded": s.overloaded,
                             "commits": s.commits,
+                            "corrupt": s.corrupt,
+                            "store_failure": s.store_failure,
                         })).collect::<Vec<_>>(),
                     })
                 })
@@ -236,7 +238,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
                     owned
                 );
                 say!(
-                    "  {:>5} {:<22} {:>10} {:>10} {:>12} {:>12} {:>12} {:>10}",
+                    "  {:>5} {:<22} {:>10} {:>10} {:>12} {:>12} {:>12} {:>10} {:>8}",
                     "shard",
                     "port",
                     "partitions",
@@ -244,14 +246,15 @@ pub fn status(args: StatusArgs) -> ExitCode {
                     "disk bytes",
                     "reads",
                     "writes",
-                    "overloaded"
+                    "overloaded",
+                    "corrupt"
                 );
                 for s in &n.shards {
                     let port = address
                         .and_then(|a| a.shard_native.get(s.shard as usize))
                         .map_or("?", String::as_str);
                     say!(
-                        "  {:>5} {:<22} {:>10} {:>10} {:>12} {:>12} {:>12} {:>10}",
+                        "  {:>5} {:<22} {:>10} {:>10} {:>12} {:>12} {:>12} {:>10} {:>8}",
                         s.shard,
                         port,
                         s.partitions,
@@ -259,8 +262,12 @@ pub fn status(args: StatusArgs) -> ExitCode {
                         s.disk_bytes,
                         s.reads,
                         s.writes,
-                        s.overloaded
+                        s.overloaded,
+                        s.corrupt
                     );
+                    if let Some(failure) = &s.store_failure {
+                        say!("        store failed (refusing writes until restart): {failure}");
+                    }
                 }
             }
         }

@@ -147,6 +147,14 @@ pub struct ShardStatus {
     pub overloaded: u64,
     /// Group commits (each one write and one fdatasync).
     pub commits: u64,
+    /// Corruption the shard's store has met since it opened: reads refused because a
+    /// record failed its checksum, damaged regions found at recovery or by compaction,
+    /// records lost to corruption. Each such key reads as missing here and is repaired
+    /// from its other replicas.
+    pub corrupt: u64,
+    /// The store's latched failure (a failed fdatasync or directory sync), if any: it
+    /// refuses writes until the node restarts.
+    pub store_failure: Option<String>,
 }
 
 /// The node's side of the handshake.

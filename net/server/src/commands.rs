@@ -328,7 +328,8 @@ fn info(shard: &Shard) -> Reply {
     let text = format!(
         "# Server\r\nredis_version:7.0.0\r\nringkv_version:{}\r\nshard:{}\r\nshards:{}\r\n\
          # Keyspace\r\ndb0:keys={},expires=0\r\n\
-         # Ringkv shard\r\nputs:{}\r\ngets:{}\r\ncache_hits:{}\r\ncommits:{}\r\nsegments:{}\r\n",
+         # Ringkv shard\r\nputs:{}\r\ngets:{}\r\ncache_hits:{}\r\ncommits:{}\r\nsegments:{}\r\n\
+         corrupt:{}\r\nstore_failed:{}\r\n",
         env!("CARGO_PKG_VERSION"),
         shard.id,
         shard.count,
@@ -338,6 +339,8 @@ fn info(shard: &Shard) -> Reply {
         stats.cache_hits,
         stats.commits,
         usage.segments,
+        stats.corruption(),
+        u8::from(store.failure().is_some()),
     );
     Reply::Bulk(text.into_bytes())
 }

@@ -73,6 +73,7 @@ pub fn run_until(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), Star
     config.validate()?;
     check_io_uring()?;
     check_locked_memory()?;
+    raise_open_file_limit();
     let shards = config.shard_count();
     check_addresses_free(&config)?;
     let _lock = layout::lock(&config.data_dir)?;
@@ -159,6 +160,16 @@ fn check_locked_memory() -> Result<(), StartError> {
             Err(StartError::LockedMemory(bytes / 1024, NEEDED_KIB))
         }
         _ => Ok(()), // "unlimited", or a format we do not know: let glommio decide.
+    }
+}
+
+/// Each store keeps one file open per segment, and each connection is a socket: take
+/// the whole open-file allowance (the soft limit is often 1024 while the hard limit is
+/// far higher), and say what it is, since running out shows up as failed rotations.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "open-file limit"),
+        Err(err) => tracing::warn!(%err, "cannot raise the open-file limit (ulimit -n)"),
     }
 }
 

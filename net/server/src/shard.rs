@@ -259,6 +259,8 @@ impl Shard {
             writes: self.writes.get(),
             overloaded: self.overloaded.get(),
             commits: stats.commits,
+            corrupt: stats.corruption(),
+            store_failure: store.failure(),
         }
     }
 
