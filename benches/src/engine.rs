@@ -559,8 +559,7 @@ async fn overwrite(root: &Path, o: &EngineBenchOptions, value: &[u8]) -> anyhow:
     let compaction = io(glommio::spawn_local_into(
         async move { compactor.run_compaction(Duration::from_millis(10)).await },
         queue,
-    ))?
-    .detach();
+    ))?;
     let keys = OVERWRITE_KEYS;
     let target = keys * OVERWRITE_PASSES;
     let cap = o.phase * OVERWRITE_PHASES;
@@ -603,8 +602,10 @@ async fn overwrite(root: &Path, o: &EngineBenchOptions, value: &[u8]) -> anyhow:
     while store.compact_once().await?.is_some() {}
     let after = amplification(&store);
     let compactions = store.stats().compactions;
+    // Closing stops the compaction loop; wait for it rather than cancel it with its
+    // I/O in flight.
     store.close().await?;
-    compaction.cancel();
+    compaction.await;
     Ok(Space {
         keys,
         segment_bytes: OVERWRITE_SEGMENT,

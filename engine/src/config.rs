@@ -102,14 +102,14 @@ impl StoreConfig {
                 self.segment_size
             ));
         }
-        // A group commit is written whole into one segment: a fresh segment must hold
-        // the largest batch (a batch closes once it reaches commit_batch_bytes, so it
-        // can exceed that by one maximal record).
-        let largest_batch = self.commit_batch_bytes as u64 + self.max_record_len();
-        if self.segment_size < crate::segment::HEADER_LEN + largest_batch {
+        // A group commit is written whole into one segment (batches are cut to fit a
+        // fresh one), so a fresh segment must hold the largest record.
+        if self.segment_size < crate::segment::HEADER_LEN + self.max_record_len() {
             return invalid(format!(
-                "segment_size {} cannot hold its header block and the largest group commit ({} bytes: commit_batch_bytes plus a maximal record); raise it or lower max_value_len or commit_batch_bytes",
-                self.segment_size, largest_batch
+                "segment_size {} cannot hold its {}-byte header block and a maximal record of {} bytes; raise it or lower max_value_len",
+                self.segment_size,
+                crate::segment::HEADER_LEN,
+                self.max_record_len()
             ));
         }
         if self.commit_batch_bytes == 0 {

@@ -23,7 +23,7 @@ use crate::hint::HintBuilder;
 use crate::index::{Entry, Index, Location};
 use crate::keylock::KeyLocks;
 use crate::record::{self, Header, Kind, MAX_KEY_LEN, MAX_VERSION_LEN, Record};
-use crate::segment::Segment;
+use crate::segment::{self, Segment};
 
 /// Counters, all monotonic except where noted.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -512,8 +512,16 @@ impl<D: Disk> Store<D> {
         let outcome = {
             let mut inner = self.inner.borrow_mut();
             inner.stats.puts += 1;
+            // A batch is written whole into one segment, so it never grows beyond what a
+            // fresh segment holds (nor, for latency, beyond commit_batch_bytes).
             let cap = self.config.commit_batch_bytes;
-            if inner.queue.back().is_none_or(|b| b.bytes.len() >= cap) {
+            let segment_room = (self.config.segment_size - segment::HEADER_LEN) as usize;
+            let len = record::RECORD_OVERHEAD + key.len() + version.len() + value.len();
+            if inner
+                .queue
+                .back()
+                .is_none_or(|b| b.bytes.len() >= cap || b.bytes.len() + len > segment_room)
+            {
                 inner.queue.push_back(Batch::default());
             }
             let batch = inner.queue.back_mut().expect("a batch was just ensured");

@@ -163,10 +163,9 @@ fn config_limits_are_checked() {
             segment_size: 1 << 20,
             ..StoreConfig::default()
         },
-        // A fresh segment must hold the largest group commit.
+        // A fresh segment must hold its header block and a maximal record.
         StoreConfig {
-            segment_size: 2 << 20,
-            commit_batch_bytes: 2 << 20,
+            segment_size: (1 << 20) + (132 << 10),
             ..StoreConfig::default()
         },
         StoreConfig {
