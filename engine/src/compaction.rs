@@ -186,6 +186,10 @@ impl<D: Disk> Store<D> {
 
         let new_no = self.reserve_number();
         let mut out = Output::new(order, new_no, self.disk.fresh_salt());
+        // A collected tombstone may go only from the oldest segment: with nothing older
+        // on disk, no earlier record of its key can come back at recovery.
+        let oldest = self.inner.borrow().segments.values().map(|s| s.order).min() == Some(order);
+        let mut dropped_tombstones = Vec::new();
         for chunk in candidates.chunks(RECORDS_PER_YIELD) {
             {
                 let inner = self.inner.borrow();
@@ -204,6 +208,14 @@ impl<D: Disk> Store<D> {
                             .get(header.partition, key)
                             .is_some_and(|e| e.location == old),
                     };
+                    if !live && inner.collected.contains_key(&old) {
+                        if oldest {
+                            dropped_tombstones.push(old);
+                        } else {
+                            out.push(old, header, bytes, false);
+                        }
+                        continue;
+                    }
                     if live {
                         out.push(old, header, bytes, header.kind == Kind::Lost);
                     }
@@ -225,7 +237,14 @@ impl<D: Disk> Store<D> {
         } else {
             None
         };
-        self.repoint(file_no, order, &out, new_file, records_lost);
+        self.repoint(
+            file_no,
+            order,
+            &out,
+            new_file,
+            records_lost,
+            &dropped_tombstones,
+        );
         self.remove_quietly(&segment::hint_name(order, file_no))
             .await;
         self.disk
@@ -312,8 +331,19 @@ impl<D: Disk> Store<D> {
         out: &Output,
         new_file: Option<D::File>,
         records_lost: usize,
+        dropped_tombstones: &[Location],
     ) {
         let mut inner = self.inner.borrow_mut();
+        for old in dropped_tombstones {
+            if inner.collected.remove(old).is_some() {
+                inner.stats.collected_tombstones_dropped += 1;
+                let segment = inner
+                    .segments
+                    .get_mut(&file_no)
+                    .expect("compacted segment tracked");
+                segment.live_bytes -= old.len as u64;
+            }
+        }
         if let Some(new_file) = new_file {
             inner.segments.insert(
                 out.file_no,
@@ -339,6 +369,11 @@ impl<D: Disk> Store<D> {
                     }
                     _ => false,
                 },
+                Kind::Tombstone if inner.collected.contains_key(&kept.old) => {
+                    let collected = inner.collected.remove(&kept.old).expect("just checked");
+                    inner.collected.insert(kept.new, collected);
+                    true
+                }
                 Kind::Value | Kind::Tombstone | Kind::Lost => {
                     inner
                         .index

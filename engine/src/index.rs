@@ -1,12 +1,16 @@
 //! The in-memory index: for each partition, key -> where its newest record lives.
 //!
-//! Memory is the constraint (hundreds of millions of keys per node), so an entry is a
-//! 20-byte `Slot` in a vector indexed by a `hashbrown::HashTable` of positions, and key
-//! bytes live in a
-//! per-partition arena of large chunks behind a 1-3 byte length prefix, rather than one
-//! heap allocation per key (which would cost 16-32 bytes of allocator overhead alone).
-//! `Index::memory_bytes` reports what it really uses; `ringkv bench engine` prints it
-//! per key.
+//! Memory is the constraint (hundreds of millions of keys per node), so a key and its
+//! 16-byte entry sit side by side in a per-partition arena of 64 KiB chunks (behind a
+//! 1-3 byte LEB128 length), and the partition's `hashbrown::HashTable<u32>` holds only
+//! arena references: no heap allocation per key, no slot vector, and a lookup touches
+//! the table's control bytes, the 4-byte reference and the arena (one dependent cache
+//! miss fewer than a table of positions into a slot vector). 64 KiB chunks keep the
+//! growing chunk's slack small. `Index::memory_bytes` reports what it really uses;
+//! `ringkv bench engine` prints it per key.
+//!
+//! Entries are updated in place. A key removed alone (a collected tombstone) leaves its
+//! bytes in the arena marked dead; a partition whose arena is mostly dead is rebuilt.
 
 use hashbrown::HashMap;
 use hashbrown::hash_table::{Entry as TableEntry, HashTable};
@@ -31,70 +35,66 @@ pub struct Entry {
     pub version_digest: u32,
 }
 
+/// Bytes of an entry in the arena: file, offset, length and flags, version digest.
+const ENTRY_LEN: usize = 16;
 const TOMBSTONE_BIT: u32 = 1 << 31;
 const LOST_BIT: u32 = 1 << 30;
-const LEN_MASK: u32 = LOST_BIT - 1;
+/// The key was removed; its bytes stay until the partition is rebuilt.
+const DEAD_BIT: u32 = 1 << 29;
+const LEN_MASK: u32 = DEAD_BIT - 1;
 
-#[derive(Clone, Copy)]
-struct Slot {
-    key_ref: u32,
-    file: u32,
-    offset: u32,
-    /// Record length in the low 30 bits (records are far below 1 GiB), then the lost
-    /// and tombstone flags.
-    len_and_tombstone: u32,
-    version_digest: u32,
+fn encode(entry: Entry, dead: bool) -> [u8; ENTRY_LEN] {
+    assert!(
+        entry.location.len & !LEN_MASK == 0,
+        "record length over 512 MiB"
+    );
+    let flags = if entry.tombstone { TOMBSTONE_BIT } else { 0 }
+        | if entry.lost { LOST_BIT } else { 0 }
+        | if dead { DEAD_BIT } else { 0 };
+    let mut b = [0u8; ENTRY_LEN];
+    b[0..4].copy_from_slice(&entry.location.file.to_le_bytes());
+    b[4..8].copy_from_slice(&entry.location.offset.to_le_bytes());
+    b[8..12].copy_from_slice(&(entry.location.len | flags).to_le_bytes());
+    b[12..16].copy_from_slice(&entry.version_digest.to_le_bytes());
+    b
 }
 
-const _: () = assert!(std::mem::size_of::<Slot>() == 20);
-
-impl Slot {
-    fn entry(&self) -> Entry {
-        Entry {
-            location: Location {
-                file: self.file,
-                offset: self.offset,
-                len: self.len_and_tombstone & LEN_MASK,
-            },
-            tombstone: self.len_and_tombstone & TOMBSTONE_BIT != 0,
-            lost: self.len_and_tombstone & LOST_BIT != 0,
-            version_digest: self.version_digest,
-        }
-    }
-
-    fn set(&mut self, entry: Entry) {
-        assert!(
-            entry.location.len & !LEN_MASK == 0,
-            "record length over 1 GiB"
-        );
-        self.file = entry.location.file;
-        self.offset = entry.location.offset;
-        self.len_and_tombstone = entry.location.len
-            | if entry.tombstone { TOMBSTONE_BIT } else { 0 }
-            | if entry.lost { LOST_BIT } else { 0 };
-        self.version_digest = entry.version_digest;
-    }
+/// The entry in `b`, and whether it is dead.
+fn decode(b: &[u8]) -> (Entry, bool) {
+    let u = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let len_and_flags = u(8);
+    let entry = Entry {
+        location: Location {
+            file: u(0),
+            offset: u(4),
+            len: len_and_flags & LEN_MASK,
+        },
+        tombstone: len_and_flags & TOMBSTONE_BIT != 0,
+        lost: len_and_flags & LOST_BIT != 0,
+        version_digest: u(12),
+    };
+    (entry, len_and_flags & DEAD_BIT != 0)
 }
 
-/// Key bytes, each behind a LEB128 length, in chunks of at most `1 << CHUNK_BITS` bytes.
-/// A key reference is `chunk << CHUNK_BITS | offset`: an offset, not a pointer, so the
-/// last chunk may be reallocated as it grows. It grows by a quarter at a time
-/// (`reserve_exact`) rather than doubling, which would leave up to half of it unused.
+/// Keys and entries, each as LEB128 key length, key bytes, entry, in chunks of at most
+/// `CHUNK_MAX` bytes (a key too long for one gets a chunk of its own). A reference is
+/// `chunk << CHUNK_BITS | offset`: an offset, not a pointer, so the last chunk may be
+/// reallocated as it grows. It grows by a quarter at a time (`reserve_exact`) rather
+/// than doubling, which would leave up to half of it unused.
 #[derive(Default)]
-struct KeyArena {
+struct Arena {
     chunks: Vec<Vec<u8>>,
 }
 
-const CHUNK_BITS: u32 = 18;
+const CHUNK_BITS: u32 = 16;
 const CHUNK_MAX: usize = 1 << CHUNK_BITS;
 const FIRST_CHUNK: usize = 256;
 
-impl KeyArena {
-    fn push(&mut self, key: &[u8]) -> u32 {
+impl Arena {
+    fn push(&mut self, key: &[u8], entry: Entry) -> u32 {
         let mut prefix = [0u8; 3];
         let prefix_len = leb128(key.len(), &mut prefix);
-        let need = prefix_len + key.len();
-        assert!(need <= CHUNK_MAX, "key longer than an arena chunk");
+        let need = prefix_len + key.len() + ENTRY_LEN;
         let fits_in_last = self
             .chunks
             .last()
@@ -107,19 +107,21 @@ impl KeyArena {
         let chunk = self.chunks.last_mut().expect("a chunk was just ensured");
         if chunk.capacity() - chunk.len() < need {
             let grown = (chunk.len() / 4).max(FIRST_CHUNK).max(need);
-            chunk.reserve_exact(grown.min(CHUNK_MAX - chunk.len()));
+            chunk.reserve_exact(grown.min(CHUNK_MAX.max(need) - chunk.len()));
         }
         let offset = chunk.len();
         chunk.extend_from_slice(&prefix[..prefix_len]);
         chunk.extend_from_slice(key);
+        chunk.extend_from_slice(&encode(entry, false));
         ((chunk_no as u32) << CHUNK_BITS) | offset as u32
     }
 
-    fn key(&self, key_ref: u32) -> &[u8] {
-        let chunk = &self.chunks[(key_ref >> CHUNK_BITS) as usize];
-        let mut at = (key_ref & ((1 << CHUNK_BITS) - 1)) as usize;
-        let mut len = 0usize;
-        let mut shift = 0;
+    /// The chunk, and where the key of `r` starts in it and how long it is.
+    #[inline]
+    fn locate(&self, r: u32) -> (&[u8], usize, usize) {
+        let chunk = &self.chunks[(r >> CHUNK_BITS) as usize];
+        let mut at = (r & ((1 << CHUNK_BITS) - 1)) as usize;
+        let (mut len, mut shift) = (0usize, 0);
         loop {
             let byte = chunk[at];
             at += 1;
@@ -129,7 +131,51 @@ impl KeyArena {
             }
             shift += 7;
         }
+        (chunk, at, len)
+    }
+
+    #[inline]
+    fn key(&self, r: u32) -> &[u8] {
+        let (chunk, at, len) = self.locate(r);
         &chunk[at..at + len]
+    }
+
+    #[inline]
+    fn entry(&self, r: u32) -> Entry {
+        let (chunk, at, len) = self.locate(r);
+        decode(&chunk[at + len..at + len + ENTRY_LEN]).0
+    }
+
+    fn set(&mut self, r: u32, entry: Entry, dead: bool) {
+        let (_, at, len) = self.locate(r);
+        let chunk = &mut self.chunks[(r >> CHUNK_BITS) as usize];
+        chunk[at + len..at + len + ENTRY_LEN].copy_from_slice(&encode(entry, dead));
+    }
+
+    /// Every key and entry in insertion order, dead ones included (flagged).
+    fn iter(&self) -> impl Iterator<Item = (&[u8], Entry, bool)> {
+        self.chunks.iter().flat_map(|chunk| {
+            let mut at = 0;
+            std::iter::from_fn(move || {
+                if at >= chunk.len() {
+                    return None;
+                }
+                let (mut len, mut shift) = (0usize, 0);
+                loop {
+                    let byte = chunk[at];
+                    at += 1;
+                    len |= ((byte & 0x7f) as usize) << shift;
+                    if byte & 0x80 == 0 {
+                        break;
+                    }
+                    shift += 7;
+                }
+                let key = &chunk[at..at + len];
+                let (entry, dead) = decode(&chunk[at + len..at + len + ENTRY_LEN]);
+                at += len + ENTRY_LEN;
+                Some((key, entry, dead))
+            })
+        })
     }
 
     fn memory_bytes(&self) -> usize {
@@ -155,61 +201,48 @@ fn hash(key: &[u8]) -> u64 {
 }
 
 /// One partition's keys.
-///
-/// Slots live in a vector grown by a quarter at a time; the hash table holds only their
-/// 4-byte positions. A table of whole slots would cost 21 bytes per bucket, and hash
-/// tables double, leaving 21 to 48 bytes per key; this way the doubling applies to 5
-/// bytes per bucket and the slot vector wastes at most a quarter of 20.
 #[derive(Default)]
 pub struct PartitionIndex {
     table: HashTable<u32>,
-    slots: Vec<Slot>,
-    arena: KeyArena,
+    arena: Arena,
+    /// Arena bytes of removed keys, reclaimed by a rebuild.
+    dead_bytes: usize,
+    live_bytes: usize,
 }
 
 impl PartitionIndex {
-    fn find(&self, key: &[u8]) -> Option<usize> {
-        let (slots, arena) = (&self.slots, &self.arena);
+    fn find(&self, key: &[u8]) -> Option<u32> {
+        let arena = &self.arena;
         self.table
-            .find(hash(key), |&i| arena.key(slots[i as usize].key_ref) == key)
-            .map(|&i| i as usize)
+            .find(hash(key), |&r| arena.key(r) == key)
+            .copied()
     }
 
     pub fn get(&self, key: &[u8]) -> Option<Entry> {
-        self.find(key).map(|i| self.slots[i].entry())
+        self.find(key).map(|r| self.arena.entry(r))
     }
 
     /// Points `key` at `entry`; returns what it pointed at before.
     pub fn insert(&mut self, key: &[u8], entry: Entry) -> Option<Entry> {
-        let (slots, arena) = (&self.slots, &self.arena);
-        let found = self.table.entry(
-            hash(key),
-            |&i| arena.key(slots[i as usize].key_ref) == key,
-            |&i| hash(arena.key(slots[i as usize].key_ref)),
-        );
+        let arena = &self.arena;
+        let found = self
+            .table
+            .entry(hash(key), |&r| arena.key(r) == key, |&r| hash(arena.key(r)));
         match found {
             TableEntry::Occupied(occupied) => {
-                let slot = &mut self.slots[*occupied.get() as usize];
-                let old = slot.entry();
-                slot.set(entry);
+                let r = *occupied.get();
+                let old = self.arena.entry(r);
+                self.arena.set(r, entry, false);
                 Some(old)
             }
-            TableEntry::Vacant(vacant) => {
-                let position =
-                    u32::try_from(self.slots.len()).expect("over 4 billion keys in one partition");
-                vacant.insert(position);
-                let mut slot = Slot {
-                    key_ref: self.arena.push(key),
-                    file: 0,
-                    offset: 0,
-                    len_and_tombstone: 0,
-                    version_digest: 0,
-                };
-                slot.set(entry);
-                if self.slots.len() == self.slots.capacity() {
-                    self.slots.reserve_exact((self.slots.len() / 4).max(16));
-                }
-                self.slots.push(slot);
+            TableEntry::Vacant(_) => {
+                // The probe's closures borrow the arena: push the key once the vacant
+                // entry is gone, then insert (a second probe, on inserts only).
+                let r = self.arena.push(key, entry);
+                self.live_bytes += key.len() + ENTRY_LEN + 1;
+                let arena = &self.arena;
+                self.table
+                    .insert_unique(hash(key), r, |&r| hash(arena.key(r)));
                 None
             }
         }
@@ -218,11 +251,10 @@ impl PartitionIndex {
     /// Moves `key` from `from` to `to` only if it still points at `from`; `lost` marks
     /// the moved entry as lost (its record was corrupt and a marker replaces it).
     pub fn relocate(&mut self, key: &[u8], from: Location, to: Location, lost: bool) -> bool {
-        let Some(i) = self.find(key) else {
+        let Some(r) = self.find(key) else {
             return false;
         };
-        let slot = &mut self.slots[i];
-        let mut entry = slot.entry();
+        let mut entry = self.arena.entry(r);
         if entry.location != from {
             return false;
         }
@@ -235,29 +267,60 @@ impl PartitionIndex {
                 ..entry
             };
         }
-        slot.set(entry);
+        self.arena.set(r, entry, false);
         true
     }
 
+    /// Forgets `key` if its entry is still `expected`; returns whether it did.
+    pub fn remove_if(&mut self, key: &[u8], expected: Entry) -> bool {
+        let arena = &self.arena;
+        let Ok(found) = self.table.find_entry(hash(key), |&r| arena.key(r) == key) else {
+            return false;
+        };
+        let r = *found.get();
+        if self.arena.entry(r) != expected {
+            return false;
+        }
+        found.remove();
+        self.arena.set(r, expected, true);
+        let bytes = key.len() + ENTRY_LEN + 1;
+        self.dead_bytes += bytes;
+        self.live_bytes -= bytes;
+        if self.dead_bytes > self.live_bytes {
+            self.rebuild();
+        }
+        true
+    }
+
+    /// Copies the live keys into a fresh arena and table (in the same order).
+    fn rebuild(&mut self) {
+        let mut fresh = PartitionIndex::default();
+        for (key, entry, dead) in self.arena.iter() {
+            if !dead {
+                fresh.insert(key, entry);
+            }
+        }
+        *self = fresh;
+    }
+
     pub fn len(&self) -> usize {
-        self.slots.len()
+        self.table.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.table.is_empty()
     }
 
     /// Every key and entry, in insertion order (deterministic).
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], Entry)> {
-        self.slots
+        self.arena
             .iter()
-            .map(|s| (self.arena.key(s.key_ref), s.entry()))
+            .filter(|(_, _, dead)| !dead)
+            .map(|(key, entry, _)| (key, entry))
     }
 
     fn memory_bytes(&self) -> usize {
-        self.table.allocation_size()
-            + self.slots.capacity() * std::mem::size_of::<Slot>()
-            + self.arena.memory_bytes()
+        self.table.allocation_size() + self.arena.memory_bytes()
     }
 }
 
@@ -290,6 +353,18 @@ impl Index {
         self.partitions
             .get_mut(&partition)
             .is_some_and(|p| p.relocate(key, from, to, lost))
+    }
+
+    /// Forgets `key` if its entry is still `expected` (see `PartitionIndex::remove_if`).
+    pub fn remove_if(&mut self, partition: u32, key: &[u8], expected: Entry) -> bool {
+        let Some(index) = self.partitions.get_mut(&partition) else {
+            return false;
+        };
+        let removed = index.remove_if(key, expected);
+        if index.is_empty() {
+            self.partitions.remove(&partition);
+        }
+        removed
     }
 
     pub fn partition(&self, partition: u32) -> Option<&PartitionIndex> {
@@ -359,12 +434,22 @@ mod tests {
     proptest! {
         #[test]
         fn behaves_like_a_map(ops in prop::collection::vec(
-            (0u32..3, prop::collection::vec(any::<u8>(), 0..300), any::<u32>(), any::<bool>()), 1..400)
+            (0u32..3, prop::collection::vec(any::<u8>(), 0..300), any::<u32>(), 0u8..8), 1..400)
         ) {
             let mut index = Index::default();
             let mut model = BTreeMap::new();
-            for (partition, key, offset, tombstone) in ops {
-                let e = entry(1, offset, tombstone);
+            for (partition, key, offset, action) in ops {
+                if action == 0 {
+                    // Remove (only if the entry is what the caller expects).
+                    let current = model.get(&(partition, key.clone())).copied();
+                    let expected = current.unwrap_or(entry(9, 9, true));
+                    let removed = index.remove_if(partition, &key, expected);
+                    prop_assert_eq!(removed, current.is_some());
+                    model.remove(&(partition, key.clone()));
+                    prop_assert_eq!(index.get(partition, &key), None);
+                    continue;
+                }
+                let e = entry(1, offset, action == 1);
                 let old = index.insert(partition, &key, e);
                 prop_assert_eq!(old, model.insert((partition, key.clone()), e));
                 prop_assert_eq!(index.get(partition, &key), Some(e));
@@ -408,6 +493,39 @@ mod tests {
         assert!(!index.relocate(0, b"missing", to, to, false));
         assert!(index.relocate(0, b"k", to, to, true));
         assert!(index.get(0, b"k").unwrap().lost);
+    }
+
+    #[test]
+    fn remove_if_leaves_a_changed_entry_alone() {
+        let mut index = Index::default();
+        index.insert(0, b"k", entry(1, 10, true));
+        assert!(!index.remove_if(0, b"k", entry(1, 11, true)));
+        assert!(index.remove_if(0, b"k", entry(1, 10, true)));
+        assert!(index.get(0, b"k").is_none());
+        assert!(
+            index.partition(0).is_none(),
+            "an empty partition is dropped"
+        );
+    }
+
+    #[test]
+    fn a_mostly_removed_partition_is_rebuilt_in_order() {
+        let mut index = Index::default();
+        for i in 0..1000u32 {
+            index.insert(0, &i.to_le_bytes(), entry(1, i, i % 3 == 0));
+        }
+        for i in (0..1000u32).filter(|i| i % 4 != 0) {
+            assert!(index.remove_if(0, &i.to_le_bytes(), entry(1, i, i % 3 == 0)));
+        }
+        let listed: Vec<u32> = index
+            .partition(0)
+            .unwrap()
+            .iter()
+            .map(|(k, _)| u32::from_le_bytes(k.try_into().unwrap()))
+            .collect();
+        assert_eq!(listed, (0..1000).step_by(4).collect::<Vec<u32>>());
+        let partition = index.partition(0).unwrap();
+        assert!(partition.dead_bytes <= partition.live_bytes);
     }
 
     #[test]

@@ -74,6 +74,7 @@ impl<D: Disk> Store<D> {
             active: Active::new(0, 0),
             next_number: 1,
             drops: HashMap::new(),
+            collected: HashMap::new(),
             queue: VecDeque::new(),
             cache: Cache::with_weighter(
                 (config.cache_bytes / 256).max(16) as usize,

@@ -55,6 +55,10 @@ pub struct Stats {
     pub compacted_bytes_reclaimed: u64,
     /// Segments removed because they held no records.
     pub empty_segments_removed: u64,
+    /// Tombstones removed from the index by `collect_tombstone`, and those whose records
+    /// compaction has since dropped for good.
+    pub tombstones_collected: u64,
+    pub collected_tombstones_dropped: u64,
 }
 
 impl Stats {
@@ -178,6 +182,11 @@ pub(crate) struct Inner<F> {
     pub next_number: u32,
     /// The live partition-drop marker of each dropped partition.
     pub drops: HashMap<u32, Location>,
+    /// Tombstones the cluster layer collected (`Store::collect_tombstone`): gone from
+    /// the index, but their records are kept, and counted live, until no older record
+    /// of their key can be left on disk (see compaction). Not durable: after a restart
+    /// they are in the index again and the cluster layer collects them again.
+    pub collected: HashMap<Location, (u32, Vec<u8>)>,
     pub queue: VecDeque<Batch>,
     pub cache: Cache,
     pub stats: Stats,
@@ -404,6 +413,39 @@ impl<D: Disk> Store<D> {
                 Ok(true)
             }
         }
+    }
+
+    /// Tombstone collection, for the cluster layer once every replica of the key is known
+    /// to hold this tombstone (and a grace period longer than the hint window passed):
+    /// forgets the key if it is still the tombstone whose version digest is
+    /// `version_digest`, so it no longer reads, lists or costs index memory. Its record
+    /// stays on disk until compaction can drop it without letting an older record of the
+    /// key come back at recovery: when it lies in the oldest segment left. Returns
+    /// whether the tombstone was collected. Not durable: after a restart the tombstone
+    /// is back (as a tombstone, never as an older value) and may be collected again.
+    pub async fn collect_tombstone(
+        &self,
+        partition: u32,
+        key: &[u8],
+        version_digest: u32,
+    ) -> Result<bool> {
+        self.validate(key, &[], &[])?;
+        let _guard = self.locks.lock(partition, key).await;
+        let mut inner = self.inner.borrow_mut();
+        let Some(entry) = inner.index.get(partition, key) else {
+            return Ok(false);
+        };
+        if !entry.tombstone || entry.lost || entry.version_digest != version_digest {
+            return Ok(false);
+        }
+        let removed = inner.index.remove_if(partition, key, entry);
+        debug_assert!(removed, "the entry was read under the same borrow");
+        inner.cache.remove(&cache_key(entry.location));
+        inner
+            .collected
+            .insert(entry.location, (partition, key.to_vec()));
+        inner.stats.tombstones_collected += 1;
+        Ok(true)
     }
 
     /// Forgets every key of `partition` (after its data moved to another node). Durable:

@@ -516,3 +516,95 @@ fn a_failed_directory_sync_latches() {
         assert!(store.failure().unwrap().contains("directory"));
     });
 }
+
+/// Tombstone collection: a collected tombstone no longer reads or lists; its record is
+/// kept while an older record of the key may still be on disk, so neither compaction
+/// nor a restart ever brings the older value back; once its segment is the oldest, the
+/// tombstone goes for good.
+#[test]
+fn collected_tombstones_never_let_an_older_value_back() {
+    with_pool(async |open| {
+        let disk = SimDisk::new();
+        let store = open(&disk, config());
+        // v0 in the first segment, which stays (its fillers stay live).
+        store.put(0, b"K", b"v0", b"the old value").await.unwrap();
+        for i in 0..200u32 {
+            store
+                .put(2, &i.to_le_bytes(), b"v", &filler(i, 1))
+                .await
+                .unwrap();
+        }
+        store.delete(0, b"K", b"tombstone version").await.unwrap();
+        let digest = record::version_digest(b"tombstone version");
+        assert!(
+            !store.collect_tombstone(0, b"K", digest ^ 1).await.unwrap(),
+            "wrong digest"
+        );
+        assert!(store.collect_tombstone(0, b"K", digest).await.unwrap());
+        assert!(store.get(0, b"K").await.unwrap().is_none());
+        assert!(store.partition_keys(0).is_empty());
+        // Make the tombstone's segment garbage and compact everything that qualifies.
+        for round in 2..4 {
+            for i in 1000..1200u32 {
+                store
+                    .put(1, &i.to_le_bytes(), b"v", &filler(i, round))
+                    .await
+                    .unwrap();
+            }
+        }
+        while store.compact_once().await.unwrap().is_some() {}
+        assert!(store.stats().compactions > 0);
+        assert_eq!(
+            store.stats().collected_tombstones_dropped,
+            0,
+            "dropped while v0 is on disk"
+        );
+        assert!(store.get(0, b"K").await.unwrap().is_none());
+        store.close().await.unwrap();
+        let store = open(&disk, config());
+        let after = store.get(0, b"K").await.unwrap();
+        assert!(
+            after.as_ref().is_some_and(|r| r.is_tombstone()),
+            "after a restart the kept tombstone is back (an older value must not be)"
+        );
+        // Once nothing older is left, the tombstone goes for good.
+        for i in 0..200u32 {
+            store
+                .put(2, &i.to_le_bytes(), b"v", &filler(i, 9))
+                .await
+                .unwrap();
+        }
+        store.put(0, b"unrelated", b"v", b"x").await.unwrap();
+        assert!(store.collect_tombstone(0, b"K", digest).await.unwrap());
+        for round in 10..13 {
+            for i in 2000..2200u32 {
+                store
+                    .put(1, &i.to_le_bytes(), b"v", &filler(i, round))
+                    .await
+                    .unwrap();
+            }
+        }
+        while store.compact_once().await.unwrap().is_some() {}
+        assert_eq!(
+            store.stats().collected_tombstones_dropped,
+            1,
+            "{:?}",
+            store.stats()
+        );
+        store.close().await.unwrap();
+        let store = open(&disk, config());
+        assert!(
+            store.get(0, b"K").await.unwrap().is_none(),
+            "neither value nor tombstone is left"
+        );
+        for log in logs(&disk) {
+            let data = disk.contents(&log).unwrap();
+            assert!(
+                !data
+                    .windows(b"the old value".len())
+                    .any(|w| w == b"the old value"),
+                "the old value is still on disk in {log}"
+            );
+        }
+    });
+}
