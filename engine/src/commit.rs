@@ -89,7 +89,8 @@ impl<D: Disk> Store<D> {
     /// Writes `batch` into the active segment (rotating first if it does not fit),
     /// syncs it in `sync` mode, then indexes and caches its records.
     async fn commit(&self, batch: &Batch) -> Result<()> {
-        self.check_writable()?;
+        // Not check_writable: a batch queued before close began is still committed.
+        self.check_not_failed()?;
         let batch_len = batch.bytes.len() as u64;
         let fits = {
             let inner = self.inner.borrow();

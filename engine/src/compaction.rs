@@ -100,13 +100,46 @@ impl Output {
         });
     }
 
-    /// Appends a fresh marker of `kind` (Lost or PartitionDrop) in place of the corrupt
-    /// record at `old`.
-    fn push_marker(&mut self, old: Location, kind: Kind, partition: u32, key: &[u8]) {
+    /// Copies the planned records into the output in the order their originals had in
+    /// the segment (a partition-drop marker must stay before the records of its
+    /// partition written after it).
+    fn fill(&mut self, mut planned: Vec<Planned>, data: &[u8]) {
+        planned.sort_by_key(|p| p.old.offset);
+        for p in planned {
+            let bytes = match &p.marker {
+                None => &data[p.old.offset as usize..][..p.old.len as usize],
+                Some(marker) => &marker[..],
+            };
+            self.push(p.old, p.header, bytes, p.header.kind == Kind::Lost);
+        }
+    }
+}
+
+/// A record the output will hold: a copy of the original at `old`, or a fresh marker
+/// (Lost, or a rewritten partition drop) standing in for a corrupt original there.
+struct Planned {
+    old: Location,
+    header: Header,
+    marker: Option<Vec<u8>>,
+}
+
+impl Planned {
+    fn copy(old: Location, header: Header) -> Planned {
+        Planned {
+            old,
+            header,
+            marker: None,
+        }
+    }
+
+    fn marker(old: Location, kind: Kind, partition: u32, key: &[u8]) -> Planned {
         let mut marker = Vec::new();
         record::encode_unsealed(&mut marker, kind, partition, key, &[], &[]);
-        let header = record::unsealed_header(&marker);
-        self.push(old, header, &marker, kind == Kind::Lost);
+        Planned {
+            old,
+            header: record::unsealed_header(&marker),
+            marker: Some(marker),
+        }
     }
 }
 
@@ -190,6 +223,7 @@ impl<D: Disk> Store<D> {
         // on disk, no earlier record of its key can come back at recovery.
         let oldest = self.inner.borrow().segments.values().map(|s| s.order).min() == Some(order);
         let mut dropped_tombstones = Vec::new();
+        let mut planned = Vec::new();
         for chunk in candidates.chunks(RECORDS_PER_YIELD) {
             {
                 let inner = self.inner.borrow();
@@ -212,12 +246,12 @@ impl<D: Disk> Store<D> {
                         if oldest {
                             dropped_tombstones.push(old);
                         } else {
-                            out.push(old, header, bytes, false);
+                            planned.push(Planned::copy(old, header));
                         }
                         continue;
                     }
                     if live {
-                        out.push(old, header, bytes, header.kind == Kind::Lost);
+                        planned.push(Planned::copy(old, header));
                     }
                 }
             }
@@ -226,8 +260,10 @@ impl<D: Disk> Store<D> {
         let records_lost = if damaged.is_empty() {
             0
         } else {
-            self.mark_lost_records(file_no, &damaged, &mut out).await
+            self.mark_lost_records(file_no, &damaged, &mut planned)
+                .await
         };
+        out.fill(planned, &data);
 
         // Whatever made the dropped records garbage must be durable before the output
         // can replace the segment that holds them.
@@ -247,10 +283,12 @@ impl<D: Disk> Store<D> {
         );
         self.remove_quietly(&segment::hint_name(order, file_no))
             .await;
-        self.disk
-            .remove(&segment::log_name(order, file_no))
-            .await
-            .map_err(|e| StoreError::io("removing a compacted segment", e))?;
+        if let Err(err) = self.disk.remove(&segment::log_name(order, file_no)).await {
+            // The segment is no longer tracked: left on disk, its dead records would be
+            // replayed at the next open, and a collected tombstone judged to be in the
+            // oldest segment might no longer shadow them. Fail stop instead.
+            return Err(self.latch_failure(format!("removing a compacted segment failed: {err}")));
+        }
         self.sync_dir().await?;
         self.ensure_reserve().await;
         Ok(CompactionReport {
@@ -266,14 +304,14 @@ impl<D: Disk> Store<D> {
         })
     }
 
-    /// The slow path, taken only when a segment holds damage: finds the index entries
-    /// (and partition-drop markers) that still point into a damaged region of `file_no`
-    /// and puts markers for them into `out`. Returns the keys marked lost.
+    /// The slow path, taken only when a segment holds damage: finds the index entries,
+    /// collected tombstones and partition-drop markers that still point into a damaged
+    /// region of `file_no` and plans markers for them. Returns the keys marked lost.
     async fn mark_lost_records(
         &self,
         file_no: u32,
         damaged: &[(u64, u64)],
-        out: &mut Output,
+        planned: &mut Vec<Planned>,
     ) -> usize {
         let inside = |location: Location| {
             location.file == file_no
@@ -302,10 +340,24 @@ impl<D: Disk> Store<D> {
                     old.offset,
                     "record lost to corruption; the key reads as missing here until repaired"
                 );
-                out.push_marker(old, Kind::Lost, partition, &key);
+                planned.push(Planned::marker(old, Kind::Lost, partition, &key));
                 lost += 1;
             }
             self.disk.yield_now().await;
+        }
+        // A collected tombstone still shadows older records of its key: a lost marker,
+        // which shadows them too, takes its place (and stays collected).
+        let collected: Vec<(Location, u32, Vec<u8>)> = {
+            let inner = self.inner.borrow();
+            inner
+                .collected
+                .iter()
+                .filter(|(at, _)| inside(**at))
+                .map(|(at, (p, key))| (*at, *p, key.clone()))
+                .collect()
+        };
+        for (old, partition, key) in collected {
+            planned.push(Planned::marker(old, Kind::Lost, partition, &key));
         }
         let drops: Vec<(u32, Location)> = {
             let inner = self.inner.borrow();
@@ -317,7 +369,7 @@ impl<D: Disk> Store<D> {
                 .collect()
         };
         for (partition, old) in drops {
-            out.push_marker(old, Kind::PartitionDrop, partition, &[]);
+            planned.push(Planned::marker(old, Kind::PartitionDrop, partition, &[]));
         }
         lost
     }
@@ -361,6 +413,22 @@ impl<D: Disk> Store<D> {
         for kept in &out.kept {
             let copy = &out.bytes[kept.new.offset as usize..][..kept.new.len as usize];
             let (key, _, _) = record::split(copy, &kept.header);
+            // A tombstone collected meanwhile (even while its marker was being planned)
+            // moves in the collected set; everything else in the index or drops.
+            if let Some(collected) = inner.collected.remove(&kept.old) {
+                inner.collected.insert(kept.new, collected);
+                let old = inner
+                    .segments
+                    .get_mut(&file_no)
+                    .expect("compacted segment tracked");
+                old.live_bytes -= kept.old.len as u64;
+                let new = inner
+                    .segments
+                    .get_mut(&out.file_no)
+                    .expect("output tracked");
+                new.live_bytes += kept.new.len as u64;
+                continue;
+            }
             let moved = match kept.header.kind {
                 Kind::PartitionDrop => match inner.drops.get_mut(&kept.header.partition) {
                     Some(at) if *at == kept.old => {
@@ -369,11 +437,6 @@ impl<D: Disk> Store<D> {
                     }
                     _ => false,
                 },
-                Kind::Tombstone if inner.collected.contains_key(&kept.old) => {
-                    let collected = inner.collected.remove(&kept.old).expect("just checked");
-                    inner.collected.insert(kept.new, collected);
-                    true
-                }
                 Kind::Value | Kind::Tombstone | Kind::Lost => {
                     inner
                         .index

@@ -50,6 +50,7 @@ impl<D: Disk> Store<D> {
         let io = |op| move |e| StoreError::io(op, e);
         let mut logs: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
         let mut hints = BTreeSet::new();
+        let mut temporary = Vec::new();
         for name in disk
             .list()
             .await
@@ -60,13 +61,21 @@ impl<D: Disk> Store<D> {
                 FileKind::Hint { order, file_no } => {
                     hints.insert((order, file_no));
                 }
-                // Left by an interrupted compaction or hint write; never renamed into place.
-                FileKind::Temporary => disk
-                    .remove(&name)
-                    .await
-                    .map_err(io("removing a temporary file"))?,
+                FileKind::Temporary => temporary.push(name),
                 FileKind::Reserve | FileKind::Unknown => {}
             }
+        }
+        // Refuse a store of another format before changing anything in it.
+        for (&order, file_nos) in &logs {
+            for &file_no in file_nos {
+                Self::refuse_format_1(&disk, order, file_no).await?;
+            }
+        }
+        for name in temporary {
+            // Left by an interrupted compaction or hint write; never renamed into place.
+            disk.remove(&name)
+                .await
+                .map_err(io("removing a temporary file"))?;
         }
         let mut inner = Inner {
             index: Index::default(),
@@ -228,12 +237,6 @@ impl<D: Disk> Store<D> {
             .await
             .map_err(|e| StoreError::io("reading a segment header", e))?;
         let header = segment::decode_header(&head, order, file_no);
-        if header == HeaderBlock::Format1 {
-            return Err(StoreError::InvalidArgument(format!(
-                "{}: written by storage format 1; this build reads format 2 (docs/format.md). Move the data directory away and let replication rebuild it",
-                segment::log_name(order, file_no)
-            )));
-        }
         let hint = if has_hint {
             Self::read_hint(disk, order, file_no, size).await?
         } else {
@@ -254,10 +257,12 @@ impl<D: Disk> Store<D> {
         };
         Ok(match (header, hint) {
             (HeaderBlock::Salt(salt), hint) => Verdict::Replay { salt, hint },
-            (HeaderBlock::Invalid | HeaderBlock::Blank, Some(hint)) => Verdict::Replay {
-                salt: hint.salt,
-                hint: Some(hint),
-            },
+            (HeaderBlock::Invalid | HeaderBlock::Blank | HeaderBlock::Format1, Some(hint)) => {
+                Verdict::Replay {
+                    salt: hint.salt,
+                    hint: Some(hint),
+                }
+            }
             (HeaderBlock::Blank, None) => {
                 let rest = file
                     .read_at(0, size as usize)
@@ -269,9 +274,26 @@ impl<D: Disk> Store<D> {
                     Verdict::Unreadable
                 }
             }
-            (HeaderBlock::Invalid, None) => Verdict::Unreadable,
-            (HeaderBlock::Format1, _) => unreachable!("refused above"),
+            (HeaderBlock::Invalid | HeaderBlock::Format1, None) => Verdict::Unreadable,
         })
+    }
+
+    async fn refuse_format_1(disk: &D, order: u32, file_no: u32) -> Result<()> {
+        let name = segment::log_name(order, file_no);
+        let file = disk
+            .open(&name)
+            .await
+            .map_err(|e| StoreError::io("opening a segment", e))?;
+        let head = file
+            .read_at(0, 8)
+            .await
+            .map_err(|e| StoreError::io("reading a segment header", e))?;
+        if segment::decode_header(&head, order, file_no) == HeaderBlock::Format1 {
+            return Err(StoreError::InvalidArgument(format!(
+                "{name}: written by storage format 1; this build reads format 2 (docs/format.md). Move the data directory away and let replication rebuild it"
+            )));
+        }
+        Ok(())
     }
 
     async fn read_hint(

@@ -142,13 +142,19 @@ pub fn classify(name: &str) -> FileKind {
         let (order, file_no) = rest.split_once('-')?;
         Some((order.parse().ok()?, file_no.parse().ok()?))
     };
+    // Only the names this code writes (ten digits each, below the largest number, so
+    // that "one more" never overflows); anything else is left alone.
+    let canonical = |(order, file_no): (u32, u32), name_of: fn(u32, u32) -> String| {
+        (order < u32::MAX && file_no < u32::MAX && name_of(order, file_no) == name)
+            .then_some((order, file_no))
+    };
     if let Some(stem) = name.strip_suffix(".log")
-        && let Some((order, file_no)) = parse(stem)
+        && let Some((order, file_no)) = parse(stem).and_then(|n| canonical(n, log_name))
     {
         return FileKind::Log { order, file_no };
     }
     if let Some(stem) = name.strip_suffix(".hint")
-        && let Some((order, file_no)) = parse(stem)
+        && let Some((order, file_no)) = parse(stem).and_then(|n| canonical(n, hint_name))
     {
         return FileKind::Hint { order, file_no };
     }
@@ -187,6 +193,13 @@ mod tests {
         assert_eq!(classify("partition-map"), FileKind::Unknown);
         assert_eq!(classify(RESERVE_NAME), FileKind::Reserve);
         assert_eq!(classify("seg-x-1.log"), FileKind::Unknown);
+        assert_eq!(
+            classify("seg-7-7.log"),
+            FileKind::Unknown,
+            "not a name we write"
+        );
+        assert_eq!(classify(&log_name(u32::MAX, 1)), FileKind::Unknown);
+        assert_eq!(classify(&hint_name(1, u32::MAX)), FileKind::Unknown);
     }
 
     #[test]

@@ -282,8 +282,14 @@ impl<D: Disk> Store<D> {
 
     /// Makes every write acknowledged so far durable (an fdatasync of the active
     /// segment if it has unsynced bytes). In `sync` mode there is nothing to do; in
-    /// `interval` and `none` modes this is the barrier a caller can ask for.
+    /// `interval` and `none` modes this is the barrier a caller can ask for. Fails on a
+    /// store that has latched a failure.
     pub async fn sync(&self) -> Result<()> {
+        // A failed store says so even when nothing is left to sync: writes that failed
+        // with it may still be on their way to the disk.
+        if let Some(reason) = self.failure() {
+            return Err(StoreError::Failed(reason));
+        }
         self.sync_active().await
     }
 

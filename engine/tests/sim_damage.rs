@@ -61,6 +61,44 @@ fn find(disk: &SimDisk, needle: &[u8]) -> (String, usize) {
     panic!("{} bytes not found on disk", needle.len());
 }
 
+/// Every intact record on disk: (segment file, offset, kind, partition, key).
+fn records_on_disk(disk: &SimDisk) -> Vec<(String, usize, Kind, u32, Vec<u8>)> {
+    let mut found = Vec::new();
+    for name in logs(disk) {
+        let data = disk.contents(&name).unwrap();
+        if data.len() < HEADER {
+            continue;
+        }
+        let salt = u64::from_le_bytes(data[16..24].try_into().unwrap());
+        let mut at = HEADER;
+        while let Ok(h) = record::decode_header(&data[at..], record::position_seed(salt, at as u64))
+        {
+            let bytes = &data[at..at + h.record_len()];
+            found.push((
+                name.clone(),
+                at,
+                h.kind,
+                h.partition,
+                record::split(bytes, &h).0.to_vec(),
+            ));
+            at += h.record_len();
+        }
+    }
+    found
+}
+
+/// Flips the last checksum byte of the first record of `kind` in `partition` for `key`.
+fn damage_record(disk: &SimDisk, kind: Kind, partition: u32, key: &[u8]) {
+    let (name, at, ..) = records_on_disk(disk)
+        .into_iter()
+        .find(|(_, _, k, p, found)| *k == kind && *p == partition && found == key)
+        .expect("record to damage");
+    let data = disk.contents(&name).unwrap();
+    let salt = u64::from_le_bytes(data[16..24].try_into().unwrap());
+    let h = record::decode_header(&data[at..], record::position_seed(salt, at as u64)).unwrap();
+    disk.corrupt(&name, (at + h.record_len() - 1) as u64, 0x40);
+}
+
 fn filler(i: u32, round: u8) -> Vec<u8> {
     let mut v = format!("filler {i} round {round} ").into_bytes();
     v.resize(900, round);
@@ -292,15 +330,106 @@ fn records_inside_values_are_never_replayed() {
 }
 
 #[test]
-fn a_format_1_store_is_refused_with_a_clear_error() {
+fn a_format_1_store_is_refused_with_a_clear_error_and_left_as_it_was() {
     let disk = SimDisk::new();
     let mut old = format1_record(Kind::Value, 0, b"k", b"old format");
     old.resize(4096, 0);
     disk.overwrite("seg-0000000001-0000000001.log", &old);
-    let err = futures_lite::future::block_on(Store::open(disk, config()))
+    disk.overwrite("seg-0000000001-0000000001.hint.tmp", b"left by format 1");
+    let before = disk.names();
+    let err = futures_lite::future::block_on(Store::open(disk.clone(), config()))
         .err()
         .expect("a format-1 store must not open");
     assert!(err.to_string().contains("format 1"), "{err}");
+    assert_eq!(disk.names(), before, "a refused store was changed");
+}
+
+/// A damaged partition-drop marker is rewritten where it was: before the records of its
+/// partition written after it (review finding: rewritten at the end of the output, it
+/// wiped them at the next recovery).
+#[test]
+fn a_damaged_partition_drop_stays_before_what_followed_it() {
+    with_pool(async |open| {
+        let disk = SimDisk::new();
+        let store = open(&disk, config());
+        store.put(7, b"before", b"v", b"dropped").await.unwrap();
+        store.drop_partition(7).await.unwrap();
+        store.put(7, b"after", b"v", b"kept").await.unwrap();
+        two_versions_and_garbage(&store).await;
+        damage_record(&disk, Kind::PartitionDrop, 7, b"");
+        while store.compact_once().await.unwrap().is_some() {}
+        assert!(store.stats().corrupt_regions_found >= 1);
+        store.close().await.unwrap();
+        let store = open(&disk, config());
+        assert_eq!(
+            store.get(7, b"after").await.unwrap().unwrap().value(),
+            b"kept"
+        );
+        assert!(
+            store.get(7, b"before").await.unwrap().is_none(),
+            "a dropped key came back"
+        );
+    });
+}
+
+/// A collected tombstone whose record is damaged: compaction neither panics nor lets
+/// the older value back (review finding: the live-bytes assertion fired).
+#[test]
+fn a_damaged_collected_tombstone_still_shadows_the_older_value() {
+    with_pool(async |open| {
+        let disk = SimDisk::new();
+        let store = open(&disk, config());
+        store.put(0, b"K", b"v0", b"the old value").await.unwrap();
+        for i in 0..200u32 {
+            store
+                .put(2, &i.to_le_bytes(), b"v", &filler(i, 1))
+                .await
+                .unwrap();
+        }
+        store.delete(0, b"K", b"tombstone version").await.unwrap();
+        let digest = record::version_digest(b"tombstone version");
+        assert!(store.collect_tombstone(0, b"K", digest).await.unwrap());
+        for round in 2..4 {
+            for i in 1000..1200u32 {
+                store
+                    .put(1, &i.to_le_bytes(), b"v", &filler(i, round))
+                    .await
+                    .unwrap();
+            }
+        }
+        damage_record(&disk, Kind::Tombstone, 0, b"K");
+        while store.compact_once().await.unwrap().is_some() {}
+        assert!(store.get(0, b"K").await.unwrap().is_none());
+        store.close().await.unwrap();
+        let store = open(&disk, config());
+        let found = store.get(0, b"K").await;
+        assert!(
+            !matches!(&found, Ok(Some(r)) if !r.is_tombstone()),
+            "the older value came back"
+        );
+    });
+}
+
+/// Writes queued when `close` is called are committed, not refused (review finding).
+#[test]
+fn close_commits_what_was_queued() {
+    with_pool(async |open| {
+        let disk = SimDisk::new();
+        let store = open(&disk, config());
+        let writer = store.clone();
+        let (put, closed) = futures::future::join(
+            async move { writer.put(0, b"queued", b"v", b"before close").await },
+            store.close(),
+        )
+        .await;
+        closed.unwrap();
+        put.unwrap();
+        let store = open(&disk, config());
+        assert_eq!(
+            store.get(0, b"queued").await.unwrap().unwrap().value(),
+            b"before close"
+        );
+    });
 }
 
 /// bug 7: restarts without writes leave no pile of empty segments behind.

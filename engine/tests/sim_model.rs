@@ -62,11 +62,14 @@ enum Op {
     },
     /// Writers overwriting keys with large values (so segments fill, rotate and become
     /// garbage) while compaction loops beside them: rotation, compaction and commits
-    /// interleave at every disk operation.
+    /// interleave at every disk operation. With `crash_after`, the machine stops that
+    /// many disk operations into the storm (inside commits, rotations and compactions,
+    /// with writers in flight) and reboots.
     Storm {
         writers: u8,
         puts: u8,
         seed: u64,
+        crash_after: Option<u64>,
     },
     Compact,
     /// `Store::sync`: a sync point.
@@ -114,7 +117,8 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (prop::collection::btree_set(0u8..KEYS, 2..8), 0usize..300, any::<bool>())
             .prop_map(|(keys, len, then_sync)| Op::Concurrent { keys: keys.into_iter().collect(), len, then_sync }),
         1 => partition.prop_map(|partition| Op::DropPartition { partition }),
-        2 => (2u8..8, 5u8..40, any::<u64>()).prop_map(|(writers, puts, seed)| Op::Storm { writers, puts, seed }),
+        2 => (2u8..8, 5u8..40, any::<u64>(), prop::option::weighted(0.4, 0u64..400))
+            .prop_map(|(writers, puts, seed, crash_after)| Op::Storm { writers, puts, seed, crash_after }),
         2 => Just(Op::Compact),
         1 => Just(Op::Sync),
         1 => Just(Op::Tick),
@@ -442,19 +446,28 @@ fn run_case(durability: Durability, latency_seed: u64, ops: Vec<Op>) -> u64 {
                         }
                     }
                 }
-                Op::Storm { writers, puts, seed } => {
+                Op::Storm { writers, puts, seed, crash_after } => {
+                    if let Some(after) = crash_after {
+                        disk.set_faults(SimFaults { stop_after_ops: Some(after), ..SimFaults::default() });
+                    }
                     let done = std::cell::Cell::new(0u8);
+                    // Acknowledgement order: puts to one key are serialized by its key
+                    // lock, so the last acknowledged is the one reads must return.
+                    let acks = std::cell::Cell::new(0u64);
                     let writers = (0..writers).map(|w| {
                         let store = store.clone();
-                        let done = &done;
+                        let (done, acks) = (&done, &acks);
                         async move {
                             let mut rng = fastrand::Rng::with_seed(seed ^ w as u64);
                             let mut results = Vec::new();
                             for i in 0..puts {
                                 let key = rng.u8(0..KEYS);
                                 let value = value_for(step * 1000 + w as usize * 100 + i as usize, key, rng.usize(400..1000));
-                                let result = store.put(0, &[key], b"v", &value).await;
-                                results.push((key, value, result));
+                                let acked = store.put(0, &[key], b"v", &value).await.is_ok().then(|| {
+                                    acks.set(acks.get() + 1);
+                                    acks.get()
+                                });
+                                results.push((key, Some((false, value)), acked));
                             }
                             done.set(done.get() + 1);
                             results
@@ -468,38 +481,48 @@ fn run_case(durability: Durability, latency_seed: u64, ops: Vec<Op>) -> u64 {
                         }
                     };
                     let (all, ()) = futures::future::join(join_all(writers), compaction).await;
-                    // One writer's puts are ordered; different writers' puts to one key
-                    // are concurrent, and the later acknowledgement is not necessarily
-                    // the later write: settle each key from what the store now holds,
-                    // which must be one of the states written to it.
-                    let mut written: BTreeMap<u8, Vec<(State, bool)>> = BTreeMap::new();
-                    for (key, value, result) in all.into_iter().flatten() {
-                        written.entry(key).or_default().push((Some((false, value)), result.is_ok()));
+                    let mut written: BTreeMap<u8, Vec<(State, Option<u64>)>> = BTreeMap::new();
+                    for (key, state, acked) in all.into_iter().flatten() {
+                        written.entry(key).or_default().push((state, acked));
                     }
-                    for (key, states) in written {
-                        let found = read_state(&store, 0, key).await;
-                        let acked_any = states.iter().any(|(_, ok)| *ok);
-                        assert!(
-                            states.iter().any(|(s, _)| *s == found) || (!acked_any && found == model.acked((0, key))),
-                            "storm: partition 0 key {key} holds {}, which nobody wrote",
-                            show(&found)
-                        );
-                        if states.iter().any(|(s, ok)| *ok && *s == found) {
-                            model.ack((0, key), found.clone(), sync_mode);
+                    let stopped = disk.stopped();
+                    for (key, mut states) in written {
+                        states.sort_by_key(|(_, acked)| *acked);
+                        let last_acked = states.iter().rev().find_map(|(s, a)| a.map(|_| s.clone()));
+                        if !stopped {
+                            let found = read_state(&store, 0, key).await;
+                            let expected = last_acked.clone().unwrap_or_else(|| model.acked((0, key)));
+                            assert!(
+                                found == expected,
+                                "storm: partition 0 key {key} reads {}, the last acknowledged write is {}",
+                                show(&found),
+                                show(&expected)
+                            );
                         }
-                        // Failed writes may still reach the disk, after the found one; and
-                        // unless every acknowledgement was synced, a crash may leave any
-                        // acknowledged state too.
-                        for (state, ok) in states {
-                            if !ok || !sync_mode {
-                                model.doubt((0, key), state);
+                        // Failed writes may still reach the disk, and unless every
+                        // acknowledgement was synced, a crash may leave any acknowledged
+                        // state too.
+                        for (state, acked) in &states {
+                            if acked.is_none() || !sync_mode {
+                                model.doubt((0, key), state.clone());
                             }
                         }
-                        // The found state was acknowledged (or is the old one): it is
-                        // what reads return from now on.
-                        if model.acked((0, key)) != found {
-                            model.acked.insert((0, key), found);
+                        if let Some(state) = last_acked {
+                            model.ack((0, key), state.clone(), sync_mode);
+                            if !sync_mode {
+                                model.doubt((0, key), state);
+                            }
+                            // ack() in sync mode cleared the doubts: put failed ones back.
+                            for (state, acked) in &states {
+                                if acked.is_none() {
+                                    model.doubt((0, key), state.clone());
+                                }
+                            }
                         }
+                    }
+                    if crash_after.is_some() {
+                        (disk, store) = harness.reboot(&disk, seed, None).await;
+                        verify_reopened(&store, &disk, &mut model, false).await;
                     }
                 }
                 Op::Compact => {
