@@ -417,16 +417,7 @@ impl<D: Disk> Store<D> {
             // moves in the collected set; everything else in the index or drops.
             if let Some(collected) = inner.collected.remove(&kept.old) {
                 inner.collected.insert(kept.new, collected);
-                let old = inner
-                    .segments
-                    .get_mut(&file_no)
-                    .expect("compacted segment tracked");
-                old.live_bytes -= kept.old.len as u64;
-                let new = inner
-                    .segments
-                    .get_mut(&out.file_no)
-                    .expect("output tracked");
-                new.live_bytes += kept.new.len as u64;
+                inner.move_live(kept.old, kept.new);
                 continue;
             }
             let moved = match kept.header.kind {
@@ -444,16 +435,7 @@ impl<D: Disk> Store<D> {
                 }
             };
             if moved {
-                let old = inner
-                    .segments
-                    .get_mut(&file_no)
-                    .expect("compacted segment tracked");
-                old.live_bytes -= kept.old.len as u64;
-                let new = inner
-                    .segments
-                    .get_mut(&out.file_no)
-                    .expect("output tracked");
-                new.live_bytes += kept.new.len as u64;
+                inner.move_live(kept.old, kept.new);
             }
         }
         let old = inner

@@ -120,17 +120,7 @@ impl Arena {
     #[inline]
     fn locate(&self, r: u32) -> (&[u8], usize, usize) {
         let chunk = &self.chunks[(r >> CHUNK_BITS) as usize];
-        let mut at = (r & ((1 << CHUNK_BITS) - 1)) as usize;
-        let (mut len, mut shift) = (0usize, 0);
-        loop {
-            let byte = chunk[at];
-            at += 1;
-            len |= ((byte & 0x7f) as usize) << shift;
-            if byte & 0x80 == 0 {
-                break;
-            }
-            shift += 7;
-        }
+        let (at, len) = key_at(chunk, (r & ((1 << CHUNK_BITS) - 1)) as usize);
         (chunk, at, len)
     }
 
@@ -160,16 +150,8 @@ impl Arena {
                 if at >= chunk.len() {
                     return None;
                 }
-                let (mut len, mut shift) = (0usize, 0);
-                loop {
-                    let byte = chunk[at];
-                    at += 1;
-                    len |= ((byte & 0x7f) as usize) << shift;
-                    if byte & 0x80 == 0 {
-                        break;
-                    }
-                    shift += 7;
-                }
+                let len;
+                (at, len) = key_at(chunk, at);
                 let key = &chunk[at..at + len];
                 let (entry, dead) = decode(&chunk[at + len..at + len + ENTRY_LEN]);
                 at += len + ENTRY_LEN;
@@ -181,6 +163,21 @@ impl Arena {
     fn memory_bytes(&self) -> usize {
         self.chunks.iter().map(|c| c.capacity()).sum::<usize>()
             + self.chunks.capacity() * std::mem::size_of::<Vec<u8>>()
+    }
+}
+
+/// Reads the LEB128 key length at `at`: where the key starts, and its length.
+#[inline]
+fn key_at(chunk: &[u8], mut at: usize) -> (usize, usize) {
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let byte = chunk[at];
+        at += 1;
+        len |= ((byte & 0x7f) as usize) << shift;
+        if byte & 0x80 == 0 {
+            return (at, len);
+        }
+        shift += 7;
     }
 }
 

@@ -231,6 +231,12 @@ impl<F> Inner<F> {
         self.add_live(location, true);
     }
 
+    /// Moves a live record's bytes from the segment at `from` to the one at `to`.
+    pub fn move_live(&mut self, from: Location, to: Location) {
+        self.add_live(from, false);
+        self.add_live(to, true);
+    }
+
     fn add_live(&mut self, location: Location, live: bool) {
         let segment = self.segments.get_mut(&location.file);
         // The index never points into a segment that is gone: compaction re-points

@@ -31,6 +31,23 @@ async fn open(dir: &Path, config: StoreConfig) -> Rc<Store<DmaDisk>> {
     store
 }
 
+/// Runs the store's compaction loop in a low-priority queue, as the server does; the
+/// loop ends once the store is closed.
+fn spawn_compaction(store: &Rc<Store<DmaDisk>>) -> glommio::task::JoinHandle<()> {
+    let background = glommio::executor().create_task_queue(
+        Shares::Static(10),
+        Latency::NotImportant,
+        "compaction",
+    );
+    let compactor = store.clone();
+    glommio::spawn_local_into(
+        async move { compactor.run_compaction(Duration::from_millis(1)).await },
+        background,
+    )
+    .unwrap()
+    .detach()
+}
+
 /// O_DIRECT needs a real filesystem (tmpfs refuses direct reads), so not /tmp.
 fn scratch_dir() -> tempfile::TempDir {
     tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
@@ -189,18 +206,7 @@ fn compaction_racing_writes_loses_nothing_and_resurrects_nothing() {
             ..small_segments()
         };
         let store = open(&path, config.clone()).await;
-        let background = glommio::executor().create_task_queue(
-            Shares::Static(10),
-            Latency::NotImportant,
-            "compaction",
-        );
-        let compactor = store.clone();
-        let compaction = glommio::spawn_local_into(
-            async move { compactor.run_compaction(Duration::from_millis(1)).await },
-            background,
-        )
-        .unwrap()
-        .detach();
+        let compaction = spawn_compaction(&store);
 
         // Four writers overwrite and delete 200 keys; the model is the last acknowledged
         // state of each key (writers own disjoint keys, so acknowledgement order is
@@ -281,18 +287,7 @@ fn overwrite_storm_with_compaction_keeps_every_acknowledged_value() {
             ..StoreConfig::default()
         };
         let store = open(&path, config.clone()).await;
-        let background = glommio::executor().create_task_queue(
-            Shares::Static(10),
-            Latency::NotImportant,
-            "compaction",
-        );
-        let compactor = store.clone();
-        let compaction = glommio::spawn_local_into(
-            async move { compactor.run_compaction(Duration::from_millis(1)).await },
-            background,
-        )
-        .unwrap()
-        .detach();
+        let compaction = spawn_compaction(&store);
         const WRITERS: u32 = 64;
         const KEYS_PER_WRITER: u32 = 200;
         let deadline = std::time::Instant::now() + Duration::from_secs_f64(seconds);
