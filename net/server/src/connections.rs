@@ -1,12 +1,18 @@
 //! Accepting connections for either protocol: a bound on how many are open per shard,
-//! ids, and a stop switch so a stopping node lets open connections finish their work.
+//! ids, and a stop switch so a stopping node lets open connections finish their work,
+//! then hangs up on the rest and waits until every connection's task has ended.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::future::Future;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::rc::Rc;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
+use socket2::Socket;
+
+use crate::tasks::TaskGroup;
 
 /// Bytes read from a socket at a time.
 pub const READ_CHUNK: usize = 64 << 10;
@@ -23,22 +29,32 @@ pub async fn read_more(
     Ok(n > 0)
 }
 
-/// The connections of one shard: how many are open, and whether new ones are welcome.
+/// The connections of one shard: how many are open, whether new ones are welcome, and
+/// a way to hang up on each from outside the task serving it.
 pub struct Connections {
-    open: Cell<usize>,
-    /// Of the open connections, those that are links from other nodes.
-    peer_links: Cell<usize>,
+    /// Every open connection, by id.
+    open: RefCell<HashMap<u64, Open>>,
+    /// The task serving each connection (and those refusing one past the limit).
+    tasks: TaskGroup,
     max: usize,
     max_pipeline: usize,
     closing: Cell<bool>,
     next_id: Cell<u64>,
 }
 
+struct Open {
+    /// A duplicate of the connection's socket: shutting it down ends the connection's
+    /// reads and writes, whatever the task serving it is waiting for.
+    hangup: Socket,
+    /// A link from another node (which stops with the peer links, not with clients).
+    peer_link: bool,
+}
+
 impl Connections {
     pub fn new(max: usize, max_pipeline: usize) -> Connections {
         Connections {
-            open: Cell::new(0),
-            peer_links: Cell::new(0),
+            open: RefCell::new(HashMap::new()),
+            tasks: TaskGroup::new(),
             max,
             max_pipeline,
             closing: Cell::new(false),
@@ -48,15 +64,15 @@ impl Connections {
 
     /// Open connections from clients: what a stopping node waits for.
     pub fn clients_open(&self) -> usize {
-        self.open.get() - self.peer_links.get()
+        self.open.borrow().values().filter(|c| !c.peer_link).count()
     }
 
-    /// Counts a connection as a peer link while `serving` runs.
-    pub async fn as_peer_link<T>(&self, serving: impl Future<Output = T>) -> T {
-        self.peer_links.set(self.peer_links.get() + 1);
-        let result = serving.await;
-        self.peer_links.set(self.peer_links.get() - 1);
-        result
+    /// Marks connection `id` as a link from another node while `serving` runs.
+    pub async fn as_peer_link<T>(&self, id: u64, serving: impl Future<Output = T>) -> T {
+        if let Some(open) = self.open.borrow_mut().get_mut(&id) {
+            open.peer_link = true;
+        }
+        serving.await
     }
 
     /// Requests of one connection parsed and run at once; more wait for the next turn.
@@ -72,6 +88,30 @@ impl Connections {
     pub fn is_closing(&self) -> bool {
         self.closing.get()
     }
+
+    /// Shuts down every client connection's socket: a task waiting to read sees the end
+    /// of the stream, one writing gets an error, one running requests finishes them and
+    /// then fails to answer. Either way it ends, and its socket closes.
+    pub fn hang_up_clients(&self) {
+        for open in self.open.borrow().values().filter(|c| !c.peer_link) {
+            // An error means the socket is already shut down, which is what we want.
+            let _ = open.hangup.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Waits until the task of every connection (clients and peer links) has ended.
+    pub async fn ended(&self) {
+        self.tasks.ended().await
+    }
+}
+
+/// A second handle on `stream`'s socket, for `Connections::hang_up_clients`.
+fn hangup_handle(stream: &TcpStream) -> std::io::Result<Socket> {
+    // SAFETY: `stream` owns this descriptor and keeps it open for the whole call; the
+    // duplicate made from it is a new descriptor, owned by the `Socket` returned.
+    #[allow(unsafe_code)]
+    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    Ok(Socket::from(fd.try_clone_to_owned()?))
 }
 
 /// Accepts on `listener` until the node stops, serving each connection with `serve`
@@ -100,25 +140,35 @@ pub async fn accept<F, Fut>(
         if connections.closing.get() {
             break;
         }
-        if connections.open.get() >= connections.max {
-            glommio::spawn_local(async move {
+        if connections.open.borrow().len() >= connections.max {
+            connections.tasks.spawn(async move {
                 let mut stream = stream;
                 let _ = stream.write_all(refusal).await;
-            })
-            .detach();
+            });
             continue;
         }
-        connections.open.set(connections.open.get() + 1);
+        let hangup = match hangup_handle(&stream) {
+            Ok(hangup) => hangup,
+            // Out of descriptors: closing this connection frees one.
+            Err(err) => {
+                tracing::warn!(%err, "cannot serve a connection");
+                continue;
+            }
+        };
         let id = connections.next_id.get();
         connections.next_id.set(id + 1);
+        let open = Open {
+            hangup,
+            peer_link: false,
+        };
+        connections.open.borrow_mut().insert(id, open);
         let served = serve(stream, id);
-        let connections = connections.clone();
-        glommio::spawn_local(async move {
+        let group = connections.clone();
+        connections.tasks.spawn(async move {
             if let Err(reason) = served.await {
                 tracing::debug!(%reason, id, "connection closed");
             }
-            connections.open.set(connections.open.get() - 1);
-        })
-        .detach();
+            group.open.borrow_mut().remove(&id);
+        });
     }
 }

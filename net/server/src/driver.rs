@@ -21,6 +21,8 @@ use ringkv_cluster::{
 use ringkv_engine::disk::Disk;
 use ringkv_engine::{Store, StoreError};
 
+use crate::tasks::TaskGroup;
+
 /// Where the driver hands messages for other nodes: the peer transport.
 pub trait PeerSend {
     /// Sends `message` to node `to`.
@@ -38,6 +40,11 @@ pub struct ShardDriver<D: Disk> {
     /// and a task (and a glommio timer) per request cost more than the request itself.
     timers: RefCell<BTreeMap<(Duration, u64), TimerId>>,
     timer_seq: Cell<u64>,
+    /// The ticker task, and whether it should end.
+    ticker: TaskGroup,
+    ticking: Cell<bool>,
+    /// Storage operations in flight: each reads or writes the store's files.
+    storage: TaskGroup,
 }
 
 /// How late a deadline may fire: request timeouts are a second, so a few ms is noise.
@@ -54,19 +61,36 @@ impl<D: Disk> ShardDriver<D> {
             peers: RefCell::new(None),
             timers: RefCell::new(BTreeMap::new()),
             timer_seq: Cell::new(0),
+            ticker: TaskGroup::new(),
+            ticking: Cell::new(true),
+            storage: TaskGroup::new(),
         });
         let ticker = Rc::downgrade(&driver);
-        glommio::spawn_local(async move {
+        driver.ticker.spawn(async move {
             loop {
                 glommio::timer::sleep(TIMER_TICK).await;
-                let Some(driver) = ticker.upgrade() else {
+                let Some(driver) = ticker.upgrade().filter(|d| d.ticking.get()) else {
                     break;
                 };
                 driver.fire_due_timers();
             }
-        })
-        .detach();
+        });
         driver
+    }
+
+    /// Waits until no storage operation is in flight (more may start afterwards, from
+    /// a message or a deadline).
+    pub async fn storage_idle(&self) {
+        self.storage.ended().await
+    }
+
+    /// Stops firing deadlines and waits for the storage operations in flight; after
+    /// this the driver starts no I/O unless handed a request or a message. Only for a
+    /// stopping shard: requests still waiting would never time out.
+    pub async fn stop(&self) {
+        self.ticking.set(false);
+        self.ticker.ended().await;
+        self.storage.ended().await;
     }
 
     /// Hands the node every deadline that has passed.
@@ -166,7 +190,8 @@ impl<D: Disk> ShardDriver<D> {
                 }
                 Action::Storage(op) => {
                     let this = self.clone();
-                    glommio::spawn_local(async move { this.run_storage(op).await }).detach();
+                    self.storage
+                        .spawn(async move { this.run_storage(op).await });
                 }
                 Action::SetTimer { timer, at } => {
                     let seq = self.timer_seq.get();

@@ -19,5 +19,6 @@ pub mod pipeline;
 pub mod resp;
 pub mod runtime;
 pub mod shard;
+pub mod tasks;
 
 pub use driver::ShardDriver;

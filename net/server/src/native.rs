@@ -80,9 +80,9 @@ pub async fn accept(
         listener,
         connections.clone(),
         refusal(),
-        move |stream, _| {
+        move |stream, id| {
             let (shard, connections, info) = (shard.clone(), connections.clone(), info.clone());
-            async move { serve(stream, &shard, &connections, &info).await }
+            async move { serve(stream, id, &shard, &connections, &info).await }
         },
     )
     .await
@@ -101,6 +101,7 @@ fn refusal() -> &'static [u8] {
 
 async fn serve(
     mut stream: TcpStream,
+    id: u64,
     shard: &Rc<Shard>,
     connections: &Connections,
     info: &NodeInfo,
@@ -162,7 +163,7 @@ async fn serve(
     }
     if let Some(from) = peer {
         let serving = crate::peers::serve(stream, shard, from, input);
-        return connections.as_peer_link(serving).await;
+        return connections.as_peer_link(id, serving).await;
     }
 
     loop {

@@ -30,6 +30,7 @@ use rkyv::util::AlignedVec;
 use crate::connections::read_more;
 use crate::driver::PeerSend;
 use crate::shard::Shard;
+use crate::tasks::TaskGroup;
 
 /// Frames queued for one peer before new ones are dropped.
 const LINK_QUEUE: usize = 8192;
@@ -79,6 +80,8 @@ pub struct Peers {
     next_forward: Cell<u64>,
     /// Nodes whose link cannot connect right now.
     down: RefCell<std::collections::HashSet<u32>>,
+    /// The link tasks; they end once `close` has closed their queues.
+    running: TaskGroup,
 }
 
 impl Peers {
@@ -112,13 +115,25 @@ impl Peers {
             forwards: RefCell::new(HashMap::new()),
             next_forward: Cell::new(1),
             down: RefCell::new(std::collections::HashSet::new()),
+            running: TaskGroup::new(),
         });
         for (node, addr, receiver) in receivers {
-            let (peers, shard) = (peers.clone(), shard.clone());
-            glommio::spawn_local(async move { peers.run_link(&shard, node, addr, receiver).await })
-                .detach();
+            let (link, shard) = (peers.clone(), shard.clone());
+            peers
+                .running
+                .spawn(async move { link.run_link(&shard, node, addr, receiver).await });
         }
         peers
+    }
+
+    /// Ends every link of a stopping shard: what is queued is still written, nothing
+    /// more is taken, and a link that is down or breaks does not reconnect. Returns
+    /// once every link task has ended (a write or a connect in progress times out).
+    pub async fn close(&self) {
+        for link in self.links.values() {
+            link.queue.close_channel();
+        }
+        self.running.ended().await;
     }
 
     /// Whether this shard's link to `node` is connected (or not yet known to fail).
@@ -253,6 +268,10 @@ impl Peers {
                 }
                 out.clear();
             }
+            // What is still queued is for a node we are leaving: not worth a reconnect.
+            if shard.is_stopping() {
+                return;
+            }
         }
     }
 
@@ -380,14 +399,13 @@ async fn deliver(shard: &Rc<Shard>, from: NodeId, frame: PeerFrame) -> Result<()
             shard.peer_message(target, from, message).await;
         }
         PeerFrame::Forward { from_shard, id, op } => {
-            let shard = shard.clone();
-            glommio::spawn_local(async move {
-                let body = crate::native::execute_forwarded(&shard, op).await;
-                if let Some(peers) = shard.peers() {
+            let this = shard.clone();
+            shard.spawn(async move {
+                let body = crate::native::execute_forwarded(&this, op).await;
+                if let Some(peers) = this.peers() {
                     peers.reply_forward(from, from_shard, id, body);
                 }
-            })
-            .detach();
+            });
         }
         PeerFrame::ForwardReply { to_shard, id, body } => {
             shard.forward_answer(to_shard as usize, id, body);

@@ -1,6 +1,7 @@
 //! Starting and stopping a node: startup checks, one pinned glommio executor per shard
 //! joined by a channel mesh, listeners, and a graceful stop on SIGINT or SIGTERM (stop
-//! accepting, let open connections finish what they started, close the stores).
+//! accepting, let open connections finish what they started, close the stores). A shard
+//! returns only once every task it started has ended (see `Running::stop`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -9,14 +10,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::channels::channel_mesh::{Full, MeshBuilder};
 use glommio::net::TcpListener;
-use glommio::{Latency, LocalExecutorPoolBuilder, PoolPlacement, Shares};
+use glommio::{Latency, LocalExecutorPoolBuilder, PoolPlacement, Shares, Task};
 use ringkv_cluster::{Member, Node, NodeConfig, NodeId, PartitionId, Ring};
 use ringkv_engine::disk::DmaDisk;
 use ringkv_engine::{Durability, Store, StoreConfig};
 
 use crate::config::ServerConfig;
+use crate::connections::Connections;
 use crate::driver::ShardDriver;
 use crate::layout::{self, NodeLayout};
 use crate::listener::{self, Stopper};
@@ -80,6 +82,7 @@ pub fn run_until(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), Star
     let layout = layout::open(&config.data_dir, config.node_id, config.partitions, shards)?;
     let mesh = MeshBuilder::<Hop, _>::full(shards, 1024);
     let listening = Arc::new(AtomicUsize::new(0));
+    let barrier = Arc::new(StopBarrier::new(shards));
     let config = Arc::new(config);
     let spin = Duration::from_micros(config.spin_before_park_us);
     let handles = LocalExecutorPoolBuilder::new(PoolPlacement::MaxSpread(shards, None))
@@ -92,8 +95,9 @@ pub fn run_until(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), Star
                 stop.clone(),
                 listening.clone(),
             );
+            let attendance = Attendance::new(barrier.clone(), stop.clone());
             async move {
-                let result = run_shard(&config, &layout, mesh, &stop, &listening).await;
+                let result = run_shard(&config, &layout, mesh, &stop, &listening, attendance).await;
                 // One shard failing stops the node: a node missing a shard would refuse
                 // every key that shard owns.
                 if result.is_err() {
@@ -182,46 +186,42 @@ fn check_io_uring() -> Result<(), StartError> {
     }
 }
 
+/// Runs one shard until the node stops. It returns only once every task it started has
+/// ended and every file and socket it opened is closed: when it returns, the executor
+/// drops whatever is left, and dropping I/O in flight lets the kernel write into freed
+/// memory (see `crate::tasks`).
 async fn run_shard(
     config: &ServerConfig,
     layout: &NodeLayout,
-    mesh: MeshBuilder<Hop, glommio::channels::channel_mesh::Full>,
+    mesh: MeshBuilder<Hop, Full>,
     stop: &AtomicBool,
     listening: &AtomicUsize,
+    mut attendance: Attendance,
 ) -> Result<(), String> {
-    let (peers, mut hops) = mesh
+    let result = serve_shard(config, layout, mesh, stop, listening, &mut attendance).await;
+    // Everything the shard used is dropped by now. glommio closes a dropped file, and
+    // cancels a dropped socket's poll, by queueing the request for its next trip to the
+    // kernel: make that trip before the executor exits, or the files stay open (in a
+    // process that goes on, like a test's) and the cancellations are never sent.
+    glommio::timer::sleep(Duration::from_millis(1)).await;
+    glommio::timer::sleep(Duration::from_millis(1)).await;
+    result
+}
+
+async fn serve_shard(
+    config: &ServerConfig,
+    layout: &NodeLayout,
+    mesh: MeshBuilder<Hop, Full>,
+    stop: &AtomicBool,
+    listening: &AtomicUsize,
+    attendance: &mut Attendance,
+) -> Result<(), String> {
+    // What can fail comes before any task starts, so a failure has nothing to stop.
+    let (senders, mut hops) = mesh
         .join()
         .await
         .map_err(|e| format!("cannot join the shard mesh: {e}"))?;
-    let id = peers.peer_id();
-    let durability: Durability = config.durability.parse().map_err(|e| format!("{e}"))?;
-    let store_config = StoreConfig {
-        durability,
-        max_value_len: config.max_value_bytes,
-        ..StoreConfig::default()
-    };
-    let dir = layout::shard_dir(&config.data_dir, id);
-    let store = Store::open(
-        DmaDisk::new(&dir).map_err(|e| format!("{}: {e}", dir.display()))?,
-        store_config,
-    )
-    .await
-    .map_err(|e| format!("opening the store in {}: {e}", dir.display()))?;
-    let runner = store.clone();
-    let commits = glommio::spawn_local(async move { runner.run().await });
-    let background = glommio::executor().create_task_queue(
-        Shares::Static(10),
-        Latency::NotImportant,
-        "compaction",
-    );
-    let compactor = store.clone();
-    glommio::spawn_local_into(
-        async move { compactor.run_compaction(Duration::from_secs(1)).await },
-        background,
-    )
-    .map_err(|e| format!("cannot start compaction: {e}"))?
-    .detach();
-
+    let id = senders.peer_id();
     let node_id = NodeId(config.node_id);
     let members = config.members().map_err(|e| e.to_string())?;
     let ring_members: Vec<Member> = members
@@ -229,27 +229,25 @@ async fn run_shard(
         .map(|(id, _)| Member::new(NodeId(*id)))
         .collect();
     let ring = Ring::new(config.partitions, &ring_members).map_err(|e| e.to_string())?;
-    let mut node_config = NodeConfig::new(node_id, layout.incarnation);
-    node_config.request_timeout = Duration::from_millis(config.request_timeout_ms);
-    node_config.stored_value_max = config.max_value_bytes;
-    // Shard i numbers its requests from i << 48: ids stay unique across the node's
-    // shards, so a peer's reply is routed back to the one shard that asked.
-    node_config.first_sequence = (id as u64) << 48;
-    let node = Node::new(node_config, ring.clone());
-    let driver = ShardDriver::new(node, store.clone());
+    let store = open_store(config, id).await?;
+    let store = StoreTasks::start(store)?;
+
+    let node = Node::new(node_config(config, layout, id), ring.clone());
+    let driver = ShardDriver::new(node, store.store.clone());
     let shard = Shard::new(
         ring.clone(),
         driver,
-        peers,
+        senders,
         config.max_inflight_per_shard,
         config.max_value_bytes,
         config.replica_count(),
     );
-    for (_, receiver) in hops.streams() {
-        glommio::spawn_local(shard.clone().serve_peer(receiver)).detach();
-    }
-
-    let connections = Rc::new(crate::connections::Connections::new(
+    let serve_loops = hops
+        .streams()
+        .into_iter()
+        .map(|(_, receiver)| glommio::spawn_local(shard.clone().serve_peer(receiver)))
+        .collect();
+    let connections = Rc::new(Connections::new(
         config.max_connections_per_shard,
         config.max_pipeline,
     ));
@@ -266,75 +264,333 @@ async fn run_shard(
             .map(|p| ring.owner(PartitionId(p)).0)
             .collect(),
     });
-    let mut acceptors = Vec::new();
-    let mut stoppers = Vec::new();
-    for addr in [config.resp, config.shard_resp_addr(id)] {
-        let listener = bind(addr, &mut stoppers)?;
-        let (shard, connections) = (shard.clone(), connections.clone());
-        acceptors.push(glommio::spawn_local(async move {
-            crate::resp::accept(listener, shard, connections).await
-        }));
-    }
-    for addr in [config.listen, config.shard_native_addr(id)] {
-        let listener = bind(addr, &mut stoppers)?;
-        let (shard, connections, info) = (shard.clone(), connections.clone(), info.clone());
-        acceptors.push(glommio::spawn_local(async move {
-            crate::native::accept(listener, shard, connections, info).await
-        }));
-    }
-    listening.fetch_add(1, Ordering::SeqCst);
-    if id == 0 {
-        while listening.load(Ordering::SeqCst) < shard.count && !stop.load(Ordering::SeqCst) {
-            glommio::timer::sleep(Duration::from_millis(5)).await;
+    let mut listeners = Listeners::default();
+    let bound = listeners.start(config, id, &shard, &connections, &info);
+    match bound {
+        Ok(()) => {
+            announce_ready(config, layout, &shard, stop, listening).await;
+            while !stop.load(Ordering::Relaxed) {
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
         }
-        let last = shard.count - 1;
-        println!(
-            "ringkv server ready: node {} native={} resp={} shards={} (shard ports native {}..={}, resp {}..={}) data={} incarnation={}",
-            config.node_id,
-            config.listen,
-            config.resp,
-            shard.count,
-            config.shard_native_addr(0).port(),
-            config.shard_native_addr(last).port(),
-            config.shard_resp_addr(0).port(),
-            config.shard_resp_addr(last).port(),
-            config.data_dir.display(),
-            layout.incarnation
+        // The whole node stops: a node missing a shard would refuse every key it owns.
+        Err(_) => stop.store(true, Ordering::SeqCst),
+    }
+    let running = Running {
+        shard,
+        connections,
+        listeners,
+        serve_loops,
+        store,
+    };
+    let stopped = running.stop(attendance).await;
+    if id == 0 && stopped.is_ok() {
+        println!("ringkv server stopped");
+    }
+    bound.and(stopped)
+}
+
+async fn open_store(config: &ServerConfig, shard: usize) -> Result<Rc<Store<DmaDisk>>, String> {
+    let durability: Durability = config.durability.parse().map_err(|e| format!("{e}"))?;
+    let store_config = StoreConfig {
+        durability,
+        max_value_len: config.max_value_bytes,
+        ..StoreConfig::default()
+    };
+    let dir = layout::shard_dir(&config.data_dir, shard);
+    Store::open(
+        DmaDisk::new(&dir).map_err(|e| format!("{}: {e}", dir.display()))?,
+        store_config,
+    )
+    .await
+    .map_err(|e| format!("opening the store in {}: {e}", dir.display()))
+}
+
+fn node_config(config: &ServerConfig, layout: &NodeLayout, shard: usize) -> NodeConfig {
+    let mut node_config = NodeConfig::new(NodeId(config.node_id), layout.incarnation);
+    node_config.request_timeout = Duration::from_millis(config.request_timeout_ms);
+    node_config.stored_value_max = config.max_value_bytes;
+    // Shard i numbers its requests from i << 48: ids stay unique across the node's
+    // shards, so a peer's reply is routed back to the one shard that asked.
+    node_config.first_sequence = (shard as u64) << 48;
+    node_config
+}
+
+/// Shard 0 says the node is ready once every shard listens.
+async fn announce_ready(
+    config: &ServerConfig,
+    layout: &NodeLayout,
+    shard: &Shard,
+    stop: &AtomicBool,
+    listening: &AtomicUsize,
+) {
+    listening.fetch_add(1, Ordering::SeqCst);
+    if shard.id != 0 {
+        return;
+    }
+    while listening.load(Ordering::SeqCst) < shard.count && !stop.load(Ordering::SeqCst) {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    let last = shard.count - 1;
+    println!(
+        "ringkv server ready: node {} native={} resp={} shards={} (shard ports native {}..={}, resp {}..={}) data={} incarnation={}",
+        config.node_id,
+        config.listen,
+        config.resp,
+        shard.count,
+        config.shard_native_addr(0).port(),
+        config.shard_native_addr(last).port(),
+        config.shard_resp_addr(0).port(),
+        config.shard_resp_addr(last).port(),
+        config.data_dir.display(),
+        layout.incarnation
+    );
+}
+
+/// A store and its background tasks: group commits and compaction.
+struct StoreTasks {
+    store: Rc<Store<DmaDisk>>,
+    commits: Task<()>,
+    compaction: Task<()>,
+}
+
+impl StoreTasks {
+    fn start(store: Rc<Store<DmaDisk>>) -> Result<StoreTasks, String> {
+        let background = glommio::executor().create_task_queue(
+            Shares::Static(10),
+            Latency::NotImportant,
+            "compaction",
         );
+        let compactor = store.clone();
+        let compaction = glommio::spawn_local_into(
+            async move { compactor.run_compaction(Duration::from_secs(1)).await },
+            background,
+        )
+        .map_err(|e| format!("cannot start compaction: {e}"))?;
+        let runner = store.clone();
+        let commits = glommio::spawn_local(async move { runner.run().await });
+        Ok(StoreTasks {
+            store,
+            commits,
+            compaction,
+        })
     }
 
-    while !stop.load(Ordering::Relaxed) {
-        glommio::timer::sleep(Duration::from_millis(50)).await;
+    /// Commits what is queued, syncs, and waits for both tasks: compaction returns soon
+    /// after the store starts closing, at the end of the segment it is compacting.
+    async fn close(self) -> Result<(), String> {
+        let closed = self.store.close().await;
+        // Awaited even if closing failed: both tasks may have I/O in flight.
+        self.commits.await;
+        self.compaction.await;
+        closed.map_err(|e| format!("closing the store: {e}"))
     }
-    connections.close();
-    for stopper in &stoppers {
-        stopper.stop();
+}
+
+/// The listeners of one shard and the tasks accepting on them.
+#[derive(Default)]
+struct Listeners {
+    acceptors: Vec<Task<()>>,
+    stoppers: Vec<Stopper>,
+}
+
+impl Listeners {
+    /// Binds the node's shared addresses and this shard's own, for both protocols, and
+    /// accepts on each; on a failure the ones already bound keep running (the caller
+    /// stops them with the rest of the shard).
+    fn start(
+        &mut self,
+        config: &ServerConfig,
+        id: usize,
+        shard: &Rc<Shard>,
+        connections: &Rc<Connections>,
+        info: &Rc<NodeInfo>,
+    ) -> Result<(), String> {
+        for addr in [config.resp, config.shard_resp_addr(id)] {
+            let listener = self.bind(addr)?;
+            let (shard, connections) = (shard.clone(), connections.clone());
+            self.acceptors.push(glommio::spawn_local(async move {
+                crate::resp::accept(listener, shard, connections).await
+            }));
+        }
+        for addr in [config.listen, config.shard_native_addr(id)] {
+            let listener = self.bind(addr)?;
+            let (shard, connections, info) = (shard.clone(), connections.clone(), info.clone());
+            self.acceptors.push(glommio::spawn_local(async move {
+                crate::native::accept(listener, shard, connections, info).await
+            }));
+        }
+        Ok(())
     }
-    for acceptor in acceptors {
-        acceptor.cancel().await;
+
+    fn bind(&mut self, addr: SocketAddr) -> Result<TcpListener, String> {
+        let bound = listener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        self.stoppers.push(bound.stopper);
+        Ok(bound.listener)
     }
+
+    /// No new connection from the moment this is called; returns once no task accepts.
+    async fn stop(self) {
+        for stopper in &self.stoppers {
+            stopper.stop();
+        }
+        // The shutdown fails each queued accept; cancelling covers one that has just
+        // succeeded (its connection is dropped). The executor goes on running, so the
+        // kernel's answer to the accept is still collected.
+        for acceptor in self.acceptors {
+            acceptor.cancel().await;
+        }
+    }
+}
+
+/// Everything a serving shard runs, in the order `stop` ends it.
+struct Running {
+    shard: Rc<Shard>,
+    connections: Rc<Connections>,
+    listeners: Listeners,
+    /// One loop per other shard, serving the hops it sends.
+    serve_loops: Vec<Task<()>>,
+    store: StoreTasks,
+}
+
+impl Running {
+    /// Stops the shard without leaving a task, a socket or a file behind. Each step
+    /// ends what could still need the ones after it; the node-wide stages keep a shard
+    /// from ending what another shard's remaining work still needs from it.
+    async fn stop(self, attendance: &mut Attendance) -> Result<(), String> {
+        let Running {
+            shard,
+            connections,
+            listeners,
+            serve_loops,
+            store,
+        } = self;
+        // Clients: no new ones; open ones finish what they started (at most the drain
+        // timeout), then the rest are hung up on. Their requests still have every
+        // shard, the peer links and the store.
+        connections.close();
+        listeners.stop().await;
+        drain_clients(&connections).await;
+        attendance.reach(Stage::ClientsDone).await;
+
+        // Links from other nodes end (within their 200 ms read timeout), and the
+        // requests they forwarded finish, still with the links to other nodes up.
+        shard.stop();
+        connections.ended().await;
+        shard.tasks_ended().await;
+        attendance.reach(Stage::NothingIncoming).await;
+
+        // Nothing new enters the node now. Storage work started by other nodes'
+        // messages finishes, its acknowledgements are written, and the links end.
+        shard.driver().storage_idle().await;
+        if let Some(peers) = shard.peers() {
+            peers.close().await;
+        }
+
+        // The mesh: this shard sends no more hops; its loop serving each other shard
+        // ends once that shard has closed its end too, and the hops served finish.
+        shard.close_mesh();
+        for serving in serve_loops {
+            serving.await;
+        }
+        shard.tasks_ended().await;
+
+        // The store: the last storage operations end, then commits and compaction.
+        shard.driver().stop().await;
+        store.close().await
+    }
+}
+
+/// Lets open client connections finish (up to `DRAIN_TIMEOUT`), hangs up on those left,
+/// and waits until each has ended (a request in progress still ends by its timeout).
+async fn drain_clients(connections: &Connections) {
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     while connections.clients_open() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
-    // Peer links stay up while clients drain: the requests they finish still need
-    // answers from the other replicas.
-    shard.stop();
-    store
-        .close()
-        .await
-        .map_err(|e| format!("closing the store: {e}"))?;
-    commits.await;
-    if id == 0 {
-        println!("ringkv server stopped");
+    if connections.clients_open() > 0 {
+        tracing::info!(
+            open = connections.clients_open(),
+            "hanging up on clients still connected"
+        );
+        connections.hang_up_clients();
     }
-    Ok(())
+    while connections.clients_open() > 0 {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
 }
 
-fn bind(addr: SocketAddr, stoppers: &mut Vec<Stopper>) -> Result<TcpListener, String> {
-    let bound = listener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    stoppers.push(bound.stopper);
-    Ok(bound.listener)
+/// Points of a node's stop that every shard reaches before any shard goes past them.
+#[derive(Clone, Copy)]
+enum Stage {
+    /// No shard has a client connection left: no new request enters through a client.
+    ClientsDone,
+    /// No shard has a link from another node left, nor a request it forwarded: no
+    /// request or message enters the node any more.
+    NothingIncoming,
+}
+
+const STAGES: usize = 2;
+
+/// How many shards have reached each stage.
+struct StopBarrier {
+    shards: usize,
+    reached: [AtomicUsize; STAGES],
+}
+
+impl StopBarrier {
+    fn new(shards: usize) -> StopBarrier {
+        StopBarrier {
+            shards,
+            reached: std::array::from_fn(|_| AtomicUsize::new(0)),
+        }
+    }
+}
+
+/// One shard's place at the barrier. A shard that ends before reaching every stage has
+/// failed (an error or a panic): it is counted at the stages it skipped, so the others
+/// do not wait for it, and it stops the node.
+struct Attendance {
+    barrier: Arc<StopBarrier>,
+    stop: Arc<AtomicBool>,
+    /// The first stage this shard has not reached yet.
+    next: usize,
+}
+
+impl Attendance {
+    fn new(barrier: Arc<StopBarrier>, stop: Arc<AtomicBool>) -> Attendance {
+        Attendance {
+            barrier,
+            stop,
+            next: 0,
+        }
+    }
+
+    /// Counts this shard at `stage` (and any before it), then waits for every shard.
+    async fn reach(&mut self, stage: Stage) {
+        let stage = stage as usize;
+        self.arrive_up_to(stage);
+        let reached = &self.barrier.reached[stage];
+        while reached.load(Ordering::SeqCst) < self.barrier.shards {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    fn arrive_up_to(&mut self, stage: usize) {
+        while self.next <= stage {
+            self.barrier.reached[self.next].fetch_add(1, Ordering::SeqCst);
+            self.next += 1;
+        }
+    }
+}
+
+impl Drop for Attendance {
+    fn drop(&mut self) {
+        if self.next < STAGES {
+            self.stop.store(true, Ordering::SeqCst);
+            self.arrive_up_to(STAGES - 1);
+        }
+    }
 }
 
 /// How clients and peers reach this node.

@@ -16,6 +16,7 @@ use ringkv_proto::ShardStatus;
 
 use crate::driver::ShardDriver;
 use crate::peers::Peers;
+use crate::tasks::TaskGroup;
 
 /// A request carried to another shard, with where to send the answer.
 pub struct Hop {
@@ -64,8 +65,12 @@ pub struct Shard {
     pub count: usize,
     ring: Ring,
     driver: Rc<ShardDriver<DmaDisk>>,
-    /// The other shards of this node.
-    mesh: Rc<Senders<Hop>>,
+    /// The other shards of this node; gone once this shard will send them no more
+    /// (see `close_mesh`).
+    mesh: RefCell<Option<Rc<Senders<Hop>>>>,
+    /// Tasks this shard spawned for a request: hops served for other shards, hops sent
+    /// without waiting for the answer, requests forwarded by other nodes.
+    tasks: TaskGroup,
     inflight: Cell<usize>,
     max_inflight: usize,
     reads: Cell<u64>,
@@ -102,7 +107,8 @@ impl Shard {
             count: mesh.nr_consumers(),
             ring,
             driver,
-            mesh: Rc::new(mesh),
+            mesh: RefCell::new(Some(Rc::new(mesh))),
+            tasks: TaskGroup::new(),
             inflight: Cell::new(0),
             max_inflight,
             reads: Cell::new(0),
@@ -124,7 +130,8 @@ impl Shard {
         self.peers.borrow().clone()
     }
 
-    /// Marks the node as stopping: peer links stop reconnecting.
+    /// Marks the node as stopping: links from other nodes end, links to them stop
+    /// reconnecting.
     pub fn stop(&self) {
         self.stopping.set(true);
     }
@@ -133,17 +140,38 @@ impl Shard {
         self.stopping.get()
     }
 
+    /// Runs `work` as a task this shard waits for when it stops (see `crate::tasks`).
+    pub fn spawn(&self, work: impl std::future::Future<Output = ()> + 'static) {
+        self.tasks.spawn(work);
+    }
+
+    /// Waits until every task started by `spawn` has ended.
+    pub async fn tasks_ended(&self) {
+        self.tasks.ended().await
+    }
+
+    /// Drops this shard's senders to the other shards (hops fail with ShuttingDown from
+    /// now on). Each other shard serves hops from this one until this happens: only
+    /// then does its `serve_peer` loop for this shard end.
+    pub fn close_mesh(&self) {
+        self.mesh.borrow_mut().take();
+    }
+
+    fn mesh(&self) -> Option<Rc<Senders<Hop>>> {
+        self.mesh.borrow().clone()
+    }
+
     /// Hands a replication message to shard `target` of this node. Waiting for room
     /// in the mesh (rather than spawning a task per message) carries backpressure back
     /// to the peer's connection when the target shard falls behind.
     pub async fn peer_message(&self, target: usize, from: NodeId, message: PeerMessage) {
         if target == self.id {
             self.driver.handle_peer(from, message);
-        } else if target < self.count {
+        } else if let Some(mesh) = self.mesh().filter(|_| target < self.count) {
             let (reply, _) = oneshot::channel();
             let request = HopRequest::Peer { from, message };
             // The target shard only goes away when the node stops.
-            let _ = self.mesh.send_to(target, Hop { request, reply }).await;
+            let _ = mesh.send_to(target, Hop { request, reply }).await;
         }
     }
 
@@ -159,13 +187,12 @@ impl Shard {
     }
 
     fn hop_and_forget(&self, target: usize, request: HopRequest) {
+        let Some(mesh) = self.mesh() else { return };
         let (reply, _) = oneshot::channel();
-        let mesh = self.mesh.clone();
-        glommio::spawn_local(async move {
+        self.spawn(async move {
             // The target shard only goes away when the node stops.
             let _ = mesh.send_to(target, Hop { request, reply }).await;
-        })
-        .detach();
+        });
     }
 
     pub fn driver(&self) -> &Rc<ShardDriver<DmaDisk>> {
@@ -280,13 +307,11 @@ impl Shard {
     }
 
     async fn hop(&self, owner: usize, request: HopRequest) -> Result<HopReply, ServerError> {
+        let Some(mesh) = self.mesh() else {
+            return Err(ServerError::ShuttingDown);
+        };
         let (reply, answer) = oneshot::channel();
-        if self
-            .mesh
-            .send_to(owner, Hop { request, reply })
-            .await
-            .is_err()
-        {
+        if mesh.send_to(owner, Hop { request, reply }).await.is_err() {
             return Err(ServerError::ShuttingDown);
         }
         // The owner took the request and then dropped it unanswered (it is stopping):
@@ -299,14 +324,14 @@ impl Shard {
         })
     }
 
-    /// Serves hops from one peer shard until it goes away.
+    /// Serves hops from one peer shard until it closes its end of the mesh.
     pub async fn serve_peer(
         self: Rc<Self>,
         hops: glommio::channels::shared_channel::ConnectedReceiver<Hop>,
     ) {
         while let Some(Hop { request, reply }) = hops.recv().await {
             let this = self.clone();
-            glommio::spawn_local(async move {
+            self.spawn(async move {
                 let answer = match request {
                     HopRequest::Get(r) => HopReply::Get(this.driver.get(r).await),
                     HopRequest::Put(r) => HopReply::Put(this.driver.put(r).await),
@@ -325,8 +350,7 @@ impl Shard {
                 };
                 // The requesting connection may be gone; nothing to do then.
                 let _ = reply.send(answer);
-            })
-            .detach();
+            });
         }
     }
 }
