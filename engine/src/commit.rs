@@ -27,7 +27,7 @@ use crate::hint::HintBuilder;
 use crate::index::Location;
 use crate::record::{self, Header, Kind, Record};
 use crate::segment::{self, Segment, align_down, align_up};
-use crate::store::{Active, Batch, Store, cache_key};
+use crate::store::{Active, Batch, Store};
 
 /// One committed record, ready to be indexed.
 struct Placed {
@@ -115,7 +115,7 @@ impl<D: Disk> Store<D> {
                 p.digest,
             );
             if p.kind != Kind::PartitionDrop {
-                inner.cache.insert(cache_key(p.location), p.record);
+                inner.cache_record(p.location, p.record);
             }
         }
         Ok(())

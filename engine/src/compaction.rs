@@ -429,9 +429,23 @@ impl<D: Disk> Store<D> {
                     _ => false,
                 },
                 Kind::Value | Kind::Tombstone | Kind::Lost => {
-                    inner
-                        .index
-                        .relocate(kept.header.partition, key, kept.old, kept.new, kept.lost)
+                    let before = inner.index.relocate(
+                        kept.header.partition,
+                        key,
+                        kept.old,
+                        kept.new,
+                        kept.lost,
+                    );
+                    // A cached record follows its copy; one replaced by a lost marker
+                    // leaves the cache (the entry no longer names a slot).
+                    if let Some(slot) = before.and_then(|b| b.cache_slot) {
+                        if kept.lost {
+                            inner.cache.free(slot);
+                        } else {
+                            inner.cache.retag(slot, kept.old, kept.new);
+                        }
+                    }
+                    before.is_some()
                 }
             };
             if moved {

@@ -32,7 +32,11 @@ pub struct Entry {
     /// The key's newest record was lost to corruption (a `Kind::Lost` marker): it reads
     /// as missing here until a replica's copy is written again.
     pub lost: bool,
+    /// Meaningful only while `cache_slot` is None: a cached entry lends these four
+    /// bytes to the slot number, and the cache keeps the digest (`Inner::digest`).
     pub version_digest: u32,
+    /// The record cache slot holding this record, if it is cached.
+    pub cache_slot: Option<u32>,
 }
 
 /// Bytes of an entry in the arena: file, offset, length and flags, version digest.
@@ -41,21 +45,29 @@ const TOMBSTONE_BIT: u32 = 1 << 31;
 const LOST_BIT: u32 = 1 << 30;
 /// The key was removed; its bytes stay until the partition is rebuilt.
 const DEAD_BIT: u32 = 1 << 29;
-const LEN_MASK: u32 = DEAD_BIT - 1;
+/// The record is cached: the digest word holds the cache slot number.
+const CACHED_BIT: u32 = 1 << 28;
+const LEN_MASK: u32 = CACHED_BIT - 1;
 
 fn encode(entry: Entry, dead: bool) -> [u8; ENTRY_LEN] {
     assert!(
         entry.location.len & !LEN_MASK == 0,
-        "record length over 512 MiB"
+        "record length over 256 MiB"
     );
     let flags = if entry.tombstone { TOMBSTONE_BIT } else { 0 }
         | if entry.lost { LOST_BIT } else { 0 }
-        | if dead { DEAD_BIT } else { 0 };
+        | if dead { DEAD_BIT } else { 0 }
+        | if entry.cache_slot.is_some() {
+            CACHED_BIT
+        } else {
+            0
+        };
+    let last = entry.cache_slot.unwrap_or(entry.version_digest);
     let mut b = [0u8; ENTRY_LEN];
     b[0..4].copy_from_slice(&entry.location.file.to_le_bytes());
     b[4..8].copy_from_slice(&entry.location.offset.to_le_bytes());
     b[8..12].copy_from_slice(&(entry.location.len | flags).to_le_bytes());
-    b[12..16].copy_from_slice(&entry.version_digest.to_le_bytes());
+    b[12..16].copy_from_slice(&last.to_le_bytes());
     b
 }
 
@@ -71,7 +83,19 @@ fn decode(b: &[u8]) -> (Entry, bool) {
         },
         tombstone: len_and_flags & TOMBSTONE_BIT != 0,
         lost: len_and_flags & LOST_BIT != 0,
-        version_digest: u(12),
+        version_digest: 0,
+        cache_slot: None,
+    };
+    let entry = if len_and_flags & CACHED_BIT != 0 {
+        Entry {
+            cache_slot: Some(u(12)),
+            ..entry
+        }
+    } else {
+        Entry {
+            version_digest: u(12),
+            ..entry
+        }
     };
     (entry, len_and_flags & DEAD_BIT != 0)
 }
@@ -246,26 +270,68 @@ impl PartitionIndex {
     }
 
     /// Moves `key` from `from` to `to` only if it still points at `from`; `lost` marks
-    /// the moved entry as lost (its record was corrupt and a marker replaces it).
-    pub fn relocate(&mut self, key: &[u8], from: Location, to: Location, lost: bool) -> bool {
-        let Some(r) = self.find(key) else {
-            return false;
-        };
-        let mut entry = self.arena.entry(r);
-        if entry.location != from {
-            return false;
+    /// the moved entry as lost (its record was corrupt and a marker replaces it; it is
+    /// no longer cached). Returns the entry as it was before, if it moved.
+    pub fn relocate(
+        &mut self,
+        key: &[u8],
+        from: Location,
+        to: Location,
+        lost: bool,
+    ) -> Option<Entry> {
+        let r = self.find(key)?;
+        let before = self.arena.entry(r);
+        if before.location != from {
+            return None;
         }
+        let mut entry = before;
         entry.location = to;
         if lost {
             entry = Entry {
                 tombstone: false,
                 lost: true,
                 version_digest: 0,
+                cache_slot: None,
                 ..entry
             };
         }
         self.arena.set(r, entry, false);
-        true
+        Some(before)
+    }
+
+    /// Marks `key` cached in `slot` if it still points at `location` and is not cached
+    /// yet; returns the version digest the entry gives up for the slot number.
+    pub fn set_cached(&mut self, key: &[u8], location: Location, slot: u32) -> Option<u32> {
+        let r = self.find(key)?;
+        let entry = self.arena.entry(r);
+        if entry.location != location || entry.cache_slot.is_some() {
+            return None;
+        }
+        self.arena.set(
+            r,
+            Entry {
+                cache_slot: Some(slot),
+                ..entry
+            },
+            false,
+        );
+        Some(entry.version_digest)
+    }
+
+    /// Takes `key` out of the cache if it is cached in `slot`, restoring its digest.
+    pub fn uncache(&mut self, key: &[u8], slot: u32, digest: u32) {
+        let Some(r) = self.find(key) else {
+            return;
+        };
+        let entry = self.arena.entry(r);
+        if entry.cache_slot == Some(slot) {
+            let entry = Entry {
+                cache_slot: None,
+                version_digest: digest,
+                ..entry
+            };
+            self.arena.set(r, entry, false);
+        }
     }
 
     /// Forgets `key` if its entry is still `expected`; returns whether it did.
@@ -346,10 +412,28 @@ impl Index {
         from: Location,
         to: Location,
         lost: bool,
-    ) -> bool {
+    ) -> Option<Entry> {
         self.partitions
-            .get_mut(&partition)
-            .is_some_and(|p| p.relocate(key, from, to, lost))
+            .get_mut(&partition)?
+            .relocate(key, from, to, lost)
+    }
+
+    pub fn set_cached(
+        &mut self,
+        partition: u32,
+        key: &[u8],
+        location: Location,
+        slot: u32,
+    ) -> Option<u32> {
+        self.partitions
+            .get_mut(&partition)?
+            .set_cached(key, location, slot)
+    }
+
+    pub fn uncache(&mut self, partition: u32, key: &[u8], slot: u32, digest: u32) {
+        if let Some(index) = self.partitions.get_mut(&partition) {
+            index.uncache(key, slot, digest);
+        }
     }
 
     /// Forgets `key` if its entry is still `expected` (see `PartitionIndex::remove_if`).
@@ -425,6 +509,7 @@ mod tests {
             tombstone,
             lost: false,
             version_digest: offset,
+            cache_slot: None,
         }
     }
 
@@ -473,23 +558,58 @@ mod tests {
             offset: 0,
             len: 40,
         };
-        assert!(!index.relocate(
-            0,
-            b"k",
-            Location {
-                file: 1,
-                offset: 99,
-                len: 40
-            },
-            to,
-            false
-        ));
-        assert!(index.relocate(0, b"k", entry(1, 10, false).location, to, false));
+        assert!(
+            index
+                .relocate(
+                    0,
+                    b"k",
+                    Location {
+                        file: 1,
+                        offset: 99,
+                        len: 40
+                    },
+                    to,
+                    false
+                )
+                .is_none()
+        );
+        assert!(
+            index
+                .relocate(0, b"k", entry(1, 10, false).location, to, false)
+                .is_some()
+        );
         assert_eq!(index.get(0, b"k").unwrap().location, to);
         assert!(!index.get(0, b"k").unwrap().lost);
-        assert!(!index.relocate(0, b"missing", to, to, false));
-        assert!(index.relocate(0, b"k", to, to, true));
+        assert!(index.relocate(0, b"missing", to, to, false).is_none());
+        assert!(index.relocate(0, b"k", to, to, true).is_some());
         assert!(index.get(0, b"k").unwrap().lost);
+    }
+
+    #[test]
+    fn a_cached_entry_lends_its_digest_to_the_slot_number() {
+        let mut index = Index::default();
+        let e = entry(1, 10, false);
+        index.insert(0, b"k", e);
+        assert_eq!(
+            index.set_cached(0, b"k", entry(1, 11, false).location, 7),
+            None
+        );
+        assert_eq!(index.set_cached(0, b"k", e.location, 7), Some(10));
+        let cached = index.get(0, b"k").unwrap();
+        assert_eq!((cached.cache_slot, cached.location), (Some(7), e.location));
+        assert_eq!(
+            index.set_cached(0, b"k", e.location, 8),
+            None,
+            "already cached"
+        );
+        index.uncache(0, b"k", 8, 99);
+        assert_eq!(
+            index.get(0, b"k").unwrap().cache_slot,
+            Some(7),
+            "another slot"
+        );
+        index.uncache(0, b"k", 7, 10);
+        assert_eq!(index.get(0, b"k").unwrap(), e);
     }
 
     #[test]

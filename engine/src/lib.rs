@@ -9,6 +9,7 @@
 //! docs/format.md gives the byte layouts; docs/architecture.md the design and the
 //! durability modes.
 
+mod cache;
 mod commit;
 mod compaction;
 pub mod config;

@@ -18,6 +18,7 @@ use std::rc::Rc;
 use event_listener::Event;
 use hashbrown::HashMap;
 
+use crate::cache::RecordCache;
 use crate::config::StoreConfig;
 use crate::disk::{Disk, DiskFile};
 use crate::error::{Result, StoreError};
@@ -27,7 +28,7 @@ use crate::keylock::KeyLocks;
 use crate::record;
 use crate::scan::{self, Found};
 use crate::segment::{self, FileKind, HeaderBlock, Segment};
-use crate::store::{Active, Cache, Inner, RecordWeighter, Stats, Store};
+use crate::store::{Active, Inner, Stats, Store};
 
 /// What recovery found in one segment file before replaying it.
 enum Verdict {
@@ -85,11 +86,7 @@ impl<D: Disk> Store<D> {
             drops: HashMap::new(),
             collected: HashMap::new(),
             queue: VecDeque::new(),
-            cache: Cache::with_weighter(
-                (config.cache_bytes / 256).max(16) as usize,
-                config.cache_bytes,
-                RecordWeighter,
-            ),
+            cache: RecordCache::new(config.cache_bytes),
             stats: Stats::default(),
             reserve: false,
         };

@@ -16,6 +16,7 @@ use std::rc::Rc;
 use event_listener::Event;
 use hashbrown::HashMap;
 
+use crate::cache::RecordCache;
 use crate::config::{Durability, StoreConfig};
 use crate::disk::{Disk, DiskFile};
 use crate::error::{Result, StoreError};
@@ -110,20 +111,6 @@ pub struct KeySummary {
     pub tombstone: bool,
 }
 
-pub(crate) struct RecordWeighter;
-
-impl quick_cache::Weighter<u64, Record> for RecordWeighter {
-    fn weight(&self, _key: &u64, record: &Record) -> u64 {
-        record.raw_len() as u64
-    }
-}
-
-pub(crate) type Cache = quick_cache::unsync::Cache<u64, Record, RecordWeighter>;
-
-pub(crate) fn cache_key(location: Location) -> u64 {
-    (location.file as u64) << 32 | location.offset as u64
-}
-
 /// Records waiting to be committed together; one outcome for all of them. The records
 /// are encoded unsealed: their checks are written once the commit knows where they go.
 #[derive(Default)]
@@ -188,7 +175,7 @@ pub(crate) struct Inner<F> {
     /// they are in the index again and the cluster layer collects them again.
     pub collected: HashMap<Location, (u32, Vec<u8>)>,
     pub queue: VecDeque<Batch>,
-    pub cache: Cache,
+    pub cache: RecordCache,
     pub stats: Stats,
     /// Whether `compaction.reserve` is on disk (space compaction may take when full).
     pub reserve: bool,
@@ -212,15 +199,16 @@ impl<F> Inner<F> {
                     tombstone: kind == Kind::Tombstone,
                     lost: kind == Kind::Lost,
                     version_digest: digest,
+                    cache_slot: None,
                 };
                 if let Some(old) = self.index.insert(partition, key, entry) {
-                    self.add_live(old.location, false);
+                    self.forget(old);
                 }
             }
             Kind::PartitionDrop => {
                 if let Some(dropped) = self.index.remove_partition(partition) {
                     for (_, entry) in dropped.iter() {
-                        self.add_live(entry.location, false);
+                        self.forget(entry);
                     }
                 }
                 if let Some(old) = self.drops.insert(partition, location) {
@@ -229,6 +217,43 @@ impl<F> Inner<F> {
             }
         }
         self.add_live(location, true);
+    }
+
+    /// An entry the index no longer holds: its record is garbage and leaves the cache.
+    fn forget(&mut self, entry: Entry) {
+        self.add_live(entry.location, false);
+        if let Some(slot) = entry.cache_slot {
+            self.cache.free(slot);
+        }
+    }
+
+    /// An entry's version digest, wherever it is kept.
+    pub fn digest(&self, entry: &Entry) -> u32 {
+        match entry.cache_slot {
+            Some(slot) => self.cache.digest(slot),
+            None => entry.version_digest,
+        }
+    }
+
+    /// Caches `record`, just committed or read at `location`, if its key still points
+    /// there; entries of evicted records get their digests back.
+    pub fn cache_record(&mut self, location: Location, record: Record) {
+        let mut evicted = Vec::new();
+        let keyed = record.clone();
+        if let Some(slot) = self.cache.insert(location, record, &mut evicted) {
+            match self
+                .index
+                .set_cached(keyed.partition(), keyed.key(), location, slot)
+            {
+                Some(digest) => self.cache.set_digest(slot, digest),
+                None => self.cache.free(slot),
+            }
+        }
+        for gone in evicted {
+            let record = &gone.record;
+            self.index
+                .uncache(record.partition(), record.key(), gone.slot, gone.digest);
+        }
     }
 
     /// Moves a live record's bytes from the segment at `from` to the one at `to`.
@@ -327,10 +352,14 @@ impl<D: Disk> Store<D> {
                     "the key's newest record was lost to corruption".into(),
                 ));
             }
-            if let Some(record) = inner.cache.get(&cache_key(entry.location)) {
-                let record = record.clone();
-                inner.stats.cache_hits += 1;
-                return Ok(Some(record));
+            if let Some(slot) = entry.cache_slot {
+                // The slot's location tag always matches while the entry names it.
+                if let Some(record) = inner.cache.get(slot, entry.location) {
+                    debug_assert!(record.key() == key, "a cache slot holds another key");
+                    inner.stats.cache_hits += 1;
+                    return Ok(Some(record));
+                }
+                debug_assert!(false, "a cached entry whose slot holds another record");
             }
             inner.stats.disk_reads += 1;
             let segment = inner.segments.get(&entry.location.file);
@@ -363,8 +392,7 @@ impl<D: Disk> Store<D> {
         }
         self.inner
             .borrow_mut()
-            .cache
-            .insert(cache_key(location), record.clone());
+            .cache_record(location, record.clone());
         Ok(Some(record))
     }
 
@@ -447,12 +475,14 @@ impl<D: Disk> Store<D> {
         let Some(entry) = inner.index.get(partition, key) else {
             return Ok(false);
         };
-        if !entry.tombstone || entry.lost || entry.version_digest != version_digest {
+        if !entry.tombstone || entry.lost || inner.digest(&entry) != version_digest {
             return Ok(false);
         }
         let removed = inner.index.remove_if(partition, key, entry);
         debug_assert!(removed, "the entry was read under the same borrow");
-        inner.cache.remove(&cache_key(entry.location));
+        if let Some(slot) = entry.cache_slot {
+            inner.cache.free(slot);
+        }
         inner
             .collected
             .insert(entry.location, (partition, key.to_vec()));
@@ -479,7 +509,7 @@ impl<D: Disk> Store<D> {
             .filter(|(_, entry)| !entry.lost)
             .map(|(key, entry)| KeySummary {
                 key: key.to_vec(),
-                version_digest: entry.version_digest,
+                version_digest: inner.digest(&entry),
                 tombstone: entry.tombstone,
             })
             .collect()
