@@ -65,6 +65,7 @@ fn index(c: &mut Criterion) {
         },
         tombstone: false,
         lost: false,
+        cache_slot: None,
         version_digest: i,
     };
     let mut group = c.benchmark_group("index");
@@ -117,6 +118,7 @@ fn index_large(c: &mut Criterion) {
             },
             tombstone: false,
             lost: false,
+            cache_slot: None,
             version_digest: 0,
         };
         index.insert(i as u32 % 64, &hex_key(i), entry);

@@ -109,6 +109,7 @@ mod proposal {
             },
             tombstone: u(8) & TOMBSTONE_BIT != 0,
             lost: false,
+            cache_slot: None,
             version_digest: u(12),
         }
     }
@@ -214,6 +215,7 @@ fn entry(i: u64) -> ringkv_engine::index::Entry {
         },
         tombstone: false,
         lost: false,
+        cache_slot: None,
         version_digest: i as u32,
     }
 }
