@@ -69,20 +69,27 @@ impl<D: Disk> Store<D> {
         }
     }
 
-    /// Interval mode: an fdatasync at most `every` after the first unsynced write, so a
+    /// Interval mode: an fdatasync at most `every` after the oldest unsynced write, so a
     /// power loss loses at most one interval (plus one fdatasync) of acknowledged writes.
     pub(crate) async fn run_interval_sync(&self, every: Duration) {
         while !self.closing.get() {
-            self.sleep_unless_closing(every).await;
-            self.disk.yield_now().await;
-            let unsynced = {
-                let inner = self.inner.borrow();
-                inner.active.synced_end < inner.active.end
-            };
-            if unsynced && self.failed.borrow().is_none() {
-                // A failure is latched inside; the next write reports it.
-                let _ = self.sync_active().await;
+            // Sleep until the oldest unsynced write is one interval old; with nothing
+            // unsynced, a whole interval (a write meanwhile is younger than the wake-up).
+            let due = self.inner.borrow().active.unsynced_since.map(|t| t + every);
+            let now = self.disk.now();
+            match due {
+                Some(due) if due <= now => {
+                    if self.failed.borrow().is_some() {
+                        // Latched: the next write reports it; nothing more to sync.
+                        self.sleep_unless_closing(every).await;
+                    } else {
+                        let _ = self.sync_active().await;
+                    }
+                }
+                Some(due) => self.sleep_unless_closing(due - now).await,
+                None => self.sleep_unless_closing(every).await,
             }
+            self.disk.yield_now().await;
         }
     }
 
@@ -176,6 +183,7 @@ impl<D: Disk> Store<D> {
             self.cut_back(&file, end).await?;
             return Err(err);
         }
+        let now = self.disk.now();
         let mut inner = self.inner.borrow_mut();
         // Only the commit task writes, and rotation runs inside it: the segment is the
         // one the batch was placed in.
@@ -187,6 +195,7 @@ impl<D: Disk> Store<D> {
         let active = &mut inner.active;
         active.end = new_end;
         active.tail = new_tail;
+        active.unsynced_since.get_or_insert(now);
         for p in &placed {
             active
                 .hint
@@ -223,6 +232,7 @@ impl<D: Disk> Store<D> {
                 inner.stats.syncs += 1;
                 if inner.active.end == end {
                     inner.active.synced_end = end;
+                    inner.active.unsynced_since = None;
                 }
                 Ok(())
             }
@@ -237,15 +247,17 @@ impl<D: Disk> Store<D> {
     /// so a write that completes while it runs stays unsynced.
     pub(crate) async fn sync_active(&self) -> Result<()> {
         let (file, file_no, end) = {
-            let inner = self.inner.borrow();
-            let active = &inner.active;
+            let mut inner = self.inner.borrow_mut();
+            let active = &mut inner.active;
             if active.synced_end >= active.end {
+                active.unsynced_since = None;
                 return Ok(());
             }
-            let file = inner.segments[&active.file_no].file.clone();
-            (file, active.file_no, active.end)
+            let (file_no, end) = (active.file_no, active.end);
+            (inner.segments[&file_no].file.clone(), file_no, end)
         };
         self.check_not_failed()?;
+        let issued = self.disk.now();
         if let Err(err) = file.sync().await {
             return Err(
                 self.latch_failure(format!("fdatasync of the active segment failed: {err}"))
@@ -255,7 +267,10 @@ impl<D: Disk> Store<D> {
         inner.stats.syncs += 1;
         // A segment sealed meanwhile was synced by its rotation.
         if inner.active.file_no == file_no {
-            inner.active.synced_end = inner.active.synced_end.max(end);
+            let active = &mut inner.active;
+            active.synced_end = active.synced_end.max(end);
+            // Writes that completed while the sync ran are no older than its issue.
+            active.unsynced_since = (active.synced_end < active.end).then_some(issued);
         }
         Ok(())
     }
@@ -431,6 +446,7 @@ impl Active {
             salt,
             end: segment::HEADER_LEN,
             synced_end: segment::HEADER_LEN,
+            unsynced_since: None,
             tail: Vec::new(),
             hint: HintBuilder::default(),
         }

@@ -155,6 +155,9 @@ pub(crate) struct Active {
     pub end: u64,
     /// How far an fdatasync that completed is known to cover (never beyond `end`).
     pub synced_end: u64,
+    /// When the oldest write not yet covered by an fdatasync completed (at the latest):
+    /// interval mode syncs at most one interval after it.
+    pub unsynced_since: Option<std::time::Duration>,
     /// Bytes from the last 4 KiB boundary up to `end`: the next write rewrites them
     /// (identical bytes, so a torn rewrite cannot damage what was acknowledged).
     pub tail: Vec<u8>,

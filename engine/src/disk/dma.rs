@@ -16,6 +16,7 @@ use crate::config::ALIGN;
 pub struct DmaDisk {
     root: Rc<PathBuf>,
     probed: Rc<Cell<bool>>,
+    started: std::time::Instant,
 }
 
 /// Name of the 4 KiB file used to make glommio's IOPOLL probe honest (see `probe`).
@@ -30,6 +31,7 @@ impl DmaDisk {
         Ok(DmaDisk {
             root: Rc::new(root),
             probed: Rc::default(),
+            started: std::time::Instant::now(),
         })
     }
 
@@ -118,6 +120,10 @@ impl Disk for DmaDisk {
 
     async fn yield_now(&self) {
         glommio::yield_if_needed().await;
+    }
+
+    fn now(&self) -> Duration {
+        self.started.elapsed()
     }
 
     fn fresh_salt(&self) -> u64 {

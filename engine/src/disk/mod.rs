@@ -38,6 +38,9 @@ pub trait Disk: Clone + 'static {
     async fn sleep(&self, duration: Duration);
     /// Lets other tasks run if this one has had the CPU for long enough.
     async fn yield_now(&self);
+    /// Monotonic time since an arbitrary start, for deadlines (the simulated clock for
+    /// SimDisk). Never stored.
+    fn now(&self) -> Duration;
     /// A fresh random value that no reader of the log can guess (a segment's checksum
     /// salt): from the OS for DmaDisk, from the seeded generator for SimDisk.
     fn fresh_salt(&self) -> u64;

@@ -443,6 +443,10 @@ impl Disk for SimDisk {
     fn fresh_salt(&self) -> u64 {
         self.state.borrow_mut().rng.u64(..)
     }
+
+    fn now(&self) -> Duration {
+        self.state.borrow().now
+    }
 }
 
 impl DiskFile for SimFile {
