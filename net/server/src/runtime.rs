@@ -480,20 +480,22 @@ impl Running {
         shard.tasks_ended().await;
         attendance.reach(Stage::NothingIncoming).await;
 
-        // Nothing new enters the node now. Storage work started by other nodes'
-        // messages finishes, its acknowledgements are written, and the links end.
-        shard.driver().storage_idle().await;
-        if let Some(peers) = shard.peers() {
-            peers.close().await;
-        }
-
-        // The mesh: this shard sends no more hops; its loop serving each other shard
-        // ends once that shard has closed its end too, and the hops served finish.
+        // Nothing new enters the node now. The mesh: this shard sends no more hops; its
+        // loop serving each other shard ends once that shard has closed its end too,
+        // and the hops served finish (a replica write another shard handed over before
+        // the stage is stored here, with the links still up for its acknowledgement).
         shard.close_mesh();
         for serving in serve_loops {
             serving.await;
         }
         shard.tasks_ended().await;
+
+        // Storage work started by other nodes' messages finishes, its acknowledgements
+        // are written, and the links end.
+        shard.driver().storage_idle().await;
+        if let Some(peers) = shard.peers() {
+            peers.close().await;
+        }
 
         // The store: the last storage operations end, then commits and compaction.
         shard.driver().stop().await;
