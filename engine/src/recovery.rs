@@ -126,14 +126,7 @@ impl<D: Disk> Store<D> {
             match Self::judge(&disk, &file, order, file_no, size, has_hint).await? {
                 Verdict::Blank => {
                     drop(file);
-                    disk.remove(&name)
-                        .await
-                        .map_err(io("removing a blank segment"))?;
-                    if has_hint {
-                        disk.remove(&segment::hint_name(order, file_no))
-                            .await
-                            .map_err(io("removing a blank segment's hint"))?;
-                    }
+                    Self::remove_empty(&disk, order, file_no, has_hint).await?;
                     inner.stats.empty_segments_removed += 1;
                     removed_any = true;
                 }
@@ -168,14 +161,7 @@ impl<D: Disk> Store<D> {
                         // No records (the active segment of a store that stopped before
                         // its next write): nothing to keep.
                         inner.segments.remove(&file_no);
-                        disk.remove(&name)
-                            .await
-                            .map_err(io("removing an empty segment"))?;
-                        if has_hint {
-                            disk.remove(&segment::hint_name(order, file_no))
-                                .await
-                                .map_err(io("removing an empty segment's hint"))?;
-                        }
+                        Self::remove_empty(&disk, order, file_no, has_hint).await?;
                         inner.stats.empty_segments_removed += 1;
                         removed_any = true;
                     } else if let Some(builder) = builder {
@@ -273,6 +259,20 @@ impl<D: Disk> Store<D> {
             }
             (HeaderBlock::Invalid | HeaderBlock::Format1, None) => Verdict::Unreadable,
         })
+    }
+
+    /// Removes a segment that holds no records, and its hint if it has one.
+    async fn remove_empty(disk: &D, order: u32, file_no: u32, has_hint: bool) -> Result<()> {
+        let io = |op| move |e| StoreError::io(op, e);
+        disk.remove(&segment::log_name(order, file_no))
+            .await
+            .map_err(io("removing an empty segment"))?;
+        if has_hint {
+            disk.remove(&segment::hint_name(order, file_no))
+                .await
+                .map_err(io("removing an empty segment's hint"))?;
+        }
+        Ok(())
     }
 
     async fn refuse_format_1(disk: &D, order: u32, file_no: u32) -> Result<()> {

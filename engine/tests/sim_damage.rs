@@ -372,6 +372,20 @@ fn a_damaged_partition_drop_stays_before_what_followed_it() {
     });
 }
 
+/// Key "K" written as "the old value" in the first segment (which stays: its fillers stay
+/// live), then deleted in the next one. Returns the tombstone's version digest.
+async fn old_value_then_tombstone(store: &Store<SimDisk>) -> u32 {
+    store.put(0, b"K", b"v0", b"the old value").await.unwrap();
+    for i in 0..200u32 {
+        store
+            .put(2, &i.to_le_bytes(), b"v", &filler(i, 1))
+            .await
+            .unwrap();
+    }
+    store.delete(0, b"K", b"tombstone version").await.unwrap();
+    record::version_digest(b"tombstone version")
+}
+
 /// A collected tombstone whose record is damaged: compaction neither panics nor lets
 /// the older value back (review finding: the live-bytes assertion fired).
 #[test]
@@ -379,15 +393,7 @@ fn a_damaged_collected_tombstone_still_shadows_the_older_value() {
     with_pool(async |open| {
         let disk = SimDisk::new();
         let store = open(&disk, config());
-        store.put(0, b"K", b"v0", b"the old value").await.unwrap();
-        for i in 0..200u32 {
-            store
-                .put(2, &i.to_le_bytes(), b"v", &filler(i, 1))
-                .await
-                .unwrap();
-        }
-        store.delete(0, b"K", b"tombstone version").await.unwrap();
-        let digest = record::version_digest(b"tombstone version");
+        let digest = old_value_then_tombstone(&store).await;
         assert!(store.collect_tombstone(0, b"K", digest).await.unwrap());
         for round in 2..4 {
             for i in 1000..1200u32 {
@@ -655,16 +661,7 @@ fn collected_tombstones_never_let_an_older_value_back() {
     with_pool(async |open| {
         let disk = SimDisk::new();
         let store = open(&disk, config());
-        // v0 in the first segment, which stays (its fillers stay live).
-        store.put(0, b"K", b"v0", b"the old value").await.unwrap();
-        for i in 0..200u32 {
-            store
-                .put(2, &i.to_le_bytes(), b"v", &filler(i, 1))
-                .await
-                .unwrap();
-        }
-        store.delete(0, b"K", b"tombstone version").await.unwrap();
-        let digest = record::version_digest(b"tombstone version");
+        let digest = old_value_then_tombstone(&store).await;
         assert!(
             !store.collect_tombstone(0, b"K", digest ^ 1).await.unwrap(),
             "wrong digest"
