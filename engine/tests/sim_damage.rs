@@ -734,3 +734,66 @@ fn collected_tombstones_never_let_an_older_value_back() {
         }
     });
 }
+
+/// A compacted segment that cannot be removed latches the store (review finding: left on
+/// disk untracked, its dead records would be replayed, and a collected tombstone judged
+/// to be in the oldest segment could be dropped while it still shadowed them).
+#[test]
+fn a_segment_compaction_cannot_remove_latches_the_store_and_loses_nothing() {
+    with_pool(async |open| {
+        let disk = SimDisk::new();
+        let store = open(&disk, config());
+        let digest = old_value_then_tombstone(&store).await;
+        for round in 2..4 {
+            for i in 1000..1200u32 {
+                store
+                    .put(1, &i.to_le_bytes(), b"v", &filler(i, round))
+                    .await
+                    .unwrap();
+            }
+        }
+        assert!(store.collect_tombstone(0, b"K", digest).await.unwrap());
+        // Fail a compaction's second removal: its hint goes first (quietly), then the
+        // segment itself.
+        disk.set_faults(SimFaults {
+            fail_remove_at: Some(1),
+            ..SimFaults::default()
+        });
+        let mut latched = false;
+        for _ in 0..10 {
+            match store.compact_once().await {
+                Err(StoreError::Failed(reason)) => {
+                    assert!(reason.contains("removing a compacted segment"), "{reason}");
+                    latched = true;
+                    break;
+                }
+                Err(other) => panic!("{other}"),
+                Ok(None) => break,
+                Ok(Some(_)) => disk.set_faults(SimFaults {
+                    fail_remove_at: Some(1),
+                    ..SimFaults::default()
+                }),
+            }
+        }
+        assert!(latched, "no compaction failed to remove its segment");
+        assert!(store.failure().is_some());
+        disk.set_faults(SimFaults::default());
+        let store = open(&disk.crash(3), config());
+        let found = store.get(0, b"K").await.unwrap();
+        assert!(
+            found.as_ref().is_none_or(|r| r.is_tombstone()),
+            "the older value came back"
+        );
+        for i in 1000..1200u32 {
+            assert_eq!(
+                store
+                    .get(1, &i.to_le_bytes())
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .value(),
+                filler(i, 3)
+            );
+        }
+    });
+}

@@ -16,8 +16,8 @@
 //!
 //! Faults can be injected: a capacity (ENOSPC), a failing write (EIO after a random
 //! part of it reached the disk), a failing fdatasync or directory sync (EIO), a failing
-//! file creation (EMFILE), and a point after which every operation fails, as if the
-//! machine stopped there.
+//! file creation (EMFILE) or removal (EIO), and a point after which every operation
+//! fails, as if the machine stopped there.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -44,6 +44,8 @@ pub struct SimFaults {
     pub fail_create_at: Option<u64>,
     /// The write with this number fails with EIO after a random part of it was written.
     pub fail_write_at: Option<u64>,
+    /// The removal of a file with this number fails with EIO (the file stays).
+    pub fail_remove_at: Option<u64>,
     /// After this many more mutating operations, every operation fails: the machine
     /// "stopped" there, and `crash` gives what it would find after a reboot.
     pub stop_after_ops: Option<u64>,
@@ -55,6 +57,7 @@ struct Counters {
     dir_syncs: u64,
     creates: u64,
     writes: u64,
+    removes: u64,
 }
 
 enum Pending {
@@ -375,6 +378,10 @@ impl Disk for SimDisk {
         self.delay().await;
         let mut state = self.state.borrow_mut();
         state.tick()?;
+        let fail_at = state.faults.fail_remove_at;
+        if fires(fail_at, &mut state.counters.removes) {
+            return Err(io::Error::other("simulated unlink failure (EIO)"));
+        }
         state.names_seq += 1;
         match state.names.remove(name) {
             Some(_) => Ok(()),
