@@ -339,7 +339,41 @@ impl<D: Disk> Store<D> {
             }
             listener.await;
         }
-        self.sync_active().await
+        self.sync_active().await?;
+        self.write_active_hint().await;
+        Ok(())
+    }
+
+    /// At a clean close, the active segment gets its hint too, so the next open reads
+    /// the hint instead of scanning the segment. Only a speed-up: a failure is logged.
+    async fn write_active_hint(&self) {
+        let (order, file_no, end, salt, hint) = {
+            let inner = self.inner.borrow();
+            let active = &inner.active;
+            if active.end <= segment::HEADER_LEN {
+                return;
+            }
+            let salt = inner.segments[&active.file_no].salt;
+            (
+                active.order,
+                active.file_no,
+                active.end,
+                salt,
+                active.hint.clone(),
+            )
+        };
+        let written = self.write_hint(order, file_no, end, salt, &hint).await;
+        let durable = match written {
+            Ok(()) => self
+                .disk
+                .sync_dir()
+                .await
+                .map_err(|e| StoreError::io("syncing the directory", e)),
+            Err(err) => Err(err),
+        };
+        if let Err(err) = durable {
+            tracing::warn!(%err, order, file_no, "no hint for the active segment; the next open scans it");
+        }
     }
 
     pub async fn get(&self, partition: u32, key: &[u8]) -> Result<Option<Record>> {

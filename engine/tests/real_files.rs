@@ -72,6 +72,17 @@ fn segment_files(dir: &Path) -> Vec<PathBuf> {
     logs
 }
 
+/// Removes every hint file: the directory as a crash leaves it (a clean close writes a
+/// hint for the active segment too).
+fn remove_hints(dir: &Path) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "hint") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+}
+
 fn flip_byte(path: &Path, at: u64) {
     use std::os::unix::fs::FileExt;
     let file = std::fs::OpenOptions::new()
@@ -102,7 +113,8 @@ fn corrupt_record_in_the_middle_is_skipped_at_open_and_never_served() {
             store.put(0, &key(i), b"v", &[i as u8; 100]).await.unwrap();
         }
         store.close().await.unwrap();
-        // The first segment has no hint (never sealed): recovery scans it.
+        // As after a crash, the first segment has no hint: recovery scans it.
+        remove_hints(&path);
         flip_byte(&segment_files(&path)[0], HEADER + 50 * REC_LEN + 60);
         let store = open(&path, StoreConfig::default()).await;
         assert_eq!(store.stats().recovered_corrupt_regions, 1);
@@ -159,7 +171,9 @@ fn torn_tail_is_cut_and_writing_resumes() {
             store.put(1, &key(i), b"v", &[1; 100]).await.unwrap();
         }
         store.close().await.unwrap();
-        // Half a record after the last one: a write interrupted by a crash.
+        // Half a record after the last one: a write interrupted by a crash, which
+        // leaves no hint for the segment either.
+        remove_hints(&path);
         let mut torn = Vec::new();
         ringkv_engine::record::encode(
             &mut torn,

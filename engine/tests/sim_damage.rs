@@ -797,3 +797,45 @@ fn a_segment_compaction_cannot_remove_latches_the_store_and_loses_nothing() {
         }
     });
 }
+
+/// A clean close leaves a hint for the active segment: the next open scans nothing.
+#[test]
+fn a_clean_close_leaves_nothing_to_scan() {
+    with_pool(async |open| {
+        let disk = SimDisk::new();
+        let store = open(&disk, config());
+        for i in 0..300u32 {
+            store
+                .put(1, &i.to_le_bytes(), b"v", &filler(i, 1))
+                .await
+                .unwrap();
+        }
+        store.close().await.unwrap();
+        let store = open(&disk, config());
+        assert_eq!(
+            store.stats().recovered_segments_scanned,
+            0,
+            "{:?}",
+            store.stats()
+        );
+        for i in 0..300u32 {
+            assert_eq!(
+                store
+                    .get(1, &i.to_le_bytes())
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .value(),
+                filler(i, 1)
+            );
+        }
+        // A crash (no close) still leaves the active segment to be scanned.
+        store.put(1, b"after", b"v", b"x").await.unwrap();
+        let crashed = open(&disk.crash(1), config());
+        assert_eq!(crashed.stats().recovered_segments_scanned, 1);
+        assert_eq!(
+            crashed.get(1, b"after").await.unwrap().unwrap().value(),
+            b"x"
+        );
+    });
+}
