@@ -26,6 +26,12 @@ struct Slot {
     referenced: bool,
 }
 
+/// What a cached record costs the budget: its bytes plus its slot and the `Rc` header
+/// it shares with readers (so a cache of small records keeps to its budget too).
+fn weight_of(record: &Record) -> u64 {
+    (record.raw_len() + std::mem::size_of::<Slot>() + 16) as u64
+}
+
 /// A record evicted to make room: its key's entry must forget `slot` and get `digest`
 /// back.
 pub(crate) struct Evicted {
@@ -65,7 +71,7 @@ impl RecordCache {
         record: Record,
         evicted: &mut Vec<Evicted>,
     ) -> Option<u32> {
-        let weight = record.raw_len() as u64;
+        let weight = weight_of(&record);
         if weight > self.capacity {
             return None;
         }
@@ -117,7 +123,7 @@ impl RecordCache {
             return;
         };
         if let Some(record) = entry.record.take() {
-            self.weight -= record.raw_len() as u64;
+            self.weight -= weight_of(&record);
             self.free.push(slot);
         }
     }
@@ -143,7 +149,7 @@ impl RecordCache {
             }
             let record = slot.record.take().expect("checked above");
             let digest = slot.digest;
-            self.weight -= record.raw_len() as u64;
+            self.weight -= weight_of(&record);
             self.free.push(number as u32);
             return Evicted {
                 slot: number as u32,
@@ -186,7 +192,7 @@ mod tests {
 
     #[test]
     fn stays_within_its_budget_and_keeps_what_is_read() {
-        let size = record(0, 100).raw_len() as u64;
+        let size = weight_of(&record(0, 100));
         let mut cache = RecordCache::new(size * 10);
         let mut evicted = Vec::new();
         let mut slots = Vec::new();
@@ -210,7 +216,7 @@ mod tests {
         // A record larger than the whole cache is not cached.
         assert!(
             cache
-                .insert(at(99), record(99, 2000), &mut evicted)
+                .insert(at(99), record(99, 5000), &mut evicted)
                 .is_none()
         );
         cache.free(slots[3]);
