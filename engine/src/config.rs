@@ -18,11 +18,13 @@ pub const MAX_VALUE_LEN_CEILING: usize = 16 << 20;
 pub enum Durability {
     /// Acknowledge after write + fdatasync. Nothing acknowledged is ever lost.
     Sync,
-    /// Acknowledge after the write reaches the device; fdatasync at most every interval.
-    /// A power loss can lose up to one interval of acknowledged writes; kill -9 loses none.
+    /// Acknowledge after the write reaches the device; fdatasync one interval after the
+    /// oldest unsynced write. A power loss can lose the writes acknowledged in the last
+    /// interval (plus one fdatasync); kill -9 loses none.
     Interval(Duration),
     /// Acknowledge after the write reaches the device; fdatasync only when a segment is
-    /// sealed or the store closes. A power loss can lose the whole active segment.
+    /// sealed, before compaction replaces a segment, at `Store::sync` and at close. A
+    /// power loss can lose what the active segment got since its last fdatasync.
     None,
 }
 
