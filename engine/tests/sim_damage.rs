@@ -99,6 +99,23 @@ fn damage_record(disk: &SimDisk, kind: Kind, partition: u32, key: &[u8]) {
     disk.corrupt(&name, (at + h.record_len() - 1) as u64, 0x40);
 }
 
+/// Writes `filler(i, round)` to every key `i` of `keys` in `partition`, round by round.
+async fn put_fillers(
+    store: &Store<SimDisk>,
+    partition: u32,
+    keys: std::ops::Range<u32>,
+    rounds: std::ops::Range<u8>,
+) {
+    for round in rounds {
+        for i in keys.clone() {
+            store
+                .put(partition, &i.to_le_bytes(), b"v", &filler(i, round))
+                .await
+                .unwrap();
+        }
+    }
+}
+
 fn filler(i: u32, round: u8) -> Vec<u8> {
     let mut v = format!("filler {i} round {round} ").into_bytes();
     v.resize(900, round);
@@ -109,22 +126,10 @@ fn filler(i: u32, round: u8) -> Vec<u8> {
 /// overwritten afterwards, so v1's segment becomes compaction's pick. Returns v1.
 async fn two_versions_and_garbage(store: &Store<SimDisk>) -> Vec<u8> {
     store.put(0, b"K", b"v", b"version zero").await.unwrap();
-    for i in 0..200u32 {
-        store
-            .put(1, &i.to_le_bytes(), b"v", &filler(i, 1))
-            .await
-            .unwrap();
-    }
+    put_fillers(store, 1, 0..200, 1..2).await;
     let v1 = b"version one, the newest".repeat(4);
     store.put(0, b"K", b"v", &v1).await.unwrap();
-    for round in 2..4 {
-        for i in 0..200u32 {
-            store
-                .put(1, &i.to_le_bytes(), b"v", &filler(i, round))
-                .await
-                .unwrap();
-        }
-    }
+    put_fillers(store, 1, 0..200, 2..4).await;
     v1
 }
 
@@ -217,12 +222,7 @@ fn update_over_a_corrupt_record_repairs_it() {
             .unwrap();
         // Fill the segment so it is sealed with a hint: the index then points at the
         // damaged record instead of a scan skipping it.
-        for i in 0..200u32 {
-            store
-                .put(1, &i.to_le_bytes(), b"v", &filler(i, 1))
-                .await
-                .unwrap();
-        }
+        put_fillers(&store, 1, 0..200, 1..2).await;
         let (name, at) = find(&disk, b"soon damaged value");
         disk.corrupt(&name, at as u64 + 3, 1);
         // Reopen so nothing is served from the cache.
@@ -376,12 +376,7 @@ fn a_damaged_partition_drop_stays_before_what_followed_it() {
 /// live), then deleted in the next one. Returns the tombstone's version digest.
 async fn old_value_then_tombstone(store: &Store<SimDisk>) -> u32 {
     store.put(0, b"K", b"v0", b"the old value").await.unwrap();
-    for i in 0..200u32 {
-        store
-            .put(2, &i.to_le_bytes(), b"v", &filler(i, 1))
-            .await
-            .unwrap();
-    }
+    put_fillers(store, 2, 0..200, 1..2).await;
     store.delete(0, b"K", b"tombstone version").await.unwrap();
     record::version_digest(b"tombstone version")
 }
@@ -395,14 +390,7 @@ fn a_damaged_collected_tombstone_still_shadows_the_older_value() {
         let store = open(&disk, config());
         let digest = old_value_then_tombstone(&store).await;
         assert!(store.collect_tombstone(0, b"K", digest).await.unwrap());
-        for round in 2..4 {
-            for i in 1000..1200u32 {
-                store
-                    .put(1, &i.to_le_bytes(), b"v", &filler(i, round))
-                    .await
-                    .unwrap();
-            }
-        }
+        put_fillers(&store, 1, 1000..1200, 2..4).await;
         damage_record(&disk, Kind::Tombstone, 0, b"K");
         while store.compact_once().await.unwrap().is_some() {}
         assert!(store.get(0, b"K").await.unwrap().is_none());
@@ -670,14 +658,7 @@ fn collected_tombstones_never_let_an_older_value_back() {
         assert!(store.get(0, b"K").await.unwrap().is_none());
         assert!(store.partition_keys(0).is_empty());
         // Make the tombstone's segment garbage and compact everything that qualifies.
-        for round in 2..4 {
-            for i in 1000..1200u32 {
-                store
-                    .put(1, &i.to_le_bytes(), b"v", &filler(i, round))
-                    .await
-                    .unwrap();
-            }
-        }
+        put_fillers(&store, 1, 1000..1200, 2..4).await;
         while store.compact_once().await.unwrap().is_some() {}
         assert!(store.stats().compactions > 0);
         assert_eq!(
@@ -694,22 +675,10 @@ fn collected_tombstones_never_let_an_older_value_back() {
             "after a restart the kept tombstone is back (an older value must not be)"
         );
         // Once nothing older is left, the tombstone goes for good.
-        for i in 0..200u32 {
-            store
-                .put(2, &i.to_le_bytes(), b"v", &filler(i, 9))
-                .await
-                .unwrap();
-        }
+        put_fillers(&store, 2, 0..200, 9..10).await;
         store.put(0, b"unrelated", b"v", b"x").await.unwrap();
         assert!(store.collect_tombstone(0, b"K", digest).await.unwrap());
-        for round in 10..13 {
-            for i in 2000..2200u32 {
-                store
-                    .put(1, &i.to_le_bytes(), b"v", &filler(i, round))
-                    .await
-                    .unwrap();
-            }
-        }
+        put_fillers(&store, 1, 2000..2200, 10..13).await;
         while store.compact_once().await.unwrap().is_some() {}
         assert_eq!(
             store.stats().collected_tombstones_dropped,
@@ -744,14 +713,7 @@ fn a_segment_compaction_cannot_remove_latches_the_store_and_loses_nothing() {
         let disk = SimDisk::new();
         let store = open(&disk, config());
         let digest = old_value_then_tombstone(&store).await;
-        for round in 2..4 {
-            for i in 1000..1200u32 {
-                store
-                    .put(1, &i.to_le_bytes(), b"v", &filler(i, round))
-                    .await
-                    .unwrap();
-            }
-        }
+        put_fillers(&store, 1, 1000..1200, 2..4).await;
         assert!(store.collect_tombstone(0, b"K", digest).await.unwrap());
         // Fail a compaction's second removal: its hint goes first (quietly), then the
         // segment itself.
@@ -804,12 +766,7 @@ fn a_clean_close_leaves_nothing_to_scan() {
     with_pool(async |open| {
         let disk = SimDisk::new();
         let store = open(&disk, config());
-        for i in 0..300u32 {
-            store
-                .put(1, &i.to_le_bytes(), b"v", &filler(i, 1))
-                .await
-                .unwrap();
-        }
+        put_fillers(&store, 1, 0..300, 1..2).await;
         store.close().await.unwrap();
         let store = open(&disk, config());
         assert_eq!(
