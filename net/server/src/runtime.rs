@@ -81,6 +81,7 @@ pub fn run_until(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), Star
     let _lock = layout::lock(&config.data_dir)?;
     let layout = layout::open(&config.data_dir, config.node_id, config.partitions, shards)?;
     let mesh = MeshBuilder::<Hop, _>::full(shards, 1024);
+    let meshes = Arc::new(ShardMeshes::new(&mesh, shards));
     let listening = Arc::new(AtomicUsize::new(0));
     let barrier = Arc::new(StopBarrier::new(shards));
     let config = Arc::new(config);
@@ -91,7 +92,7 @@ pub fn run_until(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), Star
             let (config, layout, mesh, stop, listening) = (
                 config.clone(),
                 layout.clone(),
-                mesh.clone(),
+                meshes.take(),
                 stop.clone(),
                 listening.clone(),
             );
@@ -119,7 +120,41 @@ pub fn run_until(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), Star
             message: outcome,
         });
     }
+    // Dropped only now that no shard thread can touch it (see `ShardMeshes`).
+    drop(mesh);
     first_error.map_or(Ok(()), Err)
+}
+
+/// One `MeshBuilder` per shard, all cloned here on the starting thread.
+///
+/// glommio 0.9's `MeshBuilder` keeps its peer list in an `Rc` yet is `Send`: a clone
+/// made on a shard thread while another shard drops its own (at the end of
+/// `MeshBuilder::join`) is a data race on the reference count, which can come out one
+/// too low. The list is then freed while a shard still holds it, and that shard's
+/// later decrement writes into freed heap memory: glibc aborted the node at start or
+/// at stop with "unaligned tcache chunk" or "unaligned fastbin chunk" (issue 9's CI;
+/// a core dump showed the freed chunk was the mesh's peer list, its first word one
+/// less than the allocator had left there). So every clone is made before any shard
+/// thread starts, and the original outlives them all: the shards only drop clones,
+/// and two racing drops can only leave the count too high (a small leak), never free
+/// the list early.
+struct ShardMeshes(std::sync::Mutex<Vec<MeshBuilder<Hop, Full>>>);
+
+impl ShardMeshes {
+    fn new(mesh: &MeshBuilder<Hop, Full>, shards: usize) -> ShardMeshes {
+        ShardMeshes(std::sync::Mutex::new(
+            (0..shards).map(|_| mesh.clone()).collect(),
+        ))
+    }
+
+    /// This shard's builder; each shard takes exactly one.
+    fn take(&self) -> MeshBuilder<Hop, Full> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .expect("one mesh builder per shard")
+    }
 }
 
 /// Shards bind with SO_REUSEPORT, which would let a second process (another node, or a
