@@ -1,23 +1,53 @@
 //! Logical clocks: actors, dots and version vectors (Dynamo §4.4).
 //!
-//! Entries are keyed by the *coordinating node* in one incarnation (an [`Actor`]),
-//! never by client, so a vector has at most one entry per node incarnation that ever
-//! coordinated a write to the key. The incarnation is part of the actor because a node
-//! that crashes may lose its last unsynced writes: if it came back under the same actor
-//! it could hand out a dot it had already used for a different value, and merging would
-//! silently keep only one of the two. A fresh actor per restart makes that impossible
-//! (Riak reached the same fix with per-restart vnode epochs).
+//! Entries are keyed by the *coordinating actor*, never by client, so a vector has at
+//! most one entry per actor that ever coordinated a write to the key.
+//!
+//! The actor rule: a dot is drawn as one past the largest counter of its actor that
+//! the coordinator knows for the key, which is safe only while the coordinator's local
+//! state holds every dot its actor ever issued for that key. Whenever that may not be
+//! true any more (the node restarted, its data directory was lost or restored, its
+//! store failed a write or read, a record read back corrupt), the coordinator stops
+//! using its actor and draws a new one. Epochs are random 64-bit numbers, never
+//! derived from anything stored, so no lost or restored state can make a node reuse
+//! one (docs/cluster.md, "Actors"; Riak reached the same fix with per-restart vnode
+//! epochs).
 
 use std::collections::BTreeMap;
 
 use crate::ring::NodeId;
 
-/// Who coordinated a write: a node in one of its incarnations. The driver increments
-/// the incarnation durably on every restart.
+/// Who coordinated a write: a node during one epoch of its life. An epoch ends at
+/// every restart and whenever the node can no longer vouch for its local state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Actor {
     pub node: NodeId,
-    pub incarnation: u32,
+    pub epoch: u64,
+}
+
+/// Draws actor epochs for one period of a node's life (from one start to its stop).
+///
+/// Seeded once per period with 64 random bits (the OS's randomness in production, the
+/// seeded dice in the simulator). splitmix64 is a bijection of its counter, so one
+/// period never draws an epoch twice; two periods collide with probability about
+/// 2^-64 per pair of draws.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EpochSource {
+    state: u64,
+}
+
+impl EpochSource {
+    pub fn new(seed: u64) -> Self {
+        EpochSource { state: seed }
+    }
+
+    pub fn next_epoch(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
 }
 
 /// One write event: the `counter`-th write coordinated by `actor` for a key.
@@ -27,8 +57,8 @@ pub struct Dot {
     pub counter: u64,
 }
 
-/// What a vector knows of one actor: its writes 1..=counter, and when (coordinator
-/// time, milliseconds) the newest of them was made; the time orders pruning only.
+/// What a vector knows of one actor: its writes 1..=counter, and when (the
+/// coordinator's hybrid logical clock, milliseconds) the newest of them was made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ClockEntry {
     pub counter: u64,
@@ -84,30 +114,6 @@ impl VersionVector {
             .all(|(actor, entry)| self.counter(*actor) >= entry.counter)
     }
 
-    /// Drops the least recently updated entries until at most `entries_max` remain
-    /// (ties broken by actor, so every replica prunes alike). Returns how many went.
-    ///
-    /// The trade-off (Dynamo §4.4 "clock truncation"): a pruned vector forgets that its
-    /// version saw the dropped actors' writes, so those writes are no longer dominated
-    /// and may reappear as siblings. Pruning never loses a write; it can only resurrect
-    /// an overwritten or deleted one as a sibling for the client to resolve.
-    pub fn prune(&mut self, entries_max: usize) -> usize {
-        let excess = self.entries.len().saturating_sub(entries_max);
-        if excess == 0 {
-            return 0;
-        }
-        let mut by_age: Vec<(u64, Actor)> = self
-            .entries
-            .iter()
-            .map(|(actor, entry)| (entry.updated_at_ms, *actor))
-            .collect();
-        by_age.sort_unstable();
-        for (_, actor) in by_age.into_iter().take(excess) {
-            self.entries.remove(&actor);
-        }
-        excess
-    }
-
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -147,7 +153,7 @@ mod tests {
     fn actor(node: u32) -> Actor {
         Actor {
             node: NodeId(node),
-            incarnation: 0,
+            epoch: 0,
         }
     }
 
@@ -168,18 +174,13 @@ mod tests {
         assert!(!v.contains(dot(2, 1)));
     }
 
-    /// Dynamo §4.4: truncation removes the oldest (node, counter) pair first.
     #[test]
-    fn prune_drops_oldest_entries_first() {
-        let mut v = VersionVector::new();
-        v.add(dot(1, 5), 300);
-        v.add(dot(2, 1), 100);
-        v.add(dot(3, 2), 200);
-        assert_eq!(v.prune(2), 1);
-        assert_eq!(v.counter(actor(2)), 0);
-        assert_eq!(v.counter(actor(1)), 5);
-        assert_eq!(v.counter(actor(3)), 2);
-        assert_eq!(v.prune(2), 0);
+    fn an_epoch_source_never_repeats_itself_and_seeds_give_other_epochs() {
+        let mut a = EpochSource::new(7);
+        let mut b = EpochSource::new(8);
+        let from_a: std::collections::BTreeSet<u64> = (0..10_000).map(|_| a.next_epoch()).collect();
+        assert_eq!(from_a.len(), 10_000);
+        assert!((0..10_000).all(|_| !from_a.contains(&b.next_epoch())));
     }
 
     #[test]

@@ -11,13 +11,14 @@ use crate::clock::{Actor, ClockEntry, Dot, VersionVector};
 use crate::ring::NodeId;
 use crate::version::{ConflictMode, Value, Version, VersionSet};
 
-/// First byte of an encoded context.
-pub const CONTEXT_FORMAT: u8 = 1;
+/// First byte of an encoded context. Format 1 had 32-bit incarnations where format 2
+/// has 64-bit actor epochs; its contexts and sets are refused as an unknown format.
+pub const CONTEXT_FORMAT: u8 = 2;
 /// First byte of an encoded version set's metadata.
-pub const VERSION_SET_FORMAT: u8 = 1;
-/// Encoded size of one version vector entry: node u32, incarnation u32, counter u64,
+pub const VERSION_SET_FORMAT: u8 = 2;
+/// Encoded size of one version vector entry: node u32, epoch u64, counter u64,
 /// updated_at_ms u64.
-pub const CLOCK_ENTRY_LEN: usize = 24;
+pub const CLOCK_ENTRY_LEN: usize = 28;
 /// Most entries one vector may carry on the wire; far above any pruning setting.
 pub const CLOCK_ENTRIES_MAX: usize = 4096;
 /// Most siblings one stored set may carry; above the coordinator's hard cap so that
@@ -73,7 +74,7 @@ impl Context {
         &self.0
     }
 
-    /// Layout: format u8 = 1, entry count u16, then the entries in actor order.
+    /// Layout: format u8 = 2, entry count u16, then the entries in actor order.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(3 + self.0.len() * CLOCK_ENTRY_LEN);
         out.push(CONTEXT_FORMAT);
@@ -104,8 +105,8 @@ pub struct StoredVersions {
 }
 
 impl StoredVersions {
-    /// Metadata layout: format u8 = 1, mode u8, sibling count u16, then per sibling:
-    /// dot (node u32, incarnation u32, counter u64), written_at_ms u64, kind u8
+    /// Metadata layout: format u8 = 2, mode u8, sibling count u16, then per sibling:
+    /// dot (node u32, epoch u64, counter u64), written_at_ms u64, kind u8
     /// (0 data, 1 tombstone), value length u32, past vector (count u16 + entries).
     pub fn encode(set: &VersionSet) -> StoredVersions {
         let mut version = Vec::with_capacity(4 + set.len() * 64);
@@ -231,7 +232,7 @@ fn encode_vector(out: &mut Vec<u8>, vector: &VersionVector) {
     put_u16(out, vector.len() as u16);
     for (actor, entry) in vector.entries() {
         put_u32(out, actor.node.0);
-        put_u32(out, actor.incarnation);
+        put_u64(out, actor.epoch);
         put_u64(out, entry.counter);
         put_u64(out, entry.updated_at_ms);
     }
@@ -250,7 +251,7 @@ fn decode_vector(reader: &mut Reader<'_>) -> Result<VersionVector, DecodeError> 
     for _ in 0..count {
         let actor = Actor {
             node: NodeId(reader.u32("node")?),
-            incarnation: reader.u32("incarnation")?,
+            epoch: reader.u64("epoch")?,
         };
         let counter = reader.u64("counter")?;
         let updated_at_ms = reader.u64("updated_at_ms")?;
@@ -273,19 +274,19 @@ fn decode_vector(reader: &mut Reader<'_>) -> Result<VersionVector, DecodeError> 
 
 fn put_dot(out: &mut Vec<u8>, dot: Dot) {
     put_u32(out, dot.actor.node.0);
-    put_u32(out, dot.actor.incarnation);
+    put_u64(out, dot.actor.epoch);
     put_u64(out, dot.counter);
 }
 
 fn read_dot(reader: &mut Reader<'_>) -> Result<Dot, DecodeError> {
     let node = NodeId(reader.u32("dot node")?);
-    let incarnation = reader.u32("dot incarnation")?;
+    let epoch = reader.u64("dot epoch")?;
     let counter = reader.u64("dot counter")?;
     if counter == 0 {
         return Err(DecodeError::ZeroCounter);
     }
     Ok(Dot {
-        actor: Actor { node, incarnation },
+        actor: Actor { node, epoch },
         counter,
     })
 }
@@ -361,10 +362,10 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
 
-    fn actor(node: u32, incarnation: u32) -> Actor {
+    fn actor(node: u32, epoch: u64) -> Actor {
         Actor {
             node: NodeId(node),
-            incarnation,
+            epoch,
         }
     }
 
@@ -427,21 +428,26 @@ mod tests {
             Context::decode(&[9, 0, 0]),
             Err(DecodeError::UnknownFormat(9))
         );
+        // Format 1 (32-bit incarnations) is refused, not misread.
+        assert_eq!(
+            Context::decode(&[1, 0, 0]),
+            Err(DecodeError::UnknownFormat(1))
+        );
         assert!(matches!(
-            Context::decode(&[1, 1, 0, 0]),
+            Context::decode(&[CONTEXT_FORMAT, 1, 0, 0]),
             Err(DecodeError::Truncated { field: "node", .. })
         ));
         assert_eq!(
-            Context::decode(&[1, 0, 0, 5]),
+            Context::decode(&[CONTEXT_FORMAT, 0, 0, 5]),
             Err(DecodeError::TrailingBytes(1))
         );
-        let mut zero = vec![1, 1, 0];
+        let mut zero = vec![CONTEXT_FORMAT, 1, 0];
         zero.extend_from_slice(&[0; CLOCK_ENTRY_LEN]);
         assert_eq!(Context::decode(&zero), Err(DecodeError::ZeroCounter));
         let mut twice = Context(sample_set().context()).encode();
         // Overwrite the second entry's actor with the first's: no longer sorted.
         let (first, rest) = twice.split_at_mut(3 + CLOCK_ENTRY_LEN);
-        rest[..8].copy_from_slice(&first[3..11]);
+        rest[..12].copy_from_slice(&first[3..15]);
         assert_eq!(Context::decode(&twice), Err(DecodeError::UnsortedEntries));
     }
 

@@ -210,7 +210,7 @@ mod tests {
         put.dot = Some(Dot {
             actor: crate::clock::Actor {
                 node: NodeId(1),
-                incarnation: 0,
+                epoch: 0,
             },
             counter: 1,
         });
@@ -236,7 +236,7 @@ mod tests {
             dot: Dot {
                 actor: crate::clock::Actor {
                     node: NodeId(1),
-                    incarnation: 0,
+                    epoch: 0,
                 },
                 counter: 1,
             },

@@ -27,12 +27,12 @@ pub mod ring;
 pub mod version;
 pub mod wire;
 
-pub use clock::{Actor, ClockEntry, Dot, VersionVector};
+pub use clock::{Actor, ClockEntry, Dot, EpochSource, VersionVector};
 pub use codec::{Context, DecodeError, StoredVersions};
 pub use message::{PeerMessage, RequestId};
 pub use node::{Action, DropReason, Node, NodeConfig, NodeStats, Sabotage, TimerId};
 pub use quorum::{Quorum, QuorumError};
-pub use replica::{StorageCompletion, StorageFailure, StorageOp, StorageOpId};
+pub use replica::{StorageCompletion, StorageFailure, StorageOp, StorageOpId, StoredRead};
 pub use request::{
     ClientError, ClientReply, ClientToken, GetOutcome, GetRequest, InvalidArgument, PutOutcome,
     PutRequest,

@@ -6,11 +6,13 @@
 use crate::ring::PartitionId;
 use crate::version::VersionSet;
 
-/// Names one coordinated request. The incarnation keeps ids unique across restarts,
-/// so a reply to a request made before a crash can never match a new one.
+/// Names one coordinated request. `epoch` is the coordinating node's first actor
+/// epoch of its current life (random, see [`crate::clock::Actor`]): ids stay unique
+/// across restarts, even ones that lost the data directory, so a reply to a request
+/// made before a crash can never match a new one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RequestId {
-    pub incarnation: u32,
+    pub epoch: u64,
     pub sequence: u64,
 }
 

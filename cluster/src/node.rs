@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
-use crate::clock::{Actor, Dot, VersionVector};
+use crate::clock::{Actor, Dot, EpochSource, VersionVector};
 use crate::codec::Context;
 use crate::coordinator::{Answer, GetCoordination, PutCoordination};
 use crate::message::{PeerMessage, RequestId};
@@ -31,13 +31,12 @@ use crate::version::{Value, VersionSet};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NodeConfig {
     pub node: NodeId,
-    /// Incremented (durably, by the driver) on every restart; see [`Actor`].
-    pub incarnation: u32,
+    /// 64 random bits, fresh for every start of the node (the OS's randomness; the
+    /// simulator's dice). The node draws its actor epochs from it, so it needs no
+    /// stored state to never reuse an actor (see [`Actor`]).
+    pub epoch_seed: u64,
     /// How long a coordinator waits for its quorum before answering `Timeout`.
     pub request_timeout: Duration,
-    /// Version vector entries kept per version before pruning oldest-first
-    /// (Riak's default is 50; Dynamo truncated near 10).
-    pub clock_entries_max: usize,
     /// Most siblings a put may leave; a put beyond it is refused (Riak fails writes
     /// at 100 siblings). Replicas merging sets never enforce it: a concurrent write is
     /// never dropped to respect a cap.
@@ -55,12 +54,11 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
-    pub fn new(node: NodeId, incarnation: u32) -> Self {
+    pub fn new(node: NodeId, epoch_seed: u64) -> Self {
         NodeConfig {
             node,
-            incarnation,
+            epoch_seed,
             request_timeout: Duration::from_secs(1),
-            clock_entries_max: 50,
             siblings_max: 100,
             stored_value_max: usize::MAX,
             first_sequence: 0,
@@ -81,6 +79,10 @@ pub struct Sabotage {
     pub skip_read_repair: bool,
     /// Treat every put as blind, so deletes and overwrites supersede nothing.
     pub ignore_context: bool,
+    /// Keep one actor per node for ever, across restarts and storage failures, the
+    /// way a node that restarts with an empty data directory would reuse its old
+    /// incarnation: its dots collide with ones it issued before.
+    pub reuse_actor: bool,
 }
 
 /// Which timer fired.
@@ -139,12 +141,16 @@ pub enum DropReason {
 pub struct NodeStats {
     pub drops: BTreeMap<DropReason, u64>,
     pub repairs_sent: u64,
+    /// Actors given up after a storage failure or a lost record (see `Actor`).
+    pub actors_retired: u64,
 }
 
 /// One node: coordinator for the requests it receives, replica for the keys it holds.
 #[derive(Debug)]
 pub struct Node {
     config: NodeConfig,
+    /// The first epoch of this start; request ids carry it.
+    boot_epoch: u64,
     ring: Ring,
     unreachable: BTreeSet<NodeId>,
     replica: Replica,
@@ -159,19 +165,27 @@ pub struct Node {
 
 impl Node {
     pub fn new(config: NodeConfig, ring: Ring) -> Self {
-        let actor = Actor {
-            node: config.node,
-            incarnation: config.incarnation,
+        // The sabotage seeds every start alike, as a stored incarnation that was lost
+        // would be: each start draws the epochs the previous one drew.
+        let seed = if config.sabotage.reuse_actor {
+            u64::from(config.node.0)
+        } else {
+            config.epoch_seed
         };
-        let replica = Replica::new(ReplicaConfig {
-            actor,
-            clock_entries_max: config.clock_entries_max,
-            siblings_max: config.siblings_max,
-            stored_value_max: config.stored_value_max,
-            sabotage: config.sabotage,
-        });
+        let mut epochs = EpochSource::new(seed);
+        let boot_epoch = epochs.next_epoch();
+        let replica = Replica::new(
+            ReplicaConfig {
+                node: config.node,
+                siblings_max: config.siblings_max,
+                stored_value_max: config.stored_value_max,
+                sabotage: config.sabotage,
+            },
+            epochs,
+        );
         Node {
             config,
+            boot_epoch,
             ring,
             unreachable: BTreeSet::new(),
             replica,
@@ -207,8 +221,16 @@ impl Node {
         }
     }
 
-    pub fn stats(&self) -> &NodeStats {
-        &self.stats
+    pub fn stats(&self) -> NodeStats {
+        NodeStats {
+            actors_retired: self.replica.actors_retired(),
+            ..self.stats.clone()
+        }
+    }
+
+    /// The actor that stamps the puts this node coordinates now.
+    pub fn actor(&self) -> Actor {
+        self.replica.actor()
     }
 
     /// The next thing to do, in the order the node decided them.
@@ -607,7 +629,7 @@ impl Node {
     fn new_request_id(&mut self) -> RequestId {
         self.next_sequence += 1;
         RequestId {
-            incarnation: self.config.incarnation,
+            epoch: self.boot_epoch,
             sequence: self.next_sequence,
         }
     }

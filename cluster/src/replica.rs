@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::clock::{Actor, Dot, VersionVector};
+use crate::clock::{Actor, Dot, EpochSource, VersionVector};
 use crate::codec::StoredVersions;
 use crate::message::RequestId;
 use crate::node::{DropReason, Sabotage};
@@ -48,12 +48,24 @@ pub enum StorageOp {
 pub enum StorageCompletion {
     Read {
         op: StorageOpId,
-        result: Result<Option<StoredVersions>, StorageFailure>,
+        result: Result<StoredRead, StorageFailure>,
     },
     Write {
         op: StorageOpId,
         result: Result<(), StorageFailure>,
     },
+}
+
+/// What a read found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoredRead {
+    Found(StoredVersions),
+    /// The key was never written here (or its delete was collected).
+    Absent,
+    /// The store held a record for the key but lost it (it failed its checksum). The
+    /// key reads as absent, so repairs restore it, and the coordinator takes a new
+    /// actor: it can no longer see every dot its actor issued for the key.
+    Lost,
 }
 
 /// The storage could not do what was asked (an I/O error; the store latches it).
@@ -134,8 +146,7 @@ pub(crate) enum ReplicaEvent {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ReplicaConfig {
-    pub actor: Actor,
-    pub clock_entries_max: usize,
+    pub node: NodeId,
     pub siblings_max: usize,
     pub stored_value_max: usize,
     pub sabotage: Sabotage,
@@ -164,6 +175,12 @@ enum Stage {
 #[derive(Debug)]
 pub(crate) struct Replica {
     config: ReplicaConfig,
+    /// Who coordinates the puts made here now; replaced whenever the local state may
+    /// miss a dot it issued (see `retire_actor`).
+    actor: Actor,
+    epochs: EpochSource,
+    /// Actors retired since the start, for the node's stats.
+    actors_retired: u64,
     keys: BTreeMap<Vec<u8>, KeyQueue>,
     /// Storage operation in flight → the key whose active job issued it.
     in_flight: BTreeMap<StorageOpId, Vec<u8>>,
@@ -171,9 +188,16 @@ pub(crate) struct Replica {
 }
 
 impl Replica {
-    pub fn new(config: ReplicaConfig) -> Self {
+    pub fn new(config: ReplicaConfig, mut epochs: EpochSource) -> Self {
+        let actor = Actor {
+            node: config.node,
+            epoch: epochs.next_epoch(),
+        };
         Replica {
             config,
+            actor,
+            epochs,
+            actors_retired: 0,
             keys: BTreeMap::new(),
             in_flight: BTreeMap::new(),
             next_op: 0,
@@ -220,17 +244,26 @@ impl Replica {
         match (completion, active.stage) {
             (StorageCompletion::Read { result, .. }, Stage::Reading) => {
                 let stored = match result {
-                    Ok(Some(stored)) => match stored.decode() {
+                    Ok(StoredRead::Found(stored)) => match stored.decode() {
                         Ok(set) => Some(set),
                         Err(_) => {
                             // Unreadable bytes are a record missing here: the other
                             // replicas and read repair restore it.
                             out.push(ReplicaEvent::Dropped(DropReason::CorruptStoredVersions));
+                            self.retire_actor();
                             Some(VersionSet::new())
                         }
                     },
-                    Ok(None) => Some(VersionSet::new()),
-                    Err(_) => None,
+                    Ok(StoredRead::Absent) => Some(VersionSet::new()),
+                    Ok(StoredRead::Lost) => {
+                        out.push(ReplicaEvent::Dropped(DropReason::CorruptStoredVersions));
+                        self.retire_actor();
+                        Some(VersionSet::new())
+                    }
+                    Err(_) => {
+                        self.retire_actor();
+                        None
+                    }
                 };
                 match stored {
                     Some(current) => self.decide(&key, partition, active.job, current, out),
@@ -246,7 +279,12 @@ impl Replica {
                     }
                     self.finish(&key, out);
                 }
-                Err(_) => self.abandon(&key, active.job, DropReason::StorageWriteFailed, out),
+                Err(_) => {
+                    // A put coordinated here was fanned out before this write: its dot
+                    // may live on other replicas but not here.
+                    self.retire_actor();
+                    self.abandon(&key, active.job, DropReason::StorageWriteFailed, out)
+                }
             },
             (_, stage) => {
                 // A read completion for a write (or the reverse) is a driver bug.
@@ -274,6 +312,29 @@ impl Replica {
             self.keys.values().all(|q| q.active.is_some()),
             "idle keys are removed"
         );
+    }
+
+    /// The actor new puts coordinated here are stamped with.
+    pub fn actor(&self) -> Actor {
+        self.actor
+    }
+
+    pub fn actors_retired(&self) -> u64 {
+        self.actors_retired
+    }
+
+    /// Stops using the current actor for new dots: after a storage failure or a lost
+    /// record, the local sets may miss a dot it issued, and drawing "one past the
+    /// largest known" could hand that dot out again (docs/cluster.md, "Actors").
+    fn retire_actor(&mut self) {
+        if self.config.sabotage.reuse_actor {
+            return;
+        }
+        self.actor = Actor {
+            node: self.config.node,
+            epoch: self.epochs.next_epoch(),
+        };
+        self.actors_retired += 1;
     }
 
     /// Keys with work in flight (for tests and the simulator's liveness checks).
@@ -325,12 +386,10 @@ impl Replica {
                 if supersede_local {
                     context.join(&current.context());
                 }
-                let dot = current.next_dot(self.config.actor, &context);
-                let mut past = context;
-                past.prune(self.config.clock_entries_max);
+                let dot = current.next_dot(self.actor, &context);
                 let version = Version {
                     dot,
-                    past,
+                    past: context,
                     written_at_ms: now_ms,
                     value: value.clone(),
                 };

@@ -240,7 +240,7 @@ mod tests {
     fn actor(node: u32) -> Actor {
         Actor {
             node: NodeId(node),
-            incarnation: 0,
+            epoch: 0,
         }
     }
 

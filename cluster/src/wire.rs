@@ -57,7 +57,7 @@ enum WireMessage {
 
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 struct WireRequest {
-    incarnation: u32,
+    epoch: u64,
     sequence: u64,
 }
 
@@ -177,7 +177,7 @@ impl TryFrom<WireMessage> for PeerMessage {
 impl From<RequestId> for WireRequest {
     fn from(id: RequestId) -> Self {
         WireRequest {
-            incarnation: id.incarnation,
+            epoch: id.epoch,
             sequence: id.sequence,
         }
     }
@@ -186,7 +186,7 @@ impl From<RequestId> for WireRequest {
 impl From<WireRequest> for RequestId {
     fn from(wire: WireRequest) -> Self {
         RequestId {
-            incarnation: wire.incarnation,
+            epoch: wire.epoch,
             sequence: wire.sequence,
         }
     }
@@ -223,7 +223,7 @@ mod tests {
             dot: Dot {
                 actor: Actor {
                     node: NodeId(2),
-                    incarnation: 3,
+                    epoch: 3,
                 },
                 counter: 7,
             },
@@ -236,7 +236,7 @@ mod tests {
 
     fn samples() -> Vec<PeerMessage> {
         let request = RequestId {
-            incarnation: 1,
+            epoch: 1,
             sequence: 42,
         };
         vec![
@@ -292,11 +292,11 @@ mod tests {
     fn a_sound_archive_with_a_bad_version_set_is_refused() {
         let wire = WireMessage::ReadReply {
             request: WireRequest {
-                incarnation: 0,
+                epoch: 0,
                 sequence: 1,
             },
             versions: WireVersions {
-                version: vec![1, 0, 1, 0],
+                version: vec![crate::codec::VERSION_SET_FORMAT, 0, 1, 0],
                 value: Vec::new(),
             },
         };

@@ -8,7 +8,7 @@ use std::time::Duration;
 use ringkv_cluster::{
     Action, ClientError, ClientReply, ClientToken, ConflictMode, Context, DropReason, GetOutcome,
     GetRequest, InvalidArgument, Member, Node, NodeConfig, NodeId, PeerMessage, PutOutcome,
-    PutRequest, Quorum, RequestId, Ring, StorageCompletion, StorageOp, StoredVersions,
+    PutRequest, Quorum, RequestId, Ring, StorageCompletion, StorageOp, StoredRead, StoredVersions,
 };
 
 /// Delivers everything at once, in order; `silenced` nodes neither receive nor send.
@@ -167,7 +167,10 @@ impl Harness {
                 let completion = match op {
                     StorageOp::Read { op, key, .. } => StorageCompletion::Read {
                         op,
-                        result: Ok(disk.get(&key).cloned()),
+                        result: Ok(disk
+                            .get(&key)
+                            .cloned()
+                            .map_or(StoredRead::Absent, StoredRead::Found)),
                     },
                     StorageOp::Write {
                         op, key, stored, ..
@@ -387,7 +390,7 @@ fn stale_and_duplicate_answers_are_counted_not_fatal() {
     let now = h.now;
     let node = h.nodes.get_mut(&replicas[0]).unwrap();
     let stale = RequestId {
-        incarnation: 0,
+        epoch: 0,
         sequence: 1,
     };
     node.handle_message(now, replicas[1], PeerMessage::WriteAck { request: stale });

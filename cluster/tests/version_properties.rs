@@ -39,7 +39,7 @@ fn op() -> impl Strategy<Value = Op> {
 /// Replicas plus the ground truth: every write's true causal history.
 struct World {
     replicas: Vec<VersionSet>,
-    incarnations: Vec<u32>,
+    incarnations: Vec<u64>,
     truth: BTreeMap<Dot, BTreeSet<Dot>>,
     /// Every set any replica held at any point, for the merge laws.
     seen_sets: Vec<VersionSet>,
@@ -77,7 +77,7 @@ impl World {
                 let context = Context::decode(&Context(read.context()).encode()).unwrap();
                 let actor = Actor {
                     node: NodeId(at as u32),
-                    incarnation: self.incarnations[at],
+                    epoch: self.incarnations[at],
                 };
                 let local = self.replicas[at].clone();
                 let dot = local.next_dot(actor, context.vector());
@@ -210,47 +210,43 @@ proptest! {
     }
 }
 
-/// Dynamo §4.4 clock truncation: pruning drops the oldest entries, and the pruned
-/// write no longer supersedes what those entries stood for: a false sibling, never a
-/// lost write.
+/// Why a coordinator that lost its local state must stop using its actor: the dot it
+/// draws next is one it already issued, and a replica holding the first write takes
+/// the second for it and drops it. A new epoch makes the second write a sibling.
 #[test]
-fn pruning_trades_lost_domination_for_false_siblings() {
-    let actor = |n: u32| Actor {
-        node: NodeId(n),
-        incarnation: 0,
-    };
-    // Three blind, concurrent writes by three coordinators at times 10, 20, 30.
-    let mut set = VersionSet::new();
-    for (n, at) in [(1u32, 10u64), (2, 20), (3, 30)] {
+fn a_coordinator_that_lost_its_state_keeps_every_write_only_under_a_new_epoch() {
+    let write = |actor: Actor, set: &VersionSet, value: &[u8]| {
         let version = Version {
-            dot: set.next_dot(actor(n), &VersionVector::new()),
+            dot: set.next_dot(actor, &VersionVector::new()),
             past: VersionVector::new(),
-            written_at_ms: at,
-            value: Value::Data(vec![n as u8]),
+            written_at_ms: 1,
+            value: Value::Data(value.to_vec()),
         };
-        set = set.sync(&VersionSet::from_versions(ConflictMode::Causal, [version]));
-    }
-    assert_eq!(set.len(), 3);
-    // A client read all three; its context is pruned to two entries before the write.
-    let mut context: VersionVector = set.context();
-    assert_eq!(context.prune(2), 1);
-    assert_eq!(context.counter(actor(1)), 0, "the oldest entry goes first");
-    let new = Version {
-        dot: set.next_dot(actor(2), &context),
-        past: context,
-        written_at_ms: 40,
-        value: Value::Data(b"resolved".to_vec()),
+        VersionSet::from_versions(ConflictMode::Causal, [version])
     };
-    let new_dot = new.dot;
-    let after = set.sync(&VersionSet::from_versions(ConflictMode::Causal, [new]));
-    let left: Vec<Dot> = after.siblings().map(|v| v.dot).collect();
-    let old_one = Dot {
-        actor: actor(1),
-        counter: 1,
+    let first = Actor {
+        node: NodeId(1),
+        epoch: 11,
     };
+    // Node 1 coordinates a write that replica 2 stores; then node 1 loses its disk.
+    let replica_2 = VersionSet::new().sync(&write(first, &VersionSet::new(), b"one"));
+    let forgotten = VersionSet::new();
+    // Kept actor: the blind write draws dot (1, 11, 1) again and replica 2 drops it.
+    let reused = replica_2.sync(&write(first, &forgotten, b"two"));
     assert_eq!(
-        left,
-        vec![old_one, new_dot],
-        "actor 1's write survives as a false sibling"
+        reused.len(),
+        1,
+        "the second write vanished under a reused dot"
+    );
+    // New epoch: both writes survive as siblings.
+    let second = Actor {
+        node: NodeId(1),
+        epoch: 12,
+    };
+    let kept = replica_2.sync(&write(second, &forgotten, b"two"));
+    let values: Vec<_> = kept.siblings().map(|v| v.value.clone()).collect();
+    assert_eq!(
+        values,
+        vec![Value::Data(b"one".to_vec()), Value::Data(b"two".to_vec())]
     );
 }

@@ -6,13 +6,23 @@
 //! 2. Concurrent writes survive as siblings until a write that saw them.
 //! 3. Once faults stop and reads repair, the replicas of every key hold identical sets.
 //! 4. Deleted (and overwritten) values do not come back once the delete is acked.
+//! 5. A read returns under a dot the value written under it.
+//! 6. No two acknowledged writes of one key carry the same dot (a reused dot makes
+//!    replicas take the second write for the first and drop it).
 //!
-//! The checkers judge the cluster by what clients sent and saw (the contexts they
-//! passed, the dots they were acked), never by the cluster's own bookkeeping.
+//! The checkers judge the cluster by what clients sent and saw (the values they wrote,
+//! the contexts they passed, the dots they were acked), never by the cluster's own
+//! bookkeeping: a read shows an acked write only by returning its value under its
+//! dot, or the value of a write whose client had seen it.
+//!
+//! Data loss on the victim node (a wiped disk, a lost record) can take away a copy of
+//! an acknowledged write; a write acked before such a loss on one of its replicas is
+//! exempt from checks 1 and 4 (a quorum read may meet the emptied replica and one
+//! that never had the write), and, if acked by a single replica, from check 2.
 
 use std::collections::BTreeMap;
 
-use ringkv_cluster::{Dot, NodeId, Value, VersionSet};
+use ringkv_cluster::{Dot, NodeId, Value, Version, VersionSet};
 
 use crate::history::{GetRecord, History, PutRecord};
 
@@ -35,11 +45,82 @@ pub enum Checker {
     NoResurrection,
     /// A read returned a value under a dot that was written with another value.
     ValueIntegrity,
+    /// 6: two acknowledged writes of one key were given the same dot.
+    DuplicateDot,
+}
+
+/// Which nodes replicate each key, for judging which writes a data loss exposed.
+pub type Replicas = BTreeMap<Vec<u8>, Vec<NodeId>>;
+
+/// How much the read checkers had to judge: a batch where these stay zero proved
+/// nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadCounts {
+    /// (acked put, later overlapping read) pairs checked.
+    pub checked: u64,
+    /// Reads that returned more than one sibling.
+    pub with_siblings: u64,
+}
+
+/// Whether a data loss on one of `put`'s replicas, after it started, may have taken
+/// a copy of it.
+fn exposed(put: &PutRecord, history: &History, replicas: &Replicas) -> bool {
+    let of_key = replicas.get(&put.key);
+    history
+        .losses
+        .iter()
+        .any(|(at, node)| *at >= put.start && of_key.is_some_and(|nodes| nodes.contains(node)))
+}
+
+fn value_of(put: &PutRecord) -> Value {
+    match &put.value {
+        Some(bytes) => Value::Data(bytes.clone()),
+        None => Value::Tombstone,
+    }
+}
+
+/// Whether `sibling` shows `put`: it is `put` itself (its dot and its value), or a
+/// write whose client had seen `put` (its context, as sent, holds `put`'s dot).
+/// Contexts are version vectors, so a write that saw a successor of `put` saw `put`.
+fn shows(sibling: &Version, put: &PutRecord, dot: Dot, puts_of_key: &[&PutRecord]) -> bool {
+    if sibling.dot == dot && sibling.value == value_of(put) {
+        return true;
+    }
+    puts_of_key.iter().any(|q| {
+        q.op != put.op
+            && q.context.contains(dot)
+            && match q.acked_dot() {
+                Some(q_dot) => q_dot == sibling.dot,
+                // A write never acked may still have landed; its value names it.
+                None => value_of(q) == sibling.value,
+            }
+    })
+}
+
+/// Check 6 over the whole history: one dot, one acknowledged write (per key).
+pub fn check_duplicate_dots(history: &History) -> Vec<Violation> {
+    let mut violations = Vec::new();
+    let mut first: BTreeMap<(&[u8], Dot), u64> = BTreeMap::new();
+    for put in &history.puts {
+        let Some(dot) = put.acked_dot() else { continue };
+        if let Some(earlier) = first.insert((&put.key, dot), put.op) {
+            violations.push(Violation {
+                checker: Checker::DuplicateDot,
+                detail: format!(
+                    "key {:?}: puts #{earlier} and #{} were both acked with {dot:?}",
+                    String::from_utf8_lossy(&put.key),
+                    put.op
+                ),
+            });
+        }
+    }
+    violations
 }
 
 /// Checks 1, 4 and value integrity over every successful read.
-pub fn check_reads(history: &History) -> Vec<Violation> {
+pub fn check_reads(history: &History, replicas: &Replicas) -> (Vec<Violation>, ReadCounts) {
     let mut violations = Vec::new();
+    let mut counts = ReadCounts::default();
     // Dots number one key's writes: the same dot on two keys names two writes.
     let mut written: BTreeMap<&[u8], BTreeMap<Dot, &PutRecord>> = BTreeMap::new();
     for put in &history.puts {
@@ -49,15 +130,25 @@ pub fn check_reads(history: &History) -> Vec<Violation> {
     }
     let none = BTreeMap::new();
     for get in &history.gets {
+        if get.versions.len() > 1 {
+            counts.with_siblings += 1;
+        }
         let of_key = written.get(get.key.as_slice()).unwrap_or(&none);
         check_values(get.op, &get.versions, of_key, &mut violations);
-        for put in history.puts.iter().filter(|p| p.key == get.key) {
+        let puts_of_key: Vec<&PutRecord> =
+            history.puts.iter().filter(|p| p.key == get.key).collect();
+        for put in &puts_of_key {
             let Some(dot) = put.acked_dot() else { continue };
             let acked_before = put.end.is_some_and(|end| end < get.start);
-            if !acked_before || !overlapping(put, get) {
+            if !acked_before || !overlapping(put, get) || exposed(put, history, replicas) {
                 continue;
             }
-            if !get.context.contains(dot) {
+            counts.checked += 1;
+            let shown = get
+                .versions
+                .siblings()
+                .any(|sibling| shows(sibling, put, dot, &puts_of_key));
+            if !shown {
                 violations.push(Violation {
                     checker: Checker::AckedWriteReadable,
                     detail: format!(
@@ -92,7 +183,7 @@ pub fn check_reads(history: &History) -> Vec<Violation> {
             }
         }
     }
-    violations
+    (violations, counts)
 }
 
 /// Check 2 on the final state of one key: every acked write that no issued write saw
@@ -101,6 +192,7 @@ pub fn check_final_key(
     key: &[u8],
     final_set: &VersionSet,
     history: &History,
+    replicas: &Replicas,
     violations: &mut Vec<Violation>,
 ) {
     let puts: Vec<&PutRecord> = history.puts.iter().filter(|p| p.key == key).collect();
@@ -111,6 +203,10 @@ pub fn check_final_key(
     check_values(u64::MAX, final_set, &written, violations);
     for put in &puts {
         let Some(dot) = put.acked_dot() else { continue };
+        // Acked by one replica whose copy a data loss may have taken.
+        if put.quorum.w() < 2 && exposed(put, history, replicas) {
+            continue;
+        }
         let seen_by_a_write = puts
             .iter()
             .any(|q| q.op != put.op && q.context.contains(dot));

@@ -23,6 +23,11 @@ impl Dice {
         low + ((self.rng.next_u64() as u128 * span as u128) >> 64) as u64
     }
 
+    /// 64 random bits (a node's epoch seed).
+    pub fn bits(&mut self) -> u64 {
+        self.rng.next_u64()
+    }
+
     /// An index into a collection of `len` items.
     pub fn index(&mut self, len: usize) -> usize {
         assert!(len > 0, "index into an empty collection");

@@ -3,26 +3,48 @@
 //! write pending at that moment, like the engine's group commit); its completion is
 //! delivered only then. A crash loses every pending write.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use ringkv_cluster::{StorageOpId, StoredVersions};
+use ringkv_cluster::{StorageOpId, StoredRead, StoredVersions};
 
 #[derive(Default)]
 pub struct Disk {
     durable: BTreeMap<Vec<u8>, StoredVersions>,
     pending: Vec<(StorageOpId, Vec<u8>, StoredVersions)>,
+    /// Keys whose record failed its checksum: they read as lost until rewritten, as
+    /// the engine's `Lost` markers do.
+    lost: BTreeSet<Vec<u8>>,
 }
 
 impl Disk {
     /// What a read sees: the newest pending write of the key (the page cache), else
     /// the durable record.
-    pub fn read(&self, key: &[u8]) -> Option<StoredVersions> {
-        self.pending
-            .iter()
-            .rev()
-            .find(|(_, k, _)| k == key)
-            .map(|(_, _, stored)| stored.clone())
-            .or_else(|| self.durable.get(key).cloned())
+    pub fn read(&self, key: &[u8]) -> StoredRead {
+        let pending = self.pending.iter().rev().find(|(_, k, _)| k == key);
+        match pending {
+            Some((_, _, stored)) => StoredRead::Found(stored.clone()),
+            None if self.lost.contains(key) => StoredRead::Lost,
+            None => match self.durable.get(key) {
+                Some(stored) => StoredRead::Found(stored.clone()),
+                None => StoredRead::Absent,
+            },
+        }
+    }
+
+    /// The durable record of `key` fails its checksum; returns whether there was one.
+    pub fn lose(&mut self, key: &[u8]) -> bool {
+        let had = self.durable.remove(key).is_some();
+        if had {
+            self.lost.insert(key.to_vec());
+        }
+        had
+    }
+
+    /// The disk is replaced: nothing durable is left.
+    pub fn wipe(&mut self) {
+        self.durable.clear();
+        self.lost.clear();
+        self.pending.clear();
     }
 
     /// Queues a write; returns whether it is the first pending one (a sync must then
@@ -36,6 +58,7 @@ impl Disk {
     pub fn sync(&mut self) -> Vec<StorageOpId> {
         let mut done = Vec::with_capacity(self.pending.len());
         for (op, key, stored) in self.pending.drain(..) {
+            self.lost.remove(&key);
             self.durable.insert(key, stored);
             done.push(op);
         }

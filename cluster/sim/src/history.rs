@@ -55,4 +55,7 @@ pub struct History {
     pub puts: Vec<PutRecord>,
     pub gets: Vec<GetRecord>,
     pub failed_gets: u64,
+    /// When, and on which node, stored data was lost (a wiped disk, a lost record):
+    /// writes acknowledged before it may have lost a copy.
+    pub losses: Vec<(Duration, NodeId)>,
 }

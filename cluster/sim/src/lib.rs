@@ -46,11 +46,22 @@ pub struct RunStats {
     pub partitions: u64,
     pub lost_pending_writes: u64,
     pub puts_acked: u64,
+    /// Of `puts_acked`, deletes.
+    pub deletes_acked: u64,
     pub puts_not_acked: u64,
     pub gets_ok: u64,
     pub gets_failed: u64,
     pub late_replies: u64,
     pub repairs: u64,
+    /// Data-loss faults on the victim node, and the actors nodes gave up over them.
+    pub disk_wipes: u64,
+    pub records_lost: u64,
+    pub writes_failed: u64,
+    pub actors_retired: u64,
+    /// Siblings seen by successful reads (more than one version returned).
+    pub reads_with_siblings: u64,
+    /// Acked puts checked against later reads by the read checkers.
+    pub reads_checked: u64,
     /// Peer input the nodes dropped, by reason.
     pub drops: BTreeMap<String, u64>,
 }
@@ -75,16 +86,22 @@ impl Report {
     pub fn summary(&self) -> String {
         let s = &self.stats;
         format!(
-            "seed {} {}: {} events, {} puts acked, {} not, {} gets, {} crashes, {} splits, {} lost unsynced writes, {} repairs, trace {:016x}",
+            "seed {} {}: {} events, {} puts acked, {} not, {} gets ({} with siblings, {} checks), {} crashes, {} splits, {} lost unsynced writes, {} wipes, {} lost records, {} failed writes, {} actors retired, {} repairs, trace {:016x}",
             self.seed,
             if self.passed() { "ok" } else { "FAILED" },
             s.events,
             s.puts_acked,
             s.puts_not_acked,
             s.gets_ok,
+            s.reads_with_siblings,
+            s.reads_checked,
             s.crashes,
             s.partitions,
             s.lost_pending_writes,
+            s.disk_wipes,
+            s.records_lost,
+            s.writes_failed,
+            s.actors_retired,
             s.repairs,
             self.trace_hash
         )

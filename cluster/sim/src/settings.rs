@@ -34,6 +34,17 @@ pub struct Settings {
     pub delete_per_mille: u32,
     /// How long clients work and faults strike before the network heals.
     pub safety_ms: u64,
+    /// The one node whose storage may lose data, if any (one node only, so a write
+    /// acknowledged by two replicas always keeps a copy): a crash may wipe its disk
+    /// (a replaced disk, a restored backup), a read may find its record lost (a
+    /// checksum failure) and a write may fail. Its restarts must never reuse a dot.
+    pub loss_victim: Option<u32>,
+    /// Chance that a crash of the victim wipes its disk.
+    pub wipe_per_mille: u32,
+    /// Chance that a read on the victim finds its record lost.
+    pub lost_read_per_mille: u32,
+    /// Chance that a write on the victim fails.
+    pub failed_write_per_mille: u32,
 }
 
 impl Settings {
@@ -77,6 +88,10 @@ impl Settings {
             blind_put_per_mille: dice.between(50, 400) as u32,
             delete_per_mille: dice.between(0, 200) as u32,
             safety_ms: dice.between(1_500, 5_000),
+            loss_victim: dice.chance(500).then_some(1),
+            wipe_per_mille: [0, 300, 1000][dice.index(3)],
+            lost_read_per_mille: [0, 5, 30][dice.index(3)],
+            failed_write_per_mille: [0, 5, 30][dice.index(3)],
         }
     }
 }

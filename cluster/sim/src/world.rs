@@ -44,7 +44,7 @@ enum Event {
         incarnation: u32,
         timer: TimerId,
     },
-    ReadDone {
+    StorageDone {
         node: NodeId,
         incarnation: u32,
         completion: StorageCompletion,
@@ -124,7 +124,7 @@ pub struct World {
 }
 
 impl World {
-    pub fn new(seed: u64, settings: Settings, mut dice: Dice, options: Options) -> World {
+    pub fn new(seed: u64, settings: Settings, dice: Dice, options: Options) -> World {
         let members: Vec<Member> = (1..=settings.nodes as u32)
             .map(|i| Member::new(NodeId(i)))
             .collect();
@@ -150,13 +150,13 @@ impl World {
             scheduled: 0,
             now: Duration::ZERO,
             ring,
-            dice: Dice::new(0),
+            dice,
             options,
             settings,
         };
         world.hasher.update(&seed.to_le_bytes());
         for member in members {
-            let node = world.boot(member.node, 0);
+            let node = world.boot(member.node);
             world.nodes.push(SimNode {
                 id: member.node,
                 incarnation: 0,
@@ -166,7 +166,7 @@ impl World {
             });
         }
         for client in 0..world.settings.clients {
-            let wake = dice.between(0, 20);
+            let wake = world.dice.between(0, 20);
             world.schedule(Duration::from_millis(wake), Event::ClientWake { client });
         }
         world.schedule(FAULT_TICK, Event::FaultTick);
@@ -174,7 +174,6 @@ impl World {
             Duration::from_millis(world.settings.safety_ms),
             Event::StopFaults,
         );
-        world.dice = dice;
         world
     }
 
@@ -184,7 +183,19 @@ impl World {
         self.repair_every_key();
         self.run_until_quiet();
         self.check_final_state();
-        self.violations.extend(checker::check_reads(&self.history));
+        let replicas = self.replicas_of_keys();
+        let (violations, counts) = checker::check_reads(&self.history, &replicas);
+        self.violations.extend(violations);
+        self.violations
+            .extend(checker::check_duplicate_dots(&self.history));
+        self.stats.reads_checked = counts.checked;
+        self.stats.reads_with_siblings = counts.with_siblings;
+        self.stats.deletes_acked = self
+            .history
+            .puts
+            .iter()
+            .filter(|p| p.value.is_none() && p.acked_dot().is_some())
+            .count() as u64;
         self.stats.events_hash = self.hasher.digest();
     }
 
@@ -192,14 +203,18 @@ impl World {
         self.hasher.digest()
     }
 
-    fn boot(&self, id: NodeId, incarnation: u32) -> Node {
-        let mut config = NodeConfig::new(id, incarnation);
+    /// A node starting: a fresh epoch seed every time, as the server draws one from
+    /// the OS on every start.
+    fn boot(&mut self, id: NodeId) -> Node {
+        let mut config = NodeConfig::new(id, self.dice.bits());
         config.request_timeout = Duration::from_millis(self.settings.request_timeout_ms);
         config.sabotage = self.options.sabotage;
-        // Pruning would legitimately resurrect superseded values (see VersionVector::
-        // prune), which checker 4 would flag; the simulator checks the unpruned protocol.
-        config.clock_entries_max = usize::MAX;
         Node::new(config, self.ring.clone())
+    }
+
+    /// Whether `id` may lose data now: the victim, while faults strike.
+    fn is_victim(&self, id: NodeId) -> bool {
+        self.phase == Phase::Safety && self.settings.loss_victim == Some(id.0)
     }
 
     fn schedule(&mut self, after: Duration, event: Event) {
@@ -269,7 +284,7 @@ impl World {
                     self.drain(node);
                 }
             }
-            Event::ReadDone {
+            Event::StorageDone {
                 node,
                 incarnation,
                 completion,
@@ -379,29 +394,53 @@ impl World {
     fn storage(&mut self, id: NodeId, op: StorageOp) {
         match op {
             StorageOp::Read { op, key, .. } => {
+                if self.is_victim(id)
+                    && self.dice.chance(self.settings.lost_read_per_mille)
+                    && self.sim_node_mut(id).disk.lose(&key)
+                {
+                    self.stats.records_lost += 1;
+                    self.history.losses.push((self.now, id));
+                }
                 let stored = self.sim_node(id).disk.read(&key);
-                let incarnation = self.sim_node(id).incarnation;
                 let latency = self.dice.between(0, self.settings.read_latency_max_ms);
                 let completion = StorageCompletion::Read {
                     op,
                     result: Ok(stored),
                 };
-                self.schedule(
-                    Duration::from_millis(latency),
-                    Event::ReadDone {
-                        node: id,
-                        incarnation,
-                        completion,
-                    },
-                );
+                self.complete_later(id, latency, completion);
             }
             StorageOp::Write {
                 op, key, stored, ..
             } => {
+                if self.is_victim(id) && self.dice.chance(self.settings.failed_write_per_mille) {
+                    // The engine cuts a failed write back: nothing of it stays.
+                    self.stats.writes_failed += 1;
+                    let completion = StorageCompletion::Write {
+                        op,
+                        result: Err(ringkv_cluster::StorageFailure("injected EIO".into())),
+                    };
+                    let latency = self.dice.between(0, self.settings.sync_delay_max_ms);
+                    self.complete_later(id, latency, completion);
+                    return;
+                }
                 self.sim_node_mut(id).disk.write(op, key, stored);
                 self.ensure_sync(id);
             }
         }
+    }
+
+    /// Delivers a storage completion to the node `latency_ms` from now (if it has not
+    /// restarted by then).
+    fn complete_later(&mut self, id: NodeId, latency_ms: u64, completion: StorageCompletion) {
+        let incarnation = self.sim_node(id).incarnation;
+        self.schedule(
+            Duration::from_millis(latency_ms),
+            Event::StorageDone {
+                node: id,
+                incarnation,
+                completion,
+            },
+        );
     }
 
     fn ensure_sync(&mut self, id: NodeId) {
@@ -473,10 +512,18 @@ impl World {
 
     fn crash(&mut self, id: NodeId) {
         self.stats.crashes += 1;
+        let wipe = self.is_victim(id) && self.dice.chance(self.settings.wipe_per_mille);
+        if let Some(node) = self.sim_node_mut(id).node.take() {
+            self.stats.actors_retired += node.stats().actors_retired;
+        }
         let sim = self.sim_node_mut(id);
-        sim.node = None;
         sim.sync_scheduled = false;
         let lost = sim.disk.crash();
+        if wipe {
+            sim.disk.wipe();
+            self.stats.disk_wipes += 1;
+            self.history.losses.push((self.now, id));
+        }
         self.stats.lost_pending_writes += lost as u64;
         // A perfect failure detector for crashes: the others stop asking this node.
         for other in self.nodes.iter_mut() {
@@ -493,7 +540,7 @@ impl World {
             return;
         }
         let incarnation = self.sim_node(id).incarnation + 1;
-        let mut node = self.boot(id, incarnation);
+        let mut node = self.boot(id);
         for other in &self.nodes {
             if other.node.is_none() && other.id != id {
                 node.set_reachable(other.id, false);
@@ -724,10 +771,12 @@ impl World {
                     ),
                 });
             }
-            for (reason, count) in &node.stats().drops {
+            let stats = node.stats();
+            for (reason, count) in &stats.drops {
                 *self.stats.drops.entry(format!("{reason:?}")).or_default() += count;
             }
-            self.stats.repairs += node.stats().repairs_sent;
+            self.stats.repairs += stats.repairs_sent;
+            self.stats.actors_retired += stats.actors_retired;
         }
         for k in 0..self.settings.keys {
             let key = format!("k{k}").into_bytes();
@@ -747,8 +796,25 @@ impl World {
             let merged = replicas
                 .iter()
                 .fold(VersionSet::new(), |acc, (_, set)| acc.sync(set));
-            checker::check_final_key(&key, &merged, &self.history, &mut self.violations);
+            let replicas = self.replicas_of_keys();
+            checker::check_final_key(
+                &key,
+                &merged,
+                &self.history,
+                &replicas,
+                &mut self.violations,
+            );
         }
+    }
+
+    fn replicas_of_keys(&self) -> checker::Replicas {
+        (0..self.settings.keys)
+            .map(|k| {
+                let key = format!("k{k}").into_bytes();
+                let nodes = self.ring.preference_list_for_key(&key, self.n);
+                (key, nodes)
+            })
+            .collect()
     }
 
     fn sim_node(&self, id: NodeId) -> &SimNode {

@@ -2,7 +2,7 @@
 //! single-seed replay (by environment variable), determinism, and proof that the
 //! checkers catch deliberately broken nodes.
 
-use ringkv_sim::{Checker, Options, Report, Sabotage, run};
+use ringkv_sim::{Checker, Options, Report, RunStats, Sabotage, run};
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().map(|v| {
@@ -22,11 +22,16 @@ fn run_logged(seed: u64, options: &Options) -> Report {
 }
 
 /// RINGKV_SIM_FAULTS=heavy turns on the crash-heavy fault profile for sweeps and
-/// replays.
+/// replays; RINGKV_SIM_FAULTS=loss the data-loss profile.
 fn sweep_options() -> Options {
-    let heavy = std::env::var("RINGKV_SIM_FAULTS").is_ok_and(|v| v == "heavy");
+    let tweak: Option<fn(&mut ringkv_sim::Settings)> =
+        match std::env::var("RINGKV_SIM_FAULTS").as_deref() {
+            Ok("heavy") => Some(crash_heavy),
+            Ok("loss") => Some(data_loss_heavy),
+            _ => None,
+        };
     Options {
-        tweak: heavy.then_some(crash_heavy as fn(&mut ringkv_sim::Settings)),
+        tweak,
         ..Options::default()
     }
 }
@@ -39,13 +44,65 @@ const CI_HEAVY_SEEDS: u64 = 150;
 #[test]
 fn fixed_seed_batch_passes_every_checker() {
     let options = Options::default();
+    let mut total = RunStats::default();
     let failing: Vec<u64> = (0..CI_SEEDS)
-        .filter(|&seed| !run_logged(seed, &options).passed())
+        .filter(|&seed| {
+            let report = run_logged(seed, &options);
+            add(&mut total, &report.stats);
+            !report.passed()
+        })
         .collect();
     assert!(
         failing.is_empty(),
         "failing seeds: {failing:?} (replay with RINGKV_SIM_SEED=<seed>)"
     );
+    assert_did_something(&total);
+}
+
+/// Sums what a batch did.
+fn add(total: &mut RunStats, run: &RunStats) {
+    total.puts_acked += run.puts_acked;
+    total.deletes_acked += run.deletes_acked;
+    total.gets_ok += run.gets_ok;
+    total.reads_checked += run.reads_checked;
+    total.reads_with_siblings += run.reads_with_siblings;
+    total.crashes += run.crashes;
+    total.disk_wipes += run.disk_wipes;
+    total.records_lost += run.records_lost;
+    total.writes_failed += run.writes_failed;
+    total.actors_retired += run.actors_retired;
+}
+
+/// A batch that passed while acknowledging nothing, or without ever meeting a fault,
+/// proved nothing: say what it did and insist on each kind of it.
+fn assert_did_something(total: &RunStats) {
+    println!(
+        "batch: {} puts acked ({} deletes), {} gets, {} read checks, {} reads with siblings, \
+         {} crashes, {} wiped disks, {} lost records, {} failed writes, {} actors retired",
+        total.puts_acked,
+        total.deletes_acked,
+        total.gets_ok,
+        total.reads_checked,
+        total.reads_with_siblings,
+        total.crashes,
+        total.disk_wipes,
+        total.records_lost,
+        total.writes_failed,
+        total.actors_retired
+    );
+    for (what, count) in [
+        ("acked puts", total.puts_acked),
+        ("acked deletes", total.deletes_acked),
+        ("read checks", total.reads_checked),
+        ("reads with siblings", total.reads_with_siblings),
+        ("crashes", total.crashes),
+        ("wiped disks", total.disk_wipes),
+        ("lost records", total.records_lost),
+        ("failed writes", total.writes_failed),
+        ("retired actors", total.actors_retired),
+    ] {
+        assert!(count > 0, "the batch had no {what}");
+    }
 }
 
 #[test]
@@ -165,25 +222,34 @@ fn checkers_catch_acks_before_durability() {
         tweak: Some(crash_heavy),
         ..Options::default()
     };
-    let caught: Vec<u64> = (0..20)
-        .filter(|&seed| {
-            run(seed, &options).violations.iter().any(|v| {
-                v.checker == Checker::AckedWriteReadable || v.checker == Checker::SiblingsSurvive
-            })
-        })
-        .collect();
+    let checkers = [Checker::AckedWriteReadable, Checker::SiblingsSurvive];
+    let caught = caught_only_with_sabotage(&options, &checkers, 20);
     println!("early acks caught on seeds {caught:?}");
     assert!(!caught.is_empty(), "early acks never caught");
-    // The same faults without the sabotage pass: the checkers flag the bug, not the
-    // fault load.
+}
+
+/// Runs seeds 0..count with `sabotaged` and returns those where one of `checkers`
+/// fired, after showing each of them passes with the same faults and no sabotage:
+/// the checkers flag the bug, not the fault load.
+fn caught_only_with_sabotage(sabotaged: &Options, checkers: &[Checker], count: u64) -> Vec<u64> {
+    let caught: Vec<u64> = (0..count)
+        .filter(|&seed| {
+            run(seed, sabotaged)
+                .violations
+                .iter()
+                .any(|v| checkers.contains(&v.checker))
+        })
+        .collect();
     let honest = Options {
-        tweak: Some(crash_heavy),
-        ..Options::default()
+        sabotage: Sabotage::default(),
+        ..*sabotaged
     };
-    for seed in caught {
+    for &seed in &caught {
         let report = run_logged(seed, &honest);
         assert!(report.passed(), "seed {seed} fails even without sabotage");
+        assert!(report.stats.puts_acked > 0, "seed {seed} acked nothing");
     }
+    caught
 }
 
 /// Runs seeds 0..count with `sabotage` and returns the seeds where `checker` fired.
@@ -226,4 +292,47 @@ fn checkers_catch_resurrected_deletes() {
     let caught = caught_by(Checker::NoResurrection, sabotage, 20);
     println!("ignored contexts caught on seeds {caught:?}");
     assert!(caught.len() >= 3, "caught only on {caught:?}");
+}
+
+/// Faults that make a node lose its data: it is the victim, every crash wipes its
+/// disk, and its reads and writes fail now and then.
+fn data_loss_heavy(settings: &mut ringkv_sim::Settings) {
+    crash_heavy(settings);
+    settings.loss_victim = Some(1);
+    settings.wipe_per_mille = 1000;
+    settings.lost_read_per_mille = 30;
+    settings.failed_write_per_mille = 30;
+}
+
+/// The duplicate-dot checker must catch a node that keeps its actor when it loses its data (as a
+/// node whose incarnation was stored in the lost data directory would): it hands out
+/// dots it already used, and two acknowledged writes share one.
+#[test]
+fn checkers_catch_a_reused_actor_after_data_loss() {
+    let sabotaged = Options {
+        sabotage: Sabotage {
+            reuse_actor: true,
+            ..Sabotage::default()
+        },
+        tweak: Some(data_loss_heavy),
+        ..Options::default()
+    };
+    let caught = caught_only_with_sabotage(&sabotaged, &[Checker::DuplicateDot], 30);
+    println!("reused actor caught on seeds {caught:?}");
+    assert!(caught.len() >= 3, "caught only on {caught:?}");
+}
+
+#[test]
+fn fixed_seed_batch_passes_under_data_loss() {
+    let options = Options {
+        tweak: Some(data_loss_heavy),
+        ..Options::default()
+    };
+    let failing: Vec<u64> = (0..CI_HEAVY_SEEDS)
+        .filter(|&seed| !run_logged(seed, &options).passed())
+        .collect();
+    assert!(
+        failing.is_empty(),
+        "failing seeds: {failing:?} (replay with RINGKV_SIM_FAULTS=loss RINGKV_SIM_SEED=<seed>)"
+    );
 }

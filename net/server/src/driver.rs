@@ -15,7 +15,7 @@ use futures_channel::oneshot;
 use hashbrown::HashMap;
 use ringkv_cluster::{
     Action, ClientError, ClientReply, ClientToken, GetOutcome, GetRequest, Node, NodeId,
-    PeerMessage, PutOutcome, PutRequest, StorageCompletion, StorageFailure, StorageOp,
+    PeerMessage, PutOutcome, PutRequest, StorageCompletion, StorageFailure, StorageOp, StoredRead,
     StoredVersions, TimerId,
 };
 use ringkv_engine::disk::Disk;
@@ -210,16 +210,17 @@ impl<D: Disk> ShardDriver<D> {
         let completion = match op {
             StorageOp::Read { op, partition, key } => {
                 let result = match self.store.get(partition.0, &key).await {
-                    Ok(Some(record)) => Ok(Some(StoredVersions {
+                    Ok(Some(record)) => Ok(StoredRead::Found(StoredVersions {
                         version: record.version().to_vec(),
                         value: record.value().to_vec(),
                         tombstone: record.is_tombstone(),
                     })),
-                    Ok(None) => Ok(None),
-                    // Never served; the replication layer repairs it from replicas.
+                    Ok(None) => Ok(StoredRead::Absent),
+                    // Never served; the replication layer repairs it from replicas, and
+                    // the node stops using an actor whose dots it can no longer see.
                     Err(StoreError::Corrupt(reason)) => {
                         tracing::warn!(%reason, "corrupt record read as missing");
-                        Ok(None)
+                        Ok(StoredRead::Lost)
                     }
                     Err(err) => Err(StorageFailure(err.to_string())),
                 };

@@ -267,7 +267,7 @@ async fn serve_shard(
     let store = open_store(config, id).await?;
     let store = StoreTasks::start(store)?;
 
-    let node = Node::new(node_config(config, layout, id), ring.clone());
+    let node = Node::new(node_config(config, id), ring.clone());
     let driver = ShardDriver::new(node, store.store.clone());
     let shard = Shard::new(
         ring.clone(),
@@ -341,8 +341,10 @@ async fn open_store(config: &ServerConfig, shard: usize) -> Result<Rc<Store<DmaD
     .map_err(|e| format!("opening the store in {}: {e}", dir.display()))
 }
 
-fn node_config(config: &ServerConfig, layout: &NodeLayout, shard: usize) -> NodeConfig {
-    let mut node_config = NodeConfig::new(NodeId(config.node_id), layout.incarnation);
+fn node_config(config: &ServerConfig, shard: usize) -> NodeConfig {
+    // A fresh random seed every start: the node's actors never repeat one used before,
+    // whatever happened to its data directory (see `ringkv_cluster::Actor`).
+    let mut node_config = NodeConfig::new(NodeId(config.node_id), fastrand::u64(..));
     node_config.request_timeout = Duration::from_millis(config.request_timeout_ms);
     node_config.stored_value_max = config.max_value_bytes;
     // Shard i numbers its requests from i << 48: ids stay unique across the node's

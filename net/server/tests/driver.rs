@@ -15,7 +15,7 @@ fn one() -> Quorum {
     Quorum::new(1, 1, 1).expect("N=1, R=1, W=1 is a valid quorum")
 }
 
-async fn start(dir: &Path, incarnation: u32) -> Rc<ShardDriver<DmaDisk>> {
+async fn start(dir: &Path, epoch_seed: u64) -> Rc<ShardDriver<DmaDisk>> {
     let store = Store::open(DmaDisk::new(dir).unwrap(), StoreConfig::default())
         .await
         .unwrap();
@@ -23,7 +23,7 @@ async fn start(dir: &Path, incarnation: u32) -> Rc<ShardDriver<DmaDisk>> {
     glommio::spawn_local(async move { runner.run().await }).detach();
     let ring = Ring::new(64, &[Member::new(NodeId(1))]).unwrap();
     ShardDriver::new(
-        Node::new(NodeConfig::new(NodeId(1), incarnation), ring),
+        Node::new(NodeConfig::new(NodeId(1), epoch_seed), ring),
         store,
     )
 }
@@ -99,7 +99,7 @@ fn siblings_contexts_deletes_and_restart_over_a_real_store() {
                 .unwrap();
             driver.store().close().await.unwrap();
 
-            // Restart: a new incarnation, the same data.
+            // Restart: a new epoch seed (as every start draws), the same data.
             let driver = start(&path, 1).await;
             assert_eq!(
                 driver.get(get(b"durable")).await.unwrap().values(),
