@@ -227,10 +227,24 @@ impl Cluster {
     }
 
     pub fn restart(&mut self, id: usize) {
+        self.restart_unwaited(id);
+        self.wait_connected();
+    }
+
+    /// Starts a stopped node and returns once it prints ready, without waiting for
+    /// its peer links: what a client sees right after an operator's restart.
+    pub fn restart_unwaited(&mut self, id: usize) {
         assert!(self.nodes[id - 1].is_none(), "node {id} is still running");
         let child = self.spawn(id);
         self.nodes[id - 1] = Some(self.ready(id, child));
-        self.wait_connected();
+    }
+
+    /// A stopped node's disk is replaced: its data directory is emptied.
+    pub fn wipe(&mut self, id: usize) {
+        assert!(self.nodes[id - 1].is_none(), "node {id} is still running");
+        let dir = self.dirs[id - 1].path();
+        std::fs::remove_dir_all(dir).unwrap();
+        std::fs::create_dir(dir).unwrap();
     }
 }
 
