@@ -523,3 +523,57 @@ fn a_node_restarted_with_an_empty_data_directory_loses_no_acknowledged_write() {
         load.len()
     );
 }
+
+/// A write sent to a node that holds no replica of its key is forwarded to one that
+/// does, and the client gets that replica's real outcome, with the W it asked for:
+/// OK when a quorum acks, Unavailable naming W when too few replicas are up.
+#[test]
+fn a_forwarded_write_reports_its_real_quorum_outcome() {
+    use ringkv_cluster::{Member, NodeId, Ring};
+    let mut cluster = Cluster::start(4);
+    let members: Vec<Member> = (1..=4).map(|i| Member::new(NodeId(i))).collect();
+    let ring = Ring::new(64, &members).unwrap();
+    // A key node 4 holds no replica of, and its three replicas.
+    let (key, replicas) = (0..)
+        .map(|i| format!("forwarded-{i}"))
+        .map(|key| {
+            let replicas = ring.preference_list_for_key(key.as_bytes(), 3);
+            (key, replicas)
+        })
+        .find(|(_, replicas)| !replicas.contains(&NodeId(4)))
+        .unwrap();
+    let mut four = redis(&cluster, 4);
+    let put = |conn: &mut redis::Connection, w: usize| {
+        redis::cmd("KV.PUT")
+            .arg(&key)
+            .arg("v")
+            .arg("W")
+            .arg(w)
+            .query::<String>(conn)
+    };
+    assert_eq!(put(&mut four, 2).unwrap(), "OK");
+    assert_eq!(put(&mut four, 3).unwrap(), "OK");
+    // Two of the three replicas go: the one left coordinates and refuses W=2. Node 4
+    // learns a peer is gone when a write to it fails, so the first forwards to each
+    // dead replica time out (5 s each) before it moves on.
+    cluster.kill(replicas[0].0 as usize);
+    cluster.kill(replicas[1].0 as usize);
+    let refused = eventually(Duration::from_secs(30), || {
+        put(&mut four, 2).is_err_and(|e| {
+            e.to_string()
+                .contains("UNAVAILABLE: 1 replicas reachable, 2 required")
+        })
+    });
+    assert!(refused, "last answer: {:?}", put(&mut four, 2));
+    // W=1 still succeeds through the one replica left.
+    assert_eq!(put(&mut four, 1).unwrap(), "OK");
+    // No replica left: node 4 itself says none is reachable, with the W asked for.
+    cluster.kill(replicas[2].0 as usize);
+    let none = eventually(Duration::from_secs(30), || {
+        put(&mut four, 3).is_err_and(|e| {
+            e.to_string()
+                .contains("UNAVAILABLE: 0 replicas reachable, 3 required")
+        })
+    });
+    assert!(none, "last answer: {:?}", put(&mut four, 3));
+}

@@ -68,12 +68,14 @@ pub async fn put(
         // Any node accepts any key: a write this node holds no replica of goes to one
         // that does, which coordinates it.
         Err(ServerError::Client(ClientError::NotReplica { replicas })) => {
-            forward(shard, &replicas, key, value, resolved, w).await
+            forward(shard, &replicas, key, value, resolved, w, quorum.w()).await
         }
         Err(e) => Err(error_reply(e)),
     }
 }
 
+/// Sends a write this node holds no replica of to a replica, which coordinates it at
+/// `required` (the W this node resolved) and answers with its real outcome.
 async fn forward(
     shard: &Shard,
     replicas: &[NodeId],
@@ -81,6 +83,7 @@ async fn forward(
     value: Option<&[u8]>,
     context: WriteContext,
     w: Option<usize>,
+    required: usize,
 ) -> Result<(), ErrorReply> {
     let peers = shard.peers();
     // The first replica whose link is up; a node known to be down would only time out.
@@ -88,8 +91,9 @@ async fn forward(
         .as_ref()
         .and_then(|p| replicas.iter().find(|&&r| p.is_up(r)));
     let (Some(peers), Some(&replica)) = (peers, replica) else {
+        // No replica can be asked, so none can acknowledge it.
         return Err(ErrorReply::Unavailable {
-            required: 1,
+            required: required as u32,
             reachable: 0,
         });
     };
@@ -107,7 +111,10 @@ async fn forward(
             w,
         },
     };
-    match peers.forward(replica, op, FORWARD_WAIT).await {
+    match peers
+        .forward(replica, op, FORWARD_WAIT, required as u32)
+        .await
+    {
         Body::Written => Ok(()),
         Body::Error(e) => Err(e),
         other => Err(ErrorReply::Internal {

@@ -161,11 +161,12 @@ impl Peers {
     }
 
     /// Sends a client request to node `to` (which holds a replica of its key) and
-    /// waits for its answer, at most `wait`.
-    pub async fn forward(&self, to: NodeId, op: Op, wait: Duration) -> Body {
+    /// waits for its answer, at most `wait`. `required` is the request's quorum, for
+    /// the errors this node gives when `to` cannot answer.
+    pub async fn forward(&self, to: NodeId, op: Op, wait: Duration, required: u32) -> Body {
         if !self.is_up(to) {
             return Body::Error(ErrorReply::Unavailable {
-                required: 1,
+                required,
                 reachable: 0,
             });
         }
@@ -181,7 +182,7 @@ impl Peers {
         if !self.push(to, &frame) {
             self.forwards.borrow_mut().remove(&id);
             return Body::Error(ErrorReply::Unavailable {
-                required: 1,
+                required,
                 reachable: 0,
             });
         }
@@ -192,11 +193,9 @@ impl Peers {
         })
         .await;
         self.forwards.borrow_mut().remove(&id);
-        // Sent but not answered: whether the replica applied it is unknown.
-        answered.unwrap_or(Body::Error(ErrorReply::Timeout {
-            acked: 0,
-            required: 0,
-        }))
+        // Sent but not answered: whether the replica applied it is unknown, and so is
+        // how many replicas acknowledged it (none that this node knows of).
+        answered.unwrap_or(Body::Error(ErrorReply::Timeout { acked: 0, required }))
     }
 
     /// Delivers the answer to a request this shard forwarded.
