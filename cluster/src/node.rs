@@ -6,9 +6,12 @@
 //! reply). A driver loops: feed inputs, drain actions, carry them out. The node never
 //! blocks, sleeps or reads a clock.
 //!
-//! Time (`now`) is a `Duration` since an epoch the driver chooses; it must never go
-//! backwards. It also stamps versions (milliseconds) for pruning and last-writer-wins,
-//! so a production driver should use wall-clock time.
+//! Two clocks come in. `now`, on every input, is monotonic (a `Duration` since an
+//! epoch the driver chooses; it must never go backwards) and only times deadlines.
+//! `wall_ms`, given with each put, is the coordinator's wall clock (Unix milliseconds,
+//! which may jump or be skewed from other nodes'); it only seeds version stamps, which
+//! the replica turns into a hybrid logical clock (see `Replica::stamp`): a version's
+//! stamp is above the stamps of everything its writer saw, whatever the clocks say.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
@@ -83,6 +86,9 @@ pub struct Sabotage {
     /// way a node that restarts with an empty data directory would reuse its old
     /// incarnation: its dots collide with ones it issued before.
     pub reuse_actor: bool,
+    /// Stamp versions with the wall clock alone, so a skewed or jumping clock stamps a
+    /// write below one its writer saw.
+    pub wall_clock_stamps: bool,
 }
 
 /// Which timer fired.
@@ -272,7 +278,13 @@ impl Node {
         self.flush_local(now);
     }
 
-    pub fn handle_put(&mut self, now: Duration, client: ClientToken, request: PutRequest) {
+    pub fn handle_put(
+        &mut self,
+        now: Duration,
+        wall_ms: u64,
+        client: ClientToken,
+        request: PutRequest,
+    ) {
         let PutRequest {
             key,
             value,
@@ -326,7 +338,7 @@ impl Node {
             supersede_local,
             value: value.map_or(Value::Tombstone, Value::Data),
             mode,
-            now_ms: now.as_millis() as u64,
+            wall_ms,
         };
         self.submit(now, key, partition, job);
         self.flush_local(now);

@@ -98,7 +98,8 @@ pub(crate) enum Job {
         supersede_local: bool,
         value: Value,
         mode: ConflictMode,
-        now_ms: u64,
+        /// The coordinator's wall clock when the put arrived (Unix ms).
+        wall_ms: u64,
     },
 }
 
@@ -337,6 +338,28 @@ impl Replica {
         self.actors_retired += 1;
     }
 
+    /// A new version's stamp, a hybrid logical clock: the wall clock, unless something
+    /// the writer saw (a sibling stored here, an entry of its context) is stamped at or
+    /// after it, in which case one millisecond past the latest of those. So stamps
+    /// grow along causality whatever the clocks do: across restarts (the stored
+    /// siblings carry theirs), under skew between nodes, and after a clock jumps back.
+    /// Last-writer-wins then never lets a write lose to one it saw. Concurrent writes
+    /// still order by wall clock, which is what LWW asks for.
+    fn stamp(&self, wall_ms: u64, current: &VersionSet, context: &VersionVector) -> u64 {
+        if self.config.sabotage.wall_clock_stamps {
+            return wall_ms;
+        }
+        let seen = current
+            .siblings()
+            .map(|v| v.written_at_ms)
+            .chain(context.entries().map(|(_, entry)| entry.updated_at_ms))
+            .max();
+        match seen {
+            Some(latest) if latest >= wall_ms => latest.saturating_add(1),
+            _ => wall_ms,
+        }
+    }
+
     /// Keys with work in flight (for tests and the simulator's liveness checks).
     pub fn busy_keys(&self) -> usize {
         self.keys.len()
@@ -380,17 +403,18 @@ impl Replica {
                 supersede_local,
                 ref value,
                 mode,
-                now_ms,
+                wall_ms,
             } => {
                 let mut context = context.clone();
                 if supersede_local {
                     context.join(&current.context());
                 }
                 let dot = current.next_dot(self.actor, &context);
+                let written_at_ms = self.stamp(wall_ms, &current, &context);
                 let version = Version {
                     dot,
                     past: context,
-                    written_at_ms: now_ms,
+                    written_at_ms,
                     value: value.clone(),
                 };
                 let merged = self.merge(&current, &VersionSet::from_versions(mode, [version]));

@@ -80,10 +80,12 @@ impl Harness {
             mode: ConflictMode::Causal,
             supersede_local: false,
         };
-        self.nodes
-            .get_mut(&at)
-            .unwrap()
-            .handle_put(self.now, client, request);
+        self.nodes.get_mut(&at).unwrap().handle_put(
+            self.now,
+            self.now.as_millis() as u64,
+            client,
+            request,
+        );
         self.settle();
         client
     }
@@ -452,7 +454,7 @@ fn last_writer_wins_mode_keeps_one_value() {
         h.nodes
             .get_mut(&at)
             .unwrap()
-            .handle_put(h.now, client, request);
+            .handle_put(h.now, h.now.as_millis() as u64, client, request);
         h.settle();
     }
     assert_eq!(h.get_ok(a, KEY).values(), vec![&b"second"[..]]);

@@ -9,6 +9,8 @@
 //! 5. A read returns under a dot the value written under it.
 //! 6. No two acknowledged writes of one key carry the same dot (a reused dot makes
 //!    replicas take the second write for the first and drop it).
+//! 7. A write's stamp is above the stamp of every write its client had seen, however
+//!    skewed or jumpy the coordinators' wall clocks (last-writer-wins relies on it).
 //!
 //! The checkers judge the cluster by what clients sent and saw (the values they wrote,
 //! the contexts they passed, the dots they were acked), never by the cluster's own
@@ -47,6 +49,8 @@ pub enum Checker {
     ValueIntegrity,
     /// 6: two acknowledged writes of one key were given the same dot.
     DuplicateDot,
+    /// 7: a write was stamped at or below a write its client had seen.
+    StampsFollowCausality,
 }
 
 /// Which nodes replicate each key, for judging which writes a data loss exposed.
@@ -95,6 +99,47 @@ fn shows(sibling: &Version, put: &PutRecord, dot: Dot, puts_of_key: &[&PutRecord
                 None => value_of(q) == sibling.value,
             }
     })
+}
+
+/// Check 7 over every version a read returned: for an acked write Q and each acked
+/// write P that Q's client had seen, both read back, Q's stamp is above P's.
+pub fn check_stamps(history: &History) -> Vec<Violation> {
+    let mut violations = Vec::new();
+    let mut stamps: BTreeMap<(&[u8], Dot), u64> = BTreeMap::new();
+    for get in &history.gets {
+        for sibling in get.versions.siblings() {
+            stamps.insert((&get.key, sibling.dot), sibling.written_at_ms);
+        }
+    }
+    for q in &history.puts {
+        let Some(q_dot) = q.acked_dot() else { continue };
+        let Some(&q_stamp) = stamps.get(&(q.key.as_slice(), q_dot)) else {
+            continue;
+        };
+        for p in history
+            .puts
+            .iter()
+            .filter(|p| p.key == q.key && p.op != q.op)
+        {
+            let Some(p_dot) = p.acked_dot().filter(|&d| q.context.contains(d)) else {
+                continue;
+            };
+            if let Some(&p_stamp) = stamps.get(&(p.key.as_slice(), p_dot))
+                && q_stamp <= p_stamp
+            {
+                violations.push(Violation {
+                    checker: Checker::StampsFollowCausality,
+                    detail: format!(
+                        "key {:?}: put #{} is stamped {q_stamp}, not above {p_stamp} of put #{} it saw",
+                        String::from_utf8_lossy(&q.key),
+                        q.op,
+                        p.op
+                    ),
+                });
+            }
+        }
+    }
+    violations
 }
 
 /// Check 6 over the whole history: one dot, one acknowledged write (per key).

@@ -58,6 +58,7 @@ pub struct RunStats {
     pub records_lost: u64,
     pub writes_failed: u64,
     pub actors_retired: u64,
+    pub clock_jumps: u64,
     /// Siblings seen by successful reads (more than one version returned).
     pub reads_with_siblings: u64,
     /// Acked puts checked against later reads by the read checkers.

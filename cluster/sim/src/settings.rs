@@ -45,6 +45,11 @@ pub struct Settings {
     pub lost_read_per_mille: u32,
     /// Chance that a write on the victim fails.
     pub failed_write_per_mille: u32,
+    /// How far each node's wall clock is set from true time, at most (either way).
+    pub clock_skew_max_ms: u64,
+    /// Chance, at every fault tick, that a node's wall clock jumps (up to 10 s either
+    /// way, as NTP stepping a clock would).
+    pub clock_jump_per_mille: u32,
 }
 
 impl Settings {
@@ -92,6 +97,8 @@ impl Settings {
             wipe_per_mille: [0, 300, 1000][dice.index(3)],
             lost_read_per_mille: [0, 5, 30][dice.index(3)],
             failed_write_per_mille: [0, 5, 30][dice.index(3)],
+            clock_skew_max_ms: [0, 50, 300_000][dice.index(3)],
+            clock_jump_per_mille: [0, 20][dice.index(2)],
         }
     }
 }

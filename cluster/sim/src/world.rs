@@ -28,6 +28,10 @@ use crate::{Options, RunStats};
 
 /// How often the fault injector considers a crash or a network split.
 const FAULT_TICK: Duration = Duration::from_millis(50);
+/// True time at the start of a run, as the nodes' wall clocks count it (Unix ms).
+const WALL_CLOCK_START_MS: u64 = 1_800_000_000_000;
+/// The most a clock jump moves a node's wall clock, either way.
+const CLOCK_JUMP_MAX_MS: u64 = 10_000;
 /// A run that has not quiesced after this many events is stuck (a liveness bug).
 const EVENTS_MAX: u64 = 3_000_000;
 
@@ -80,6 +84,9 @@ struct SimNode {
     node: Option<Node>,
     disk: Disk,
     sync_scheduled: bool,
+    /// How far this node's wall clock is from true time (either way); it survives
+    /// restarts, as a machine's clock does.
+    skew_ms: i64,
 }
 
 struct Client {
@@ -157,12 +164,15 @@ impl World {
         world.hasher.update(&seed.to_le_bytes());
         for member in members {
             let node = world.boot(member.node);
+            let skew_max = world.settings.clock_skew_max_ms;
+            let skew_ms = world.dice.between(0, 2 * skew_max) as i64 - skew_max as i64;
             world.nodes.push(SimNode {
                 id: member.node,
                 incarnation: 0,
                 node: Some(node),
                 disk: Disk::default(),
                 sync_scheduled: false,
+                skew_ms,
             });
         }
         for client in 0..world.settings.clients {
@@ -188,6 +198,7 @@ impl World {
         self.violations.extend(violations);
         self.violations
             .extend(checker::check_duplicate_dots(&self.history));
+        self.violations.extend(checker::check_stamps(&self.history));
         self.stats.reads_checked = counts.checked;
         self.stats.reads_with_siblings = counts.with_siblings;
         self.stats.deletes_acked = self
@@ -475,9 +486,22 @@ impl World {
         self.ensure_sync(id);
     }
 
+    /// Node `id`'s wall clock: true time plus its skew (never before 0).
+    fn wall_clock_ms(&self, id: NodeId) -> u64 {
+        let true_ms = WALL_CLOCK_START_MS + self.now.as_millis() as u64;
+        true_ms.saturating_add_signed(self.sim_node(id).skew_ms)
+    }
+
     fn fault_tick(&mut self) {
         if self.phase != Phase::Safety {
             return;
+        }
+        if self.dice.chance(self.settings.clock_jump_per_mille) {
+            let victim = self.dice.index(self.nodes.len());
+            let jump =
+                self.dice.between(0, 2 * CLOCK_JUMP_MAX_MS) as i64 - CLOCK_JUMP_MAX_MS as i64;
+            self.nodes[victim].skew_ms += jump;
+            self.stats.clock_jumps += 1;
         }
         if self.dice.chance(self.settings.crash_per_mille) {
             let live: Vec<NodeId> = self
@@ -647,9 +671,10 @@ impl World {
             supersede_local: false,
         };
         let now = self.now;
+        let wall_ms = self.wall_clock_ms(coordinator);
         self.live_node(coordinator)
             .expect("checked live above")
-            .handle_put(now, ClientToken(op), request);
+            .handle_put(now, wall_ms, ClientToken(op), request);
         self.drain(coordinator);
     }
 

@@ -71,6 +71,7 @@ fn add(total: &mut RunStats, run: &RunStats) {
     total.records_lost += run.records_lost;
     total.writes_failed += run.writes_failed;
     total.actors_retired += run.actors_retired;
+    total.clock_jumps += run.clock_jumps;
 }
 
 /// A batch that passed while acknowledging nothing, or without ever meeting a fault,
@@ -78,7 +79,8 @@ fn add(total: &mut RunStats, run: &RunStats) {
 fn assert_did_something(total: &RunStats) {
     println!(
         "batch: {} puts acked ({} deletes), {} gets, {} read checks, {} reads with siblings, \
-         {} crashes, {} wiped disks, {} lost records, {} failed writes, {} actors retired",
+         {} crashes, {} wiped disks, {} lost records, {} failed writes, {} actors retired, \
+         {} clock jumps",
         total.puts_acked,
         total.deletes_acked,
         total.gets_ok,
@@ -88,7 +90,8 @@ fn assert_did_something(total: &RunStats) {
         total.disk_wipes,
         total.records_lost,
         total.writes_failed,
-        total.actors_retired
+        total.actors_retired,
+        total.clock_jumps
     );
     for (what, count) in [
         ("acked puts", total.puts_acked),
@@ -100,6 +103,7 @@ fn assert_did_something(total: &RunStats) {
         ("lost records", total.records_lost),
         ("failed writes", total.writes_failed),
         ("retired actors", total.actors_retired),
+        ("clock jumps", total.clock_jumps),
     ] {
         assert!(count > 0, "the batch had no {what}");
     }
@@ -335,4 +339,25 @@ fn fixed_seed_batch_passes_under_data_loss() {
         failing.is_empty(),
         "failing seeds: {failing:?} (replay with RINGKV_SIM_FAULTS=loss RINGKV_SIM_SEED=<seed>)"
     );
+}
+
+/// The stamp checker must catch versions stamped by the wall clock alone: with clocks
+/// minutes apart, a write through a slow node is stamped below one its client saw
+/// (and last-writer-wins would drop it).
+#[test]
+fn checkers_catch_stamps_that_trust_skewed_clocks() {
+    let sabotaged = Options {
+        sabotage: Sabotage {
+            wall_clock_stamps: true,
+            ..Sabotage::default()
+        },
+        tweak: Some(|s| {
+            s.clock_skew_max_ms = 300_000;
+            s.clock_jump_per_mille = 50;
+        }),
+        ..Options::default()
+    };
+    let caught = caught_only_with_sabotage(&sabotaged, &[Checker::StampsFollowCausality], 20);
+    println!("wall-clock stamps caught on seeds {caught:?}");
+    assert!(caught.len() >= 3, "caught only on {caught:?}");
 }

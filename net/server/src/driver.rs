@@ -135,7 +135,7 @@ impl<D: Disk> ShardDriver<D> {
         &self.store
     }
 
-    /// Time as the node sees it: since this driver started.
+    /// Monotonic time as the node sees it (since this driver started): deadlines only.
     fn now(&self) -> Duration {
         self.started.elapsed()
     }
@@ -152,7 +152,7 @@ impl<D: Disk> ShardDriver<D> {
 
     pub async fn put(self: &Rc<Self>, request: PutRequest) -> Result<PutOutcome, ClientError> {
         let reply = self
-            .request(|node, now, token| node.handle_put(now, token, request))
+            .request(|node, now, token| node.handle_put(now, wall_clock_ms(), token, request))
             .await;
         match reply {
             ClientReply::Put(result) => result,
@@ -249,4 +249,13 @@ impl<D: Disk> ShardDriver<D> {
         self.node.borrow_mut().handle_storage(now, completion);
         self.pump();
     }
+}
+
+/// The wall clock in Unix milliseconds, which seeds version stamps (the node makes a
+/// hybrid logical clock of it). A clock set before 1970 reads as 0; the stamps still
+/// grow along causality.
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
 }
