@@ -21,9 +21,11 @@ pub const VERSION_SET_FORMAT: u8 = 2;
 pub const CLOCK_ENTRY_LEN: usize = 28;
 /// Most entries one vector may carry on the wire; far above any pruning setting.
 pub const CLOCK_ENTRIES_MAX: usize = 4096;
-/// Most siblings one stored set may carry; above the coordinator's hard cap so that
-/// replicas never refuse a set a coordinator produced.
+/// Most siblings one stored set may carry.
 pub const SIBLINGS_MAX_ENCODED: usize = 4096;
+/// Most bytes an encoded version blob may take: what a u16 sibling count of minimal
+/// siblings allows, and far above the store's limit, which replicas check first.
+pub const STORED_VERSION_MAX: usize = 4 + SIBLINGS_MAX_ENCODED * 35;
 
 /// Why bytes are not a valid context or version set.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -102,6 +104,19 @@ pub struct StoredVersions {
     pub version: Vec<u8>,
     pub value: Vec<u8>,
     pub tombstone: bool,
+}
+
+/// Bytes `StoredVersions::encode(set)` would give as its version blob, without
+/// encoding (nor its sibling-count assertion): what limits are checked against.
+pub fn encoded_version_len(set: &VersionSet) -> usize {
+    // format, mode, sibling count; per sibling: dot, stamp, kind, value length, past.
+    let fixed = 1 + 1 + 2;
+    let per_sibling = 20 + 8 + 1 + 4 + 2;
+    fixed
+        + set
+            .siblings()
+            .map(|v| per_sibling + CLOCK_ENTRY_LEN * v.past.len())
+            .sum::<usize>()
 }
 
 impl StoredVersions {

@@ -40,6 +40,8 @@ pub(crate) struct PutCoordination {
     /// Set once the local replica made the version.
     pub dot: Option<Dot>,
     acked: BTreeSet<NodeId>,
+    /// Replicas that could not store the write (its merge was too large there).
+    refused: BTreeSet<NodeId>,
 }
 
 impl PutCoordination {
@@ -61,6 +63,23 @@ impl PutCoordination {
             deadline,
             dot: None,
             acked: BTreeSet::new(),
+            refused: BTreeSet::new(),
+        }
+    }
+
+    /// `from` refused to store the write. `QuorumReached` here means the opposite:
+    /// too few replicas are left to ever reach the quorum, so the put is decided.
+    pub fn refuse(&mut self, from: NodeId) -> Answer {
+        if !self.replicas.contains(&from) {
+            return Answer::NotAsked;
+        }
+        if self.acked.contains(&from) || !self.refused.insert(from) {
+            return Answer::Duplicate;
+        }
+        if self.replicas.len() - self.refused.len() < self.required {
+            Answer::QuorumReached
+        } else {
+            Answer::Counted
         }
     }
 
@@ -69,7 +88,7 @@ impl PutCoordination {
         if !self.replicas.contains(&from) {
             return Answer::NotAsked;
         }
-        if !self.acked.insert(from) {
+        if self.refused.contains(&from) || !self.acked.insert(from) {
             return Answer::Duplicate;
         }
         if self.acked.len() == self.required {
@@ -90,6 +109,7 @@ impl PutCoordination {
             "an open put is below quorum"
         );
         assert!(self.acked.iter().all(|n| self.replicas.contains(n)));
+        assert!(self.acked.is_disjoint(&self.refused));
         if !self.acked.is_empty() {
             assert!(self.dot.is_some(), "acks only follow a made version");
         }

@@ -29,7 +29,7 @@ pub mod wire;
 
 pub use clock::{Actor, ClockEntry, Dot, EpochSource, VersionVector};
 pub use codec::{Context, DecodeError, StoredVersions};
-pub use message::{PeerMessage, RequestId};
+pub use message::{PeerMessage, RequestId, TooLarge};
 pub use node::{Action, DropReason, Node, NodeConfig, NodeStats, Sabotage, TimerId};
 pub use quorum::{Quorum, QuorumError};
 pub use replica::{StorageCompletion, StorageFailure, StorageOp, StorageOpId, StoredRead};

@@ -16,6 +16,15 @@ pub struct RequestId {
     pub sequence: u64,
 }
 
+/// What made a key's merged versions too large to store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TooLarge {
+    /// The sibling values together, in bytes.
+    Values { size: usize, limit: usize },
+    /// The version metadata (dots, stamps, pasts) together, in encoded bytes.
+    Versions { size: usize, limit: usize },
+}
+
 /// A message between two nodes about one key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PeerMessage {
@@ -39,6 +48,12 @@ pub enum PeerMessage {
     },
     /// Replica to coordinator: the merged versions are durable here.
     WriteAck { request: RequestId },
+    /// Replica to coordinator: the merged versions exceed what this replica's store
+    /// keeps for one key, so nothing was written here; the client hears why.
+    WriteRefused {
+        request: RequestId,
+        refusal: TooLarge,
+    },
     /// Coordinator to a stale replica after a read: merge these; no ack is expected.
     Repair {
         partition: PartitionId,

@@ -19,7 +19,7 @@ use std::time::Duration;
 use crate::clock::{Actor, Dot, EpochSource, VersionVector};
 use crate::codec::Context;
 use crate::coordinator::{Answer, GetCoordination, PutCoordination};
-use crate::message::{PeerMessage, RequestId};
+use crate::message::{PeerMessage, RequestId, TooLarge};
 use crate::replica::{
     Job, Origin, Refusal, Replica, ReplicaConfig, ReplicaEvent, StorageCompletion, StorageOp,
 };
@@ -45,9 +45,12 @@ pub struct NodeConfig {
     /// never dropped to respect a cap.
     pub siblings_max: usize,
     /// Most bytes all sibling values of one key may take together (the store keeps
-    /// them in one record, under its value limit); a put beyond it is refused before
-    /// any replica writes it.
+    /// them in one record, under its value limit), and most bytes their encoded
+    /// versions may take (the store's version-blob limit). Checked alike by the
+    /// coordinator (a put beyond them is refused before anything is written) and by
+    /// every replica merge (which refuses to the coordinator instead of writing).
     pub stored_value_max: usize,
+    pub stored_version_max: usize,
     /// Where this node's request sequence numbers start. A driver that runs several
     /// state machines as one node (one per core) gives each its own range, so request
     /// ids stay unique per node and replies can be told apart.
@@ -64,6 +67,7 @@ impl NodeConfig {
             request_timeout: Duration::from_secs(1),
             siblings_max: 100,
             stored_value_max: usize::MAX,
+            stored_version_max: usize::MAX,
             first_sequence: 0,
             sabotage: Sabotage::default(),
         }
@@ -138,6 +142,9 @@ pub enum DropReason {
     CorruptStoredVersions,
     StorageReadFailed,
     StorageWriteFailed,
+    /// A repair whose merged versions the store could not keep (see
+    /// `NodeConfig::stored_value_max`); nothing was written.
+    MergeTooLarge,
     /// A timer that fired early was re-armed.
     EarlyTimer,
 }
@@ -185,6 +192,7 @@ impl Node {
                 node: config.node,
                 siblings_max: config.siblings_max,
                 stored_value_max: config.stored_value_max,
+                stored_version_max: config.stored_version_max,
                 sabotage: config.sabotage,
             },
             epochs,
@@ -386,6 +394,9 @@ impl Node {
                 }
             }
             PeerMessage::WriteAck { request } => self.on_write_ack(now, from, request),
+            PeerMessage::WriteRefused { request, refusal } => {
+                self.on_write_refused(from, request, refusal)
+            }
             PeerMessage::Repair {
                 partition,
                 key,
@@ -522,6 +533,25 @@ impl Node {
         }
     }
 
+    /// A replica could not store the write. Once too few replicas are left to reach
+    /// the quorum, the client hears why (not a timeout): the write may stand on the
+    /// replicas that did store it, as a write that timed out may.
+    fn on_write_refused(&mut self, from: NodeId, id: RequestId, refusal: TooLarge) {
+        let Some(put) = self.puts.get_mut(&id) else {
+            self.count(DropReason::LateResponse);
+            return;
+        };
+        match put.refuse(from) {
+            Answer::NotAsked => self.count(DropReason::UnexpectedSender),
+            Answer::Duplicate => self.count(DropReason::DuplicateResponse),
+            Answer::Counted => {}
+            Answer::QuorumReached => {
+                let put = self.puts.remove(&id).expect("looked up just above");
+                self.reply(put.client, ClientReply::Put(Err(too_large_error(refusal))));
+            }
+        }
+    }
+
     /// Dynamo §4.5 read repair: send the merged set to every replica that answered
     /// with less.
     fn repair(&mut self, now: Duration, get: &GetCoordination) {
@@ -575,12 +605,17 @@ impl Node {
                                 ClientError::TooManySiblings { count, limit }
                             }
                             Refusal::StorageFailed => ClientError::StorageFailed,
-                            Refusal::ValuesTooLarge { size, limit } => {
-                                ClientError::ValuesTooLarge { size, limit }
-                            }
+                            Refusal::TooLarge(too_large) => too_large_error(too_large),
                         };
                         self.reply(put.client, ClientReply::Put(Err(error)));
                     }
+                }
+                ReplicaEvent::MergeRefused { origin, refusal } => {
+                    let message = PeerMessage::WriteRefused {
+                        request: origin.request,
+                        refusal,
+                    };
+                    self.send(now, origin.node, message);
                 }
                 ReplicaEvent::Dropped(reason) => self.count(reason),
             }
@@ -659,5 +694,12 @@ impl Node {
 
     fn count(&mut self, reason: DropReason) {
         *self.stats.drops.entry(reason).or_default() += 1;
+    }
+}
+
+fn too_large_error(too_large: TooLarge) -> ClientError {
+    match too_large {
+        TooLarge::Values { size, limit } => ClientError::ValuesTooLarge { size, limit },
+        TooLarge::Versions { size, limit } => ClientError::VersionsTooLarge { size, limit },
     }
 }

@@ -13,8 +13,8 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::clock::{Actor, Dot, EpochSource, VersionVector};
-use crate::codec::StoredVersions;
-use crate::message::RequestId;
+use crate::codec::{self, StoredVersions};
+use crate::message::{RequestId, TooLarge};
 use crate::node::{DropReason, Sabotage};
 use crate::ring::{NodeId, PartitionId};
 use crate::version::{ConflictMode, Value, Version, VersionSet};
@@ -117,7 +117,7 @@ impl Job {
 pub(crate) enum Refusal {
     TooManySiblings { count: usize, limit: usize },
     StorageFailed,
-    ValuesTooLarge { size: usize, limit: usize },
+    TooLarge(TooLarge),
 }
 
 /// What the replica asks its node to do.
@@ -142,6 +142,12 @@ pub(crate) enum ReplicaEvent {
         origin: Origin,
         refusal: Refusal,
     },
+    /// A merge asked by `origin` would leave more than the store keeps for one key;
+    /// nothing was written.
+    MergeRefused {
+        origin: Origin,
+        refusal: TooLarge,
+    },
     Dropped(DropReason),
 }
 
@@ -150,6 +156,7 @@ pub(crate) struct ReplicaConfig {
     pub node: NodeId,
     pub siblings_max: usize,
     pub stored_value_max: usize,
+    pub stored_version_max: usize,
     pub sabotage: Sabotage,
 }
 
@@ -387,6 +394,18 @@ impl Replica {
                 ref incoming,
             } => {
                 let merged = self.merge(&current, incoming);
+                if let Some(refusal) = self.over_store_limits(&merged) {
+                    // Storing less would drop a concurrent write; storing this cannot
+                    // be done. Keep what is here and say why; the key converges again
+                    // once a client resolves its siblings (a write with the read
+                    // context supersedes them all and fits).
+                    match origin {
+                        Some(origin) => out.push(ReplicaEvent::MergeRefused { origin, refusal }),
+                        None => out.push(ReplicaEvent::Dropped(DropReason::MergeTooLarge)),
+                    }
+                    self.finish(key, out);
+                    return;
+                }
                 if merged == current {
                     // Nothing new: what is stored is already durable (see module doc).
                     if let Some(origin) = origin {
@@ -418,30 +437,16 @@ impl Replica {
                     value: value.clone(),
                 };
                 let merged = self.merge(&current, &VersionSet::from_versions(mode, [version]));
-                if merged.len() > self.config.siblings_max {
-                    out.push(ReplicaEvent::Refused {
-                        origin,
-                        refusal: Refusal::TooManySiblings {
-                            count: merged.len(),
-                            limit: self.config.siblings_max,
-                        },
-                    });
-                    self.finish(key, out);
-                    return;
-                }
-                let size: usize = merged
-                    .siblings()
-                    .filter_map(|v| v.value.data())
-                    .map(<[u8]>::len)
-                    .sum();
-                if size > self.config.stored_value_max {
-                    out.push(ReplicaEvent::Refused {
-                        origin,
-                        refusal: Refusal::ValuesTooLarge {
-                            size,
-                            limit: self.config.stored_value_max,
-                        },
-                    });
+                let refusal = if merged.len() > self.config.siblings_max {
+                    Some(Refusal::TooManySiblings {
+                        count: merged.len(),
+                        limit: self.config.siblings_max,
+                    })
+                } else {
+                    self.over_store_limits(&merged).map(Refusal::TooLarge)
+                };
+                if let Some(refusal) = refusal {
+                    out.push(ReplicaEvent::Refused { origin, refusal });
                     self.finish(key, out);
                     return;
                 }
@@ -453,6 +458,35 @@ impl Replica {
                 self.write(key, partition, job, &merged, out);
             }
         }
+    }
+
+    /// Whether `set` exceeds what the store keeps for one key: its values together, or
+    /// its encoded versions. The same check guards the coordinator's own write and
+    /// every replica's merge, so no write is ever handed to a store that refuses it.
+    fn over_store_limits(&self, set: &VersionSet) -> Option<TooLarge> {
+        let values: usize = set
+            .siblings()
+            .filter_map(|v| v.value.data())
+            .map(<[u8]>::len)
+            .sum();
+        if values > self.config.stored_value_max {
+            return Some(TooLarge::Values {
+                size: values,
+                limit: self.config.stored_value_max,
+            });
+        }
+        let versions = codec::encoded_version_len(set);
+        let limit = self
+            .config
+            .stored_version_max
+            .min(codec::STORED_VERSION_MAX);
+        if versions > limit || set.len() > codec::SIBLINGS_MAX_ENCODED {
+            return Some(TooLarge::Versions {
+                size: versions,
+                limit,
+            });
+        }
+        None
     }
 
     fn merge(&self, current: &VersionSet, incoming: &VersionSet) -> VersionSet {

@@ -85,6 +85,10 @@ pub enum ClientError {
     /// key; nothing was written. Read, merge the siblings, write back with the context.
     #[error("the siblings' values would take {size} bytes together, over the limit of {limit}")]
     ValuesTooLarge { size: usize, limit: usize },
+    /// The key's version metadata (one dot, stamp and past per sibling) would exceed
+    /// what the store keeps for one key; nothing was written here. Resolve siblings.
+    #[error("the siblings' versions would take {size} bytes together, over the limit of {limit}")]
+    VersionsTooLarge { size: usize, limit: usize },
     /// The coordinator's own storage failed before a version was made; nothing written.
     #[error("the coordinator's storage failed")]
     StorageFailed,

@@ -13,7 +13,7 @@ use rkyv::util::AlignedVec;
 use thiserror::Error;
 
 use crate::codec::{DecodeError, StoredVersions};
-use crate::message::{PeerMessage, RequestId};
+use crate::message::{PeerMessage, RequestId, TooLarge};
 use crate::ring::PartitionId;
 
 /// Why received bytes are not a peer message.
@@ -22,6 +22,9 @@ pub enum WireError {
     /// The archive is malformed (bad offsets, lengths, enum tags, truncation).
     #[error("malformed archive: {0}")]
     Archive(String),
+    /// A write refusal of a kind this node does not know.
+    #[error("unknown write refusal {0}")]
+    UnknownRefusal(u8),
     /// The archive is sound but carries an invalid version set.
     #[error("invalid version set: {0}")]
     Versions(#[from] DecodeError),
@@ -47,6 +50,13 @@ enum WireMessage {
     },
     WriteAck {
         request: WireRequest,
+    },
+    WriteRefused {
+        request: WireRequest,
+        /// 0: the values were too large; 1: the versions were.
+        what: u8,
+        size: u64,
+        limit: u64,
     },
     Repair {
         partition: u32,
@@ -116,6 +126,18 @@ impl From<&PeerMessage> for WireMessage {
             PeerMessage::WriteAck { request } => WireMessage::WriteAck {
                 request: (*request).into(),
             },
+            PeerMessage::WriteRefused { request, refusal } => {
+                let (what, size, limit) = match *refusal {
+                    TooLarge::Values { size, limit } => (0, size, limit),
+                    TooLarge::Versions { size, limit } => (1, size, limit),
+                };
+                WireMessage::WriteRefused {
+                    request: (*request).into(),
+                    what,
+                    size: size as u64,
+                    limit: limit as u64,
+                }
+            }
             PeerMessage::Repair {
                 partition,
                 key,
@@ -161,6 +183,24 @@ impl TryFrom<WireMessage> for PeerMessage {
             WireMessage::WriteAck { request } => PeerMessage::WriteAck {
                 request: request.into(),
             },
+            WireMessage::WriteRefused {
+                request,
+                what,
+                size,
+                limit,
+            } => {
+                // Sizes past usize only saturate: they are reported, never allocated.
+                let (size, limit) = (clamp(size), clamp(limit));
+                let refusal = match what {
+                    0 => TooLarge::Values { size, limit },
+                    1 => TooLarge::Versions { size, limit },
+                    other => return Err(WireError::UnknownRefusal(other)),
+                };
+                PeerMessage::WriteRefused {
+                    request: request.into(),
+                    refusal,
+                }
+            }
             WireMessage::Repair {
                 partition,
                 key,
@@ -172,6 +212,10 @@ impl TryFrom<WireMessage> for PeerMessage {
             },
         })
     }
+}
+
+fn clamp(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
 }
 
 impl From<RequestId> for WireRequest {
@@ -256,6 +300,20 @@ mod tests {
                 versions: sample_set(),
             },
             PeerMessage::WriteAck { request },
+            PeerMessage::WriteRefused {
+                request,
+                refusal: TooLarge::Values {
+                    size: 2_000_000,
+                    limit: 1 << 20,
+                },
+            },
+            PeerMessage::WriteRefused {
+                request,
+                refusal: TooLarge::Versions {
+                    size: 70_000,
+                    limit: 65_536,
+                },
+            },
             PeerMessage::Repair {
                 partition: PartitionId(5),
                 key: b"k".to_vec(),

@@ -433,6 +433,80 @@ fn too_many_siblings_refuses_the_put() {
     h.put_ok(coordinator, KEY, Some(b"resolved"), Some(context));
 }
 
+/// The version metadata of a key's siblings grows with each blind write; past what
+/// the store keeps for one key, the coordinator refuses the put with the sizes, never
+/// hands the store a record it would refuse (which timed out before), and nothing
+/// is written.
+#[test]
+fn versions_beyond_the_store_limit_are_refused_with_their_size() {
+    let mut h = Harness::new(3, |c| c.stored_version_max = 150);
+    let coordinator = h.replicas(KEY)[0];
+    let mut refused = None;
+    for i in 0..10u8 {
+        let before = h.stored(coordinator, KEY);
+        let client = h.put(coordinator, KEY, Some(&[i]), None, Quorum::default());
+        match &h.replies[&client] {
+            ClientReply::Put(Ok(_)) => {}
+            other => {
+                assert_eq!(h.stored(coordinator, KEY), before, "nothing written");
+                refused = Some(other.clone());
+                break;
+            }
+        }
+    }
+    match refused {
+        Some(ClientReply::Put(Err(ClientError::VersionsTooLarge { size, limit: 150 }))) => {
+            assert!(size > 150)
+        }
+        other => panic!("expected VersionsTooLarge, got {other:?}"),
+    }
+    let context = h.get_ok(coordinator, KEY).context.encode();
+    h.put_ok(coordinator, KEY, Some(b"resolved"), Some(context));
+}
+
+/// A write that fits at its coordinator can still make a replica's set too large to
+/// store (that replica holds a concurrent write). The replica refuses to the
+/// coordinator instead of leaving it to time out, and once the quorum cannot be met
+/// the client hears why.
+#[test]
+fn a_replica_merge_beyond_the_store_limit_is_refused_not_timed_out() {
+    let mut h = Harness::new(3, |c| c.stored_value_max = 10);
+    let [x, y, z] = h.replicas(KEY)[..] else {
+        unreachable!()
+    };
+    h.silenced.insert(z);
+    h.put_ok(x, KEY, Some(b"aaaaaa"), None);
+    h.silenced.remove(&z);
+    h.silenced.insert(x);
+    h.silenced.insert(y);
+    let one = Quorum::new(3, 1, 1).unwrap();
+    let client = h.put(z, KEY, Some(b"bbbbbb"), None, one);
+    assert!(matches!(h.replies[&client], ClientReply::Put(Ok(_))));
+    h.silenced.clear();
+    // x holds aaaaaa and adds cc (8 bytes); z holds bbbbbb and would hold 14.
+    let all = Quorum::new(3, 1, 3).unwrap();
+    let client = h.put(x, KEY, Some(b"cc"), None, all);
+    assert_eq!(
+        h.replies[&client],
+        ClientReply::Put(Err(ClientError::ValuesTooLarge {
+            size: 14,
+            limit: 10
+        }))
+    );
+    let z_set = h.stored(z, KEY).unwrap();
+    assert_eq!(z_set.len(), 1, "z kept what it had");
+    // Resolving with a context covering every sibling fits everywhere again.
+    let seen = h.get(x, KEY, Quorum::new(3, 3, 1).unwrap());
+    let ClientReply::Get(Ok(outcome)) = h.replies[&seen].clone() else {
+        panic!("read failed")
+    };
+    let resolved = h.put(x, KEY, Some(b"r"), Some(outcome.context.encode()), all);
+    assert!(matches!(h.replies[&resolved], ClientReply::Put(Ok(_))));
+    for node in [x, y, z] {
+        assert_eq!(h.stored(node, KEY).unwrap().len(), 1, "{node:?} converged");
+    }
+}
+
 /// Last-writer-wins namespaces keep one value per key.
 #[test]
 fn last_writer_wins_mode_keeps_one_value() {

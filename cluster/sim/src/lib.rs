@@ -59,6 +59,10 @@ pub struct RunStats {
     pub writes_failed: u64,
     pub actors_retired: u64,
     pub clock_jumps: u64,
+    /// Puts refused for the nodes' limits (too many siblings, too large).
+    pub puts_refused_for_limits: u64,
+    /// Writes the resolver made after healing in tight-limit runs.
+    pub resolving_puts: u64,
     /// Siblings seen by successful reads (more than one version returned).
     pub reads_with_siblings: u64,
     /// Acked puts checked against later reads by the read checkers.

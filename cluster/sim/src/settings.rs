@@ -50,6 +50,20 @@ pub struct Settings {
     /// Chance, at every fault tick, that a node's wall clock jumps (up to 10 s either
     /// way, as NTP stepping a clock would).
     pub clock_jump_per_mille: u32,
+    /// The nodes' limits: siblings a put may leave, and what the store keeps for one
+    /// key (values, encoded versions). A quarter of the seeds make them tight, so
+    /// puts are refused and merges hit the store's limits.
+    pub siblings_max: usize,
+    pub stored_value_max: usize,
+    pub stored_version_max: usize,
+}
+
+impl Settings {
+    /// Whether the limits are tight enough to refuse work (then the run resolves
+    /// every key after healing, as a client would).
+    pub fn tight_limits(&self) -> bool {
+        self.stored_value_max != usize::MAX
+    }
 }
 
 impl Settings {
@@ -99,6 +113,19 @@ impl Settings {
             failed_write_per_mille: [0, 5, 30][dice.index(3)],
             clock_skew_max_ms: [0, 50, 300_000][dice.index(3)],
             clock_jump_per_mille: [0, 20][dice.index(2)],
+            siblings_max: 100,
+            stored_value_max: usize::MAX,
+            stored_version_max: usize::MAX,
         }
+        .with_tight_limits(dice)
+    }
+
+    fn with_tight_limits(mut self, dice: &mut Dice) -> Settings {
+        if dice.chance(250) {
+            self.siblings_max = dice.between(2, 6) as usize;
+            self.stored_value_max = dice.between(30, 120) as usize;
+            self.stored_version_max = dice.between(1_500, 4_000) as usize;
+        }
+        self
     }
 }

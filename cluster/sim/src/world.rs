@@ -14,8 +14,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use ringkv_cluster::{
-    Action, ClientReply, ClientToken, GetRequest, Member, Node, NodeConfig, NodeId, PeerMessage,
-    PutRequest, Quorum, Ring, StorageCompletion, StorageOp, TimerId, VersionSet,
+    Action, ClientError, ClientReply, ClientToken, GetRequest, Member, Node, NodeConfig, NodeId,
+    PeerMessage, PutRequest, Quorum, Ring, StorageCompletion, StorageOp, TimerId, VersionSet,
 };
 use xxhash_rust::xxh3::Xxh3;
 
@@ -140,7 +140,8 @@ impl World {
         let mut world = World {
             n,
             nodes: Vec::new(),
-            clients: (0..settings.clients)
+            // The working clients, then the resolver (see `resolver`).
+            clients: (0..=settings.clients)
                 .map(|_| Client {
                     contexts: BTreeMap::new(),
                 })
@@ -190,7 +191,16 @@ impl World {
     /// Runs all three phases and the final checks.
     pub fn run(&mut self) {
         self.run_until_quiet();
-        self.repair_every_key();
+        if self.settings.tight_limits() {
+            // Over the store's limits, replicas keep what they hold and refuse merges
+            // until a client resolves the siblings: do what such a client does, then
+            // hold the key to the same convergence as any other.
+            self.repair_every_key(Some(self.resolver()));
+            self.run_until_quiet();
+            self.resolve_every_key();
+            self.run_until_quiet();
+        }
+        self.repair_every_key(None);
         self.run_until_quiet();
         self.check_final_state();
         let replicas = self.replicas_of_keys();
@@ -220,6 +230,9 @@ impl World {
         let mut config = NodeConfig::new(id, self.dice.bits());
         config.request_timeout = Duration::from_millis(self.settings.request_timeout_ms);
         config.sabotage = self.options.sabotage;
+        config.siblings_max = self.settings.siblings_max;
+        config.stored_value_max = self.settings.stored_value_max;
+        config.stored_version_max = self.settings.stored_version_max;
         Node::new(config, self.ring.clone())
     }
 
@@ -632,6 +645,19 @@ impl World {
         let blind = self.dice.chance(self.settings.blind_put_per_mille);
         let context = if blind { None } else { known };
         let delete = context.is_some() && self.dice.chance(self.settings.delete_per_mille);
+        self.submit_put(client, op, key, quorum, context, delete);
+    }
+
+    /// Sends one put (a delete when `delete`) with `context` through a random replica.
+    fn submit_put(
+        &mut self,
+        client: usize,
+        op: u64,
+        key: Vec<u8>,
+        quorum: Quorum,
+        context: Option<Vec<u8>>,
+        delete: bool,
+    ) {
         let value = (!delete).then(|| format!("c{client}-op{op}").into_bytes());
         let replicas = self.ring.preference_list_for_key(&key, quorum.n());
         let coordinator = replicas[self.dice.index(replicas.len())];
@@ -710,6 +736,14 @@ impl World {
                     }
                     Some(other) => {
                         self.stats.puts_not_acked += 1;
+                        if matches!(
+                            other,
+                            ClientReply::Put(Err(ClientError::TooManySiblings { .. }
+                                | ClientError::ValuesTooLarge { .. }
+                                | ClientError::VersionsTooLarge { .. }))
+                        ) {
+                            self.stats.puts_refused_for_limits += 1;
+                        }
                         PutResult::NotAcked(format!("{other:?}"))
                     }
                     None => {
@@ -765,14 +799,37 @@ impl World {
         self.schedule(Duration::from_millis(think), Event::ClientWake { client });
     }
 
-    /// One read at R = N per key, so read repair brings every replica up to date.
-    fn repair_every_key(&mut self) {
+    /// One read at R = N per key, so read repair brings every replica up to date; the
+    /// resolver client keeps the contexts.
+    fn repair_every_key(&mut self, resolver: Option<usize>) {
         let quorum = Quorum::new(self.n, self.n, 1).expect("1 <= N");
         for k in 0..self.settings.keys {
             let key = format!("k{k}").into_bytes();
             self.next_op += 1;
             let op = self.next_op;
-            self.issue_get(None, op, key, quorum);
+            self.issue_get(resolver, op, key, quorum);
+        }
+    }
+
+    /// The client that resolves siblings after healing: one past the working clients,
+    /// never woken by the safety phase.
+    fn resolver(&self) -> usize {
+        self.clients.len() - 1
+    }
+
+    /// A write at W = N with the context of the resolver's read, per key it read.
+    fn resolve_every_key(&mut self) {
+        let quorum = Quorum::new(self.n, 1, self.n).expect("1 <= N");
+        let resolver = self.resolver();
+        for k in 0..self.settings.keys {
+            let key = format!("k{k}").into_bytes();
+            let Some(context) = self.clients[resolver].contexts.remove(&key) else {
+                continue;
+            };
+            self.next_op += 1;
+            let op = self.next_op;
+            self.stats.resolving_puts += 1;
+            self.submit_put(resolver, op, key, quorum, Some(context), false);
         }
     }
 

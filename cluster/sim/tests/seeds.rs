@@ -72,6 +72,8 @@ fn add(total: &mut RunStats, run: &RunStats) {
     total.writes_failed += run.writes_failed;
     total.actors_retired += run.actors_retired;
     total.clock_jumps += run.clock_jumps;
+    total.puts_refused_for_limits += run.puts_refused_for_limits;
+    total.resolving_puts += run.resolving_puts;
 }
 
 /// A batch that passed while acknowledging nothing, or without ever meeting a fault,
@@ -80,7 +82,7 @@ fn assert_did_something(total: &RunStats) {
     println!(
         "batch: {} puts acked ({} deletes), {} gets, {} read checks, {} reads with siblings, \
          {} crashes, {} wiped disks, {} lost records, {} failed writes, {} actors retired, \
-         {} clock jumps",
+         {} clock jumps, {} puts refused for limits, {} resolving puts",
         total.puts_acked,
         total.deletes_acked,
         total.gets_ok,
@@ -91,7 +93,9 @@ fn assert_did_something(total: &RunStats) {
         total.records_lost,
         total.writes_failed,
         total.actors_retired,
-        total.clock_jumps
+        total.clock_jumps,
+        total.puts_refused_for_limits,
+        total.resolving_puts
     );
     for (what, count) in [
         ("acked puts", total.puts_acked),
@@ -104,6 +108,8 @@ fn assert_did_something(total: &RunStats) {
         ("failed writes", total.writes_failed),
         ("retired actors", total.actors_retired),
         ("clock jumps", total.clock_jumps),
+        ("puts refused for limits", total.puts_refused_for_limits),
+        ("resolving puts", total.resolving_puts),
     ] {
         assert!(count > 0, "the batch had no {what}");
     }

@@ -186,6 +186,13 @@ pub fn error_reply(err: ServerError) -> ErrorReply {
             size: size as u64,
             limit: limit as u64,
         },
+        ServerError::Client(ClientError::VersionsTooLarge { size, limit }) => {
+            ErrorReply::TooLarge {
+                what: "siblings' versions together".into(),
+                size: size as u64,
+                limit: limit as u64,
+            }
+        }
         ServerError::Client(ClientError::InvalidArgument(e)) => ErrorReply::InvalidArgument {
             message: e.to_string(),
         },

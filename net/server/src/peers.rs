@@ -390,7 +390,9 @@ async fn deliver(shard: &Rc<Shard>, from: NodeId, frame: PeerFrame) -> Result<()
                 // A reply goes to the shard whose request it answers: shard i numbers
                 // its requests from i << 48 (see runtime.rs).
                 (
-                    PeerMessage::ReadReply { request, .. } | PeerMessage::WriteAck { request },
+                    PeerMessage::ReadReply { request, .. }
+                    | PeerMessage::WriteAck { request }
+                    | PeerMessage::WriteRefused { request, .. },
                     None,
                 ) => (request.sequence >> 48) as usize,
             };

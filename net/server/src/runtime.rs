@@ -346,7 +346,9 @@ fn node_config(config: &ServerConfig, shard: usize) -> NodeConfig {
     // whatever happened to its data directory (see `ringkv_cluster::Actor`).
     let mut node_config = NodeConfig::new(NodeId(config.node_id), fastrand::u64(..));
     node_config.request_timeout = Duration::from_millis(config.request_timeout_ms);
+    // The same limits the store enforces, so a merge is checked before the store sees it.
     node_config.stored_value_max = config.max_value_bytes;
+    node_config.stored_version_max = ringkv_engine::record::MAX_VERSION_LEN;
     // Shard i numbers its requests from i << 48: ids stay unique across the node's
     // shards, so a peer's reply is routed back to the one shard that asked.
     node_config.first_sequence = (shard as u64) << 48;
