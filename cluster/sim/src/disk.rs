@@ -10,7 +10,8 @@ use ringkv_cluster::{StorageOpId, StoredRead, StoredVersions};
 #[derive(Default)]
 pub struct Disk {
     durable: BTreeMap<Vec<u8>, StoredVersions>,
-    pending: Vec<(StorageOpId, Vec<u8>, StoredVersions)>,
+    /// Pending writes: the shard that issued each, its op, the key and the record.
+    pending: Vec<(usize, StorageOpId, Vec<u8>, StoredVersions)>,
     /// Keys whose record failed its checksum: they read as lost until rewritten, as
     /// the engine's `Lost` markers do.
     lost: BTreeSet<Vec<u8>>,
@@ -20,9 +21,9 @@ impl Disk {
     /// What a read sees: the newest pending write of the key (the page cache), else
     /// the durable record.
     pub fn read(&self, key: &[u8]) -> StoredRead {
-        let pending = self.pending.iter().rev().find(|(_, k, _)| k == key);
+        let pending = self.pending.iter().rev().find(|(_, _, k, _)| k == key);
         match pending {
-            Some((_, _, stored)) => StoredRead::Found(stored.clone()),
+            Some((_, _, _, stored)) => StoredRead::Found(stored.clone()),
             None if self.lost.contains(key) => StoredRead::Lost,
             None => match self.durable.get(key) {
                 Some(stored) => StoredRead::Found(stored.clone()),
@@ -49,18 +50,25 @@ impl Disk {
 
     /// Queues a write; returns whether it is the first pending one (a sync must then
     /// be scheduled).
-    pub fn write(&mut self, op: StorageOpId, key: Vec<u8>, stored: StoredVersions) -> bool {
-        self.pending.push((op, key, stored));
+    pub fn write(
+        &mut self,
+        shard: usize,
+        op: StorageOpId,
+        key: Vec<u8>,
+        stored: StoredVersions,
+    ) -> bool {
+        self.pending.push((shard, op, key, stored));
         self.pending.len() == 1
     }
 
-    /// Makes every pending write durable, in order; returns their op ids.
-    pub fn sync(&mut self) -> Vec<StorageOpId> {
+    /// Makes every pending write durable, in order; returns their shards and op ids.
+    /// (Shards own disjoint partitions, so their keys never collide.)
+    pub fn sync(&mut self) -> Vec<(usize, StorageOpId)> {
         let mut done = Vec::with_capacity(self.pending.len());
-        for (op, key, stored) in self.pending.drain(..) {
+        for (shard, op, key, stored) in self.pending.drain(..) {
             self.lost.remove(&key);
             self.durable.insert(key, stored);
-            done.push(op);
+            done.push((shard, op));
         }
         done
     }

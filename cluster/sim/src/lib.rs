@@ -59,6 +59,8 @@ pub struct RunStats {
     pub writes_failed: u64,
     pub actors_retired: u64,
     pub clock_jumps: u64,
+    /// Nodes running more than one shard (one `Node` per shard).
+    pub multi_shard_nodes: u64,
     /// Puts refused for the nodes' limits (too many siblings, too large).
     pub puts_refused_for_limits: u64,
     /// Writes the resolver made after healing in tight-limit runs.

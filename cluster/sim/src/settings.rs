@@ -56,6 +56,8 @@ pub struct Settings {
     pub siblings_max: usize,
     pub stored_value_max: usize,
     pub stored_version_max: usize,
+    /// Shards per node (one `Node` state machine each), by node id - 1.
+    pub shards: Vec<usize>,
 }
 
 impl Settings {
@@ -84,6 +86,7 @@ impl Settings {
             quorums.push(Quorum::new(n, 1, 1).expect("1 <= n"));
         }
         let delay_min_ms = dice.between(0, 5);
+        let sharded = dice.chance(500);
         let request_timeout_ms = dice.between(100, 400);
         Settings {
             nodes,
@@ -116,6 +119,15 @@ impl Settings {
             siblings_max: 100,
             stored_value_max: usize::MAX,
             stored_version_max: usize::MAX,
+            shards: (0..nodes)
+                .map(|_| {
+                    if sharded {
+                        dice.between(1, 3) as usize
+                    } else {
+                        1
+                    }
+                })
+                .collect(),
         }
         .with_tight_limits(dice)
     }

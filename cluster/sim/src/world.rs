@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use ringkv_cluster::{
     Action, ClientError, ClientReply, ClientToken, GetRequest, Member, Node, NodeConfig, NodeId,
-    PeerMessage, PutRequest, Quorum, Ring, StorageCompletion, StorageOp, TimerId, VersionSet,
+    PartitionId, PeerMessage, PutRequest, Quorum, Ring, StorageCompletion, StorageOp, TimerId,
+    VersionSet,
 };
 use xxhash_rust::xxh3::Xxh3;
 
@@ -45,11 +46,13 @@ enum Event {
     },
     Timer {
         node: NodeId,
+        shard: usize,
         incarnation: u32,
         timer: TimerId,
     },
     StorageDone {
         node: NodeId,
+        shard: usize,
         incarnation: u32,
         completion: StorageCompletion,
     },
@@ -78,10 +81,15 @@ enum Phase {
     Healing,
 }
 
+/// One simulated server: one `Node` per shard, as the server runs one per core.
+/// Shard i owns the partitions p with p % shards == i and numbers its requests from
+/// i << 48, so peers route messages to it as they do to a real server's shards.
 struct SimNode {
     id: NodeId,
     incarnation: u32,
-    node: Option<Node>,
+    /// The shards' state machines while the node is up.
+    node: Option<Vec<Node>>,
+    shard_count: usize,
     disk: Disk,
     sync_scheduled: bool,
     /// How far this node's wall clock is from true time (either way); it survives
@@ -164,13 +172,18 @@ impl World {
         };
         world.hasher.update(&seed.to_le_bytes());
         for member in members {
-            let node = world.boot(member.node);
+            let shard_count = world.settings.shards[member.node.0 as usize - 1];
+            if shard_count > 1 {
+                world.stats.multi_shard_nodes += 1;
+            }
+            let node = world.boot(member.node, shard_count);
             let skew_max = world.settings.clock_skew_max_ms;
             let skew_ms = world.dice.between(0, 2 * skew_max) as i64 - skew_max as i64;
             world.nodes.push(SimNode {
                 id: member.node,
                 incarnation: 0,
                 node: Some(node),
+                shard_count,
                 disk: Disk::default(),
                 sync_scheduled: false,
                 skew_ms,
@@ -224,16 +237,39 @@ impl World {
         self.hasher.digest()
     }
 
-    /// A node starting: a fresh epoch seed every time, as the server draws one from
-    /// the OS on every start.
-    fn boot(&mut self, id: NodeId) -> Node {
-        let mut config = NodeConfig::new(id, self.dice.bits());
-        config.request_timeout = Duration::from_millis(self.settings.request_timeout_ms);
-        config.sabotage = self.options.sabotage;
-        config.siblings_max = self.settings.siblings_max;
-        config.stored_value_max = self.settings.stored_value_max;
-        config.stored_version_max = self.settings.stored_version_max;
-        Node::new(config, self.ring.clone())
+    /// A node starting: its shards, each with a fresh epoch seed every time, as the
+    /// server draws one from the OS for every shard on every start.
+    fn boot(&mut self, id: NodeId, shards: usize) -> Vec<Node> {
+        (0..shards)
+            .map(|shard| {
+                let mut config = NodeConfig::new(id, self.dice.bits());
+                config.request_timeout = Duration::from_millis(self.settings.request_timeout_ms);
+                config.sabotage = self.options.sabotage;
+                config.siblings_max = self.settings.siblings_max;
+                config.stored_value_max = self.settings.stored_value_max;
+                config.stored_version_max = self.settings.stored_version_max;
+                config.first_sequence = (shard as u64) << 48;
+                Node::new(config, self.ring.clone())
+            })
+            .collect()
+    }
+
+    /// The shard of node `id` that owns `partition`.
+    fn shard_of(&self, id: NodeId, partition: PartitionId) -> usize {
+        partition.0 as usize % self.sim_node(id).shard_count
+    }
+
+    /// The shard a peer message is for, as the server routes it: requests by their
+    /// partition, replies by the shard that numbered the request.
+    fn shard_for_message(&self, id: NodeId, message: &PeerMessage) -> usize {
+        match message {
+            PeerMessage::Read { partition, .. }
+            | PeerMessage::Write { partition, .. }
+            | PeerMessage::Repair { partition, .. } => self.shard_of(id, *partition),
+            PeerMessage::ReadReply { request, .. }
+            | PeerMessage::WriteAck { request }
+            | PeerMessage::WriteRefused { request, .. } => (request.sequence >> 48) as usize,
+        }
     }
 
     /// Whether `id` may lose data now: the victim, while faults strike.
@@ -290,35 +326,38 @@ impl World {
                         panic!("{from:?} -> {to:?}: undecodable message: {error}");
                     }
                 };
-                if let Some(node) = self.live_node(to) {
+                let shard = self.shard_for_message(to, &message);
+                if let Some(node) = self.live_node(to, shard) {
                     node.handle_message(now, from, message);
-                    self.drain(to);
+                    self.drain(to, shard);
                 }
             }
             Event::Timer {
                 node,
+                shard,
                 incarnation,
                 timer,
             } => {
                 if self.is_current(node, incarnation) {
                     let now = self.now;
-                    self.live_node(node)
+                    self.live_node(node, shard)
                         .expect("current")
                         .handle_timer(now, timer);
-                    self.drain(node);
+                    self.drain(node, shard);
                 }
             }
             Event::StorageDone {
                 node,
+                shard,
                 incarnation,
                 completion,
             } => {
                 if self.is_current(node, incarnation) {
                     let now = self.now;
-                    self.live_node(node)
+                    self.live_node(node, shard)
                         .expect("current")
                         .handle_storage(now, completion);
-                    self.drain(node);
+                    self.drain(node, shard);
                 }
             }
             Event::Sync { node, incarnation } => {
@@ -352,10 +391,10 @@ impl World {
         }
     }
 
-    /// Carries out every action a node has queued.
-    fn drain(&mut self, id: NodeId) {
+    /// Carries out every action a node's shard has queued.
+    fn drain(&mut self, id: NodeId, shard: usize) {
         loop {
-            let Some(node) = self.live_node(id) else {
+            let Some(node) = self.live_node(id, shard) else {
                 return;
             };
             node.assert_invariants();
@@ -364,7 +403,7 @@ impl World {
             };
             match action {
                 Action::Send { to, message } => self.send(id, to, message),
-                Action::Storage(op) => self.storage(id, op),
+                Action::Storage(op) => self.storage(id, shard, op),
                 Action::SetTimer { timer, at } => {
                     let incarnation = self.sim_node(id).incarnation;
                     let after = at.saturating_sub(self.now);
@@ -372,6 +411,7 @@ impl World {
                         after,
                         Event::Timer {
                             node: id,
+                            shard,
                             incarnation,
                             timer,
                         },
@@ -415,7 +455,7 @@ impl World {
         Duration::from_millis(ms)
     }
 
-    fn storage(&mut self, id: NodeId, op: StorageOp) {
+    fn storage(&mut self, id: NodeId, shard: usize, op: StorageOp) {
         match op {
             StorageOp::Read { op, key, .. } => {
                 if self.is_victim(id)
@@ -431,7 +471,7 @@ impl World {
                     op,
                     result: Ok(stored),
                 };
-                self.complete_later(id, latency, completion);
+                self.complete_later(id, shard, latency, completion);
             }
             StorageOp::Write {
                 op, key, stored, ..
@@ -444,10 +484,10 @@ impl World {
                         result: Err(ringkv_cluster::StorageFailure("injected EIO".into())),
                     };
                     let latency = self.dice.between(0, self.settings.sync_delay_max_ms);
-                    self.complete_later(id, latency, completion);
+                    self.complete_later(id, shard, latency, completion);
                     return;
                 }
-                self.sim_node_mut(id).disk.write(op, key, stored);
+                self.sim_node_mut(id).disk.write(shard, op, key, stored);
                 self.ensure_sync(id);
             }
         }
@@ -455,12 +495,19 @@ impl World {
 
     /// Delivers a storage completion to the node `latency_ms` from now (if it has not
     /// restarted by then).
-    fn complete_later(&mut self, id: NodeId, latency_ms: u64, completion: StorageCompletion) {
+    fn complete_later(
+        &mut self,
+        id: NodeId,
+        shard: usize,
+        latency_ms: u64,
+        completion: StorageCompletion,
+    ) {
         let incarnation = self.sim_node(id).incarnation;
         self.schedule(
             Duration::from_millis(latency_ms),
             Event::StorageDone {
                 node: id,
+                shard,
                 incarnation,
                 completion,
             },
@@ -489,12 +536,12 @@ impl World {
         let sim = self.sim_node_mut(id);
         sim.sync_scheduled = false;
         let done = sim.disk.sync();
-        for op in done {
+        for (shard, op) in done {
             let completion = StorageCompletion::Write { op, result: Ok(()) };
-            self.live_node(id)
+            self.live_node(id, shard)
                 .expect("synced nodes are live")
                 .handle_storage(now, completion);
-            self.drain(id);
+            self.drain(id, shard);
         }
         self.ensure_sync(id);
     }
@@ -550,8 +597,8 @@ impl World {
     fn crash(&mut self, id: NodeId) {
         self.stats.crashes += 1;
         let wipe = self.is_victim(id) && self.dice.chance(self.settings.wipe_per_mille);
-        if let Some(node) = self.sim_node_mut(id).node.take() {
-            self.stats.actors_retired += node.stats().actors_retired;
+        for shard in self.sim_node_mut(id).node.take().into_iter().flatten() {
+            self.stats.actors_retired += shard.stats().actors_retired;
         }
         let sim = self.sim_node_mut(id);
         sim.sync_scheduled = false;
@@ -564,8 +611,8 @@ impl World {
         self.stats.lost_pending_writes += lost as u64;
         // A perfect failure detector for crashes: the others stop asking this node.
         for other in self.nodes.iter_mut() {
-            if let Some(node) = other.node.as_mut() {
-                node.set_reachable(id, false);
+            for shard in other.node.iter_mut().flatten() {
+                shard.set_reachable(id, false);
             }
         }
         let downtime = self.dice.between(10, self.settings.downtime_max_ms);
@@ -577,18 +624,21 @@ impl World {
             return;
         }
         let incarnation = self.sim_node(id).incarnation + 1;
-        let mut node = self.boot(id);
+        let shard_count = self.sim_node(id).shard_count;
+        let mut node = self.boot(id, shard_count);
         for other in &self.nodes {
             if other.node.is_none() && other.id != id {
-                node.set_reachable(other.id, false);
+                for shard in &mut node {
+                    shard.set_reachable(other.id, false);
+                }
             }
         }
         let sim = self.sim_node_mut(id);
         sim.incarnation = incarnation;
         sim.node = Some(node);
         for other in self.nodes.iter_mut() {
-            if let Some(node) = other.node.as_mut() {
-                node.set_reachable(id, true);
+            for shard in other.node.iter_mut().flatten() {
+                shard.set_reachable(id, true);
             }
         }
     }
@@ -633,11 +683,12 @@ impl World {
         let at = live[self.dice.index(live.len())];
         self.waiting.insert(op, waiting);
         let now = self.now;
+        let shard = self.shard_of(at, self.ring.partition_of(&key));
         let request = GetRequest { key, quorum };
-        self.live_node(at)
+        self.live_node(at, shard)
             .expect("chosen among live nodes")
             .handle_get(now, ClientToken(op), request);
-        self.drain(at);
+        self.drain(at, shard);
     }
 
     fn issue_put(&mut self, client: usize, op: u64, key: Vec<u8>, quorum: Quorum) {
@@ -698,10 +749,11 @@ impl World {
         };
         let now = self.now;
         let wall_ms = self.wall_clock_ms(coordinator);
-        self.live_node(coordinator)
+        let shard = self.shard_of(coordinator, self.ring.partition_of(&request.key));
+        self.live_node(coordinator, shard)
             .expect("checked live above")
             .handle_put(now, wall_ms, ClientToken(op), request);
-        self.drain(coordinator);
+        self.drain(coordinator, shard);
     }
 
     fn reply(&mut self, client: ClientToken, reply: ClientReply) {
@@ -835,30 +887,32 @@ impl World {
 
     fn check_final_state(&mut self) {
         for sim in &self.nodes {
-            let Some(node) = &sim.node else {
+            let Some(shards) = &sim.node else {
                 self.violations.push(Violation {
                     checker: Checker::Convergence,
                     detail: format!("{:?} is down after healing", sim.id),
                 });
                 continue;
             };
-            if node.open_work() != 0 || sim.disk.pending_writes() != 0 {
+            let open: usize = shards.iter().map(Node::open_work).sum();
+            if open != 0 || sim.disk.pending_writes() != 0 {
                 self.violations.push(Violation {
                     checker: Checker::Convergence,
                     detail: format!(
-                        "{:?} still has {} open requests/keys and {} unsynced writes",
+                        "{:?} still has {open} open requests/keys and {} unsynced writes",
                         sim.id,
-                        node.open_work(),
                         sim.disk.pending_writes()
                     ),
                 });
             }
-            let stats = node.stats();
-            for (reason, count) in &stats.drops {
-                *self.stats.drops.entry(format!("{reason:?}")).or_default() += count;
+            for shard in shards {
+                let stats = shard.stats();
+                for (reason, count) in &stats.drops {
+                    *self.stats.drops.entry(format!("{reason:?}")).or_default() += count;
+                }
+                self.stats.repairs += stats.repairs_sent;
+                self.stats.actors_retired += stats.actors_retired;
             }
-            self.stats.repairs += stats.repairs_sent;
-            self.stats.actors_retired += stats.actors_retired;
         }
         for k in 0..self.settings.keys {
             let key = format!("k{k}").into_bytes();
@@ -907,8 +961,10 @@ impl World {
         &mut self.nodes[id.0 as usize - 1]
     }
 
-    fn live_node(&mut self, id: NodeId) -> Option<&mut Node> {
-        self.sim_node_mut(id).node.as_mut()
+    fn live_node(&mut self, id: NodeId, shard: usize) -> Option<&mut Node> {
+        // A shard a peer names that this node does not have: dropped, as the server
+        // drops a message for an out-of-range shard.
+        self.sim_node_mut(id).node.as_mut()?.get_mut(shard)
     }
 
     fn is_current(&self, id: NodeId, incarnation: u32) -> bool {

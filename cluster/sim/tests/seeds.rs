@@ -72,6 +72,7 @@ fn add(total: &mut RunStats, run: &RunStats) {
     total.writes_failed += run.writes_failed;
     total.actors_retired += run.actors_retired;
     total.clock_jumps += run.clock_jumps;
+    total.multi_shard_nodes += run.multi_shard_nodes;
     total.puts_refused_for_limits += run.puts_refused_for_limits;
     total.resolving_puts += run.resolving_puts;
 }
@@ -82,7 +83,7 @@ fn assert_did_something(total: &RunStats) {
     println!(
         "batch: {} puts acked ({} deletes), {} gets, {} read checks, {} reads with siblings, \
          {} crashes, {} wiped disks, {} lost records, {} failed writes, {} actors retired, \
-         {} clock jumps, {} puts refused for limits, {} resolving puts",
+         {} clock jumps, {} puts refused for limits, {} resolving puts, {} multi-shard nodes",
         total.puts_acked,
         total.deletes_acked,
         total.gets_ok,
@@ -95,7 +96,8 @@ fn assert_did_something(total: &RunStats) {
         total.actors_retired,
         total.clock_jumps,
         total.puts_refused_for_limits,
-        total.resolving_puts
+        total.resolving_puts,
+        total.multi_shard_nodes
     );
     for (what, count) in [
         ("acked puts", total.puts_acked),
@@ -110,6 +112,7 @@ fn assert_did_something(total: &RunStats) {
         ("clock jumps", total.clock_jumps),
         ("puts refused for limits", total.puts_refused_for_limits),
         ("resolving puts", total.resolving_puts),
+        ("multi-shard nodes", total.multi_shard_nodes),
     ] {
         assert!(count > 0, "the batch had no {what}");
     }
