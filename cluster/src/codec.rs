@@ -23,9 +23,10 @@ pub const CLOCK_ENTRY_LEN: usize = 28;
 pub const CLOCK_ENTRIES_MAX: usize = 4096;
 /// Most siblings one stored set may carry.
 pub const SIBLINGS_MAX_ENCODED: usize = 4096;
-/// Most bytes an encoded version blob may take: what a u16 sibling count of minimal
-/// siblings allows, and far above the store's limit, which replicas check first.
-pub const STORED_VERSION_MAX: usize = 4 + SIBLINGS_MAX_ENCODED * 35;
+/// Most bytes an encoded version blob may take, whatever the configured limit: one
+/// sibling whose past has the most entries a vector may carry. Within it every past
+/// fits a vector's encoding and the sibling count fits its u16.
+pub const STORED_VERSION_MAX: usize = 4 + 35 + CLOCK_ENTRIES_MAX * CLOCK_ENTRY_LEN;
 
 /// Why bytes are not a valid context or version set.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -77,10 +78,23 @@ impl Context {
     }
 
     /// Layout: format u8 = 2, entry count u16, then the entries in actor order.
+    ///
+    /// A read that merges many replicas' siblings can join more entries than a vector
+    /// may carry; the context then keeps the most recently updated ones. That is safe
+    /// for a context (unlike a stored past): a put whose context claims fewer writes
+    /// supersedes fewer siblings and never draws a used dot, since the coordinator
+    /// draws past what it stores.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(3 + self.0.len() * CLOCK_ENTRY_LEN);
         out.push(CONTEXT_FORMAT);
-        encode_vector(&mut out, &self.0);
+        if self.0.len() <= CLOCK_ENTRIES_MAX {
+            encode_vector(&mut out, &self.0);
+        } else {
+            let mut newest: Vec<(Actor, ClockEntry)> = self.0.entries().collect();
+            newest.sort_by_key(|(actor, entry)| std::cmp::Reverse((entry.updated_at_ms, *actor)));
+            newest.truncate(CLOCK_ENTRIES_MAX);
+            encode_vector(&mut out, &VersionVector::from_entries(newest));
+        }
         out
     }
 
@@ -464,6 +478,23 @@ mod tests {
         let (first, rest) = twice.split_at_mut(3 + CLOCK_ENTRY_LEN);
         rest[..12].copy_from_slice(&first[3..15]);
         assert_eq!(Context::decode(&twice), Err(DecodeError::UnsortedEntries));
+    }
+
+    /// A read merging many replicas can join more entries than a vector carries: the
+    /// context keeps the newest instead of failing (or panicking).
+    #[test]
+    fn an_oversized_context_keeps_its_newest_entries() {
+        let huge = VersionVector::from_entries((0..5_000u64).map(|i| {
+            let entry = ClockEntry {
+                counter: 1,
+                updated_at_ms: i,
+            };
+            (actor(1, i), entry)
+        }));
+        let decoded = Context::decode(&Context(huge).encode()).unwrap();
+        assert_eq!(decoded.0.len(), CLOCK_ENTRIES_MAX);
+        assert_eq!(decoded.0.counter(actor(1, 4_999)), 1, "the newest stays");
+        assert_eq!(decoded.0.counter(actor(1, 0)), 0, "the oldest goes");
     }
 
     #[test]

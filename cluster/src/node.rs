@@ -606,6 +606,9 @@ impl Node {
                             }
                             Refusal::StorageFailed => ClientError::StorageFailed,
                             Refusal::TooLarge(too_large) => too_large_error(too_large),
+                            Refusal::CounterExhausted => {
+                                ClientError::InvalidArgument(InvalidArgument::CounterOverflow)
+                            }
                         };
                         self.reply(put.client, ClientReply::Put(Err(error)));
                     }

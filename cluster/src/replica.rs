@@ -19,6 +19,9 @@ use crate::node::{DropReason, Sabotage};
 use crate::ring::{NodeId, PartitionId};
 use crate::version::{ConflictMode, Value, Version, VersionSet};
 
+/// How far ahead of the coordinator's wall clock a seen stamp may be and still count.
+const STAMP_AHEAD_MAX_MS: u64 = 24 * 60 * 60 * 1000;
+
 /// Names one storage operation, so its completion finds its way back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StorageOpId(pub u64);
@@ -115,9 +118,14 @@ impl Job {
 /// Why a coordinated put was refused before any replica stored it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Refusal {
-    TooManySiblings { count: usize, limit: usize },
+    TooManySiblings {
+        count: usize,
+        limit: usize,
+    },
     StorageFailed,
     TooLarge(TooLarge),
+    /// The client's context claims this actor's counter is at its maximum (forged).
+    CounterExhausted,
 }
 
 /// What the replica asks its node to do.
@@ -172,6 +180,8 @@ struct Active {
     op: StorageOpId,
     job: Job,
     stage: Stage,
+    /// The dot a coordinated put drew, while its local write is in flight.
+    made: Option<Dot>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,6 +199,12 @@ pub(crate) struct Replica {
     epochs: EpochSource,
     /// Actors retired since the start, for the node's stats.
     actors_retired: u64,
+    /// Whether the current actor has drawn a dot yet (an unused one need not retire).
+    actor_used: bool,
+    /// Per key, the last counter the current actor drew whose local write failed:
+    /// it may be held by other replicas and not here, so the next dot is drawn past
+    /// it. Cleared with the actor, and when a later write of the key succeeds.
+    issued: BTreeMap<Vec<u8>, u64>,
     keys: BTreeMap<Vec<u8>, KeyQueue>,
     /// Storage operation in flight → the key whose active job issued it.
     in_flight: BTreeMap<StorageOpId, Vec<u8>>,
@@ -206,6 +222,8 @@ impl Replica {
             actor,
             epochs,
             actors_retired: 0,
+            actor_used: false,
+            issued: BTreeMap::new(),
             keys: BTreeMap::new(),
             in_flight: BTreeMap::new(),
             next_op: 0,
@@ -268,10 +286,8 @@ impl Replica {
                         self.retire_actor();
                         Some(VersionSet::new())
                     }
-                    Err(_) => {
-                        self.retire_actor();
-                        None
-                    }
+                    // Nothing was drawn: a put that cannot read is refused.
+                    Err(_) => None,
                 };
                 match stored {
                     Some(current) => self.decide(&key, partition, active.job, current, out),
@@ -285,12 +301,22 @@ impl Replica {
                     {
                         out.push(ReplicaEvent::Durable { origin });
                     }
+                    if active.made.is_some() {
+                        // The stored set holds this actor's latest dot for the key again.
+                        self.issued.remove(&key);
+                    }
                     self.finish(&key, out);
                 }
                 Err(_) => {
                     // A put coordinated here was fanned out before this write: its dot
-                    // may live on other replicas but not here.
-                    self.retire_actor();
+                    // may live on other replicas but not here. Remember it, so the
+                    // next put on the key draws past it (a latched store fails every
+                    // write, and a new actor per failed put would grow every clock).
+                    if let Some(dot) = active.made.filter(|d| d.actor == self.actor)
+                        && !self.config.sabotage.reuse_actor
+                    {
+                        self.issued.insert(key.clone(), dot.counter);
+                    }
                     self.abandon(&key, active.job, DropReason::StorageWriteFailed, out)
                 }
             },
@@ -331,13 +357,16 @@ impl Replica {
         self.actors_retired
     }
 
-    /// Stops using the current actor for new dots: after a storage failure or a lost
-    /// record, the local sets may miss a dot it issued, and drawing "one past the
-    /// largest known" could hand that dot out again (docs/cluster.md, "Actors").
+    /// Stops using the current actor for new dots: after a lost record, the local set
+    /// may miss a dot it issued, and drawing "one past the largest known" could hand
+    /// that dot out again (docs/cluster.md, "Actors"). An actor that drew nothing yet
+    /// has nothing to collide with and stays.
     fn retire_actor(&mut self) {
-        if self.config.sabotage.reuse_actor {
+        if self.config.sabotage.reuse_actor || !self.actor_used {
             return;
         }
+        self.actor_used = false;
+        self.issued.clear();
         self.actor = Actor {
             node: self.config.node,
             epoch: self.epochs.next_epoch(),
@@ -356,10 +385,14 @@ impl Replica {
         if self.config.sabotage.wall_clock_stamps {
             return wall_ms;
         }
+        // A stamp a day past this clock is forged or absurd; following it would pin
+        // every later stamp of the key there.
+        let plausible = wall_ms.saturating_add(STAMP_AHEAD_MAX_MS);
         let seen = current
             .siblings()
             .map(|v| v.written_at_ms)
             .chain(context.entries().map(|(_, entry)| entry.updated_at_ms))
+            .filter(|&stamp| stamp <= plausible)
             .max();
         match seen {
             Some(latest) if latest >= wall_ms => latest.saturating_add(1),
@@ -413,7 +446,7 @@ impl Replica {
                     }
                     self.finish(key, out);
                 } else {
-                    self.write(key, partition, job, &merged, out);
+                    self.write(key, partition, job, &merged, None, out);
                 }
             }
             Job::Coordinate {
@@ -428,7 +461,16 @@ impl Replica {
                 if supersede_local {
                     context.join(&current.context());
                 }
-                let dot = current.next_dot(self.actor, &context);
+                let floor = self.issued.get(key).copied().unwrap_or(0);
+                let Some(dot) = current.next_dot_past(self.actor, &context, floor) else {
+                    out.push(ReplicaEvent::Refused {
+                        origin,
+                        refusal: Refusal::CounterExhausted,
+                    });
+                    self.finish(key, out);
+                    return;
+                };
+                self.actor_used = true;
                 let written_at_ms = self.stamp(wall_ms, &current, &context);
                 let version = Version {
                     dot,
@@ -455,7 +497,7 @@ impl Replica {
                     dot,
                     versions: merged.clone(),
                 });
-                self.write(key, partition, job, &merged, out);
+                self.write(key, partition, job, &merged, Some(dot), out);
             }
         }
     }
@@ -503,6 +545,7 @@ impl Replica {
         partition: PartitionId,
         job: Job,
         merged: &VersionSet,
+        made: Option<Dot>,
         out: &mut Vec<ReplicaEvent>,
     ) {
         let op = self.new_op(key);
@@ -522,6 +565,7 @@ impl Replica {
             op,
             job,
             stage: Stage::Writing,
+            made,
         });
     }
 
@@ -564,6 +608,7 @@ impl Replica {
             op,
             job,
             stage: Stage::Reading,
+            made: None,
         });
     }
 

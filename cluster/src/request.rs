@@ -101,6 +101,8 @@ pub enum InvalidArgument {
     Context(#[from] DecodeError),
     #[error("bad quorum: {0}")]
     Quorum(#[from] QuorumError),
+    #[error("the context claims a write counter at its maximum")]
+    CounterOverflow,
 }
 
 /// The answer to one client request.

@@ -165,11 +165,22 @@ impl VersionSet {
     /// The dot a new write coordinated by `actor` gets: one past every write of `actor`
     /// known here or in the client's context.
     pub fn next_dot(&self, actor: Actor, context: &VersionVector) -> Dot {
-        let known = self.context().counter(actor).max(context.counter(actor));
-        Dot {
+        self.next_dot_past(actor, context, 0)
+            .expect("a counter below u64::MAX")
+    }
+
+    /// `next_dot`, also past `floor` (a dot drawn here whose local write failed), or
+    /// `None` when the counter would overflow (a context forged to claim u64::MAX).
+    pub fn next_dot_past(&self, actor: Actor, context: &VersionVector, floor: u64) -> Option<Dot> {
+        let known = self
+            .context()
+            .counter(actor)
+            .max(context.counter(actor))
+            .max(floor);
+        Some(Dot {
             actor,
-            counter: known + 1,
-        }
+            counter: known.checked_add(1)?,
+        })
     }
 
     /// Keeps only the sibling that last-writer-wins would keep. Used on purpose in LWW

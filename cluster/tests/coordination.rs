@@ -8,7 +8,8 @@ use std::time::Duration;
 use ringkv_cluster::{
     Action, ClientError, ClientReply, ClientToken, ConflictMode, Context, DropReason, GetOutcome,
     GetRequest, InvalidArgument, Member, Node, NodeConfig, NodeId, PeerMessage, PutOutcome,
-    PutRequest, Quorum, RequestId, Ring, StorageCompletion, StorageOp, StoredRead, StoredVersions,
+    PutRequest, Quorum, RequestId, Ring, StorageCompletion, StorageFailure, StorageOp, StoredRead,
+    StoredVersions,
 };
 
 /// Delivers everything at once, in order; `silenced` nodes neither receive nor send.
@@ -20,6 +21,10 @@ struct Harness {
     timers: Vec<(NodeId, ringkv_cluster::TimerId, Duration)>,
     replies: BTreeMap<ClientToken, ClientReply>,
     silenced: BTreeSet<NodeId>,
+    /// Nodes whose store fails every write (a latched store) or reads every record
+    /// as lost (a checksum failure).
+    failing_writes: BTreeSet<NodeId>,
+    losing_reads: BTreeSet<NodeId>,
     next_client: u64,
     storage_ops: usize,
 }
@@ -36,6 +41,8 @@ impl Harness {
             timers: Vec::new(),
             replies: BTreeMap::new(),
             silenced: BTreeSet::new(),
+            failing_writes: BTreeSet::new(),
+            losing_reads: BTreeSet::new(),
             next_client: 0,
             storage_ops: 0,
         };
@@ -167,6 +174,13 @@ impl Harness {
                 self.storage_ops += 1;
                 let disk = self.disks.get_mut(&id).unwrap();
                 let completion = match op {
+                    StorageOp::Read { op, key, .. } if self.losing_reads.contains(&id) => {
+                        disk.remove(&key);
+                        StorageCompletion::Read {
+                            op,
+                            result: Ok(StoredRead::Lost),
+                        }
+                    }
                     StorageOp::Read { op, key, .. } => StorageCompletion::Read {
                         op,
                         result: Ok(disk
@@ -174,6 +188,12 @@ impl Harness {
                             .cloned()
                             .map_or(StoredRead::Absent, StoredRead::Found)),
                     },
+                    StorageOp::Write { op, .. } if self.failing_writes.contains(&id) => {
+                        StorageCompletion::Write {
+                            op,
+                            result: Err(StorageFailure("injected EIO".into())),
+                        }
+                    }
                     StorageOp::Write {
                         op, key, stored, ..
                     } => {
@@ -505,6 +525,63 @@ fn a_replica_merge_beyond_the_store_limit_is_refused_not_timed_out() {
     for node in [x, y, z] {
         assert_eq!(h.stored(node, KEY).unwrap().len(), 1, "{node:?} converged");
     }
+}
+
+/// A coordinator whose store fails every write (a latched store) still fans each put
+/// out; the other replicas store it and ack. Each next put on the key draws a counter
+/// past the failed one, under the same actor: no dot is reused, and clocks do not
+/// grow by an actor per failed write.
+#[test]
+fn a_coordinator_whose_writes_fail_draws_past_them_under_one_actor() {
+    let mut h = Harness::new(3, |_| {});
+    let coordinator = h.replicas(KEY)[0];
+    h.failing_writes.insert(coordinator);
+    let actor = h.nodes[&coordinator].actor();
+    let mut dots = Vec::new();
+    for value in [&b"one"[..], b"two", b"three"] {
+        let client = h.put(coordinator, KEY, Some(value), None, Quorum::default());
+        match &h.replies[&client] {
+            ClientReply::Put(Ok(outcome)) => dots.push(outcome.dot),
+            other => panic!("the other replicas should make the quorum: {other:?}"),
+        }
+    }
+    assert!(dots.iter().all(|d| d.actor == actor), "one actor: {dots:?}");
+    let counters: Vec<u64> = dots.iter().map(|d| d.counter).collect();
+    assert_eq!(counters, [1, 2, 3], "each past the failed one");
+    assert_eq!(h.nodes[&coordinator].stats().actors_retired, 0);
+    // Every blind write is a sibling on the replicas that stored them.
+    let other = h.replicas(KEY)[1];
+    assert_eq!(h.stored(other, KEY).unwrap().len(), 3);
+}
+
+/// A record that reads back lost may have held dots of the coordinator's actor: the
+/// next put it coordinates uses a new actor, so its dot cannot collide with one the
+/// other replicas hold.
+#[test]
+fn a_lost_record_retires_the_coordinators_actor() {
+    let mut h = Harness::new(3, |_| {});
+    let coordinator = h.replicas(KEY)[0];
+    let first = h.put_ok(coordinator, KEY, Some(b"one"), None);
+    let before = h.nodes[&coordinator].actor();
+    h.losing_reads.insert(coordinator);
+    let client = h.put(coordinator, KEY, Some(b"two"), None, Quorum::default());
+    h.losing_reads.clear();
+    let ClientReply::Put(Ok(second)) = h.replies[&client].clone() else {
+        panic!("put failed: {:?}", h.replies[&client])
+    };
+    assert_ne!(
+        second.dot.actor, before,
+        "a new actor after the lost record"
+    );
+    assert_ne!(second.dot, first.dot);
+    let other = h.replicas(KEY)[1];
+    let values: Vec<_> = h
+        .stored(other, KEY)
+        .unwrap()
+        .siblings()
+        .map(|v| v.value.clone())
+        .collect();
+    assert_eq!(values.len(), 2, "both writes kept: {values:?}");
 }
 
 /// Last-writer-wins namespaces keep one value per key.

@@ -23,6 +23,7 @@
 //! that never had the write), and, if acked by a single replica, from check 2.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use ringkv_cluster::{Dot, NodeId, Value, Version, VersionSet};
 
@@ -64,16 +65,29 @@ pub struct ReadCounts {
     pub checked: u64,
     /// Reads that returned more than one sibling.
     pub with_siblings: u64,
+    /// Of `checked`, those on keys replicated by a node that lost data in the run: the
+    /// loss exemptions leave these keys checked.
+    pub checked_near_losses: u64,
 }
 
-/// Whether a data loss on one of `put`'s replicas, after it started, may have taken
-/// a copy of it.
-fn exposed(put: &PutRecord, history: &History, replicas: &Replicas) -> bool {
-    let of_key = replicas.get(&put.key);
-    history
-        .losses
-        .iter()
-        .any(|(at, node)| *at >= put.start && of_key.is_some_and(|nodes| nodes.contains(node)))
+/// Whether a data loss may have taken a copy of `put` before `until` (a read's end;
+/// `None`: the end of the run): a wiped disk, or a lost record of its key, on one of
+/// its key's replicas, between the put's start and `until`.
+fn exposed(
+    put: &PutRecord,
+    until: Option<Duration>,
+    history: &History,
+    replicas: &Replicas,
+) -> bool {
+    let Some(of_key) = replicas.get(&put.key) else {
+        return false;
+    };
+    history.losses.iter().any(|loss| {
+        loss.at >= put.start
+            && until.is_none_or(|until| loss.at <= until)
+            && of_key.contains(&loss.node)
+            && loss.key.as_ref().is_none_or(|key| *key == put.key)
+    })
 }
 
 fn value_of(put: &PutRecord) -> Value {
@@ -86,7 +100,13 @@ fn value_of(put: &PutRecord) -> Value {
 /// Whether `sibling` shows `put`: it is `put` itself (its dot and its value), or a
 /// write whose client had seen `put` (its context, as sent, holds `put`'s dot).
 /// Contexts are version vectors, so a write that saw a successor of `put` saw `put`.
-fn shows(sibling: &Version, put: &PutRecord, dot: Dot, puts_of_key: &[&PutRecord]) -> bool {
+fn shows(
+    sibling: &Version,
+    put: &PutRecord,
+    dot: Dot,
+    puts_of_key: &[&PutRecord],
+    acked_dots: &BTreeMap<Dot, &PutRecord>,
+) -> bool {
     if sibling.dot == dot && sibling.value == value_of(put) {
         return true;
     }
@@ -95,8 +115,10 @@ fn shows(sibling: &Version, put: &PutRecord, dot: Dot, puts_of_key: &[&PutRecord
             && q.context.contains(dot)
             && match q.acked_dot() {
                 Some(q_dot) => q_dot == sibling.dot,
-                // A write never acked may still have landed; its value names it.
-                None => value_of(q) == sibling.value,
+                // A write never acked may still have landed; its value names it, unless
+                // the sibling is another write's (values repeat: every delete is a
+                // tombstone).
+                None => value_of(q) == sibling.value && !acked_dots.contains_key(&sibling.dot),
             }
     })
 }
@@ -185,14 +207,24 @@ pub fn check_reads(history: &History, replicas: &Replicas) -> (Vec<Violation>, R
         for put in &puts_of_key {
             let Some(dot) = put.acked_dot() else { continue };
             let acked_before = put.end.is_some_and(|end| end < get.start);
-            if !acked_before || !overlapping(put, get) || exposed(put, history, replicas) {
+            if !acked_before
+                || !overlapping(put, get)
+                || exposed(put, Some(get.end), history, replicas)
+            {
                 continue;
             }
             counts.checked += 1;
+            if history.losses.iter().any(|loss| {
+                replicas
+                    .get(&put.key)
+                    .is_some_and(|r| r.contains(&loss.node))
+            }) {
+                counts.checked_near_losses += 1;
+            }
             let shown = get
                 .versions
                 .siblings()
-                .any(|sibling| shows(sibling, put, dot, &puts_of_key));
+                .any(|sibling| shows(sibling, put, dot, &puts_of_key, of_key));
             if !shown {
                 violations.push(Violation {
                     checker: Checker::AckedWriteReadable,
@@ -249,7 +281,7 @@ pub fn check_final_key(
     for put in &puts {
         let Some(dot) = put.acked_dot() else { continue };
         // Acked by one replica whose copy a data loss may have taken.
-        if put.quorum.w() < 2 && exposed(put, history, replicas) {
+        if put.quorum.w() < 2 && exposed(put, None, history, replicas) {
             continue;
         }
         let seen_by_a_write = puts

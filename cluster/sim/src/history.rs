@@ -55,7 +55,14 @@ pub struct History {
     pub puts: Vec<PutRecord>,
     pub gets: Vec<GetRecord>,
     pub failed_gets: u64,
-    /// When, and on which node, stored data was lost (a wiped disk, a lost record):
-    /// writes acknowledged before it may have lost a copy.
-    pub losses: Vec<(Duration, NodeId)>,
+    /// Stored data lost on a node: writes acknowledged before it may have lost a copy.
+    pub losses: Vec<Loss>,
+}
+
+/// Data lost on a node at a moment: one key's record, or (`key: None`) the disk.
+#[derive(Clone, Debug)]
+pub struct Loss {
+    pub at: Duration,
+    pub node: NodeId,
+    pub key: Option<Vec<u8>>,
 }

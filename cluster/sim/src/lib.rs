@@ -69,6 +69,8 @@ pub struct RunStats {
     pub reads_with_siblings: u64,
     /// Acked puts checked against later reads by the read checkers.
     pub reads_checked: u64,
+    /// Of those, checks on keys of a node that lost data in the run.
+    pub reads_checked_near_losses: u64,
     /// Peer input the nodes dropped, by reason.
     pub drops: BTreeMap<String, u64>,
 }

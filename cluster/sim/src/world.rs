@@ -23,7 +23,7 @@ use xxhash_rust::xxh3::Xxh3;
 use crate::checker::{self, Checker, Violation};
 use crate::dice::Dice;
 use crate::disk::Disk;
-use crate::history::{GetRecord, History, PutRecord, PutResult};
+use crate::history::{GetRecord, History, Loss, PutRecord, PutResult};
 use crate::settings::Settings;
 use crate::{Options, RunStats};
 
@@ -224,6 +224,7 @@ impl World {
         self.violations.extend(checker::check_stamps(&self.history));
         self.stats.reads_checked = counts.checked;
         self.stats.reads_with_siblings = counts.with_siblings;
+        self.stats.reads_checked_near_losses = counts.checked_near_losses;
         self.stats.deletes_acked = self
             .history
             .puts
@@ -463,7 +464,11 @@ impl World {
                     && self.sim_node_mut(id).disk.lose(&key)
                 {
                     self.stats.records_lost += 1;
-                    self.history.losses.push((self.now, id));
+                    self.history.losses.push(Loss {
+                        at: self.now,
+                        node: id,
+                        key: Some(key.clone()),
+                    });
                 }
                 let stored = self.sim_node(id).disk.read(&key);
                 let latency = self.dice.between(0, self.settings.read_latency_max_ms);
@@ -606,7 +611,11 @@ impl World {
         if wipe {
             sim.disk.wipe();
             self.stats.disk_wipes += 1;
-            self.history.losses.push((self.now, id));
+            self.history.losses.push(Loss {
+                at: self.now,
+                node: id,
+                key: None,
+            });
         }
         self.stats.lost_pending_writes += lost as u64;
         // A perfect failure detector for crashes: the others stop asking this node.

@@ -344,7 +344,7 @@ async fn open_store(config: &ServerConfig, shard: usize) -> Result<Rc<Store<DmaD
 fn node_config(config: &ServerConfig, shard: usize) -> NodeConfig {
     // A fresh random seed every start: the node's actors never repeat one used before,
     // whatever happened to its data directory (see `ringkv_cluster::Actor`).
-    let mut node_config = NodeConfig::new(NodeId(config.node_id), fastrand::u64(..));
+    let mut node_config = NodeConfig::new(NodeId(config.node_id), fresh_epoch_seed());
     node_config.request_timeout = Duration::from_millis(config.request_timeout_ms);
     // The same limits the store enforces, so a merge is checked before the store sees it.
     node_config.stored_value_max = config.max_value_bytes;
@@ -353,6 +353,17 @@ fn node_config(config: &ServerConfig, shard: usize) -> NodeConfig {
     // shards, so a peer's reply is routed back to the one shard that asked.
     node_config.first_sequence = (shard as u64) << 48;
     node_config
+}
+
+/// 64 bits from the OS's randomness. `RandomState` keys its hasher with getrandom
+/// (once per thread, then a fresh key per call), unlike fastrand's thread generator,
+/// whose seed is only the time since boot and a thread counter: two starts after a
+/// reboot could draw the same epochs.
+fn fresh_epoch_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::hash::RandomState::new().build_hasher();
+    hasher.write_u64(0x6570_6f63_6873);
+    hasher.finish()
 }
 
 /// Shard 0 says the node is ready once every shard listens.
