@@ -250,8 +250,16 @@ impl Peers {
             // Write until the connection fails; then reconnect.
             let mut out = Vec::with_capacity(WRITE_BATCH);
             loop {
-                let Some(first) = queue.next().await else {
-                    return;
+                let first = match queue.try_next() {
+                    Some(frame) => frame,
+                    None => match next_or_closed(&mut queue, &mut stream).await {
+                        Idle::Frame(Some(frame)) => frame,
+                        Idle::Frame(None) => return,
+                        Idle::Closed(why) => {
+                            tracing::warn!(node, %why, "peer link closed by the peer");
+                            break;
+                        }
+                    },
                 };
                 out.extend_from_slice(&first);
                 while out.len() < WRITE_BATCH {
@@ -320,6 +328,37 @@ impl Peers {
             }
         }
     }
+}
+
+/// What an idle link saw first.
+enum Idle {
+    /// A frame to send (`None`: the link's queue is gone, the node is stopping).
+    Frame(Option<Vec<u8>>),
+    /// The peer closed the connection or it failed.
+    Closed(String),
+}
+
+/// Waits, on an idle link, for the next frame or for the peer to go. The peer never
+/// writes on this connection after the handshake, so a read that ends means it is gone
+/// (a killed process's kernel closes it at once): the link reconnects now, instead of
+/// learning it at its next write, which would land in a dead socket and be lost (an
+/// ack to a restarted node's first put was, and the put timed out). The read waits
+/// only while the link is idle, so a busy link pays nothing for it.
+async fn next_or_closed(queue: &mut Queue, stream: &mut TcpStream) -> Idle {
+    let frame = async { Idle::Frame(queue.next().await) };
+    let closed = async {
+        let mut probe = [0u8; 64];
+        loop {
+            match stream.read(&mut probe).await {
+                Ok(0) => return Idle::Closed("end of stream".into()),
+                Ok(_) => return Idle::Closed("unexpected bytes from the peer".into()),
+                // The connection's read timeout: still open, keep watching.
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(e) => return Idle::Closed(e.to_string()),
+            }
+        }
+    };
+    futures_lite::future::or(frame, closed).await
 }
 
 impl PeerSend for Peers {
