@@ -164,6 +164,8 @@ pub struct Node {
     config: NodeConfig,
     /// The first epoch of this start; request ids carry it.
     boot_epoch: u64,
+    /// After a coordinated put's local write failed, puts are refused until then.
+    coordination_paused_until: Option<Duration>,
     ring: Ring,
     unreachable: BTreeSet<NodeId>,
     replica: Replica,
@@ -200,6 +202,7 @@ impl Node {
         Node {
             config,
             boot_epoch,
+            coordination_paused_until: None,
             ring,
             unreachable: BTreeSet::new(),
             replica,
@@ -326,6 +329,16 @@ impl Node {
                 reachable: replicas.len(),
             };
             self.reply(client, ClientReply::Put(Err(error)));
+            return;
+        }
+        // Each failed local write costs an actor (a clock entry on every key it
+        // writes next): while the store keeps failing, refuse rather than spend one
+        // per put. One put is let through per pause to find out.
+        if self
+            .coordination_paused_until
+            .is_some_and(|until| now < until)
+        {
+            self.reply(client, ClientReply::Put(Err(ClientError::StorageFailed)));
             return;
         }
         let id = self.new_request_id();
@@ -541,13 +554,22 @@ impl Node {
             self.count(DropReason::LateResponse);
             return;
         };
+        if put.dot.is_none() {
+            self.count(DropReason::AckBeforeVersion);
+            return;
+        }
         match put.refuse(from) {
             Answer::NotAsked => self.count(DropReason::UnexpectedSender),
             Answer::Duplicate => self.count(DropReason::DuplicateResponse),
             Answer::Counted => {}
             Answer::QuorumReached => {
                 let put = self.puts.remove(&id).expect("looked up just above");
-                self.reply(put.client, ClientReply::Put(Err(too_large_error(refusal))));
+                let error = ClientError::RefusedByReplicas {
+                    acked: put.acked(),
+                    required: put.required,
+                    refusal,
+                };
+                self.reply(put.client, ClientReply::Put(Err(error)));
             }
         }
     }
@@ -559,6 +581,14 @@ impl Node {
             return;
         }
         let (merged, stale) = get.repairs();
+        // Replicas refuse a set over the store's limits; one over the encoding's own
+        // limits cannot even be sent.
+        let encodable = merged.len() <= crate::codec::SIBLINGS_MAX_ENCODED
+            && crate::codec::encoded_version_len(&merged) <= crate::codec::STORED_VERSION_MAX;
+        if !encodable {
+            self.count(DropReason::MergeTooLarge);
+            return;
+        }
         for node in stale {
             self.stats.repairs_sent += 1;
             let message = PeerMessage::Repair {
@@ -612,6 +642,9 @@ impl Node {
                         };
                         self.reply(put.client, ClientReply::Put(Err(error)));
                     }
+                }
+                ReplicaEvent::LocalWriteFailed => {
+                    self.coordination_paused_until = Some(now + self.config.request_timeout);
                 }
                 ReplicaEvent::MergeRefused { origin, refusal } => {
                     let message = PeerMessage::WriteRefused {

@@ -19,9 +19,6 @@ use crate::node::{DropReason, Sabotage};
 use crate::ring::{NodeId, PartitionId};
 use crate::version::{ConflictMode, Value, Version, VersionSet};
 
-/// How far ahead of the coordinator's wall clock a seen stamp may be and still count.
-const STAMP_AHEAD_MAX_MS: u64 = 24 * 60 * 60 * 1000;
-
 /// Names one storage operation, so its completion finds its way back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StorageOpId(pub u64);
@@ -150,6 +147,10 @@ pub(crate) enum ReplicaEvent {
         origin: Origin,
         refusal: Refusal,
     },
+    /// A coordinated put's local write failed after its version was fanned out: the
+    /// actor retired, and the node stops coordinating for a moment, so a store that
+    /// fails every write (latched) does not add a clock entry per put.
+    LocalWriteFailed,
     /// A merge asked by `origin` would leave more than the store keeps for one key;
     /// nothing was written.
     MergeRefused {
@@ -201,10 +202,6 @@ pub(crate) struct Replica {
     actors_retired: u64,
     /// Whether the current actor has drawn a dot yet (an unused one need not retire).
     actor_used: bool,
-    /// Per key, the last counter the current actor drew whose local write failed:
-    /// it may be held by other replicas and not here, so the next dot is drawn past
-    /// it. Cleared with the actor, and when a later write of the key succeeds.
-    issued: BTreeMap<Vec<u8>, u64>,
     keys: BTreeMap<Vec<u8>, KeyQueue>,
     /// Storage operation in flight → the key whose active job issued it.
     in_flight: BTreeMap<StorageOpId, Vec<u8>>,
@@ -223,7 +220,6 @@ impl Replica {
             epochs,
             actors_retired: 0,
             actor_used: false,
-            issued: BTreeMap::new(),
             keys: BTreeMap::new(),
             in_flight: BTreeMap::new(),
             next_op: 0,
@@ -301,21 +297,18 @@ impl Replica {
                     {
                         out.push(ReplicaEvent::Durable { origin });
                     }
-                    if active.made.is_some() {
-                        // The stored set holds this actor's latest dot for the key again.
-                        self.issued.remove(&key);
-                    }
                     self.finish(&key, out);
                 }
                 Err(_) => {
                     // A put coordinated here was fanned out before this write: its dot
-                    // may live on other replicas but not here. Remember it, so the
-                    // next put on the key draws past it (a latched store fails every
-                    // write, and a new actor per failed put would grow every clock).
-                    if let Some(dot) = active.made.filter(|d| d.actor == self.actor)
-                        && !self.config.sabotage.reuse_actor
-                    {
-                        self.issued.insert(key.clone(), dot.counter);
+                    // may live on other replicas but not here. Drawing past it would
+                    // not do: the key's set here would then miss a dot below one it
+                    // holds, and a context taken from it would claim (and supersede)
+                    // a write nobody saw. The actor retires instead, and the node
+                    // pauses coordinating (see `ReplicaEvent::LocalWriteFailed`).
+                    if active.made.is_some_and(|d| d.actor == self.actor) {
+                        self.retire_actor();
+                        out.push(ReplicaEvent::LocalWriteFailed);
                     }
                     self.abandon(&key, active.job, DropReason::StorageWriteFailed, out)
                 }
@@ -366,7 +359,6 @@ impl Replica {
             return;
         }
         self.actor_used = false;
-        self.issued.clear();
         self.actor = Actor {
             node: self.config.node,
             epoch: self.epochs.next_epoch(),
@@ -385,14 +377,10 @@ impl Replica {
         if self.config.sabotage.wall_clock_stamps {
             return wall_ms;
         }
-        // A stamp a day past this clock is forged or absurd; following it would pin
-        // every later stamp of the key there.
-        let plausible = wall_ms.saturating_add(STAMP_AHEAD_MAX_MS);
         let seen = current
             .siblings()
             .map(|v| v.written_at_ms)
             .chain(context.entries().map(|(_, entry)| entry.updated_at_ms))
-            .filter(|&stamp| stamp <= plausible)
             .max();
         match seen {
             Some(latest) if latest >= wall_ms => latest.saturating_add(1),
@@ -461,8 +449,10 @@ impl Replica {
                 if supersede_local {
                     context.join(&current.context());
                 }
-                let floor = self.issued.get(key).copied().unwrap_or(0);
-                let Some(dot) = current.next_dot_past(self.actor, &context, floor) else {
+                let Some(dot) = current.next_dot_past(self.actor, &context, 0) else {
+                    // A context forged to claim this actor's counter at its maximum:
+                    // refuse it, and leave the exhausted actor for every later put.
+                    self.retire_actor();
                     out.push(ReplicaEvent::Refused {
                         origin,
                         refusal: Refusal::CounterExhausted,

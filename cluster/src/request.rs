@@ -89,9 +89,19 @@ pub enum ClientError {
     /// what the store keeps for one key; nothing was written here. Resolve siblings.
     #[error("the siblings' versions would take {size} bytes together, over the limit of {limit}")]
     VersionsTooLarge { size: usize, limit: usize },
-    /// The coordinator's own storage failed before a version was made; nothing written.
+    /// The coordinator's own storage failed before a version was made (or has just
+    /// failed a write, and the coordinator pauses); nothing written.
     #[error("the coordinator's storage failed")]
     StorageFailed,
+    /// Too many replicas refused the write for their store's limits to reach the
+    /// quorum. Unlike the limits the coordinator checks first, the write may stand on
+    /// the `acked` replicas (and the coordinator) that stored it, and may spread.
+    #[error("replicas refused the write ({refusal:?}); {acked} of {required} stored it")]
+    RefusedByReplicas {
+        acked: usize,
+        required: usize,
+        refusal: crate::message::TooLarge,
+    },
 }
 
 /// A request that can never succeed as sent.

@@ -508,9 +508,13 @@ fn a_replica_merge_beyond_the_store_limit_is_refused_not_timed_out() {
     let client = h.put(x, KEY, Some(b"cc"), None, all);
     assert_eq!(
         h.replies[&client],
-        ClientReply::Put(Err(ClientError::ValuesTooLarge {
-            size: 14,
-            limit: 10
+        ClientReply::Put(Err(ClientError::RefusedByReplicas {
+            acked: 2,
+            required: 3,
+            refusal: ringkv_cluster::TooLarge::Values {
+                size: 14,
+                limit: 10
+            },
         }))
     );
     let z_set = h.stored(z, KEY).unwrap();
@@ -527,31 +531,33 @@ fn a_replica_merge_beyond_the_store_limit_is_refused_not_timed_out() {
     }
 }
 
-/// A coordinator whose store fails every write (a latched store) still fans each put
-/// out; the other replicas store it and ack. Each next put on the key draws a counter
-/// past the failed one, under the same actor: no dot is reused, and clocks do not
-/// grow by an actor per failed write.
+/// A coordinator whose local write fails has fanned the version out already: the
+/// other replicas store it and ack. Its dot may be there and not here, so the actor
+/// retires (drawing past it instead would leave a hole a context could claim), and
+/// the node refuses puts for a moment, so a store that fails every write (latched)
+/// costs one actor per pause, not one per put.
 #[test]
-fn a_coordinator_whose_writes_fail_draws_past_them_under_one_actor() {
+fn a_coordinator_whose_write_fails_retires_its_actor_and_pauses() {
     let mut h = Harness::new(3, |_| {});
     let coordinator = h.replicas(KEY)[0];
     h.failing_writes.insert(coordinator);
-    let actor = h.nodes[&coordinator].actor();
-    let mut dots = Vec::new();
-    for value in [&b"one"[..], b"two", b"three"] {
-        let client = h.put(coordinator, KEY, Some(value), None, Quorum::default());
-        match &h.replies[&client] {
-            ClientReply::Put(Ok(outcome)) => dots.push(outcome.dot),
-            other => panic!("the other replicas should make the quorum: {other:?}"),
-        }
-    }
-    assert!(dots.iter().all(|d| d.actor == actor), "one actor: {dots:?}");
-    let counters: Vec<u64> = dots.iter().map(|d| d.counter).collect();
-    assert_eq!(counters, [1, 2, 3], "each past the failed one");
-    assert_eq!(h.nodes[&coordinator].stats().actors_retired, 0);
-    // Every blind write is a sibling on the replicas that stored them.
+    let first_actor = h.nodes[&coordinator].actor();
+    let first = h.put_ok(coordinator, KEY, Some(b"one"), None);
+    assert_eq!(first.dot.actor, first_actor);
+    assert_ne!(h.nodes[&coordinator].actor(), first_actor, "retired");
+    let paused = h.put(coordinator, KEY, Some(b"two"), None, Quorum::default());
+    assert_eq!(
+        h.replies[&paused],
+        ClientReply::Put(Err(ClientError::StorageFailed)),
+        "refused while paused, nothing fanned out"
+    );
+    h.now += Duration::from_secs(2);
+    let third = h.put_ok(coordinator, KEY, Some(b"three"), None);
+    assert_ne!(third.dot.actor, first_actor);
+    assert_eq!(h.nodes[&coordinator].stats().actors_retired, 2);
+    // Both acked blind writes are siblings on the replicas that stored them.
     let other = h.replicas(KEY)[1];
-    assert_eq!(h.stored(other, KEY).unwrap().len(), 3);
+    assert_eq!(h.stored(other, KEY).unwrap().len(), 2);
 }
 
 /// A record that reads back lost may have held dots of the coordinator's actor: the

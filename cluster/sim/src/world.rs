@@ -801,7 +801,8 @@ impl World {
                             other,
                             ClientReply::Put(Err(ClientError::TooManySiblings { .. }
                                 | ClientError::ValuesTooLarge { .. }
-                                | ClientError::VersionsTooLarge { .. }))
+                                | ClientError::VersionsTooLarge { .. }
+                                | ClientError::RefusedByReplicas { .. }))
                         ) {
                             self.stats.puts_refused_for_limits += 1;
                         }

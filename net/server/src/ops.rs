@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use ringkv_cluster::{
-    ClientError, ConflictMode, GetOutcome, GetRequest, NodeId, PutRequest, Quorum,
+    ClientError, ConflictMode, GetOutcome, GetRequest, NodeId, PutRequest, Quorum, TooLarge,
 };
 use ringkv_proto::{Body, ErrorReply, Op, Put, WriteContext};
 
@@ -189,6 +189,25 @@ pub fn error_reply(err: ServerError) -> ErrorReply {
         ServerError::Client(ClientError::VersionsTooLarge { size, limit }) => {
             ErrorReply::TooLarge {
                 what: "siblings' versions together".into(),
+                size: size as u64,
+                limit: limit as u64,
+            }
+        }
+        ServerError::Client(ClientError::RefusedByReplicas {
+            acked,
+            required,
+            refusal,
+        }) => {
+            let (what, size, limit) = match refusal {
+                TooLarge::Values { size, limit } => ("values", size, limit),
+                TooLarge::Versions { size, limit } => ("versions", size, limit),
+            };
+            // Not the coordinator's own refusal (nothing written): the write may stand
+            // where it was stored, so the client hears it as TooLarge that says so.
+            ErrorReply::TooLarge {
+                what: format!(
+                    "replicas' {what} together (refused by replicas after {acked} of {required} stored the write, which may stand there)"
+                ),
                 size: size as u64,
                 limit: limit as u64,
             }
