@@ -118,7 +118,13 @@ fn shows(
                 // A write never acked may still have landed; its value names it, unless
                 // the sibling is another write's (values repeat: every delete is a
                 // tombstone).
-                None => value_of(q) == sibling.value && !acked_dots.contains_key(&sibling.dot),
+                None => {
+                    value_of(q) == sibling.value
+                        && !acked_dots.contains_key(&sibling.dot)
+                        // Every delete is a tombstone: only one made with q's context
+                        // can be q's.
+                        && (q.value.is_some() || sibling.past == q.context)
+                }
             }
     })
 }
