@@ -566,22 +566,25 @@ fn a_forwarded_write_reports_its_real_quorum_outcome() {
     // a write forwarded before that would time out, hence the retries.)
     cluster.kill(replicas[0].0 as usize);
     cluster.kill(replicas[1].0 as usize);
-    let refused = eventually(Duration::from_secs(15), || {
-        put(&mut four, 2).is_err_and(|e| {
-            e.to_string()
-                .contains("UNAVAILABLE: 1 replicas reachable, 2 required")
-        })
-    });
-    assert!(refused, "last answer: {:?}", put(&mut four, 2));
+    // Retries until the W=`w` put through node 4 fails with `expected`.
+    let refused_with = |four: &mut redis::Connection, w: usize, expected: &str| {
+        let refused = eventually(Duration::from_secs(15), || {
+            put(four, w).is_err_and(|e| e.to_string().contains(expected))
+        });
+        assert!(refused, "last answer: {:?}", put(four, w));
+    };
+    refused_with(
+        &mut four,
+        2,
+        "UNAVAILABLE: 1 replicas reachable, 2 required",
+    );
     // W=1 still succeeds through the one replica left.
     assert_eq!(put(&mut four, 1).unwrap(), "OK");
     // No replica left: node 4 itself says none is reachable, with the W asked for.
     cluster.kill(replicas[2].0 as usize);
-    let none = eventually(Duration::from_secs(15), || {
-        put(&mut four, 3).is_err_and(|e| {
-            e.to_string()
-                .contains("UNAVAILABLE: 0 replicas reachable, 3 required")
-        })
-    });
-    assert!(none, "last answer: {:?}", put(&mut four, 3));
+    refused_with(
+        &mut four,
+        3,
+        "UNAVAILABLE: 0 replicas reachable, 3 required",
+    );
 }
