@@ -449,7 +449,7 @@ impl Replica {
                 if supersede_local {
                     context.join(&current.context());
                 }
-                let Some(dot) = current.next_dot_past(self.actor, &context, 0) else {
+                let Some(dot) = current.checked_next_dot(self.actor, &context) else {
                     // A context forged to claim this actor's counter at its maximum:
                     // refuse it, and leave the exhausted actor for every later put.
                     self.retire_actor();

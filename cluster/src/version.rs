@@ -165,18 +165,14 @@ impl VersionSet {
     /// The dot a new write coordinated by `actor` gets: one past every write of `actor`
     /// known here or in the client's context.
     pub fn next_dot(&self, actor: Actor, context: &VersionVector) -> Dot {
-        self.next_dot_past(actor, context, 0)
+        self.checked_next_dot(actor, context)
             .expect("a counter below u64::MAX")
     }
 
-    /// `next_dot`, also past `floor` (a dot drawn here whose local write failed), or
-    /// `None` when the counter would overflow (a context forged to claim u64::MAX).
-    pub fn next_dot_past(&self, actor: Actor, context: &VersionVector, floor: u64) -> Option<Dot> {
-        let known = self
-            .context()
-            .counter(actor)
-            .max(context.counter(actor))
-            .max(floor);
+    /// `next_dot`, or `None` when the counter would overflow (a context forged to
+    /// claim u64::MAX).
+    pub fn checked_next_dot(&self, actor: Actor, context: &VersionVector) -> Option<Dot> {
+        let known = self.context().counter(actor).max(context.counter(actor));
         Some(Dot {
             actor,
             counter: known.checked_add(1)?,

@@ -4,8 +4,9 @@
 //! dropped with I/O in flight leaves the operation in the kernel: glommio only queues
 //! its cancellation, which nobody submits any more, then exits the rings and frees the
 //! buffers those operations read into. The kernel can still complete such a read into
-//! heap memory that has been handed out again (issue 9, item 8: glibc aborting at
-//! thread exit with "unaligned tcache chunk detected"). Files dropped that late are
+//! heap memory that has been handed out again. (The "unaligned tcache chunk" aborts
+//! first blamed on this were a race on glommio's MeshBuilder; see `ShardMeshes` in
+//! runtime.rs.) Files dropped that late are
 //! never closed either, since glommio closes them on its next trip to the kernel. So
 //! every task that may hold a socket, a file or I/O in flight is spawned through a
 //! group, and a stopping shard waits until the group is empty.
