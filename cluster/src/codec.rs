@@ -174,83 +174,89 @@ impl StoredVersions {
     }
 
     pub fn decode(&self) -> Result<VersionSet, DecodeError> {
-        let mut reader = Reader::new(&self.version);
-        let format = reader.u8("format")?;
-        if format != VERSION_SET_FORMAT {
-            return Err(DecodeError::UnknownFormat(format));
-        }
-        let mode = match reader.u8("mode")? {
-            0 => ConflictMode::Causal,
-            1 => ConflictMode::LastWriterWins,
-            other => return Err(DecodeError::UnknownMode(other)),
-        };
-        let count = reader.u16("sibling count")? as usize;
-        if count > SIBLINGS_MAX_ENCODED {
-            return Err(DecodeError::TooMany {
-                what: "siblings",
-                count,
-                limit: SIBLINGS_MAX_ENCODED,
-            });
-        }
-        let mut versions: Vec<Version> = Vec::with_capacity(count);
-        let mut value_offset: usize = 0;
-        for _ in 0..count {
-            let dot = read_dot(&mut reader)?;
-            if versions.last().is_some_and(|prev| prev.dot >= dot) {
-                return Err(DecodeError::UnsortedSiblings);
-            }
-            let written_at_ms = reader.u64("written_at_ms")?;
-            let kind = reader.u8("kind")?;
-            let length = reader.u32("value length")?;
-            let past = decode_vector(&mut reader)?;
-            let value = match kind {
-                0 => {
-                    let end = value_offset.saturating_add(length as usize);
-                    let Some(bytes) = self.value.get(value_offset..end) else {
-                        return Err(DecodeError::ValueLength {
-                            declared: end as u64,
-                            actual: self.value.len(),
-                        });
-                    };
-                    value_offset = end;
-                    Value::Data(bytes.to_vec())
-                }
-                1 if length == 0 => Value::Tombstone,
-                1 => return Err(DecodeError::TombstoneWithValue(length)),
-                other => return Err(DecodeError::UnknownKind(other)),
-            };
-            versions.push(Version {
-                dot,
-                past,
-                written_at_ms,
-                value,
-            });
-        }
-        reader.finish()?;
-        if value_offset != self.value.len() {
-            return Err(DecodeError::ValueLength {
-                declared: value_offset as u64,
-                actual: self.value.len(),
-            });
-        }
-        // A stored set never holds a version another member saw; one that does was not
-        // written by us, and is refused rather than silently "repaired".
-        for version in &versions {
-            if versions.iter().any(|other| version.is_dominated_by(other)) {
-                return Err(DecodeError::DominatedSibling(version.dot));
-            }
-        }
-        let set = VersionSet::from_versions(mode, versions);
-        if set.len() != count {
-            // Only LWW mode can shrink here: a stored LWW set has one member.
-            return Err(DecodeError::TooMany {
-                what: "last-writer-wins siblings",
-                count,
-                limit: 1,
-            });
-        }
-        Ok(set)
+        decode_version_set(&self.version, &self.value)
     }
+}
+
+/// Decodes a version set from its metadata and value bytes (see [`StoredVersions`]),
+/// wherever they lie: in a record, or in a received message, read in place.
+pub fn decode_version_set(version: &[u8], values: &[u8]) -> Result<VersionSet, DecodeError> {
+    let mut reader = Reader::new(version);
+    let format = reader.u8("format")?;
+    if format != VERSION_SET_FORMAT {
+        return Err(DecodeError::UnknownFormat(format));
+    }
+    let mode = match reader.u8("mode")? {
+        0 => ConflictMode::Causal,
+        1 => ConflictMode::LastWriterWins,
+        other => return Err(DecodeError::UnknownMode(other)),
+    };
+    let count = reader.u16("sibling count")? as usize;
+    if count > SIBLINGS_MAX_ENCODED {
+        return Err(DecodeError::TooMany {
+            what: "siblings",
+            count,
+            limit: SIBLINGS_MAX_ENCODED,
+        });
+    }
+    let mut versions: Vec<Version> = Vec::with_capacity(count);
+    let mut value_offset: usize = 0;
+    for _ in 0..count {
+        let dot = read_dot(&mut reader)?;
+        if versions.last().is_some_and(|prev| prev.dot >= dot) {
+            return Err(DecodeError::UnsortedSiblings);
+        }
+        let written_at_ms = reader.u64("written_at_ms")?;
+        let kind = reader.u8("kind")?;
+        let length = reader.u32("value length")?;
+        let past = decode_vector(&mut reader)?;
+        let value = match kind {
+            0 => {
+                let end = value_offset.saturating_add(length as usize);
+                let Some(bytes) = values.get(value_offset..end) else {
+                    return Err(DecodeError::ValueLength {
+                        declared: end as u64,
+                        actual: values.len(),
+                    });
+                };
+                value_offset = end;
+                Value::Data(bytes.to_vec())
+            }
+            1 if length == 0 => Value::Tombstone,
+            1 => return Err(DecodeError::TombstoneWithValue(length)),
+            other => return Err(DecodeError::UnknownKind(other)),
+        };
+        versions.push(Version {
+            dot,
+            past,
+            written_at_ms,
+            value,
+        });
+    }
+    reader.finish()?;
+    if value_offset != values.len() {
+        return Err(DecodeError::ValueLength {
+            declared: value_offset as u64,
+            actual: values.len(),
+        });
+    }
+    // A stored set never holds a version another member saw; one that does was not
+    // written by us, and is refused rather than silently "repaired".
+    for version in &versions {
+        if versions.iter().any(|other| version.is_dominated_by(other)) {
+            return Err(DecodeError::DominatedSibling(version.dot));
+        }
+    }
+    let set = VersionSet::from_versions(mode, versions);
+    if set.len() != count {
+        // Only LWW mode can shrink here: a stored LWW set has one member.
+        return Err(DecodeError::TooMany {
+            what: "last-writer-wins siblings",
+            count,
+            limit: 1,
+        });
+    }
+    Ok(set)
 }
 
 fn encode_vector(out: &mut Vec<u8>, vector: &VersionVector) {

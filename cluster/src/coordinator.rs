@@ -8,10 +8,41 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use crate::clock::Dot;
+use crate::clock::{Dot, VersionVector};
+use crate::message::RequestId;
+use crate::quorum::Quorum;
 use crate::request::ClientToken;
 use crate::ring::{NodeId, PartitionId};
-use crate::version::VersionSet;
+use crate::version::{ConflictMode, Value, VersionSet};
+
+/// Who waits for a coordinated request's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Requester {
+    /// A client of this node's driver.
+    Client(ClientToken),
+    /// A node that forwarded the put here, under its own request id.
+    Forwarder { node: NodeId, request: RequestId },
+}
+
+/// The write half of a put that supersedes what a quorum holds: it starts when the
+/// read half reaches its quorum, with that read's context.
+#[derive(Clone, Debug)]
+pub(crate) struct ThenPut {
+    pub value: Value,
+    pub quorum: Quorum,
+    pub mode: ConflictMode,
+    pub only_if_present: bool,
+    pub wall_ms: u64,
+}
+
+/// A put this node forwarded to a replica, waiting for the replica's answer.
+#[derive(Debug)]
+pub(crate) struct Forwarding {
+    pub client: ClientToken,
+    pub to: NodeId,
+    pub required: usize,
+    pub deadline: Duration,
+}
 
 /// How an answer from a replica was taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,7 +61,7 @@ pub(crate) enum Answer {
 /// merge it; the client hears back after `required` durable acks (local one included).
 #[derive(Debug)]
 pub(crate) struct PutCoordination {
-    pub client: ClientToken,
+    pub client: Requester,
     pub key: Vec<u8>,
     pub partition: PartitionId,
     /// The reachable replicas asked to store the write, this node among them.
@@ -39,6 +70,8 @@ pub(crate) struct PutCoordination {
     pub deadline: Duration,
     /// Set once the local replica made the version.
     pub dot: Option<Dot>,
+    /// The clock of what the version superseded (its past), set with `dot`.
+    pub superseded: VersionVector,
     acked: BTreeSet<NodeId>,
     /// Replicas that could not store the write (its merge was too large there).
     refused: BTreeSet<NodeId>,
@@ -46,7 +79,7 @@ pub(crate) struct PutCoordination {
 
 impl PutCoordination {
     pub fn new(
-        client: ClientToken,
+        client: Requester,
         key: Vec<u8>,
         partition: PartitionId,
         replicas: Vec<NodeId>,
@@ -62,6 +95,7 @@ impl PutCoordination {
             required,
             deadline,
             dot: None,
+            superseded: VersionVector::new(),
             acked: BTreeSet::new(),
             refused: BTreeSet::new(),
         }
@@ -120,24 +154,27 @@ impl PutCoordination {
 /// keeps listening until all have answered or time runs out, then repairs.
 #[derive(Debug)]
 pub(crate) struct GetCoordination {
-    pub client: ClientToken,
+    pub client: Requester,
     pub key: Vec<u8>,
     pub partition: PartitionId,
     pub asked: Vec<NodeId>,
     pub required: usize,
     pub deadline: Duration,
     pub replied: bool,
+    /// For the read half of a put: the write to start at quorum instead of replying.
+    pub then: Option<ThenPut>,
     answers: BTreeMap<NodeId, VersionSet>,
 }
 
 impl GetCoordination {
     pub fn new(
-        client: ClientToken,
+        client: Requester,
         key: Vec<u8>,
         partition: PartitionId,
         asked: Vec<NodeId>,
         required: usize,
         deadline: Duration,
+        then: Option<ThenPut>,
     ) -> Self {
         assert!(required >= 1 && required <= asked.len());
         GetCoordination {
@@ -148,6 +185,7 @@ impl GetCoordination {
             required,
             deadline,
             replied: false,
+            then,
             answers: BTreeMap::new(),
         }
     }
@@ -220,7 +258,7 @@ mod tests {
     #[test]
     fn put_counts_distinct_asked_replicas() {
         let mut put = PutCoordination::new(
-            ClientToken(1),
+            Requester::Client(ClientToken(1)),
             b"k".to_vec(),
             PartitionId(0),
             nodes(&[1, 2, 3]),
@@ -245,12 +283,13 @@ mod tests {
     #[test]
     fn get_reports_stale_and_missing_answers_for_repair() {
         let mut get = GetCoordination::new(
-            ClientToken(1),
+            Requester::Client(ClientToken(1)),
             b"k".to_vec(),
             PartitionId(0),
             nodes(&[1, 2]),
             1,
             Duration::from_secs(1),
+            None,
         );
         let version = crate::version::Version {
             dot: Dot {

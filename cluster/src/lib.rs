@@ -13,30 +13,39 @@
 //! - [`node`]: one node's state machine (coordinator and replica), driven by
 //!   `handle_*` inputs and [`Node::poll_action`] outputs; [`message`] and [`request`]
 //!   are what it exchanges with peers and clients.
-//! - [`wire`]: peer messages as validated rkyv archives.
+//! - [`membership`] and [`phi`]: gossip membership and phi-accrual failure detection.
+//! - [`shard_map`]: which of a node's shards owns a partition or a reply.
+//!
+//! The wire form of peer messages lives with the other formats, in `ringkv-proto`.
 
 pub mod clock;
 pub mod codec;
 mod coordinator;
+pub mod membership;
 pub mod message;
 pub mod node;
+pub mod phi;
 pub mod quorum;
 mod replica;
 pub mod request;
 pub mod ring;
+pub mod shard_map;
 pub mod version;
-pub mod wire;
 
 pub use clock::{Actor, ClockEntry, Dot, EpochSource, VersionVector};
 pub use codec::{Context, DecodeError, StoredVersions};
-pub use message::{PeerMessage, RequestId, TooLarge};
+pub use membership::{
+    GossipMessage, MemberAddress, MemberState, MemberStatus, MemberView, Membership,
+    MembershipConfig, MembershipEvent,
+};
+pub use message::{ForwardedPut, PeerMessage, RequestId, TooLarge};
 pub use node::{Action, DropReason, Node, NodeConfig, NodeStats, Sabotage, TimerId};
 pub use quorum::{Quorum, QuorumError};
 pub use replica::{StorageCompletion, StorageFailure, StorageOp, StorageOpId, StoredRead};
 pub use request::{
     ClientError, ClientReply, ClientToken, GetOutcome, GetRequest, InvalidArgument, PutOutcome,
-    PutRequest,
+    PutRequest, Supersedes, Written,
 };
 pub use ring::{Member, NodeId, PartitionId, Ring, RingError, ZoneId};
+pub use shard_map::{ShardCountError, ShardMap};
 pub use version::{ConflictMode, Value, Version, VersionSet};
-pub use wire::WireError;

@@ -3,8 +3,10 @@
 //! unexpected sender is counted under a [`DropReason`](crate::node::DropReason) and
 //! dropped.
 
+use crate::quorum::Quorum;
+use crate::request::{ClientError, PutOutcome, Supersedes};
 use crate::ring::PartitionId;
-use crate::version::VersionSet;
+use crate::version::{ConflictMode, VersionSet};
 
 /// Names one coordinated request. `epoch` is the coordinating node's first actor
 /// epoch of its current life (random, see [`crate::clock::Actor`]): ids stay unique
@@ -60,4 +62,31 @@ pub enum PeerMessage {
         key: Vec<u8>,
         versions: VersionSet,
     },
+    /// A node holding no replica of the key to one that does: coordinate this put
+    /// and answer with [`PeerMessage::ForwardReply`]. Never forwarded again.
+    Forward {
+        request: RequestId,
+        partition: PartitionId,
+        put: ForwardedPut,
+    },
+    /// The replica's answer to a forwarded put, exactly as it would reply to a client.
+    ForwardReply {
+        request: RequestId,
+        reply: Result<PutOutcome, ClientError>,
+    },
+}
+
+/// A client's put as the forwarding node resolved it: its context already decoded
+/// once there (so it is valid), its quorum already defaulted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForwardedPut {
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+    pub supersedes: Supersedes,
+    pub quorum: Quorum,
+    pub mode: ConflictMode,
+    pub only_if_present: bool,
+    /// The forwarding node's wall clock, which seeds the version stamp as a
+    /// coordinator's own would (the stamp is a hybrid logical clock either way).
+    pub wall_ms: u64,
 }

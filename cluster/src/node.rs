@@ -18,14 +18,17 @@ use std::time::Duration;
 
 use crate::clock::{Actor, Dot, EpochSource, VersionVector};
 use crate::codec::Context;
-use crate::coordinator::{Answer, GetCoordination, PutCoordination};
-use crate::message::{PeerMessage, RequestId, TooLarge};
+use crate::coordinator::{
+    Answer, Forwarding, GetCoordination, PutCoordination, Requester, ThenPut,
+};
+use crate::message::{ForwardedPut, PeerMessage, RequestId, TooLarge};
+use crate::quorum::Quorum;
 use crate::replica::{
     Job, Origin, Refusal, Replica, ReplicaConfig, ReplicaEvent, StorageCompletion, StorageOp,
 };
 use crate::request::{
     ClientError, ClientReply, ClientToken, GetOutcome, GetRequest, InvalidArgument, PutOutcome,
-    PutRequest,
+    PutRequest, Supersedes, Written,
 };
 use crate::ring::{NodeId, PartitionId, Ring};
 use crate::version::{Value, VersionSet};
@@ -38,6 +41,8 @@ pub struct NodeConfig {
     /// simulator's dice). The node draws its actor epochs from it, so it needs no
     /// stored state to never reuse an actor (see [`Actor`]).
     pub epoch_seed: u64,
+    /// N, R and W of requests that name none.
+    pub quorum: Quorum,
     /// How long a coordinator waits for its quorum before answering `Timeout`.
     pub request_timeout: Duration,
     /// Most siblings a put may leave; a put beyond it is refused (Riak fails writes
@@ -51,6 +56,9 @@ pub struct NodeConfig {
     /// every replica merge (which refuses to the coordinator instead of writing).
     pub stored_value_max: usize,
     pub stored_version_max: usize,
+    /// Longest key a put may carry (the store's limit). Checked here too, not only by
+    /// the server's front ends, because forwarded puts arrive from peers.
+    pub key_max: usize,
     /// Where this node's request sequence numbers start. A driver that runs several
     /// state machines as one node (one per core) gives each its own range, so request
     /// ids stay unique per node and replies can be told apart.
@@ -64,10 +72,12 @@ impl NodeConfig {
         NodeConfig {
             node,
             epoch_seed,
+            quorum: Quorum::default(),
             request_timeout: Duration::from_secs(1),
             siblings_max: 100,
             stored_value_max: usize::MAX,
             stored_version_max: usize::MAX,
+            key_max: usize::MAX,
             first_sequence: 0,
             sabotage: Sabotage::default(),
         }
@@ -93,6 +103,13 @@ pub struct Sabotage {
     /// Stamp versions with the wall clock alone, so a skewed or jumping clock stamps a
     /// write below one its writer saw.
     pub wall_clock_stamps: bool,
+    /// Make a SET supersede only what the coordinator's own replica holds, with no
+    /// quorum read (right for N = 1 only): writes the other replicas hold survive it
+    /// as siblings, and the SET's "what it superseded" misses acked writes.
+    pub set_reads_local_only: bool,
+    /// Coordinate every copy of a duplicated forward, as a node without the
+    /// forwarded-put memory would: one SET is applied twice, under two dots.
+    pub forget_forwards: bool,
 }
 
 /// Which timer fired.
@@ -147,6 +164,9 @@ pub enum DropReason {
     MergeTooLarge,
     /// A timer that fired early was re-armed.
     EarlyTimer,
+    /// A forwarded put this node already took (a duplicated message): a put is not
+    /// idempotent, so it is coordinated once.
+    DuplicateForward,
 }
 
 /// Counters a driver can export.
@@ -156,6 +176,8 @@ pub struct NodeStats {
     pub repairs_sent: u64,
     /// Actors given up after a storage failure or a lost record (see `Actor`).
     pub actors_retired: u64,
+    /// Puts this node held no replica of and forwarded to one that does.
+    pub forwarded: u64,
 }
 
 /// One node: coordinator for the requests it receives, replica for the keys it holds.
@@ -171,6 +193,10 @@ pub struct Node {
     replica: Replica,
     puts: BTreeMap<RequestId, PutCoordination>,
     gets: BTreeMap<RequestId, GetCoordination>,
+    forwards: BTreeMap<RequestId, Forwarding>,
+    /// Forwarded puts taken recently, with when to forget them (in taking order).
+    forwards_taken: BTreeSet<(NodeId, RequestId)>,
+    forwards_taken_order: VecDeque<(Duration, NodeId, RequestId)>,
     next_sequence: u64,
     actions: VecDeque<Action>,
     /// Messages this node sent itself, delivered before the handler returns.
@@ -208,6 +234,9 @@ impl Node {
             replica,
             puts: BTreeMap::new(),
             gets: BTreeMap::new(),
+            forwards: BTreeMap::new(),
+            forwards_taken: BTreeSet::new(),
+            forwards_taken_order: VecDeque::new(),
             next_sequence: config.first_sequence,
             actions: VecDeque::new(),
             local_inbox: VecDeque::new(),
@@ -230,11 +259,30 @@ impl Node {
 
     /// What the failure detector believes; unreachable replicas are not asked, and a
     /// request with too few reachable replicas fails at once with `Unavailable`.
+    /// Puts forwarded to a node found unreachable are answered Timeout at once (the
+    /// replica may have applied them): waiting out their deadline would tell nothing more.
     pub fn set_reachable(&mut self, node: NodeId, reachable: bool) {
         if reachable {
             self.unreachable.remove(&node);
         } else if node != self.config.node {
             self.unreachable.insert(node);
+            let cut_off: Vec<RequestId> = self
+                .forwards
+                .iter()
+                .filter(|(_, f)| f.to == node)
+                .map(|(&id, _)| id)
+                .collect();
+            for id in cut_off {
+                let forward = self.forwards.remove(&id).expect("listed just above");
+                let error = ClientError::Timeout {
+                    acked: 0,
+                    required: forward.required,
+                };
+                self.reply(
+                    Requester::Client(forward.client),
+                    ClientReply::Put(Err(error)),
+                );
+            }
         }
     }
 
@@ -257,11 +305,57 @@ impl Node {
 
     /// Requests still being coordinated here, and keys with replica work in flight.
     pub fn open_work(&self) -> usize {
-        self.puts.len() + self.gets.len() + self.replica.busy_keys()
+        self.puts.len() + self.gets.len() + self.forwards.len() + self.replica.busy_keys()
     }
 
     pub fn handle_get(&mut self, now: Duration, client: ClientToken, request: GetRequest) {
         let GetRequest { key, quorum } = request;
+        let quorum = quorum.unwrap_or(self.config.quorum);
+        self.start_read(now, Requester::Client(client), key, quorum, None);
+        self.flush_local(now);
+    }
+
+    /// A client's put. Coordinated here if this node holds a replica of the key,
+    /// otherwise forwarded to the first reachable replica, which answers as it would
+    /// answer the client (one peer round trip, see [`PeerMessage::Forward`]).
+    pub fn handle_put(
+        &mut self,
+        now: Duration,
+        wall_ms: u64,
+        client: ClientToken,
+        request: PutRequest,
+    ) {
+        let PutRequest {
+            key,
+            value,
+            supersedes,
+            quorum,
+            mode,
+            only_if_present,
+        } = request;
+        let put = ForwardedPut {
+            key,
+            value,
+            supersedes,
+            quorum: quorum.unwrap_or(self.config.quorum),
+            mode,
+            only_if_present,
+            wall_ms,
+        };
+        self.start_put(now, Requester::Client(client), put);
+        self.flush_local(now);
+    }
+
+    /// Sends a get's reads (or a put's read half, with `then`) to the reachable
+    /// replicas of `key`.
+    fn start_read(
+        &mut self,
+        now: Duration,
+        requester: Requester,
+        key: Vec<u8>,
+        quorum: Quorum,
+        then: Option<ThenPut>,
+    ) {
         let partition = self.ring.partition_of(&key);
         let asked = self.reachable_replicas(partition, quorum.n());
         if asked.len() < quorum.r() {
@@ -269,7 +363,7 @@ impl Node {
                 required: quorum.r(),
                 reachable: asked.len(),
             };
-            self.reply(client, ClientReply::Get(Err(error)));
+            self.reply_error(requester, then.is_some(), error);
             return;
         }
         let id = self.new_request_id();
@@ -281,75 +375,167 @@ impl Node {
                 partition,
                 key: key.clone(),
             };
-            self.send(now, replica, message);
+            self.send(replica, message);
         }
         let coordination =
-            GetCoordination::new(client, key, partition, asked, quorum.r(), deadline);
+            GetCoordination::new(requester, key, partition, asked, quorum.r(), deadline, then);
         self.gets.insert(id, coordination);
-        self.flush_local(now);
     }
 
-    pub fn handle_put(
-        &mut self,
-        now: Duration,
-        wall_ms: u64,
-        client: ClientToken,
-        request: PutRequest,
-    ) {
-        let PutRequest {
-            key,
-            value,
-            context,
-            quorum,
-            mode,
-            supersede_local,
-        } = request;
-        let context = match context.as_deref().map(Context::decode).transpose() {
-            Ok(_) if self.config.sabotage.ignore_context => VersionVector::new(),
-            Ok(context) => context.map(|c| c.0).unwrap_or_default(),
-            Err(error) => {
-                let error = ClientError::InvalidArgument(InvalidArgument::Context(error));
-                self.reply(client, ClientReply::Put(Err(error)));
-                return;
-            }
-        };
-        let partition = self.ring.partition_of(&key);
-        let preference = self.ring.preference_list(partition, quorum.n());
-        if !preference.contains(&self.config.node) {
-            let error = ClientError::NotReplica {
-                replicas: preference,
-            };
-            self.reply(client, ClientReply::Put(Err(error)));
+    /// A put from a client of this node or forwarded by another node.
+    fn start_put(&mut self, now: Duration, requester: Requester, put: ForwardedPut) {
+        if let Err(error) = self.check_put(&put) {
+            self.reply(requester, ClientReply::Put(Err(error)));
             return;
         }
-        let replicas = self.reachable_replicas(partition, quorum.n());
-        if replicas.len() < quorum.w() {
-            let error = ClientError::Unavailable {
-                required: quorum.w(),
-                reachable: replicas.len(),
-            };
-            self.reply(client, ClientReply::Put(Err(error)));
+        let context = match &put.supersedes {
+            Supersedes::Context(bytes) => match Context::decode(bytes) {
+                Ok(context) => context.0,
+                Err(error) => {
+                    let error = ClientError::InvalidArgument(InvalidArgument::Context(error));
+                    self.reply(requester, ClientReply::Put(Err(error)));
+                    return;
+                }
+            },
+            Supersedes::QuorumHeld | Supersedes::Nothing => VersionVector::new(),
+        };
+        let context = if self.config.sabotage.ignore_context {
+            VersionVector::new()
+        } else {
+            context
+        };
+        let partition = self.ring.partition_of(&put.key);
+        let preference = self.ring.preference_list(partition, put.quorum.n());
+        if !preference.contains(&self.config.node) {
+            match requester {
+                Requester::Client(client) => self.forward(now, client, partition, put),
+                // Rings disagree; forwarding on could loop.
+                Requester::Forwarder { .. } => {
+                    let error = ClientError::NotReplica {
+                        replicas: preference,
+                    };
+                    self.reply(requester, ClientReply::Put(Err(error)));
+                }
+            }
             return;
+        }
+        let ForwardedPut {
+            key,
+            value,
+            supersedes,
+            quorum,
+            mode,
+            only_if_present,
+            wall_ms,
+        } = put;
+        let replicas = self.reachable_replicas(partition, quorum.n());
+        // With N = 1 the only replica's own read is the quorum read (unless the put
+        // must first learn whether a value is there).
+        let local_read_suffices = quorum.n() == 1 || self.config.sabotage.set_reads_local_only;
+        let reads_first =
+            supersedes == Supersedes::QuorumHeld && (only_if_present || !local_read_suffices);
+        let required = if reads_first {
+            quorum.w().max(quorum.r())
+        } else {
+            quorum.w()
+        };
+        if let Some(error) = self.cannot_write(now, replicas.len(), required) {
+            self.reply(requester, ClientReply::Put(Err(error)));
+            return;
+        }
+        let value = value.map_or(Value::Tombstone, Value::Data);
+        if reads_first {
+            let then = ThenPut {
+                value,
+                quorum,
+                mode,
+                only_if_present,
+                wall_ms,
+            };
+            self.start_read(now, requester, key, quorum, Some(then));
+            return;
+        }
+        // With N = 1 the coordinator's replica holds everything there is: its own
+        // read inside the write is the quorum read.
+        let supersede_local = supersedes == Supersedes::QuorumHeld;
+        let write = Coordinate {
+            requester,
+            key,
+            partition,
+            replicas,
+            required: quorum.w(),
+            context,
+            supersede_local,
+            value,
+            mode,
+            wall_ms,
+        };
+        self.coordinate(now, write);
+    }
+
+    /// Why a put cannot start writing now, if it cannot: too few reachable replicas
+    /// (nothing is attempted), or coordination paused after a failed local write.
+    fn cannot_write(
+        &self,
+        now: Duration,
+        reachable: usize,
+        required: usize,
+    ) -> Option<ClientError> {
+        if reachable < required {
+            return Some(ClientError::Unavailable {
+                required,
+                reachable,
+            });
         }
         // Each failed local write costs an actor (a clock entry on every key it
         // writes next): while the store keeps failing, refuse rather than spend one
         // per put. One put is let through per pause to find out.
-        if self
+        let paused = self
             .coordination_paused_until
-            .is_some_and(|until| now < until)
-        {
-            self.reply(client, ClientReply::Put(Err(ClientError::StorageFailed)));
-            return;
+            .is_some_and(|until| now < until);
+        paused.then_some(ClientError::StorageFailed)
+    }
+
+    /// Refuses a put that can never succeed as sent.
+    fn check_put(&self, put: &ForwardedPut) -> Result<(), ClientError> {
+        if put.only_if_present && put.supersedes != Supersedes::QuorumHeld {
+            return Err(InvalidArgument::OnlyIfPresentWithoutRead.into());
         }
+        if put.key.len() > self.config.key_max {
+            let (len, limit) = (put.key.len(), self.config.key_max);
+            return Err(InvalidArgument::KeyTooLong { len, limit }.into());
+        }
+        let size = put.value.as_ref().map_or(0, Vec::len);
+        if size > self.config.stored_value_max {
+            let limit = self.config.stored_value_max;
+            return Err(ClientError::ValuesTooLarge { size, limit });
+        }
+        Ok(())
+    }
+
+    /// Starts the write of a put at its replicas, the local one first.
+    fn coordinate(&mut self, now: Duration, write: Coordinate) {
+        let Coordinate {
+            requester,
+            key,
+            partition,
+            replicas,
+            required,
+            context,
+            supersede_local,
+            value,
+            mode,
+            wall_ms,
+        } = write;
         let id = self.new_request_id();
         let deadline = now + self.config.request_timeout;
         self.arm(id, deadline);
         let coordination = PutCoordination::new(
-            client,
+            requester,
             key.clone(),
             partition,
             replicas,
-            quorum.w(),
+            required,
             deadline,
         );
         self.puts.insert(id, coordination);
@@ -357,12 +543,63 @@ impl Node {
             origin: self.local_origin(id),
             context,
             supersede_local,
-            value: value.map_or(Value::Tombstone, Value::Data),
+            value,
             mode,
             wall_ms,
         };
         self.submit(now, key, partition, job);
-        self.flush_local(now);
+    }
+
+    /// Hands a put for a key this node holds no replica of to the first reachable
+    /// replica. The answer comes back as [`PeerMessage::ForwardReply`].
+    fn forward(
+        &mut self,
+        now: Duration,
+        client: ClientToken,
+        partition: PartitionId,
+        put: ForwardedPut,
+    ) {
+        let required = put.quorum.w();
+        let Some(to) = self
+            .reachable_replicas(partition, put.quorum.n())
+            .first()
+            .copied()
+        else {
+            // No replica can be asked, so none can acknowledge it.
+            let error = ClientError::Unavailable {
+                required,
+                reachable: 0,
+            };
+            self.reply(Requester::Client(client), ClientReply::Put(Err(error)));
+            return;
+        };
+        // The replica answers within its own timeouts (two for a put that reads
+        // first); waiting one more lets its real answer, in flight, win over ours.
+        let phases = if put.supersedes == Supersedes::QuorumHeld {
+            2
+        } else {
+            1
+        };
+        let timeout = self.config.request_timeout;
+        let deadline = now + timeout * (phases + 1);
+        let id = self.new_request_id();
+        self.arm(id, deadline);
+        self.forwards.insert(
+            id,
+            Forwarding {
+                client,
+                to,
+                required,
+                deadline,
+            },
+        );
+        self.stats.forwarded += 1;
+        let message = PeerMessage::Forward {
+            request: id,
+            partition,
+            put,
+        };
+        self.send(to, message);
     }
 
     pub fn handle_message(&mut self, now: Duration, from: NodeId, message: PeerMessage) {
@@ -406,7 +643,7 @@ impl Node {
                     self.submit(now, key, partition, job);
                 }
             }
-            PeerMessage::WriteAck { request } => self.on_write_ack(now, from, request),
+            PeerMessage::WriteAck { request } => self.on_write_ack(from, request),
             PeerMessage::WriteRefused { request, refusal } => {
                 self.on_write_refused(from, request, refusal)
             }
@@ -423,6 +660,24 @@ impl Node {
                     self.submit(now, key, partition, job);
                 }
             }
+            PeerMessage::Forward {
+                request,
+                partition,
+                put,
+            } => {
+                if self.check_partition(partition, &put.key)
+                    && self.take_forward(now, from, request)
+                {
+                    let requester = Requester::Forwarder {
+                        node: from,
+                        request,
+                    };
+                    self.start_put(now, requester, put);
+                }
+            }
+            PeerMessage::ForwardReply { request, reply } => {
+                self.on_forward_reply(from, request, reply)
+            }
         }
     }
 
@@ -432,7 +687,8 @@ impl Node {
             .puts
             .get(&id)
             .map(|p| p.deadline)
-            .or_else(|| self.gets.get(&id).map(|g| g.deadline));
+            .or_else(|| self.gets.get(&id).map(|g| g.deadline))
+            .or_else(|| self.forwards.get(&id).map(|f| f.deadline));
         if let Some(deadline) = deadline
             && now < deadline
         {
@@ -448,13 +704,31 @@ impl Node {
             self.reply(put.client, ClientReply::Put(Err(error)));
         } else if let Some(get) = self.gets.remove(&id) {
             if !get.replied {
-                let error = ClientError::Timeout {
-                    acked: get.answered(),
-                    required: get.required,
+                let error = if get.then.is_some() {
+                    // The read before a write: nothing was written, so the outcome is
+                    // known, unlike a write's timeout.
+                    ClientError::Unavailable {
+                        required: get.required,
+                        reachable: get.answered(),
+                    }
+                } else {
+                    ClientError::Timeout {
+                        acked: get.answered(),
+                        required: get.required,
+                    }
                 };
-                self.reply(get.client, ClientReply::Get(Err(error)));
+                self.reply_error(get.client, get.then.is_some(), error);
             }
-            self.repair(now, &get);
+            self.repair(&get);
+        } else if let Some(forward) = self.forwards.remove(&id) {
+            let error = ClientError::Timeout {
+                acked: 0,
+                required: forward.required,
+            };
+            self.reply(
+                Requester::Client(forward.client),
+                ClientReply::Put(Err(error)),
+            );
         }
         // A timer for a finished request is normal: requests finish before deadlines.
         self.flush_local(now);
@@ -511,22 +785,116 @@ impl Node {
             Answer::QuorumReached => {
                 get.replied = true;
                 let versions = get.merged();
-                let outcome = GetOutcome {
-                    context: Context(versions.context()),
-                    versions,
-                };
                 let client = get.client;
-                self.reply(client, ClientReply::Get(Ok(outcome)));
+                match get.then.take() {
+                    None => {
+                        let outcome = GetOutcome {
+                            context: Context(versions.context()),
+                            versions,
+                        };
+                        self.reply(client, ClientReply::Get(Ok(outcome)));
+                    }
+                    Some(then) => {
+                        let (key, partition) = (get.key.clone(), get.partition);
+                        self.write_after_read(now, client, key, partition, versions, then);
+                    }
+                }
             }
         }
         let done = self.gets.get(&id).is_some_and(|g| g.all_answered());
         if done {
             let get = self.gets.remove(&id).expect("checked just above");
-            self.repair(now, &get);
+            self.repair(&get);
         }
     }
 
-    fn on_write_ack(&mut self, _now: Duration, from: NodeId, id: RequestId) {
+    /// The write half of a put that supersedes what a quorum holds.
+    fn write_after_read(
+        &mut self,
+        now: Duration,
+        requester: Requester,
+        key: Vec<u8>,
+        partition: PartitionId,
+        read: VersionSet,
+        then: ThenPut,
+    ) {
+        if then.only_if_present && read.siblings().all(|v| v.value.data().is_none()) {
+            self.reply(requester, ClientReply::Put(Ok(PutOutcome::NothingToDelete)));
+            return;
+        }
+        // What held when the read started may not hold now.
+        let preference = self.ring.preference_list(partition, then.quorum.n());
+        if !preference.contains(&self.config.node) {
+            let error = ClientError::NotReplica {
+                replicas: preference,
+            };
+            self.reply(requester, ClientReply::Put(Err(error)));
+            return;
+        }
+        let replicas = self.reachable_replicas(partition, then.quorum.n());
+        if let Some(error) = self.cannot_write(now, replicas.len(), then.quorum.w()) {
+            self.reply(requester, ClientReply::Put(Err(error)));
+            return;
+        }
+        let context = if self.config.sabotage.ignore_context {
+            VersionVector::new()
+        } else {
+            read.context()
+        };
+        let write = Coordinate {
+            requester,
+            key,
+            partition,
+            replicas,
+            required: then.quorum.w(),
+            context,
+            supersede_local: false,
+            value: then.value,
+            mode: then.mode,
+            wall_ms: then.wall_ms,
+        };
+        self.coordinate(now, write);
+    }
+
+    /// Whether a forwarded put is new. A forwarder gives up on its request after a
+    /// few request timeouts, so remembering it twice as long as that suffices.
+    fn take_forward(&mut self, now: Duration, from: NodeId, request: RequestId) -> bool {
+        while let Some(&(forget_at, node, id)) = self.forwards_taken_order.front()
+            && forget_at <= now
+        {
+            self.forwards_taken_order.pop_front();
+            self.forwards_taken.remove(&(node, id));
+        }
+        if !self.forwards_taken.insert((from, request)) && !self.config.sabotage.forget_forwards {
+            self.count(DropReason::DuplicateForward);
+            return false;
+        }
+        let forget_at = now + self.config.request_timeout * 6;
+        self.forwards_taken_order
+            .push_back((forget_at, from, request));
+        true
+    }
+
+    /// A replica's answer to a put this node forwarded.
+    fn on_forward_reply(
+        &mut self,
+        from: NodeId,
+        id: RequestId,
+        reply: Result<PutOutcome, ClientError>,
+    ) {
+        let Some(forward) = self.forwards.get(&id) else {
+            self.count(DropReason::LateResponse);
+            return;
+        };
+        if forward.to != from {
+            self.count(DropReason::UnexpectedSender);
+            return;
+        }
+        let forward = self.forwards.remove(&id).expect("looked up just above");
+        self.reply(Requester::Client(forward.client), ClientReply::Put(reply));
+    }
+
+    fn on_write_ack(&mut self, from: NodeId, id: RequestId) {
         let Some(put) = self.puts.get_mut(&id) else {
             self.count(DropReason::LateResponse);
             return;
@@ -541,7 +909,14 @@ impl Node {
             Answer::Counted => {}
             Answer::QuorumReached => {
                 let put = self.puts.remove(&id).expect("looked up just above");
-                self.reply(put.client, ClientReply::Put(Ok(PutOutcome { dot })));
+                let written = Written {
+                    dot,
+                    superseded: put.superseded,
+                };
+                self.reply(
+                    put.client,
+                    ClientReply::Put(Ok(PutOutcome::Written(written))),
+                );
             }
         }
     }
@@ -576,7 +951,7 @@ impl Node {
 
     /// Dynamo §4.5 read repair: send the merged set to every replica that answered
     /// with less.
-    fn repair(&mut self, now: Duration, get: &GetCoordination) {
+    fn repair(&mut self, get: &GetCoordination) {
         if self.config.sabotage.skip_read_repair {
             return;
         }
@@ -596,7 +971,7 @@ impl Node {
                 key: get.key.clone(),
                 versions: merged.clone(),
             };
-            self.send(now, node, message);
+            self.send(node, message);
         }
     }
 
@@ -615,19 +990,19 @@ impl Node {
                         request: origin.request,
                         versions,
                     };
-                    self.send(now, origin.node, message);
+                    self.send(origin.node, message);
                 }
                 ReplicaEvent::Durable { origin } => {
                     let message = PeerMessage::WriteAck {
                         request: origin.request,
                     };
-                    self.send(now, origin.node, message);
+                    self.send(origin.node, message);
                 }
                 ReplicaEvent::Created {
                     origin,
                     dot,
                     versions,
-                } => self.on_created(now, origin, dot, versions),
+                } => self.on_created(origin, dot, versions),
                 ReplicaEvent::Refused { origin, refusal } => {
                     if let Some(put) = self.puts.remove(&origin.request) {
                         let error = match refusal {
@@ -651,7 +1026,7 @@ impl Node {
                         request: origin.request,
                         refusal,
                     };
-                    self.send(now, origin.node, message);
+                    self.send(origin.node, message);
                 }
                 ReplicaEvent::Dropped(reason) => self.count(reason),
             }
@@ -660,12 +1035,15 @@ impl Node {
 
     /// The local replica made the put's version: fan the merged set out to the other
     /// replicas while the local write proceeds (Dynamo §4.5).
-    fn on_created(&mut self, now: Duration, origin: Origin, dot: Dot, versions: VersionSet) {
+    fn on_created(&mut self, origin: Origin, dot: Dot, versions: VersionSet) {
         // The put may have timed out while its local read was queued.
         let Some(put) = self.puts.get_mut(&origin.request) else {
             return;
         };
         put.dot = Some(dot);
+        if let Some(created) = versions.siblings().find(|v| v.dot == dot) {
+            put.superseded = created.past.clone();
+        }
         let targets: Vec<NodeId> = put
             .replicas
             .iter()
@@ -680,13 +1058,13 @@ impl Node {
                 key: key.clone(),
                 versions: versions.clone(),
             };
-            self.send(now, node, message);
+            self.send(node, message);
         }
     }
 
     /// Sends to a peer, or queues a message to this node for [`Node::flush_local`]:
     /// the local replica is asked exactly like a remote one, minus the network.
-    fn send(&mut self, _now: Duration, to: NodeId, message: PeerMessage) {
+    fn send(&mut self, to: NodeId, message: PeerMessage) {
         if to == self.config.node {
             self.local_inbox.push_back(message);
         } else {
@@ -724,13 +1102,46 @@ impl Node {
         });
     }
 
-    fn reply(&mut self, client: ClientToken, reply: ClientReply) {
-        self.actions.push_back(Action::Reply { client, reply });
+    fn reply(&mut self, to: Requester, reply: ClientReply) {
+        match (to, reply) {
+            (Requester::Client(client), reply) => {
+                self.actions.push_back(Action::Reply { client, reply })
+            }
+            (Requester::Forwarder { node, request }, ClientReply::Put(reply)) => {
+                self.send(node, PeerMessage::ForwardReply { request, reply })
+            }
+            // Only puts are forwarded, so a forwarder never waits on a get.
+            (Requester::Forwarder { .. }, ClientReply::Get(_)) => {}
+        }
+    }
+
+    /// Replies `error` to a get, or to a put (`for_put`) whose read half failed.
+    fn reply_error(&mut self, to: Requester, for_put: bool, error: ClientError) {
+        let reply = if for_put {
+            ClientReply::Put(Err(error))
+        } else {
+            ClientReply::Get(Err(error))
+        };
+        self.reply(to, reply);
     }
 
     fn count(&mut self, reason: DropReason) {
         *self.stats.drops.entry(reason).or_default() += 1;
     }
+}
+
+/// A put's write half, ready to start.
+struct Coordinate {
+    requester: Requester,
+    key: Vec<u8>,
+    partition: PartitionId,
+    replicas: Vec<NodeId>,
+    required: usize,
+    context: VersionVector,
+    supersede_local: bool,
+    value: Value,
+    mode: crate::version::ConflictMode,
+    wall_ms: u64,
 }
 
 fn too_large_error(too_large: TooLarge) -> ClientError {

@@ -2,7 +2,7 @@
 
 use thiserror::Error;
 
-use crate::clock::Dot;
+use crate::clock::{Dot, VersionVector};
 use crate::codec::{Context, DecodeError};
 use crate::quorum::{Quorum, QuorumError};
 use crate::ring::NodeId;
@@ -16,24 +16,63 @@ pub struct ClientToken(pub u64);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GetRequest {
     pub key: Vec<u8>,
-    pub quorum: Quorum,
+    /// `None`: the node's configured quorum ([`crate::NodeConfig::quorum`]).
+    pub quorum: Option<Quorum>,
 }
 
-/// Write `value` (a delete when `None`) superseding what `context` saw; without a
-/// context the write becomes a sibling of whatever is stored.
+/// What a put replaces. Every put is causal: it supersedes exactly the versions its
+/// context covers and becomes a sibling of everything else.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Supersedes {
+    /// Context bytes exactly as a previous get returned them ([`Context::encode`]).
+    Context(Vec<u8>),
+    /// Whatever R replicas hold when the put starts (Redis SET and DEL): the
+    /// coordinator reads a quorum first and writes with the context of that read,
+    /// inside this one request. A write concurrent with that read stays a sibling.
+    QuorumHeld,
+    /// Nothing: a blind write, a sibling of whatever is stored.
+    Nothing,
+}
+
+/// Write `value` (a delete when `None`) superseding what `supersedes` names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PutRequest {
     pub key: Vec<u8>,
     pub value: Option<Vec<u8>>,
-    /// Context bytes exactly as a previous get returned them ([`Context::encode`]).
-    pub context: Option<Vec<u8>>,
-    pub quorum: Quorum,
+    pub supersedes: Supersedes,
+    /// `None`: the node's configured quorum ([`crate::NodeConfig::quorum`]).
+    pub quorum: Option<Quorum>,
     pub mode: ConflictMode,
-    /// Also supersede whatever the coordinator's own replica holds when it writes
-    /// (Redis SET semantics without a separate read). Versions that only other
-    /// replicas hold stay as siblings, so with N > 1 a read first is what makes a
-    /// write replace everything a quorum has seen.
-    pub supersede_local: bool,
+    /// Write only if the quorum read finds a live value (Redis DEL); otherwise the
+    /// answer is [`PutOutcome::NothingToDelete`] and nothing is written. Only with
+    /// [`Supersedes::QuorumHeld`], which makes that read.
+    pub only_if_present: bool,
+}
+
+impl PutRequest {
+    /// A put superseding what a quorum holds (Redis SET), at the node's quorum.
+    pub fn replacing(key: Vec<u8>, value: Vec<u8>) -> Self {
+        PutRequest {
+            key,
+            value: Some(value),
+            supersedes: Supersedes::QuorumHeld,
+            quorum: None,
+            mode: ConflictMode::Causal,
+            only_if_present: false,
+        }
+    }
+
+    /// A delete of whatever a quorum holds, if it holds a live value (Redis DEL).
+    pub fn delete_if_present(key: Vec<u8>) -> Self {
+        PutRequest {
+            key,
+            value: None,
+            supersedes: Supersedes::QuorumHeld,
+            quorum: None,
+            mode: ConflictMode::Causal,
+            only_if_present: true,
+        }
+    }
 }
 
 /// A successful get: the siblings (tombstones included; see
@@ -54,12 +93,33 @@ impl GetOutcome {
     }
 }
 
-/// A successful put: the dot naming the new write. No context is returned on purpose:
-/// the coordinator's merged set may hold siblings this client never saw, and a context
+/// A successful put.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PutOutcome {
+    Written(Written),
+    /// An `only_if_present` put found no live value; nothing was written.
+    NothingToDelete,
+}
+
+/// A write that reached its quorum: the dot naming it and the clock of what it
+/// superseded (its context, joined with what the quorum read found for
+/// [`Supersedes::QuorumHeld`]). No context for a next put is returned on purpose: the
+/// coordinator's merged set may hold siblings this client never saw, and a context
 /// covering them would let the next put supersede values unseen. Read to get one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PutOutcome {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Written {
     pub dot: Dot,
+    pub superseded: VersionVector,
+}
+
+impl PutOutcome {
+    /// The new write's dot, if one was written.
+    pub fn dot(&self) -> Option<Dot> {
+        match self {
+            PutOutcome::Written(written) => Some(written.dot),
+            PutOutcome::NothingToDelete => None,
+        }
+    }
 }
 
 /// What a client may get instead of an outcome.
@@ -113,6 +173,14 @@ pub enum InvalidArgument {
     Quorum(#[from] QuorumError),
     #[error("the context claims a write counter at its maximum")]
     CounterOverflow,
+    #[error("a key of {len} bytes is over the limit of {limit}")]
+    KeyTooLong { len: usize, limit: usize },
+    /// `only_if_present` needs the quorum read of [`Supersedes::QuorumHeld`].
+    #[error("only_if_present needs a put that supersedes what a quorum holds")]
+    OnlyIfPresentWithoutRead,
+    /// The replica a write was forwarded to refused it as invalid (its words).
+    #[error("refused by the replica it was forwarded to: {0}")]
+    AtReplica(String),
 }
 
 /// The answer to one client request.

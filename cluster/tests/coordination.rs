@@ -9,7 +9,7 @@ use ringkv_cluster::{
     Action, ClientError, ClientReply, ClientToken, ConflictMode, Context, DropReason, GetOutcome,
     GetRequest, InvalidArgument, Member, Node, NodeConfig, NodeId, PeerMessage, PutOutcome,
     PutRequest, Quorum, RequestId, Ring, StorageCompletion, StorageFailure, StorageOp, StoredRead,
-    StoredVersions,
+    StoredVersions, Supersedes, Written,
 };
 
 /// Delivers everything at once, in order; `silenced` nodes neither receive nor send.
@@ -78,15 +78,19 @@ impl Harness {
         context: Option<Vec<u8>>,
         quorum: Quorum,
     ) -> ClientToken {
-        let client = self.client();
         let request = PutRequest {
             key: key.to_vec(),
             value: value.map(|v| v.to_vec()),
-            context,
-            quorum,
+            supersedes: context.map_or(Supersedes::Nothing, Supersedes::Context),
+            quorum: Some(quorum),
             mode: ConflictMode::Causal,
-            supersede_local: false,
+            only_if_present: false,
         };
+        self.send_put(at, request)
+    }
+
+    fn send_put(&mut self, at: NodeId, request: PutRequest) -> ClientToken {
+        let client = self.client();
         self.nodes.get_mut(&at).unwrap().handle_put(
             self.now,
             self.now.as_millis() as u64,
@@ -101,7 +105,7 @@ impl Harness {
         let client = self.client();
         let request = GetRequest {
             key: key.to_vec(),
-            quorum,
+            quorum: Some(quorum),
         };
         self.nodes
             .get_mut(&at)
@@ -117,16 +121,24 @@ impl Harness {
         key: &[u8],
         value: Option<&[u8]>,
         context: Option<Vec<u8>>,
-    ) -> PutOutcome {
+    ) -> Written {
         let client = self.put(at, key, value, context, Quorum::default());
+        self.written(client)
+    }
+
+    fn written(&mut self, client: ClientToken) -> Written {
         match self.replies.remove(&client) {
-            Some(ClientReply::Put(Ok(outcome))) => outcome,
-            other => panic!("expected a put outcome, got {other:?}"),
+            Some(ClientReply::Put(Ok(PutOutcome::Written(written)))) => written,
+            other => panic!("expected a written put, got {other:?}"),
         }
     }
 
     fn get_ok(&mut self, at: NodeId, key: &[u8]) -> GetOutcome {
-        let client = self.get(at, key, Quorum::default());
+        self.get_ok_at(at, key, Quorum::default())
+    }
+
+    fn get_ok_at(&mut self, at: NodeId, key: &[u8], quorum: Quorum) -> GetOutcome {
+        let client = self.get(at, key, quorum);
         match self.replies.remove(&client) {
             Some(ClientReply::Get(Ok(outcome))) => outcome,
             other => panic!("expected a get outcome, got {other:?}"),
@@ -368,18 +380,306 @@ fn bad_context_bytes_are_an_invalid_argument() {
     assert_eq!(h.storage_ops, 0);
 }
 
-/// Puts go to a replica of the key (Dynamo §4.5: the coordinator is in the
-/// preference list); others say which nodes to use.
+/// Puts are coordinated by a replica (Dynamo §4.5: the coordinator is in the
+/// preference list): a node holding none forwards the put to the first replica, which
+/// coordinates it and answers with its real outcome.
 #[test]
-fn put_at_a_non_replica_names_the_replicas() {
+fn a_put_at_a_non_replica_is_forwarded_and_answered_with_the_replicas_outcome() {
     let mut h = Harness::new(5, |_| {});
     let replicas = h.replicas(KEY);
     let outsider = *h.nodes.keys().find(|n| !replicas.contains(n)).unwrap();
-    let client = h.put(outsider, KEY, Some(b"v"), None, Quorum::default());
+    let written = h.put_ok(outsider, KEY, Some(b"v"), None);
+    assert_eq!(
+        written.dot.actor.node, replicas[0],
+        "the first replica coordinated"
+    );
+    assert_eq!(h.nodes[&outsider].stats().forwarded, 1);
+    assert!(h.disks[&outsider].is_empty(), "the outsider stored nothing");
+    for replica in &replicas {
+        assert!(h.stored(*replica, KEY).unwrap().contains_dot(written.dot));
+    }
+    // SET and DEL forwarded alike, one forward each.
+    let set = h.send_put(outsider, PutRequest::replacing(KEY.to_vec(), b"w".to_vec()));
+    let set = h.written(set);
+    assert!(
+        set.superseded.contains(written.dot),
+        "the SET read the first write"
+    );
+    let del = h.send_put(outsider, PutRequest::delete_if_present(KEY.to_vec()));
+    h.written(del);
+    assert!(h.get_ok(outsider, KEY).values().is_empty());
+    assert_eq!(h.nodes[&outsider].stats().forwarded, 3);
+}
+
+/// The replica a put was forwarded to went silent: the forwarder answers Timeout
+/// (outcome unknown), never a failure, and only after the replica's own time ran out.
+#[test]
+fn a_forwarded_put_whose_replica_is_silent_times_out_with_its_quorum() {
+    let mut h = Harness::new(5, |_| {});
+    let replicas = h.replicas(KEY);
+    let outsider = *h.nodes.keys().find(|n| !replicas.contains(n)).unwrap();
+    h.silenced.insert(replicas[0]);
+    let client = h.put(
+        outsider,
+        KEY,
+        Some(b"v"),
+        None,
+        Quorum::new(3, 2, 3).unwrap(),
+    );
+    assert!(
+        !h.replies.contains_key(&client),
+        "no answer before the deadline"
+    );
+    let sent = h.now;
+    h.expire_timers();
     assert_eq!(
         h.replies[&client],
-        ClientReply::Put(Err(ClientError::NotReplica { replicas }))
+        ClientReply::Put(Err(ClientError::Timeout {
+            acked: 0,
+            required: 3
+        }))
     );
+    assert!(
+        h.now - sent > Duration::from_secs(1),
+        "waited past the replica's timeout"
+    );
+}
+
+/// Once the replica a put was forwarded to is found unreachable, the forwarder answers
+/// at once: Timeout (it may have applied the put), without waiting out the deadline.
+#[test]
+fn a_forward_to_a_replica_found_unreachable_times_out_at_once() {
+    let mut h = Harness::new(5, |_| {});
+    let replicas = h.replicas(KEY);
+    let outsider = *h.nodes.keys().find(|n| !replicas.contains(n)).unwrap();
+    h.silenced.insert(replicas[0]);
+    let client = h.put(outsider, KEY, Some(b"v"), None, Quorum::default());
+    assert!(!h.replies.contains_key(&client));
+    h.nodes
+        .get_mut(&outsider)
+        .unwrap()
+        .set_reachable(replicas[0], false);
+    h.settle();
+    assert_eq!(
+        h.replies[&client],
+        ClientReply::Put(Err(ClientError::Timeout {
+            acked: 0,
+            required: 2
+        }))
+    );
+    // The next put goes to the next replica, and succeeds.
+    h.silenced.clear();
+    let written = h.put_ok(outsider, KEY, Some(b"w"), None);
+    assert_eq!(written.dot.actor.node, replicas[1]);
+}
+
+/// Puts over the key or value limits are refused by the node itself (forwarded puts
+/// arrive from peers, past the front ends' checks).
+#[test]
+fn puts_over_the_key_or_value_limit_are_refused() {
+    let mut h = Harness::new(3, |config| {
+        config.key_max = 8;
+        config.stored_value_max = 4;
+    });
+    let coordinator = h.replicas(b"short")[0];
+    let long_key = h.put(
+        coordinator,
+        b"a-key-of-17-bytes",
+        Some(b"v"),
+        None,
+        Quorum::default(),
+    );
+    assert_eq!(
+        h.replies[&long_key],
+        ClientReply::Put(Err(ClientError::InvalidArgument(
+            InvalidArgument::KeyTooLong { len: 17, limit: 8 }
+        )))
+    );
+    let big = h.put(
+        coordinator,
+        b"short",
+        Some(b"12345"),
+        None,
+        Quorum::default(),
+    );
+    assert_eq!(
+        h.replies[&big],
+        ClientReply::Put(Err(ClientError::ValuesTooLarge { size: 5, limit: 4 }))
+    );
+    assert_eq!(h.storage_ops, 0, "nothing read or written");
+}
+
+/// A forwarded put reaching a node that is no replica under its own ring (rings
+/// disagree) is refused with the replicas, not forwarded on.
+#[test]
+fn a_forwarded_put_is_never_forwarded_again() {
+    let mut h = Harness::new(5, |_| {});
+    let replicas = h.replicas(KEY);
+    let outsiders: Vec<NodeId> = h
+        .nodes
+        .keys()
+        .copied()
+        .filter(|n| !replicas.contains(n))
+        .collect();
+    let partition = h.ring().partition_of(KEY);
+    let forward = PeerMessage::Forward {
+        request: RequestId {
+            epoch: 7,
+            sequence: 1,
+        },
+        partition,
+        put: ringkv_cluster::ForwardedPut {
+            key: KEY.to_vec(),
+            value: Some(b"v".to_vec()),
+            supersedes: Supersedes::Nothing,
+            quorum: Quorum::default(),
+            mode: ConflictMode::Causal,
+            only_if_present: false,
+            wall_ms: 0,
+        },
+    };
+    let (from, to) = (outsiders[0], outsiders[1]);
+    h.nodes
+        .get_mut(&to)
+        .unwrap()
+        .handle_message(h.now, from, forward);
+    let sent: Vec<Action> =
+        std::iter::from_fn(|| h.nodes.get_mut(&to).unwrap().poll_action()).collect();
+    let expected = PeerMessage::ForwardReply {
+        request: RequestId {
+            epoch: 7,
+            sequence: 1,
+        },
+        reply: Err(ClientError::NotReplica { replicas }),
+    };
+    assert_eq!(
+        sent,
+        vec![Action::Send {
+            to: from,
+            message: expected
+        }]
+    );
+    assert_eq!(h.nodes[&to].stats().forwarded, 0);
+}
+
+/// A duplicated forward (a network that repeats itself, a retried frame) is
+/// coordinated once: a put is not idempotent, and a second copy would supersede the
+/// acked first under a new dot.
+#[test]
+fn a_duplicated_forward_is_coordinated_once() {
+    let mut h = Harness::new(5, |_| {});
+    let replicas = h.replicas(KEY);
+    let outsider = *h.nodes.keys().find(|n| !replicas.contains(n)).unwrap();
+    h.nodes.get_mut(&outsider).unwrap().handle_put(
+        h.now,
+        0,
+        ClientToken(99),
+        PutRequest::replacing(KEY.to_vec(), b"v".to_vec()),
+    );
+    let actions: Vec<Action> =
+        std::iter::from_fn(|| h.nodes.get_mut(&outsider).unwrap().poll_action()).collect();
+    for action in actions {
+        if let Action::Send { to, message } = &action {
+            assert!(matches!(message, PeerMessage::Forward { .. }));
+            h.inbox.push_back((outsider, *to, message.clone()));
+        }
+        h.carry_out(outsider, action);
+    }
+    h.settle();
+    let to = replicas[0];
+    let stored = h.stored(to, KEY).unwrap();
+    assert_eq!(stored.len(), 1, "one version: {stored:?}");
+    assert_eq!(
+        h.nodes[&to]
+            .stats()
+            .drops
+            .get(&DropReason::DuplicateForward),
+        Some(&1)
+    );
+    let written = h.written(ClientToken(99));
+    assert!(stored.contains_dot(written.dot));
+}
+
+/// Redis SET: the put supersedes every sibling a quorum holds, though its client
+/// passed no context, and says what it superseded.
+#[test]
+fn a_put_superseding_what_a_quorum_holds_replaces_siblings_it_never_saw() {
+    let mut h = Harness::new(3, |_| {});
+    let [a, b, _] = h.replicas(KEY)[..] else {
+        panic!()
+    };
+    let first = h.put_ok(a, KEY, Some(b"one"), None);
+    let second = h.put_ok(b, KEY, Some(b"two"), None);
+    assert_eq!(h.get_ok(a, KEY).values().len(), 2, "two blind siblings");
+    let set = h.send_put(b, PutRequest::replacing(KEY.to_vec(), b"three".to_vec()));
+    let set = h.written(set);
+    assert!(set.superseded.contains(first.dot) && set.superseded.contains(second.dot));
+    assert_eq!(h.get_ok(a, KEY).values(), vec![&b"three"[..]]);
+}
+
+/// Redis DEL: an absent (or deleted) key writes nothing and says so; a present one
+/// is deleted.
+#[test]
+fn delete_if_present_writes_only_when_a_value_is_there() {
+    let mut h = Harness::new(3, |_| {});
+    let coordinator = h.replicas(KEY)[0];
+    let absent = h.send_put(coordinator, PutRequest::delete_if_present(KEY.to_vec()));
+    assert_eq!(
+        h.replies[&absent],
+        ClientReply::Put(Ok(PutOutcome::NothingToDelete))
+    );
+    assert!(h.disks.values().all(|d| d.is_empty()), "nothing written");
+    let written = h.put_ok(coordinator, KEY, Some(b"v"), None);
+    let deleted = h.send_put(coordinator, PutRequest::delete_if_present(KEY.to_vec()));
+    let deleted = h.written(deleted);
+    assert!(deleted.superseded.contains(written.dot));
+    assert!(h.get_ok(coordinator, KEY).values().is_empty());
+    let again = h.send_put(coordinator, PutRequest::delete_if_present(KEY.to_vec()));
+    assert_eq!(
+        h.replies[&again],
+        ClientReply::Put(Ok(PutOutcome::NothingToDelete))
+    );
+}
+
+/// With N = 1 the only replica's own read is the quorum read: a SET takes one read
+/// and one write, not a read phase first.
+#[test]
+fn a_set_at_n_1_reads_its_replica_once() {
+    let mut h = Harness::new(1, |config| config.quorum = Quorum::new(1, 1, 1).unwrap());
+    let only = NodeId(1);
+    let one = Quorum::new(1, 1, 1).unwrap();
+    for value in [&b"one"[..], b"two"] {
+        let blind = h.put(only, KEY, Some(value), None, one);
+        h.written(blind);
+    }
+    assert_eq!(h.get_ok_at(only, KEY, one).values().len(), 2);
+    let before = h.storage_ops;
+    let set = h.send_put(only, PutRequest::replacing(KEY.to_vec(), b"three".to_vec()));
+    h.written(set);
+    assert_eq!(h.storage_ops - before, 2, "one read, one write");
+    assert_eq!(h.get_ok_at(only, KEY, one).values(), vec![&b"three"[..]]);
+}
+
+/// A SET's read that cannot reach R replicas in time wrote nothing, so the client
+/// hears Unavailable (safe to retry), not a write's Timeout.
+#[test]
+fn a_set_whose_read_times_out_is_unavailable() {
+    let mut h = Harness::new(3, |_| {});
+    let [a, b, c] = h.replicas(KEY)[..] else {
+        panic!()
+    };
+    h.silenced.insert(b);
+    h.silenced.insert(c);
+    let set = h.send_put(a, PutRequest::replacing(KEY.to_vec(), b"v".to_vec()));
+    h.expire_timers();
+    assert_eq!(
+        h.replies[&set],
+        ClientReply::Put(Err(ClientError::Unavailable {
+            required: 2,
+            reachable: 1
+        }))
+    );
+    assert!(h.disks[&a].is_empty(), "nothing written");
 }
 
 /// Dynamo §4.5 read repair: a replica that missed a write gets it after a read that
@@ -572,9 +872,7 @@ fn a_lost_record_retires_the_coordinators_actor() {
     h.losing_reads.insert(coordinator);
     let client = h.put(coordinator, KEY, Some(b"two"), None, Quorum::default());
     h.losing_reads.clear();
-    let ClientReply::Put(Ok(second)) = h.replies[&client].clone() else {
-        panic!("put failed: {:?}", h.replies[&client])
-    };
+    let second = h.written(client);
     assert_ne!(
         second.dot.actor, before,
         "a new actor after the lost record"
@@ -599,20 +897,15 @@ fn last_writer_wins_mode_keeps_one_value() {
     };
     for (at, value) in [(a, &b"first"[..]), (b, b"second")] {
         h.now += Duration::from_millis(5);
-        let client = h.client();
         let request = PutRequest {
             key: KEY.to_vec(),
             value: Some(value.to_vec()),
-            context: None,
-            quorum: Quorum::default(),
+            supersedes: Supersedes::Nothing,
+            quorum: None,
             mode: ConflictMode::LastWriterWins,
-            supersede_local: false,
+            only_if_present: false,
         };
-        h.nodes
-            .get_mut(&at)
-            .unwrap()
-            .handle_put(h.now, h.now.as_millis() as u64, client, request);
-        h.settle();
+        h.send_put(at, request);
     }
     assert_eq!(h.get_ok(a, KEY).values(), vec![&b"second"[..]]);
 }

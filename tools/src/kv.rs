@@ -179,11 +179,21 @@ fn write(
 
 pub fn status(args: StatusArgs) -> ExitCode {
     let common = &args.common;
-    let result = connect(common).and_then(|c| Ok((c.topology()?, c.status()?)));
-    let (topology, nodes) = match result {
+    let result = connect(common).and_then(|c| Ok((c.topology()?, c.status_each()?)));
+    let (topology, each) = match result {
         Ok(found) => found,
         Err(e) => return fail(common.output, &e),
     };
+    // A node that does not answer (paused, dead) is reported as such; the others
+    // still say how they see it.
+    let mut nodes = Vec::new();
+    let mut silent = Vec::new();
+    for (node_id, status) in each {
+        match status {
+            Ok(status) => nodes.push(status),
+            Err(e) => silent.push((node_id, e.to_string())),
+        }
+    }
     match common.output {
         Output::Json => {
             let nodes: Vec<Value> = nodes
@@ -210,19 +220,33 @@ pub fn status(args: StatusArgs) -> ExitCode {
                             "corrupt": s.corrupt,
                             "store_failure": s.store_failure,
                         })).collect::<Vec<_>>(),
+                        "members": n.members.iter().map(|m| json!({
+                            "node_id": m.node_id,
+                            "down": m.down,
+                            "phi": f64::from(m.phi_milli) / 1000.0,
+                            "incarnation": m.incarnation,
+                            "heartbeat": m.heartbeat,
+                            "status": m.status,
+                            "suspicions": m.suspicions,
+                        })).collect::<Vec<_>>(),
                     })
                 })
+                .collect();
+            let silent: Vec<Value> = silent
+                .iter()
+                .map(|(node_id, error)| json!({"node_id": node_id, "error": error}))
                 .collect();
             print_json(&json!({
                 "epoch": topology.epoch,
                 "partitions": topology.partitions,
                 "nodes": nodes,
+                "unanswered": silent,
             }));
         }
         Output::Table => {
             say!(
                 "cluster: {} node(s), {} partitions, ring epoch {}",
-                nodes.len(),
+                nodes.len() + silent.len(),
                 topology.partitions,
                 topology.epoch
             );
@@ -269,6 +293,21 @@ pub fn status(args: StatusArgs) -> ExitCode {
                         say!("        store failed (refusing writes until restart): {failure}");
                     }
                 }
+                for m in n.members.iter().filter(|m| m.node_id != n.node_id) {
+                    say!(
+                        "  sees node {}: {} (phi {:.1}, incarnation {}, heartbeat {}, {}; suspected {} time(s))",
+                        m.node_id,
+                        if m.down { "DOWN" } else { "up" },
+                        f64::from(m.phi_milli) / 1000.0,
+                        m.incarnation,
+                        m.heartbeat,
+                        m.status,
+                        m.suspicions
+                    );
+                }
+            }
+            for (node_id, error) in &silent {
+                say!("node {node_id}: did not answer ({error})");
             }
         }
     }

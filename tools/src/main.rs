@@ -186,6 +186,17 @@ struct ServerArgs {
     /// Microseconds an idle executor polls before it sleeps (0: sleep at once).
     #[arg(long)]
     spin_before_park_us: Option<u64>,
+    /// Milliseconds between heartbeats to every member (default 200).
+    #[arg(long)]
+    heartbeat_interval_ms: Option<u64>,
+    /// Milliseconds between pushes of this node's membership view to a few random
+    /// members (default 1000).
+    #[arg(long)]
+    gossip_interval_ms: Option<u64>,
+    /// phi at which a silent member is taken for down and routed around (default 8;
+    /// higher suspects later and more surely).
+    #[arg(long)]
+    phi_threshold: Option<f64>,
 }
 
 fn parse_durability(s: &str) -> Result<Durability, String> {
@@ -252,6 +263,11 @@ fn server(args: ServerArgs) -> anyhow::Result<()> {
     config.spin_before_park_us = args
         .spin_before_park_us
         .unwrap_or(config.spin_before_park_us);
+    config.heartbeat_interval_ms = args
+        .heartbeat_interval_ms
+        .unwrap_or(config.heartbeat_interval_ms);
+    config.gossip_interval_ms = args.gossip_interval_ms.unwrap_or(config.gossip_interval_ms);
+    config.phi_threshold = args.phi_threshold.unwrap_or(config.phi_threshold);
     ringkv_server::runtime::run(config)?;
     Ok(())
 }

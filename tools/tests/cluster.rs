@@ -232,17 +232,68 @@ fn a_stopped_node_slows_nothing_that_two_replicas_can_answer() {
         "{message}"
     );
     cluster.node(3).resume();
+    // Until its next heartbeat the node may still be suspected (Unavailable).
+    let mut read = None;
+    let back = eventually(Duration::from_secs(10), || {
+        read = redis::cmd("KV.GET")
+            .arg("x")
+            .arg("R")
+            .arg(3)
+            .query::<(Vec<u8>, Vec<String>)>(&mut r)
+            .ok();
+        read.is_some()
+    });
+    assert!(back, "the resumed node answers reads again");
     // The write that timed out may or may not have happened; either value is right.
-    let (_, values): (Vec<u8>, Vec<String>) = redis::cmd("KV.GET")
-        .arg("x")
-        .arg("R")
-        .arg(3)
-        .query(&mut r)
-        .unwrap();
+    let (_, values) = read.expect("read above");
     // KV.PUT without a context is a sibling: "1" either joined "0" or never landed.
     let mut values = values;
     values.sort();
     assert!(values == ["0"] || values == ["0", "1"], "{values:?}");
+}
+
+/// A paused node (SIGSTOP) keeps its TCP connections, so only its silence gives it
+/// away: the gossip heartbeats stop, the phi detector suspects it, and a write that
+/// needs it (W=3) fails at once as Unavailable instead of waiting out a Timeout. Once
+/// it runs again its heartbeats clear the suspicion.
+#[test]
+fn a_paused_node_is_detected_by_its_silence_and_routed_around() {
+    let cluster = Cluster::start(3);
+    let mut r = redis(&cluster, 1);
+    let put_w3 = |r: &mut redis::Connection, value: &str| {
+        redis::cmd("KV.PUT")
+            .arg("x")
+            .arg(value)
+            .arg("W")
+            .arg(3)
+            .query::<Value>(r)
+    };
+    put_w3(&mut r, "0").expect("all three nodes up");
+    cluster.node(3).pause();
+    let paused = Instant::now();
+    let mut detected = None;
+    while paused.elapsed() < Duration::from_secs(15) {
+        let started = Instant::now();
+        match put_w3(&mut r, "1") {
+            Err(e) if e.to_string().contains("UNAVAILABLE") => {
+                detected = Some(paused.elapsed());
+                assert!(
+                    started.elapsed() < Duration::from_millis(500),
+                    "Unavailable is answered at once, not after a timeout"
+                );
+                break;
+            }
+            Err(e) if e.to_string().contains("TIMEOUT") => {}
+            other => panic!("a W=3 write with a node paused: {other:?}"),
+        }
+    }
+    let detected = detected.expect("the paused node was never suspected");
+    println!("paused node routed around {detected:?} after SIGSTOP");
+    // What two replicas can answer keeps working.
+    let _: () = redis::cmd("SET").arg("y").arg("1").query(&mut r).unwrap();
+    cluster.node(3).resume();
+    let back = eventually(Duration::from_secs(15), || put_w3(&mut r, "2").is_ok());
+    assert!(back, "W=3 writes succeed again once the node runs");
 }
 
 #[test]

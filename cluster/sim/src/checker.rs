@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use ringkv_cluster::{Dot, NodeId, Value, Version, VersionSet};
 
-use crate::history::{GetRecord, History, PutRecord};
+use crate::history::{History, PutRecord};
 
 /// One broken invariant, in words a person can act on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -111,8 +111,19 @@ fn shows(
         return true;
     }
     puts_of_key.iter().any(|q| {
-        q.op != put.op
-            && q.context.contains(dot)
+        if q.op == put.op {
+            return false;
+        }
+        if !q.context_known {
+            // A SET or DEL never acked: what its own read found is known only as the
+            // past of the version it made, if it landed. Its value names it (every
+            // SET's value is unique; a DEL's tombstone may be any unacked delete's).
+            return q.may_have_landed()
+                && value_of(q) == sibling.value
+                && !acked_dots.contains_key(&sibling.dot)
+                && sibling.past.contains(dot);
+        }
+        q.context.contains(dot)
             && match q.acked_dot() {
                 Some(q_dot) => q_dot == sibling.dot,
                 // A write never acked may still have landed; its value names it, unless
@@ -212,11 +223,7 @@ pub fn check_reads(history: &History, replicas: &Replicas) -> (Vec<Violation>, R
             history.puts.iter().filter(|p| p.key == get.key).collect();
         for put in &puts_of_key {
             let Some(dot) = put.acked_dot() else { continue };
-            let acked_before = put.end.is_some_and(|end| end < get.start);
-            if !acked_before
-                || !overlapping(put, get)
-                || exposed(put, Some(get.end), history, replicas)
-            {
+            if !must_see(put, get.start, get.quorum, Some(get.end), history, replicas) {
                 continue;
             }
             counts.checked += 1;
@@ -290,9 +297,14 @@ pub fn check_final_key(
         if put.quorum.w() < 2 && exposed(put, None, history, replicas) {
             continue;
         }
-        let seen_by_a_write = puts
-            .iter()
-            .any(|q| q.op != put.op && q.context.contains(dot));
+        let seen_by_a_write = puts.iter().any(|q| {
+            q.op != put.op
+                && if q.context_known {
+                    q.context.contains(dot)
+                } else {
+                    landed_having_seen(q, dot, key, final_set, history, &written)
+                }
+        });
         if !seen_by_a_write && !final_set.contains_dot(dot) {
             violations.push(Violation {
                 checker: Checker::SiblingsSurvive,
@@ -322,6 +334,161 @@ pub fn check_final_key(
     }
 }
 
+/// Whether `q`, a SET or DEL never acked, landed as a version whose past holds `dot`:
+/// in the final set or in any read of its key.
+fn landed_having_seen(
+    q: &PutRecord,
+    dot: Dot,
+    key: &[u8],
+    final_set: &VersionSet,
+    history: &History,
+    acked: &BTreeMap<Dot, &PutRecord>,
+) -> bool {
+    let reads = history
+        .gets
+        .iter()
+        .filter(|g| g.key == key)
+        .map(|g| &g.versions);
+    q.may_have_landed()
+        && std::iter::once(final_set).chain(reads).any(|set| {
+            set.siblings().any(|v| {
+                v.value == value_of(q) && !acked.contains_key(&v.dot) && v.past.contains(dot)
+            })
+        })
+}
+
+/// Check 1 for the read inside a SET or DEL: an acked one says what its read found
+/// (`Written::superseded`), which must hold every write acked before it started at a
+/// quorum that overlaps the read's, as any quorum read must.
+pub fn check_node_reads(history: &History, replicas: &Replicas) -> (Vec<Violation>, u64) {
+    let mut violations = Vec::new();
+    let mut checked = 0;
+    for q in history.puts.iter().filter(|q| q.quorum_held) {
+        if q.acked_dot().is_none() {
+            continue;
+        }
+        for put in history
+            .puts
+            .iter()
+            .filter(|p| p.key == q.key && p.op != q.op)
+        {
+            let Some(dot) = put.acked_dot() else { continue };
+            if !must_see(put, q.start, q.quorum, q.end, history, replicas) {
+                continue;
+            }
+            checked += 1;
+            if !q.context.contains(dot) {
+                violations.push(node_read_missed(q, put, "its read missed"));
+            }
+        }
+    }
+    (violations, checked)
+}
+
+/// Value integrity across writes: every put's value is unique (it names its op), so
+/// reads that show it under two dots saw one put applied twice (a duplicated forward
+/// coordinated again, say), the second copy superseding writes acked in between.
+/// Also: an acked put, read back, carries as its past exactly the clock the node
+/// reported it superseded.
+pub fn check_applied_once(history: &History) -> Vec<Violation> {
+    let mut violations = Vec::new();
+    let mut dot_of: BTreeMap<(&[u8], &[u8]), Dot> = BTreeMap::new();
+    let acked: BTreeMap<(&[u8], Dot), &PutRecord> = history
+        .puts
+        .iter()
+        .filter_map(|p| p.acked_dot().map(|d| ((p.key.as_slice(), d), p)))
+        .collect();
+    for get in &history.gets {
+        for sibling in get.versions.siblings() {
+            if let Some(put) = acked.get(&(get.key.as_slice(), sibling.dot))
+                && put.quorum_held
+                && sibling.past != put.context
+            {
+                violations.push(Violation {
+                    checker: Checker::ValueIntegrity,
+                    detail: format!(
+                        "read #{}: put #{} was acked as superseding {:?} but was written over {:?}",
+                        get.op, put.op, put.context, sibling.past
+                    ),
+                });
+            }
+            let Some(value) = sibling.value.data() else {
+                continue;
+            };
+            let first = *dot_of.entry((&get.key, value)).or_insert(sibling.dot);
+            if first != sibling.dot {
+                violations.push(Violation {
+                    checker: Checker::ValueIntegrity,
+                    detail: format!(
+                        "read #{}: value {:?} of key {:?} is under {:?} and {:?}: one put applied twice",
+                        get.op,
+                        String::from_utf8_lossy(value),
+                        String::from_utf8_lossy(&get.key),
+                        first,
+                        sibling.dot
+                    ),
+                });
+            }
+        }
+    }
+    violations
+}
+
+/// Check 1 for a DEL that found nothing to delete: no live write acked before it
+/// started, at a quorum overlapping its read's, was superseded by nothing that had
+/// started by the time the DEL ended. Writes whose context is unknown (unacked SET
+/// or DEL) might have; they excuse every write of their key.
+pub fn check_nothing_to_delete(history: &History, replicas: &Replicas) -> (Vec<Violation>, u64) {
+    let mut violations = Vec::new();
+    let mut checked = 0;
+    let answered_nothing = history
+        .puts
+        .iter()
+        .filter(|q| q.outcome == crate::history::PutResult::NothingToDelete);
+    for q in answered_nothing {
+        let Some(end) = q.end else { continue };
+        let of_key: Vec<&PutRecord> = history.puts.iter().filter(|p| p.key == q.key).collect();
+        let unknown_superseder = of_key
+            .iter()
+            .any(|r| !r.context_known && r.op != q.op && r.may_have_landed() && r.start < end);
+        if unknown_superseder {
+            continue;
+        }
+        for put in of_key.iter().filter(|p| p.value.is_some()) {
+            let Some(dot) = put.acked_dot() else { continue };
+            if !must_see(put, q.start, q.quorum, Some(end), history, replicas) {
+                continue;
+            }
+            checked += 1;
+            let superseded = of_key
+                .iter()
+                .any(|r| r.op != put.op && r.start < end && r.context.contains(dot));
+            if !superseded {
+                let found = "found nothing to delete, but live was";
+                violations.push(node_read_missed(q, put, found));
+            }
+        }
+    }
+    (violations, checked)
+}
+
+/// The read inside SET or DEL `q` did not see the acked `put` it had to see.
+fn node_read_missed(q: &PutRecord, put: &PutRecord, what: &str) -> Violation {
+    Violation {
+        checker: Checker::AckedWriteReadable,
+        detail: format!(
+            "SET/DEL #{} (R={}) at {:?}: {what} put #{} {:?} (W={}) acked at {:?}",
+            q.op,
+            q.quorum.r(),
+            q.start,
+            put.op,
+            put.acked_dot(),
+            put.quorum.w(),
+            put.end
+        ),
+    }
+}
+
 /// Check 3 on one key: every replica holds the same set.
 pub fn check_converged(
     key: &[u8],
@@ -348,8 +515,20 @@ pub fn check_converged(
     }
 }
 
-fn overlapping(put: &PutRecord, get: &GetRecord) -> bool {
-    put.quorum.n() == get.quorum.n() && put.quorum.w() + get.quorum.r() > put.quorum.n()
+/// Whether a quorum read at `quorum` that started at `start` (and ended by `until`)
+/// must see the acked `put`: it was acked before the read started, the read's R and
+/// the put's W overlap, and no data loss may have taken a copy of it meanwhile.
+fn must_see(
+    put: &PutRecord,
+    start: Duration,
+    quorum: ringkv_cluster::Quorum,
+    until: Option<Duration>,
+    history: &History,
+    replicas: &Replicas,
+) -> bool {
+    let acked_before = put.end.is_some_and(|end| end < start);
+    let overlapping = put.quorum.n() == quorum.n() && put.quorum.w() + quorum.r() > quorum.n();
+    acked_before && overlapping && !exposed(put, until, history, replicas)
 }
 
 fn check_values(

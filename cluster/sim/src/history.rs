@@ -11,8 +11,15 @@ pub struct PutRecord {
     pub client: usize,
     pub key: Vec<u8>,
     pub value: Option<Vec<u8>>,
-    /// The context the client sent, decoded: what this write saw.
+    /// What this write saw: the context its client sent, decoded; for a put that
+    /// supersedes what a quorum holds, what the node says its read found
+    /// (`Written::superseded`), known only once acked.
     pub context: VersionVector,
+    /// False for a put the node resolved (a SET or DEL) that was not acked: what its
+    /// read found is then only visible as the past of the version it made, if any.
+    pub context_known: bool,
+    /// A put that supersedes what a quorum holds (a SET, or a DEL when `value` is None).
+    pub quorum_held: bool,
     pub quorum: Quorum,
     pub coordinator: NodeId,
     pub start: Duration,
@@ -27,6 +34,8 @@ pub enum PutResult {
     Acked(Dot),
     /// Anything else: timeout, unavailable, no answer. The write may or may not exist.
     NotAcked(String),
+    /// A delete-if-present whose read found no live value: nothing was written.
+    NothingToDelete,
 }
 
 impl PutRecord {
@@ -35,6 +44,11 @@ impl PutRecord {
             PutResult::Acked(dot) => Some(dot),
             _ => None,
         }
+    }
+
+    /// Whether the write may exist without an ack (it timed out, or never answered).
+    pub fn may_have_landed(&self) -> bool {
+        matches!(self.outcome, PutResult::NotAcked(_) | PutResult::Pending)
     }
 }
 

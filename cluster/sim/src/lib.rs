@@ -42,6 +42,9 @@ pub struct RunStats {
     pub events_hash: u64,
     pub messages_sent: u64,
     pub messages_dropped: u64,
+    /// Messages in flight to a node that restarted before they arrived (lost with its
+    /// connections, as over TCP).
+    pub messages_to_dead_incarnations: u64,
     pub crashes: u64,
     pub partitions: u64,
     pub lost_pending_writes: u64,
@@ -63,6 +66,14 @@ pub struct RunStats {
     pub multi_shard_nodes: u64,
     /// Puts refused for the nodes' limits (too many siblings, too large).
     pub puts_refused_for_limits: u64,
+    /// Acked puts the nodes resolved (SET and DEL: a quorum read, then the write).
+    pub quorum_held_puts_acked: u64,
+    /// Deletes-if-present whose read found nothing to delete.
+    pub nothing_to_delete: u64,
+    /// Puts a node held no replica of and forwarded.
+    pub forwarded: u64,
+    /// (acked put, later acked SET or DEL) pairs whose node read was checked.
+    pub node_reads_checked: u64,
     /// Writes the resolver made after healing in tight-limit runs.
     pub resolving_puts: u64,
     /// Siblings seen by successful reads (more than one version returned).

@@ -32,6 +32,10 @@ pub struct Settings {
     /// Chance that a put ignores the client's context (a concurrent, blind write).
     pub blind_put_per_mille: u32,
     pub delete_per_mille: u32,
+    /// Puts that supersede what a quorum holds (Redis SET), and deletes of whatever a
+    /// quorum holds if it is live (Redis DEL): the node reads, then writes.
+    pub set_per_mille: u32,
+    pub delete_if_present_per_mille: u32,
     /// How long clients work and faults strike before the network heals.
     pub safety_ms: u64,
     /// The one node whose storage may lose data, if any (one node only, so a write
@@ -119,6 +123,8 @@ impl Settings {
             siblings_max: 100,
             stored_value_max: usize::MAX,
             stored_version_max: usize::MAX,
+            set_per_mille: 0,
+            delete_if_present_per_mille: 0,
             shards: (0..nodes)
                 .map(|_| {
                     if sharded {
@@ -130,6 +136,13 @@ impl Settings {
                 .collect(),
         }
         .with_tight_limits(dice)
+        .with_node_resolved_puts(dice)
+    }
+
+    fn with_node_resolved_puts(mut self, dice: &mut Dice) -> Settings {
+        self.set_per_mille = dice.between(0, 300) as u32;
+        self.delete_if_present_per_mille = dice.between(0, 100) as u32;
+        self
     }
 
     fn with_tight_limits(mut self, dice: &mut Dice) -> Settings {

@@ -15,10 +15,12 @@ use std::time::Duration;
 
 use ringkv_cluster::{
     Action, ClientError, ClientReply, ClientToken, GetRequest, Member, Node, NodeConfig, NodeId,
-    PartitionId, PeerMessage, PutRequest, Quorum, Ring, StorageCompletion, StorageOp, TimerId,
-    VersionSet,
+    PartitionId, PeerMessage, PutOutcome, PutRequest, Quorum, Ring, ShardMap, StorageCompletion,
+    StorageOp, Supersedes, TimerId, VersionSet,
 };
 use xxhash_rust::xxh3::Xxh3;
+
+use ringkv_proto::peer_message::{Incoming, PeerInput, PeerWireError, encode_peer_message};
 
 use crate::checker::{self, Checker, Violation};
 use crate::dice::Dice;
@@ -39,9 +41,12 @@ const EVENTS_MAX: u64 = 3_000_000;
 #[derive(Debug)]
 enum Event {
     /// A peer message in its wire form (rkyv), decoded on arrival as a server would.
+    /// It travels on a connection to one life (`incarnation`) of `to`, and dies with
+    /// it as a TCP connection does: a restarted node never gets its old messages.
     Deliver {
         from: NodeId,
         to: NodeId,
+        incarnation: u32,
         bytes: Vec<u8>,
     },
     Timer {
@@ -81,15 +86,14 @@ enum Phase {
     Healing,
 }
 
-/// One simulated server: one `Node` per shard, as the server runs one per core.
-/// Shard i owns the partitions p with p % shards == i and numbers its requests from
-/// i << 48, so peers route messages to it as they do to a real server's shards.
+/// One simulated server: one `Node` per shard, as the server runs one per core,
+/// routed between by the server's own [`ShardMap`].
 struct SimNode {
     id: NodeId,
     incarnation: u32,
     /// The shards' state machines while the node is up.
     node: Option<Vec<Node>>,
-    shard_count: usize,
+    shards: ShardMap,
     disk: Disk,
     sync_scheduled: bool,
     /// How far this node's wall clock is from true time (either way); it survives
@@ -176,14 +180,15 @@ impl World {
             if shard_count > 1 {
                 world.stats.multi_shard_nodes += 1;
             }
-            let node = world.boot(member.node, shard_count);
+            let shards = ShardMap::new(shard_count).expect("1 to 3 shards");
+            let node = world.boot(member.node, shards);
             let skew_max = world.settings.clock_skew_max_ms;
             let skew_ms = world.dice.between(0, 2 * skew_max) as i64 - skew_max as i64;
             world.nodes.push(SimNode {
                 id: member.node,
                 incarnation: 0,
                 node: Some(node),
-                shard_count,
+                shards,
                 disk: Disk::default(),
                 sync_scheduled: false,
                 skew_ms,
@@ -226,6 +231,15 @@ impl World {
         self.violations
             .extend(checker::check_duplicate_dots(&self.history));
         self.violations.extend(checker::check_stamps(&self.history));
+        let (violations, node_reads_checked) = checker::check_node_reads(&self.history, &replicas);
+        self.violations.extend(violations);
+        self.stats.node_reads_checked = node_reads_checked;
+        let (violations, deletes_checked) =
+            checker::check_nothing_to_delete(&self.history, &replicas);
+        self.violations.extend(violations);
+        self.stats.node_reads_checked += deletes_checked;
+        self.violations
+            .extend(checker::check_applied_once(&self.history));
         self.stats.reads_checked = counts.checked;
         self.stats.reads_with_siblings = counts.with_siblings;
         self.stats.reads_checked_near_losses = counts.checked_near_losses;
@@ -244,8 +258,8 @@ impl World {
 
     /// A node starting: its shards, each with a fresh epoch seed every time, as the
     /// server draws one from the OS for every shard on every start.
-    fn boot(&mut self, id: NodeId, shards: usize) -> Vec<Node> {
-        (0..shards)
+    fn boot(&mut self, id: NodeId, shards: ShardMap) -> Vec<Node> {
+        (0..shards.shards())
             .map(|shard| {
                 let mut config = NodeConfig::new(id, self.dice.bits());
                 config.request_timeout = Duration::from_millis(self.settings.request_timeout_ms);
@@ -253,7 +267,7 @@ impl World {
                 config.siblings_max = self.settings.siblings_max;
                 config.stored_value_max = self.settings.stored_value_max;
                 config.stored_version_max = self.settings.stored_version_max;
-                config.first_sequence = (shard as u64) << 48;
+                config.first_sequence = shards.first_sequence(shard);
                 Node::new(config, self.ring.clone())
             })
             .collect()
@@ -261,20 +275,7 @@ impl World {
 
     /// The shard of node `id` that owns `partition`.
     fn shard_of(&self, id: NodeId, partition: PartitionId) -> usize {
-        partition.0 as usize % self.sim_node(id).shard_count
-    }
-
-    /// The shard a peer message is for, as the server routes it: requests by their
-    /// partition, replies by the shard that numbered the request.
-    fn shard_for_message(&self, id: NodeId, message: &PeerMessage) -> usize {
-        match message {
-            PeerMessage::Read { partition, .. }
-            | PeerMessage::Write { partition, .. }
-            | PeerMessage::Repair { partition, .. } => self.shard_of(id, *partition),
-            PeerMessage::ReadReply { request, .. }
-            | PeerMessage::WriteAck { request }
-            | PeerMessage::WriteRefused { request, .. } => (request.sequence >> 48) as usize,
-        }
+        self.sim_node(id).shards.owner(partition)
     }
 
     /// Whether `id` may lose data now: the victim, while faults strike.
@@ -307,7 +308,9 @@ impl World {
     fn hash_event(&mut self, event: &Event) {
         match event {
             // Debug-formatting the bytes would be slow; hash them raw.
-            Event::Deliver { from, to, bytes } => {
+            Event::Deliver {
+                from, to, bytes, ..
+            } => {
                 let header = format!("{:?} deliver {from:?}->{to:?} ", self.now);
                 self.hasher.update(header.as_bytes());
                 self.hasher.update(bytes);
@@ -321,9 +324,18 @@ impl World {
 
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Deliver { from, to, bytes } => {
+            Event::Deliver {
+                from,
+                to,
+                incarnation,
+                bytes,
+            } => {
+                if !self.is_current(to, incarnation) {
+                    self.stats.messages_to_dead_incarnations += 1;
+                    return;
+                }
                 let now = self.now;
-                let message = match ringkv_cluster::wire::decode(&bytes) {
+                let message = match decode_as_received(&bytes) {
                     Ok(message) => message,
                     Err(error) => {
                         // Nodes only send valid messages and the network does not
@@ -331,7 +343,13 @@ impl World {
                         panic!("{from:?} -> {to:?}: undecodable message: {error}");
                     }
                 };
-                let shard = self.shard_for_message(to, &message);
+                // Nodes only answer requests they were sent, so every reply names a
+                // shard that numbered it.
+                let shard = self
+                    .sim_node(to)
+                    .shards
+                    .recipient(&message)
+                    .expect("replies route to the shard that numbered the request");
                 if let Some(node) = self.live_node(to, shard) {
                     node.handle_message(now, from, message);
                     self.drain(to, shard);
@@ -429,7 +447,10 @@ impl World {
 
     fn send(&mut self, from: NodeId, to: NodeId, message: PeerMessage) {
         self.stats.messages_sent += 1;
-        let bytes = ringkv_cluster::wire::encode(&message);
+        let mut bytes = Vec::new();
+        // The sender's shard is not modelled (replies route by request id).
+        encode_peer_message(0, &message, &mut bytes).expect("messages fit a frame");
+        let incarnation = self.sim_node(to).incarnation;
         if self.phase == Phase::Safety {
             let split = self
                 .split
@@ -444,13 +465,20 @@ impl World {
                 let copy = Event::Deliver {
                     from,
                     to,
+                    incarnation,
                     bytes: bytes.clone(),
                 };
                 self.schedule(delay, copy);
             }
         }
         let delay = self.delay();
-        self.schedule(delay, Event::Deliver { from, to, bytes });
+        let deliver = Event::Deliver {
+            from,
+            to,
+            incarnation,
+            bytes,
+        };
+        self.schedule(delay, deliver);
     }
 
     fn delay(&mut self) -> Duration {
@@ -607,7 +635,9 @@ impl World {
         self.stats.crashes += 1;
         let wipe = self.is_victim(id) && self.dice.chance(self.settings.wipe_per_mille);
         for shard in self.sim_node_mut(id).node.take().into_iter().flatten() {
-            self.stats.actors_retired += shard.stats().actors_retired;
+            let stats = shard.stats();
+            self.stats.actors_retired += stats.actors_retired;
+            self.stats.forwarded += stats.forwarded;
         }
         let sim = self.sim_node_mut(id);
         sim.sync_scheduled = false;
@@ -637,8 +667,8 @@ impl World {
             return;
         }
         let incarnation = self.sim_node(id).incarnation + 1;
-        let shard_count = self.sim_node(id).shard_count;
-        let mut node = self.boot(id, shard_count);
+        let shards = self.sim_node(id).shards;
+        let mut node = self.boot(id, shards);
         for other in &self.nodes {
             if other.node.is_none() && other.id != id {
                 for shard in &mut node {
@@ -697,7 +727,10 @@ impl World {
         self.waiting.insert(op, waiting);
         let now = self.now;
         let shard = self.shard_of(at, self.ring.partition_of(&key));
-        let request = GetRequest { key, quorum };
+        let request = GetRequest {
+            key,
+            quorum: Some(quorum),
+        };
         self.live_node(at, shard)
             .expect("chosen among live nodes")
             .handle_get(now, ClientToken(op), request);
@@ -705,36 +738,55 @@ impl World {
     }
 
     fn issue_put(&mut self, client: usize, op: u64, key: Vec<u8>, quorum: Quorum) {
+        let roll = self.dice.index(1000) as u32;
+        let (set, delete_if_present) = (
+            self.settings.set_per_mille,
+            self.settings.delete_if_present_per_mille,
+        );
+        if roll < set + delete_if_present {
+            // Redis SET or DEL: the node reads a quorum and supersedes what it found.
+            let delete = roll >= set;
+            self.submit_put(client, op, key, quorum, Supersedes::QuorumHeld, delete);
+            return;
+        }
         let known = self.clients[client].contexts.remove(&key);
         let blind = self.dice.chance(self.settings.blind_put_per_mille);
         let context = if blind { None } else { known };
         let delete = context.is_some() && self.dice.chance(self.settings.delete_per_mille);
-        self.submit_put(client, op, key, quorum, context, delete);
+        let supersedes = context.map_or(Supersedes::Nothing, Supersedes::Context);
+        self.submit_put(client, op, key, quorum, supersedes, delete);
     }
 
-    /// Sends one put (a delete when `delete`) with `context` through a random replica.
+    /// Sends one put (a delete when `delete`) through a random node, which forwards it
+    /// when it holds no replica of the key, as a server does.
     fn submit_put(
         &mut self,
         client: usize,
         op: u64,
         key: Vec<u8>,
         quorum: Quorum,
-        context: Option<Vec<u8>>,
+        supersedes: Supersedes,
         delete: bool,
     ) {
         let value = (!delete).then(|| format!("c{client}-op{op}").into_bytes());
-        let replicas = self.ring.preference_list_for_key(&key, quorum.n());
-        let coordinator = replicas[self.dice.index(replicas.len())];
-        let decoded = context
-            .as_deref()
-            .map(|bytes| ringkv_cluster::Context::decode(bytes).expect("contexts come from gets"))
-            .unwrap_or_default();
+        let coordinator = self.nodes[self.dice.index(self.nodes.len())].id;
+        let quorum_held = supersedes == Supersedes::QuorumHeld;
+        let decoded = match &supersedes {
+            Supersedes::Context(bytes) => {
+                ringkv_cluster::Context::decode(bytes)
+                    .expect("contexts come from gets")
+                    .0
+            }
+            Supersedes::QuorumHeld | Supersedes::Nothing => Default::default(),
+        };
         self.history.puts.push(PutRecord {
             op,
             client,
             key: key.clone(),
             value: value.clone(),
-            context: decoded.0,
+            context: decoded,
+            context_known: !quorum_held,
+            quorum_held,
             quorum,
             coordinator,
             start: self.now,
@@ -755,10 +807,10 @@ impl World {
         let request = PutRequest {
             key,
             value,
-            context,
-            quorum,
+            supersedes,
+            quorum: Some(quorum),
             mode: ringkv_cluster::ConflictMode::Causal,
-            supersede_local: false,
+            only_if_present: quorum_held && delete,
         };
         let now = self.now;
         let wall_ms = self.wall_clock_ms(coordinator);
@@ -795,9 +847,18 @@ impl World {
                 let record = &mut self.history.puts[index];
                 record.end = Some(self.now);
                 record.outcome = match reply {
-                    Some(ClientReply::Put(Ok(outcome))) => {
+                    Some(ClientReply::Put(Ok(PutOutcome::Written(written)))) => {
                         self.stats.puts_acked += 1;
-                        PutResult::Acked(outcome.dot)
+                        if record.quorum_held {
+                            self.stats.quorum_held_puts_acked += 1;
+                            record.context = written.superseded;
+                            record.context_known = true;
+                        }
+                        PutResult::Acked(written.dot)
+                    }
+                    Some(ClientReply::Put(Ok(PutOutcome::NothingToDelete))) => {
+                        self.stats.nothing_to_delete += 1;
+                        PutResult::NothingToDelete
                     }
                     Some(other) => {
                         self.stats.puts_not_acked += 1;
@@ -895,7 +956,14 @@ impl World {
             self.next_op += 1;
             let op = self.next_op;
             self.stats.resolving_puts += 1;
-            self.submit_put(resolver, op, key, quorum, Some(context), false);
+            self.submit_put(
+                resolver,
+                op,
+                key,
+                quorum,
+                Supersedes::Context(context),
+                false,
+            );
         }
     }
 
@@ -926,6 +994,7 @@ impl World {
                 }
                 self.stats.repairs += stats.repairs_sent;
                 self.stats.actors_retired += stats.actors_retired;
+                self.stats.forwarded += stats.forwarded;
             }
         }
         for k in 0..self.settings.keys {
@@ -1001,5 +1070,15 @@ impl World {
     fn is_current(&self, id: NodeId, incarnation: u32) -> bool {
         let sim = self.sim_node(id);
         sim.node.is_some() && sim.incarnation == incarnation
+    }
+}
+
+/// Decodes one peer frame exactly as a server's peer connection does (`PeerInput`:
+/// from a 16-byte-aligned buffer, in place).
+fn decode_as_received(frame: &[u8]) -> Result<PeerMessage, PeerWireError> {
+    match PeerInput::new(frame).next_message()? {
+        Some(Incoming::Message { message, .. }) => Ok(message),
+        Some(Incoming::Gossip(_)) => Err(PeerWireError::Archive("gossip, not modelled".into())),
+        None => Err(PeerWireError::Archive("an incomplete frame".into())),
     }
 }

@@ -76,6 +76,13 @@ fn add(total: &mut RunStats, run: &RunStats) {
     total.multi_shard_nodes += run.multi_shard_nodes;
     total.puts_refused_for_limits += run.puts_refused_for_limits;
     total.resolving_puts += run.resolving_puts;
+    total.quorum_held_puts_acked += run.quorum_held_puts_acked;
+    total.nothing_to_delete += run.nothing_to_delete;
+    total.forwarded += run.forwarded;
+    total.node_reads_checked += run.node_reads_checked;
+    for (reason, count) in &run.drops {
+        *total.drops.entry(reason.clone()).or_default() += count;
+    }
 }
 
 /// A batch that passed while acknowledging nothing, or without ever meeting a fault,
@@ -84,7 +91,9 @@ fn assert_did_something(total: &RunStats) {
     println!(
         "batch: {} puts acked ({} deletes), {} gets, {} read checks, {} reads with siblings, \
          {} crashes, {} wiped disks, {} lost records, {} failed writes, {} actors retired, \
-         {} clock jumps, {} puts refused for limits, {} resolving puts, {} multi-shard nodes",
+         {} clock jumps, {} puts refused for limits, {} resolving puts, {} multi-shard nodes, \
+         {} SET/DEL acked, {} DEL with nothing to delete, {} forwarded puts, \
+         {} SET/DEL read checks",
         total.puts_acked,
         total.deletes_acked,
         total.gets_ok,
@@ -98,7 +107,11 @@ fn assert_did_something(total: &RunStats) {
         total.clock_jumps,
         total.puts_refused_for_limits,
         total.resolving_puts,
-        total.multi_shard_nodes
+        total.multi_shard_nodes,
+        total.quorum_held_puts_acked,
+        total.nothing_to_delete,
+        total.forwarded,
+        total.node_reads_checked
     );
     for (what, count) in [
         ("acked puts", total.puts_acked),
@@ -114,6 +127,14 @@ fn assert_did_something(total: &RunStats) {
         ("puts refused for limits", total.puts_refused_for_limits),
         ("resolving puts", total.resolving_puts),
         ("multi-shard nodes", total.multi_shard_nodes),
+        ("acked SETs and DELs", total.quorum_held_puts_acked),
+        ("DELs with nothing to delete", total.nothing_to_delete),
+        ("forwarded puts", total.forwarded),
+        ("SET/DEL read checks", total.node_reads_checked),
+        (
+            "duplicated forwards dropped",
+            total.drops.get("DuplicateForward").copied().unwrap_or(0),
+        ),
     ] {
         assert!(count > 0, "the batch had no {what}");
     }
@@ -305,6 +326,38 @@ fn checkers_catch_resurrected_deletes() {
     };
     let caught = caught_by(Checker::NoResurrection, sabotage, 20);
     println!("ignored contexts caught on seeds {caught:?}");
+    assert!(caught.len() >= 3, "caught only on {caught:?}");
+}
+
+/// Checker 1 must catch a SET whose read is not a quorum read: it supersedes only what
+/// its coordinator holds, and says so, missing acked writes a quorum read would see.
+#[test]
+fn checkers_catch_a_set_that_reads_only_its_coordinator() {
+    let sabotaged = Options {
+        sabotage: Sabotage {
+            set_reads_local_only: true,
+            ..Sabotage::default()
+        },
+        ..Options::default()
+    };
+    let caught = caught_only_with_sabotage(&sabotaged, &[Checker::AckedWriteReadable], 30);
+    println!("SETs reading one replica caught on seeds {caught:?}");
+    assert!(caught.len() >= 3, "caught only on {caught:?}");
+}
+
+/// The value checker must catch a forwarded put applied twice (a node that does not
+/// remember the forwards it took): the network repeats messages.
+#[test]
+fn checkers_catch_a_forward_applied_twice() {
+    let sabotaged = Options {
+        sabotage: Sabotage {
+            forget_forwards: true,
+            ..Sabotage::default()
+        },
+        ..Options::default()
+    };
+    let caught = caught_only_with_sabotage(&sabotaged, &[Checker::ValueIntegrity], 40);
+    println!("forwards applied twice caught on seeds {caught:?}");
     assert!(caught.len() >= 3, "caught only on {caught:?}");
 }
 

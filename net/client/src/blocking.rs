@@ -110,6 +110,11 @@ impl Client {
         self.runtime.block_on(self.inner.status())
     }
 
+    /// Every node's status, or why that node did not give it.
+    pub fn status_each(&self) -> Result<crate::client::StatusEach, Error> {
+        self.runtime.block_on(self.inner.status_each())
+    }
+
     pub fn topology(&self) -> Result<Topology, Error> {
         self.runtime.block_on(self.inner.topology())
     }

@@ -168,6 +168,9 @@ pub struct AsyncClient {
     router: Arc<Router>,
 }
 
+/// Each node's id with its status, or why it did not give one.
+pub type StatusEach = Vec<(u32, Result<NodeStatus, Error>)>;
+
 impl AsyncClient {
     pub fn builder() -> ClientBuilder {
         ClientBuilder::new()
@@ -323,14 +326,26 @@ impl AsyncClient {
     /// Every node's status (shards, keys, request counters), one node at a time, for the
     /// nodes of the map this client routes by.
     pub async fn status(&self) -> Result<Vec<NodeStatus>, Error> {
+        self.status_each()
+            .await?
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect()
+    }
+
+    /// Every node's status, or why that node did not give it (a paused or dead node
+    /// must not hide the others' views of it), by node id.
+    pub async fn status_each(&self) -> Result<StatusEach, Error> {
         let topology = self.router.topology().await?;
         let wait = self.router.config.request_timeout;
         let mut all = Vec::new();
         for node in &topology.nodes {
-            match self.router.call(&node.native, Op::Status, wait).await? {
-                Body::Status(status) => all.push(status),
-                other => return Err(failure(other)),
-            }
+            let status = match self.router.call(&node.native, Op::Status, wait).await {
+                Ok(Body::Status(status)) => Ok(status),
+                Ok(other) => Err(failure(other)),
+                Err(e) => Err(e),
+            };
+            all.push((node.node_id, status));
         }
         Ok(all)
     }

@@ -40,7 +40,7 @@ mod options;
 mod router;
 
 pub use blocking::Client;
-pub use client::{AsyncClient, ClientBuilder, Context, PutMode, Versions};
+pub use client::{AsyncClient, ClientBuilder, Context, PutMode, StatusEach, Versions};
 pub use error::Error;
 pub use options::{Config, ReadOptions, RetryPolicy, WriteOptions};
-pub use ringkv_proto::{NodeAddress, NodeStatus, ShardStatus, Topology};
+pub use ringkv_proto::{MemberReport, NodeAddress, NodeStatus, ShardStatus, Topology};

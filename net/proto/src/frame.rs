@@ -20,6 +20,9 @@ pub enum FrameError {
     TooLarge { len: usize },
     #[error("empty frame")]
     Empty,
+    /// A peer frame header whose reserved bytes are not zero (another frame format).
+    #[error("a peer frame header with a non-zero reserved byte {byte:#04x}")]
+    BadHeader { byte: u8 },
 }
 
 /// Where the next complete frame's payload lies in `input`, and where the frame ends.
@@ -28,18 +31,25 @@ pub fn next_frame(input: &[u8]) -> Result<Option<(std::ops::Range<usize>, usize)
     let Some(header) = input.get(..HEADER_LEN) else {
         return Ok(None);
     };
-    let len = u32::from_le_bytes(header.try_into().expect("four bytes")) as usize;
+    let len = payload_len(header)?;
+    let end = HEADER_LEN + len;
+    if input.len() < end {
+        return Ok(None);
+    }
+    Ok(Some((HEADER_LEN..end, end)))
+}
+
+/// The payload length a frame header announces, refused when empty or over
+/// [`MAX_FRAME`] (before a byte is allocated for it).
+pub(crate) fn payload_len(header: &[u8]) -> Result<usize, FrameError> {
+    let len = u32::from_le_bytes(header[..4].try_into().expect("four bytes")) as usize;
     if len > MAX_FRAME {
         return Err(FrameError::TooLarge { len });
     }
     if len == 0 {
         return Err(FrameError::Empty);
     }
-    let end = HEADER_LEN + len;
-    if input.len() < end {
-        return Ok(None);
-    }
-    Ok(Some((HEADER_LEN..end, end)))
+    Ok(len)
 }
 
 /// Appends one frame holding `payload` to `out`.

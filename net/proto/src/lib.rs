@@ -14,12 +14,14 @@
 pub mod frame;
 pub mod native;
 pub mod peer;
+pub mod peer_gossip;
+pub mod peer_message;
 pub mod resp;
 pub mod topology;
 
 pub use frame::{FrameError, MAX_FRAME};
 pub use native::{
-    Body, DecodeError, ErrorReply, Found, NodeStatus, Op, PROTOCOL_VERSION, Put, Request, Response,
-    ShardStatus, Welcome, WriteContext,
+    Body, DecodeError, ErrorReply, Found, MemberReport, NodeStatus, Op, PROTOCOL_VERSION, Put,
+    Request, Response, ShardStatus, Welcome, WriteContext,
 };
 pub use topology::{NodeAddress, Topology, partition_of};

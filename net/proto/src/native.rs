@@ -128,6 +128,25 @@ pub struct NodeStatus {
     /// Grows by one each time the node starts.
     pub incarnation: u32,
     pub shards: Vec<ShardStatus>,
+    /// How this node sees every member (itself included), from its gossip membership;
+    /// empty for a single node.
+    pub members: Vec<MemberReport>,
+}
+
+/// One member in a node's membership view.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct MemberReport {
+    pub node_id: u32,
+    pub incarnation: u64,
+    pub heartbeat: u64,
+    /// What the member declares: `joining`, `up` or `leaving`.
+    pub status: String,
+    /// The failure detector's phi for it, times 1000 (0 for the reporting node).
+    pub phi_milli: u32,
+    /// Whether this node takes it for down (routes around it) now.
+    pub down: bool,
+    /// Times this node has taken it for down since this node started.
+    pub suspicions: u64,
 }
 
 /// One shard's counters since the node started (keys and bytes: now).

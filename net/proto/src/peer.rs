@@ -3,16 +3,10 @@
 //! carrying the sender's view of the cluster; the node answers
 //! [`Body::PeerWelcome`](crate::Body::PeerWelcome) only if that view is identical to its
 //! own (same partitions, replicas and members with the same addresses), and from then
-//! on the connection carries [`PeerFrame`]s one way, from the connecting shard to the
+//! on the connection carries [`PeerFrame`](crate::peer_message::PeerFrame)s one way, from the connecting shard to the
 //! accepting node. Each shard keeps one such connection to each other node (on the
 //! node's shared native port); the accepting shard passes each frame to the shard it
 //! is for. Replies travel on the connections the other way round.
-
-use rkyv::util::AlignedVec;
-
-use crate::frame::FrameError;
-use crate::native::{DecodeError, decode_archive, encode_archive};
-use crate::{Body, Op};
 
 /// The static membership every node must agree on.
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -43,45 +37,10 @@ pub struct PeerHello {
 
 /// Opens a peer handshake (a different magic from a client's, so neither is taken for
 /// the other).
-pub const PEER_MAGIC: u64 = u64::from_le_bytes(*b"ringkvP\x01");
-
-/// What flows on a peer connection after the handshake.
-#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
-pub enum PeerFrame {
-    /// A replication message (ringkv-cluster's wire encoding of a `PeerMessage`).
-    /// `from_shard` is where a reply to it must go; `to_shard` names the shard a reply
-    /// is for (requests go to the shard owning their partition).
-    Message {
-        from_shard: u16,
-        to_shard: Option<u16>,
-        payload: Vec<u8>,
-    },
-    /// A client request this node cannot coordinate (a write for a key it holds no
-    /// replica of), handed to a replica; answered by `ForwardReply` with the same id.
-    Forward {
-        from_shard: u16,
-        id: u64,
-        op: Op,
-    },
-    ForwardReply {
-        to_shard: u16,
-        id: u64,
-        body: Body,
-    },
-}
-
-/// Appends `frame` to `out` as one length-prefixed frame.
-pub fn encode_peer_frame(frame: &PeerFrame, out: &mut Vec<u8>) -> Result<(), FrameError> {
-    encode_archive(frame, out)
-}
-
-/// Validates and decodes one peer frame payload (see [`crate::native::decode_request`]).
-pub fn decode_peer_frame(
-    payload: &[u8],
-    scratch: &mut AlignedVec<16>,
-) -> Result<PeerFrame, DecodeError> {
-    decode_archive(payload, scratch)
-}
+/// The last byte is the peer frame format: 2 since frames carry their archive padded
+/// and aligned (`crate::peer_message`), so a node of the old format is refused at the
+/// handshake instead of misreading frames.
+pub const PEER_MAGIC: u64 = u64::from_le_bytes(*b"ringkvP\x02");
 
 /// Why a peer handshake is refused, or None if the two views agree.
 pub fn check_peer(hello: &PeerHello, ours: &ClusterSpec, version: u16) -> Option<String> {
@@ -109,7 +68,6 @@ pub fn check_peer(hello: &PeerHello, ours: &ClusterSpec, version: u16) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::next_frame;
     use crate::native::PROTOCOL_VERSION;
 
     fn spec(addr: &str) -> ClusterSpec {
@@ -126,37 +84,6 @@ mod tests {
                     native: addr.into(),
                 },
             ],
-        }
-    }
-
-    #[test]
-    fn frames_round_trip() {
-        let frames = [
-            PeerFrame::Message {
-                from_shard: 1,
-                to_shard: Some(0),
-                payload: vec![1, 2, 3],
-            },
-            PeerFrame::Forward {
-                from_shard: 0,
-                id: 7,
-                op: Op::Ping,
-            },
-            PeerFrame::ForwardReply {
-                to_shard: 0,
-                id: 7,
-                body: Body::Pong,
-            },
-        ];
-        let mut scratch = AlignedVec::new();
-        for frame in frames {
-            let mut wire = Vec::new();
-            encode_peer_frame(&frame, &mut wire).unwrap();
-            let (payload, _) = next_frame(&wire).unwrap().unwrap();
-            assert_eq!(
-                decode_peer_frame(&wire[payload], &mut scratch).unwrap(),
-                frame
-            );
         }
     }
 

@@ -3,6 +3,11 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
+
+use ringkv_cluster::phi::PhiConfig;
+use ringkv_cluster::{MembershipConfig, NodeId, Quorum};
+use ringkv_engine::Durability;
 
 use serde::Deserialize;
 
@@ -43,6 +48,12 @@ pub struct ServerConfig {
     /// sleeping executor (a hop from another shard) costs syscalls and inter-processor
     /// interrupts; a short spin avoids them under load and costs CPU when idle.
     pub spin_before_park_us: u64,
+    /// Gossip membership: a heartbeat to every member this often (ms), the whole view
+    /// to a few random members every gossip interval (ms), and the phi at which a
+    /// silent member is taken for down (routed around, never removed).
+    pub heartbeat_interval_ms: u64,
+    pub gossip_interval_ms: u64,
+    pub phi_threshold: f64,
 }
 
 impl Default for ServerConfig {
@@ -63,6 +74,9 @@ impl Default for ServerConfig {
             replicas: 3,
             request_timeout_ms: 1000,
             spin_before_park_us: 0,
+            heartbeat_interval_ms: 200,
+            gossip_interval_ms: 1000,
+            phi_threshold: 8.0,
         }
     }
 }
@@ -134,8 +148,12 @@ impl ServerConfig {
         }
         self.check_ports()?;
         self.members()?;
-        if self.replicas == 0 {
-            return invalid("replicas must be at least 1".into());
+        if self.replicas == 0 || self.replicas > ringkv_cluster::Quorum::N_MAX {
+            return invalid(format!(
+                "replicas must be 1 to {}, not {}",
+                ringkv_cluster::Quorum::N_MAX,
+                self.replicas
+            ));
         }
         self.durability
             .parse::<ringkv_engine::Durability>()
@@ -318,5 +336,80 @@ mod tests {
         }
         assert_eq!(ServerConfig::default().replica_count(), 1);
         assert!(ServerConfig::default().validate().is_ok());
+    }
+}
+
+/// The configuration as the runtime uses it, parsed and checked once when the node
+/// starts and shared by every shard: typed where [`ServerConfig`] holds text or raw
+/// numbers. Everything else is read through it from the configuration (`Deref`).
+#[derive(Debug)]
+pub(crate) struct Settings {
+    config: ServerConfig,
+    /// Every member with its native address, ordered by id.
+    pub members: Vec<(NodeId, SocketAddr)>,
+    pub durability: Durability,
+    pub request_timeout: Duration,
+    pub spin_before_park: Duration,
+    /// N from the configuration (at most one replica per member), R and W a majority.
+    pub quorum: Quorum,
+    /// Executors: the configured count, or one per available core.
+    pub shards: usize,
+    pub membership: MembershipConfig,
+}
+
+impl ServerConfig {
+    /// Checks the configuration and parses it for the runtime.
+    pub(crate) fn settings(self) -> Result<Settings, ConfigError> {
+        self.validate()?;
+        let invalid = |e: &dyn std::fmt::Display| ConfigError::Invalid(e.to_string());
+        let members = self
+            .members()?
+            .into_iter()
+            .map(|(id, addr)| (NodeId(id), addr))
+            .collect();
+        let durability = self.durability.parse().map_err(|e| invalid(&e))?;
+        let n = self.replica_count();
+        let majority = n / 2 + 1;
+        let quorum = Quorum::new(n, majority, majority).map_err(|e| invalid(&e))?;
+        if self.heartbeat_interval_ms == 0
+            || self.gossip_interval_ms < self.heartbeat_interval_ms
+            || !(self.phi_threshold >= 1.0 && self.phi_threshold.is_finite())
+        {
+            return Err(invalid(&format!(
+                "heartbeat_interval_ms = {} must be above 0 and at most gossip_interval_ms = {}, and phi_threshold = {} at least 1",
+                self.heartbeat_interval_ms, self.gossip_interval_ms, self.phi_threshold
+            )));
+        }
+        let heartbeat_interval = Duration::from_millis(self.heartbeat_interval_ms);
+        let membership = MembershipConfig {
+            heartbeat_interval,
+            gossip_interval: Duration::from_millis(self.gossip_interval_ms),
+            phi: PhiConfig {
+                threshold: self.phi_threshold,
+                first_gap: heartbeat_interval,
+                ..PhiConfig::default()
+            },
+            // The member list is static (`peers`): gossip adds nobody.
+            learn_members: false,
+            ..MembershipConfig::default()
+        };
+        Ok(Settings {
+            membership,
+            members,
+            durability,
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+            spin_before_park: Duration::from_micros(self.spin_before_park_us),
+            quorum,
+            shards: self.shard_count(),
+            config: self,
+        })
+    }
+}
+
+impl std::ops::Deref for Settings {
+    type Target = ServerConfig;
+
+    fn deref(&self) -> &ServerConfig {
+        &self.config
     }
 }

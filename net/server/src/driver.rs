@@ -1,7 +1,8 @@
 //! Drives one shard's `Node` (sans-IO) against its engine store and glommio's timers.
 //!
-//! Requests enter through `get` and `put`, which hand the node a client token and wait
-//! for the reply that the node emits as an action. `pump` drains the node's actions:
+//! Requests enter through `start_get` and `start_put` with the channel their reply
+//! goes to (`get` and `put` make one and wait on it); the node's reply action is
+//! delivered there. `pump` drains the node's actions:
 //! storage operations and timers run as local tasks that feed their completion back
 //! into the node and pump again. The node is only borrowed between awaits, never
 //! across one.
@@ -12,7 +13,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use futures_channel::oneshot;
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 use ringkv_cluster::{
     Action, ClientError, ClientReply, ClientToken, GetOutcome, GetRequest, Node, NodeId,
     PeerMessage, PutOutcome, PutRequest, StorageCompletion, StorageFailure, StorageOp, StoredRead,
@@ -32,7 +33,11 @@ pub trait PeerSend {
 pub struct ShardDriver<D: Disk> {
     node: RefCell<Node>,
     store: Rc<Store<D>>,
-    waiting: RefCell<HashMap<u64, oneshot::Sender<ClientReply>>>,
+    waiting: RefCell<HashMap<u64, Waiter>>,
+    /// Why peers are unreachable: this shard's link to them is down, or the node's
+    /// failure detector suspects them (see `update`).
+    links_down: RefCell<HashSet<NodeId>>,
+    suspected: RefCell<HashSet<NodeId>>,
     next_token: Cell<u64>,
     started: Instant,
     peers: RefCell<Option<Rc<dyn PeerSend>>>,
@@ -47,6 +52,12 @@ pub struct ShardDriver<D: Disk> {
     storage: TaskGroup,
 }
 
+/// Where a request's reply goes.
+enum Waiter {
+    Get(oneshot::Sender<Result<GetOutcome, ClientError>>),
+    Put(oneshot::Sender<Result<PutOutcome, ClientError>>),
+}
+
 /// How late a deadline may fire: request timeouts are a second, so a few ms is noise.
 const TIMER_TICK: Duration = Duration::from_millis(5);
 
@@ -56,6 +67,8 @@ impl<D: Disk> ShardDriver<D> {
             node: RefCell::new(node),
             store,
             waiting: RefCell::new(HashMap::new()),
+            links_down: RefCell::new(HashSet::new()),
+            suspected: RefCell::new(HashSet::new()),
             next_token: Cell::new(0),
             started: Instant::now(),
             peers: RefCell::new(None),
@@ -126,9 +139,41 @@ impl<D: Disk> ShardDriver<D> {
         self.node.borrow().id()
     }
 
-    /// What the failure detector (for now: the peer links) believes about `node`.
-    pub fn set_reachable(self: &Rc<Self>, node: NodeId, reachable: bool) {
+    /// Whether this shard's peer link to `node` is connected.
+    pub fn set_link_up(self: &Rc<Self>, node: NodeId, up: bool) {
+        self.update(&self.links_down, node, !up);
+    }
+
+    /// Every node the node's failure detector (gossip heartbeats, phi) suspects now.
+    pub fn set_suspected(self: &Rc<Self>, nodes: &[NodeId]) {
+        let now: HashSet<NodeId> = nodes.iter().copied().collect();
+        let before = std::mem::replace(&mut *self.suspected.borrow_mut(), now);
+        let changed: Vec<NodeId> = before
+            .symmetric_difference(&self.suspected.borrow())
+            .copied()
+            .collect();
+        for node in changed {
+            self.refresh(node);
+        }
+    }
+
+    fn update(self: &Rc<Self>, set: &RefCell<HashSet<NodeId>>, node: NodeId, member: bool) {
+        if member {
+            set.borrow_mut().insert(node);
+        } else {
+            set.borrow_mut().remove(&node);
+        }
+        self.refresh(node);
+    }
+
+    /// A node is reachable while its link is up and the detector does not suspect it:
+    /// a paused process keeps its connections, a killed one may not be suspected yet.
+    fn refresh(self: &Rc<Self>, node: NodeId) {
+        let reachable =
+            !self.links_down.borrow().contains(&node) && !self.suspected.borrow().contains(&node);
         self.node.borrow_mut().set_reachable(node, reachable);
+        // Puts forwarded to a node found unreachable are answered now.
+        self.pump();
     }
 
     pub fn store(&self) -> &Rc<Store<D>> {
@@ -140,39 +185,71 @@ impl<D: Disk> ShardDriver<D> {
         self.started.elapsed()
     }
 
+    /// Starts a get whose reply goes to `reply`.
+    pub fn start_get(
+        self: &Rc<Self>,
+        request: GetRequest,
+        reply: oneshot::Sender<Result<GetOutcome, ClientError>>,
+    ) {
+        let token = self.wait(Waiter::Get(reply));
+        let now = self.now();
+        self.node.borrow_mut().handle_get(now, token, request);
+        self.pump();
+    }
+
+    /// Starts a put whose reply goes to `reply`.
+    pub fn start_put(
+        self: &Rc<Self>,
+        request: PutRequest,
+        reply: oneshot::Sender<Result<PutOutcome, ClientError>>,
+    ) {
+        let token = self.wait(Waiter::Put(reply));
+        let now = self.now();
+        self.node
+            .borrow_mut()
+            .handle_put(now, wall_clock_ms(), token, request);
+        self.pump();
+    }
+
     pub async fn get(self: &Rc<Self>, request: GetRequest) -> Result<GetOutcome, ClientError> {
-        let reply = self
-            .request(|node, now, token| node.handle_get(now, token, request))
-            .await;
-        match reply {
-            ClientReply::Get(result) => result,
-            ClientReply::Put(_) => unreachable!("the node answers a get with a get reply"),
-        }
+        let (reply, answer) = oneshot::channel();
+        self.start_get(request, reply);
+        // The node answers every request it accepts (at the latest when its timeout
+        // fires), and the driver drops a waiting sender unanswered only if the node
+        // answered with the wrong kind of reply (a bug, logged in `deliver`).
+        answer.await.unwrap_or(Err(ClientError::Timeout {
+            acked: 0,
+            required: 0,
+        }))
     }
 
     pub async fn put(self: &Rc<Self>, request: PutRequest) -> Result<PutOutcome, ClientError> {
-        let reply = self
-            .request(|node, now, token| node.handle_put(now, wall_clock_ms(), token, request))
-            .await;
-        match reply {
-            ClientReply::Put(result) => result,
-            ClientReply::Get(_) => unreachable!("the node answers a put with a put reply"),
-        }
+        let (reply, answer) = oneshot::channel();
+        self.start_put(request, reply);
+        // As for `get`; a put cut off this way has an unknown outcome.
+        answer.await.unwrap_or(Err(ClientError::Timeout {
+            acked: 0,
+            required: 0,
+        }))
     }
 
-    async fn request(
-        self: &Rc<Self>,
-        submit: impl FnOnce(&mut Node, Duration, ClientToken),
-    ) -> ClientReply {
+    fn wait(&self, waiter: Waiter) -> ClientToken {
         let token = self.next_token.get();
         self.next_token.set(token + 1);
-        let (sender, receiver) = oneshot::channel();
-        self.waiting.borrow_mut().insert(token, sender);
-        submit(&mut self.node.borrow_mut(), self.now(), ClientToken(token));
-        self.pump();
-        // The node answers every request it accepts (at the latest when its timeout
-        // fires), and the driver never drops a waiting sender before delivering.
-        receiver.await.expect("the driver delivers every reply")
+        self.waiting.borrow_mut().insert(token, waiter);
+        ClientToken(token)
+    }
+
+    /// Hands a reply to whoever waits for it (who may have gone: a closed connection).
+    fn deliver(&self, client: ClientToken, reply: ClientReply) {
+        let Some(waiter) = self.waiting.borrow_mut().remove(&client.0) else {
+            return;
+        };
+        match (waiter, reply) {
+            (Waiter::Get(sender), ClientReply::Get(result)) => drop(sender.send(result)),
+            (Waiter::Put(sender), ClientReply::Put(result)) => drop(sender.send(result)),
+            (_, reply) => tracing::error!(?reply, "the node answered with the wrong kind of reply"),
+        }
     }
 
     /// Carries out every action the node has queued.
@@ -182,12 +259,7 @@ impl<D: Disk> ShardDriver<D> {
                 break;
             };
             match action {
-                Action::Reply { client, reply } => {
-                    if let Some(sender) = self.waiting.borrow_mut().remove(&client.0) {
-                        // The requester may have gone (connection closed); nothing to do.
-                        let _ = sender.send(reply);
-                    }
-                }
+                Action::Reply { client, reply } => self.deliver(client, reply),
                 Action::Storage(op) => {
                     let this = self.clone();
                     self.storage

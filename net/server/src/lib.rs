@@ -1,24 +1,28 @@
 //! ringkv-server: the node runtime.
 //!
 //! Each shard (one glommio executor, one core) owns a disjoint set of partitions, one
-//! engine store, and one `ringkv_cluster::Node` state machine. The `driver` module
-//! carries out what that state machine asks (storage reads and durable writes, timers,
-//! replies) — the same state machine the simulator drives in tests. A single node is a
-//! one-member ring, so replication later adds members, not a new request path.
+//! engine store, and one `ringkv_cluster::Node` state machine. The folders follow a
+//! request:
+//! - [`front`]: the client protocols (Redis and native) over one pipelined connection
+//!   loop, and the operations they share;
+//! - `shard`: a request's way to the shard that owns its key (at most one hop over the
+//!   channel mesh), with `ShardMap` from ringkv-cluster deciding which shard that is;
+//! - `peers`: the links to other nodes, which carry peer messages;
+//! - [`driver`]: what the state machine asks for (storage, timers, replies, sends),
+//!   carried out; the same state machine the simulator drives in tests;
+//! - [`runtime`]: starting and stopping the shards, from a [`config`].
+//!
+//! Only what the `ringkv` binary and the tests use is public.
 
-pub mod commands;
 pub mod config;
-pub mod connections;
 pub mod driver;
-pub mod layout;
-pub mod listener;
-pub mod native;
-pub mod ops;
-pub mod peers;
-pub mod pipeline;
-pub mod resp;
+mod front;
+mod layout;
+mod listener;
+mod membership;
+mod peers;
 pub mod runtime;
-pub mod shard;
-pub mod tasks;
+mod shard;
+mod tasks;
 
 pub use driver::ShardDriver;

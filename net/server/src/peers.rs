@@ -14,21 +14,19 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use futures_channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
-use futures_channel::oneshot;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use futures_util::StreamExt;
 use glommio::net::TcpStream;
 use ringkv_cluster::{NodeId, PeerMessage};
 use ringkv_proto::frame::next_frame;
 use ringkv_proto::native::{decode_response, encode_request};
-use ringkv_proto::peer::{
-    ClusterSpec, PEER_MAGIC, PeerFrame, PeerHello, decode_peer_frame, encode_peer_frame,
-};
-use ringkv_proto::{Body, ErrorReply, NodeAddress, Op, PROTOCOL_VERSION, Request};
+use ringkv_proto::peer::{ClusterSpec, PEER_MAGIC, PeerHello};
+use ringkv_proto::peer_message::{Incoming, PeerInput, encode_gossip, encode_peer_message};
+use ringkv_proto::{Body, NodeAddress, Op, PROTOCOL_VERSION, Request};
 use rkyv::util::AlignedVec;
 
-use crate::connections::read_more;
 use crate::driver::PeerSend;
+use crate::front::connections::{ConnectionError, read_more};
 use crate::shard::Shard;
 use crate::tasks::TaskGroup;
 
@@ -76,8 +74,6 @@ pub struct Peers {
     links: HashMap<NodeId, Link>,
     /// How each node said it is reached (learned at handshakes), for clients' topology.
     learned: RefCell<HashMap<u32, NodeAddress>>,
-    forwards: RefCell<HashMap<u64, oneshot::Sender<Body>>>,
-    next_forward: Cell<u64>,
     /// Nodes whose link cannot connect right now.
     down: RefCell<std::collections::HashSet<u32>>,
     /// The link tasks; they end once `close` has closed their queues.
@@ -112,8 +108,6 @@ impl Peers {
             spec,
             links,
             learned: RefCell::new(HashMap::new()),
-            forwards: RefCell::new(HashMap::new()),
-            next_forward: Cell::new(1),
             down: RefCell::new(std::collections::HashSet::new()),
             running: TaskGroup::new(),
         });
@@ -136,78 +130,23 @@ impl Peers {
         self.running.ended().await;
     }
 
-    /// Whether this shard's link to `node` is connected (or not yet known to fail).
-    pub fn is_up(&self, node: NodeId) -> bool {
-        !self.down.borrow().contains(&node.0)
-    }
-
     /// What a node said about itself at its last handshake, if it has answered one.
     pub fn learned(&self, node: u32) -> Option<NodeAddress> {
         self.learned.borrow().get(&node).cloned()
     }
 
-    fn push(&self, to: NodeId, frame: &PeerFrame) -> bool {
+    fn push(&self, to: NodeId, message: &PeerMessage) -> bool {
         let Some(link) = self.links.get(&to) else {
             return false;
         };
         let mut bytes = Vec::new();
         let sent = link.queued.get() < LINK_QUEUE
-            && encode_peer_frame(frame, &mut bytes).is_ok()
+            && encode_peer_message(self.shard, message, &mut bytes).is_ok()
             && link.queue.unbounded_send(bytes).is_ok();
         if sent {
             link.queued.set(link.queued.get() + 1);
         }
         sent
-    }
-
-    /// Sends a client request to node `to` (which holds a replica of its key) and
-    /// waits for its answer, at most `wait`. `required` is the request's quorum, for
-    /// the errors this node gives when `to` cannot answer.
-    pub async fn forward(&self, to: NodeId, op: Op, wait: Duration, required: u32) -> Body {
-        if !self.is_up(to) {
-            return Body::Error(ErrorReply::Unavailable {
-                required,
-                reachable: 0,
-            });
-        }
-        let id = self.next_forward.get();
-        self.next_forward.set(id + 1);
-        let (sender, answer) = oneshot::channel();
-        self.forwards.borrow_mut().insert(id, sender);
-        let frame = PeerFrame::Forward {
-            from_shard: self.shard,
-            id,
-            op,
-        };
-        if !self.push(to, &frame) {
-            self.forwards.borrow_mut().remove(&id);
-            return Body::Error(ErrorReply::Unavailable {
-                required,
-                reachable: 0,
-            });
-        }
-        let timeout = glommio::timer::sleep(wait);
-        let answered = futures_lite::future::or(async { answer.await.ok() }, async {
-            timeout.await;
-            None
-        })
-        .await;
-        self.forwards.borrow_mut().remove(&id);
-        // Sent but not answered: whether the replica applied it is unknown, and so is
-        // how many replicas acknowledged it (none that this node knows of).
-        answered.unwrap_or(Body::Error(ErrorReply::Timeout { acked: 0, required }))
-    }
-
-    /// Delivers the answer to a request this shard forwarded.
-    pub fn answer_forward(&self, id: u64, body: Body) {
-        if let Some(sender) = self.forwards.borrow_mut().remove(&id) {
-            let _ = sender.send(body);
-        }
-    }
-
-    /// Sends the answer to a forwarded request back to the shard that asked.
-    pub fn reply_forward(&self, to: NodeId, to_shard: u16, id: u64, body: Body) {
-        self.push(to, &PeerFrame::ForwardReply { to_shard, id, body });
     }
 
     async fn run_link(&self, shard: &Rc<Shard>, node: u32, addr: String, mut queue: Queue) {
@@ -219,7 +158,7 @@ impl Peers {
         loop {
             let connected = match &addr {
                 Ok(addr) => self.connect(*addr).await,
-                Err(reason) => Err(reason.clone()),
+                Err(reason) => Err(ConnectionError::Malformed(reason.clone())),
             };
             let mut stream = match connected {
                 Ok((stream, address)) => {
@@ -227,7 +166,7 @@ impl Peers {
                     if self.down.borrow_mut().remove(&node) {
                         tracing::info!(node, "peer link up");
                     }
-                    shard.driver().set_reachable(NodeId(node), true);
+                    shard.driver().set_link_up(NodeId(node), true);
                     backoff = Duration::from_millis(20);
                     stream
                 }
@@ -235,7 +174,7 @@ impl Peers {
                     if self.down.borrow_mut().insert(node) {
                         tracing::warn!(node, %reason, "peer unreachable");
                     }
-                    shard.driver().set_reachable(NodeId(node), false);
+                    shard.driver().set_link_up(NodeId(node), false);
                     // Messages queued meanwhile would be stale by the time we connect;
                     // the coordinators waiting on them time out.
                     while queue.try_next().is_some() {}
@@ -283,21 +222,15 @@ impl Peers {
     }
 
     /// Connects and does the handshake; the peer answers with how it is reached.
-    async fn connect(&self, addr: SocketAddr) -> Result<(TcpStream, NodeAddress), String> {
+    async fn connect(&self, addr: SocketAddr) -> Result<(TcpStream, NodeAddress), ConnectionError> {
         let wait = Duration::from_secs(1);
-        let mut stream = TcpStream::connect_timeout(addr, wait)
-            .await
-            .map_err(|e| e.to_string())?;
-        stream.set_nodelay(true).map_err(|e| e.to_string())?;
-        stream
-            .set_read_timeout(Some(wait))
-            .map_err(|e| e.to_string())?;
+        let mut stream = TcpStream::connect_timeout(addr, wait).await?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(wait))?;
         // A peer that stops reading (paused, or its host gone without a FIN) must not
         // block the link forever: the write fails, the link reconnects, and a peer that
         // cannot finish a handshake is reported unreachable.
-        stream
-            .set_write_timeout(Some(Duration::from_secs(2)))
-            .map_err(|e| e.to_string())?;
+        stream.set_write_timeout(Some(Duration::from_secs(2)))?;
         let hello = Request {
             id: 1,
             op: Op::PeerHello(PeerHello {
@@ -309,22 +242,24 @@ impl Peers {
             }),
         };
         let mut out = Vec::new();
-        encode_request(&hello, &mut out).map_err(|e| e.to_string())?;
-        stream.write_all(&out).await.map_err(|e| e.to_string())?;
+        let malformed = |e: &dyn std::fmt::Display| ConnectionError::Malformed(e.to_string());
+        encode_request(&hello, &mut out).map_err(|e| malformed(&e))?;
+        stream.write_all(&out).await?;
         let mut input = Vec::new();
         let mut chunk = [0u8; 4096];
         loop {
-            if let Some((payload, _)) = next_frame(&input).map_err(|e| e.to_string())? {
+            if let Some((payload, _)) = next_frame(&input).map_err(|e| malformed(&e))? {
                 let response = decode_response(&input[payload], &mut AlignedVec::new())
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| malformed(&e))?;
                 return match response.body {
                     Body::PeerWelcome(address) => Ok((stream, address)),
-                    Body::Error(e) => Err(format!("handshake refused: {e}")),
-                    other => Err(format!("handshake answered {other:?}")),
+                    Body::Error(e) => Err(ConnectionError::Refused(e.to_string())),
+                    other => Err(malformed(&format!("the handshake answered {other:?}"))),
                 };
             }
             if !read_more(&mut stream, &mut chunk, &mut input).await? {
-                return Err("closed during the handshake".into());
+                let closed = std::io::ErrorKind::UnexpectedEof;
+                return Err(std::io::Error::new(closed, "closed during the handshake").into());
             }
         }
     }
@@ -361,42 +296,59 @@ async fn next_or_closed(queue: &mut Queue, stream: &mut TcpStream) -> Idle {
     futures_lite::future::or(frame, closed).await
 }
 
-impl PeerSend for Peers {
-    fn send(&self, to: NodeId, message: &PeerMessage) {
-        let frame = PeerFrame::Message {
-            from_shard: self.shard,
-            to_shard: None,
-            payload: ringkv_cluster::wire::encode(message),
+impl Peers {
+    /// Sends a gossip message to node `to` (dropped, like any message, when its link's
+    /// queue is full).
+    pub fn send_gossip(&self, to: NodeId, message: &ringkv_cluster::GossipMessage) {
+        let Some(link) = self.links.get(&to) else {
+            return;
         };
-        self.push(to, &frame);
+        let mut bytes = Vec::new();
+        if link.queued.get() < LINK_QUEUE
+            && encode_gossip(message, &mut bytes).is_ok()
+            && link.queue.unbounded_send(bytes).is_ok()
+        {
+            link.queued.set(link.queued.get() + 1);
+        }
     }
 }
 
-/// Reads a peer connection after its handshake: every frame goes to the shard it is
-/// for. A malformed frame closes the connection (the peer reconnects).
+impl PeerSend for Peers {
+    fn send(&self, to: NodeId, message: &PeerMessage) {
+        self.push(to, message);
+    }
+}
+
+/// Reads a peer connection after its handshake: every message goes to the shard it is
+/// for, read in place (`ringkv_proto::peer_message::PeerInput`). A malformed frame
+/// closes the connection (the peer reconnects).
 pub async fn serve(
     mut stream: TcpStream,
     shard: &Rc<Shard>,
     from: NodeId,
-    mut input: Vec<u8>,
-) -> Result<(), String> {
+    after_handshake: Vec<u8>,
+) -> Result<(), ConnectionError> {
     let mut chunk = vec![0u8; 64 << 10];
-    let mut scratch = AlignedVec::<16>::new();
-    let mut start = 0;
-    stream
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .map_err(|e| e.to_string())?;
+    let mut input = PeerInput::new(&after_handshake);
+    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
     loop {
-        while let Some((payload, end)) =
-            next_frame(&input[start..]).map_err(|e| format!("peer {}: {e}", from.0))?
-        {
-            let frame = decode_peer_frame(&input[start..][payload], &mut scratch)
-                .map_err(|e| format!("peer {}: {e}", from.0))?;
-            start += end;
-            deliver(shard, from, frame).await?;
+        loop {
+            let next = input.next_message().map_err(|e| {
+                tracing::warn!(node = from.0, %e, "closing a peer link: malformed frame");
+                ConnectionError::Malformed(format!("peer {}: {e}", from.0))
+            })?;
+            match next {
+                None => break,
+                Some(Incoming::Message { message, .. }) => {
+                    // A reply to a request no shard here made (a confused or hostile
+                    // peer) is dropped.
+                    if let Some(target) = shard.map().recipient(&message) {
+                        shard.peer_message(target, from, message).await;
+                    }
+                }
+                Some(Incoming::Gossip(message)) => shard.gossip(from, message).await,
+            }
         }
-        input.drain(..start);
-        start = 0;
         if shard.is_stopping() {
             return Ok(());
         }
@@ -404,52 +356,9 @@ pub async fn serve(
         // for long, but it must not hold up a graceful stop.
         match stream.read(&mut chunk).await {
             Ok(0) => return Ok(()),
-            Ok(n) => input.extend_from_slice(&chunk[..n]),
+            Ok(n) => input.extend(&chunk[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         }
     }
-}
-
-async fn deliver(shard: &Rc<Shard>, from: NodeId, frame: PeerFrame) -> Result<(), String> {
-    match frame {
-        PeerFrame::Message {
-            to_shard, payload, ..
-        } => {
-            let message = ringkv_cluster::wire::decode(&payload)
-                .map_err(|e| format!("peer {}: bad message: {e}", from.0))?;
-            let target = match (&message, to_shard) {
-                (_, Some(to)) => to as usize,
-                (
-                    PeerMessage::Read { partition, .. }
-                    | PeerMessage::Write { partition, .. }
-                    | PeerMessage::Repair { partition, .. },
-                    None,
-                ) => partition.0 as usize % shard.count,
-                // A reply goes to the shard whose request it answers: shard i numbers
-                // its requests from i << 48 (see runtime.rs).
-                (
-                    PeerMessage::ReadReply { request, .. }
-                    | PeerMessage::WriteAck { request }
-                    | PeerMessage::WriteRefused { request, .. },
-                    None,
-                ) => (request.sequence >> 48) as usize,
-            };
-            // An out-of-range shard (a confused or hostile peer) is dropped there.
-            shard.peer_message(target, from, message).await;
-        }
-        PeerFrame::Forward { from_shard, id, op } => {
-            let this = shard.clone();
-            shard.spawn(async move {
-                let body = crate::native::execute_forwarded(&this, op).await;
-                if let Some(peers) = this.peers() {
-                    peers.reply_forward(from, from_shard, id, body);
-                }
-            });
-        }
-        PeerFrame::ForwardReply { to_shard, id, body } => {
-            shard.forward_answer(to_shard as usize, id, body);
-        }
-    }
-    Ok(())
 }

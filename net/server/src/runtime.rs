@@ -13,20 +13,22 @@ use std::time::{Duration, Instant};
 use glommio::channels::channel_mesh::{Full, MeshBuilder};
 use glommio::net::TcpListener;
 use glommio::{Latency, LocalExecutorPoolBuilder, PoolPlacement, Shares, Task};
-use ringkv_cluster::{Member, Node, NodeConfig, NodeId, PartitionId, Ring};
+use ringkv_cluster::{Member, Node, NodeConfig, NodeId, PartitionId, Ring, ShardMap};
 use ringkv_engine::disk::DmaDisk;
-use ringkv_engine::{Durability, Store, StoreConfig};
+use ringkv_engine::{Store, StoreConfig};
 
-use crate::config::ServerConfig;
-use crate::connections::Connections;
+use crate::config::{ServerConfig, Settings};
 use crate::driver::ShardDriver;
+use crate::front::connections::Connections;
+use crate::front::native::NodeInfo;
 use crate::layout::{self, NodeLayout};
 use crate::listener::{self, Stopper};
-use crate::native::NodeInfo;
-use crate::shard::{Hop, Shard};
+use crate::shard::Hop;
+use crate::shard::Shard;
 use ringkv_proto::NodeAddress;
 use ringkv_proto::peer::{ClusterSpec, MemberSpec};
 
+use crate::membership::MembershipDriver;
 use crate::peers::Peers;
 
 /// Why a node could not start; each is one clear line for the operator.
@@ -53,8 +55,58 @@ pub enum StartError {
     LockedMemory(u64, u64),
     #[error("cannot listen on {0}: {1} (is another ringkv or redis running there?)")]
     AddressInUse(std::net::SocketAddr, String),
-    #[error("shard {shard} failed: {message}")]
-    Shard { shard: usize, message: String },
+    #[error("shard {shard} failed: {source}")]
+    Shard { shard: usize, source: ShardError },
+}
+
+/// Why one shard could not start, or did not stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error("cannot join the shard mesh: {0}")]
+    Mesh(String),
+    #[error(transparent)]
+    Ring(#[from] ringkv_cluster::RingError),
+    #[error(transparent)]
+    ShardCount(#[from] ringkv_cluster::ShardCountError),
+    #[error("the store in {dir}: {source}")]
+    Store {
+        dir: std::path::PathBuf,
+        source: ringkv_engine::StoreError,
+    },
+    #[error("the store's data directory {dir}: {source}")]
+    Disk {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start compaction: {0}")]
+    Compaction(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("closing the store: {0}")]
+    Close(ringkv_engine::StoreError),
+    #[error("the executor panicked: {0}")]
+    Panicked(String),
+    #[error("the executor failed: {0}")]
+    Executor(String),
+}
+
+/// Why an executor thread did not return a result: its panic's message, when it has one.
+fn failed_executor(error: glommio::GlommioError<()>) -> ShardError {
+    use glommio::{BuilderErrorKind, GlommioError};
+    match error {
+        GlommioError::BuilderError(BuilderErrorKind::ThreadPanic(payload)) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into());
+            ShardError::Panicked(message)
+        }
+        other => ShardError::Executor(other.to_string()),
+    }
 }
 
 /// How long a stopping node waits for open connections to finish.
@@ -72,11 +124,11 @@ pub fn run(config: ServerConfig) -> Result<(), StartError> {
 
 /// Runs the node until `stop` is set.
 pub fn run_until(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), StartError> {
-    config.validate()?;
+    let config = config.settings()?;
     check_io_uring()?;
     check_locked_memory()?;
     raise_open_file_limit();
-    let shards = config.shard_count();
+    let shards = config.shards;
     check_addresses_free(&config)?;
     let _lock = layout::lock(&config.data_dir)?;
     let layout = layout::open(&config.data_dir, config.node_id, config.partitions, shards)?;
@@ -85,7 +137,7 @@ pub fn run_until(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), Star
     let listening = Arc::new(AtomicUsize::new(0));
     let barrier = Arc::new(StopBarrier::new(shards));
     let config = Arc::new(config);
-    let spin = Duration::from_micros(config.spin_before_park_us);
+    let spin = config.spin_before_park;
     let handles = LocalExecutorPoolBuilder::new(PoolPlacement::MaxSpread(shards, None))
         .spin_before_park(spin)
         .on_all_shards(move || {
@@ -112,12 +164,12 @@ pub fn run_until(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), Star
     for (shard, result) in handles.join_all().into_iter().enumerate() {
         let outcome = match result {
             Ok(Ok(())) => continue,
-            Ok(Err(message)) => message,
-            Err(e) => format!("executor panicked: {e:?}"),
+            Ok(Err(error)) => error,
+            Err(e) => failed_executor(e),
         };
         first_error.get_or_insert(StartError::Shard {
             shard,
-            message: outcome,
+            source: outcome,
         });
     }
     // Dropped only now that no shard thread can touch it (see `ShardMeshes`).
@@ -226,13 +278,13 @@ fn check_io_uring() -> Result<(), StartError> {
 /// drops whatever is left, and dropping I/O in flight lets the kernel write into freed
 /// memory (see `crate::tasks`).
 async fn run_shard(
-    config: &ServerConfig,
+    config: &Settings,
     layout: &NodeLayout,
     mesh: MeshBuilder<Hop, Full>,
     stop: &AtomicBool,
     listening: &AtomicUsize,
     mut attendance: Attendance,
-) -> Result<(), String> {
+) -> Result<(), ShardError> {
     let result = serve_shard(config, layout, mesh, stop, listening, &mut attendance).await;
     // Everything the shard used is dropped by now. glommio closes a dropped file, and
     // cancels a dropped socket's poll, by queueing the request for its next trip to the
@@ -244,30 +296,28 @@ async fn run_shard(
 }
 
 async fn serve_shard(
-    config: &ServerConfig,
+    config: &Settings,
     layout: &NodeLayout,
     mesh: MeshBuilder<Hop, Full>,
     stop: &AtomicBool,
     listening: &AtomicUsize,
     attendance: &mut Attendance,
-) -> Result<(), String> {
+) -> Result<(), ShardError> {
     // What can fail comes before any task starts, so a failure has nothing to stop.
     let (senders, mut hops) = mesh
         .join()
         .await
-        .map_err(|e| format!("cannot join the shard mesh: {e}"))?;
+        .map_err(|e| ShardError::Mesh(e.to_string()))?;
     let id = senders.peer_id();
     let node_id = NodeId(config.node_id);
-    let members = config.members().map_err(|e| e.to_string())?;
-    let ring_members: Vec<Member> = members
-        .iter()
-        .map(|(id, _)| Member::new(NodeId(*id)))
-        .collect();
-    let ring = Ring::new(config.partitions, &ring_members).map_err(|e| e.to_string())?;
+    let members = &config.members;
+    let ring_members: Vec<Member> = members.iter().map(|(id, _)| Member::new(*id)).collect();
+    let ring = Ring::new(config.partitions, &ring_members)?;
     let store = open_store(config, id).await?;
     let store = StoreTasks::start(store)?;
 
-    let node = Node::new(node_config(config, id), ring.clone());
+    let shards = ShardMap::new(senders.nr_consumers())?;
+    let node = Node::new(node_config(config, shards, id), ring.clone());
     let driver = ShardDriver::new(node, store.store.clone());
     let shard = Shard::new(
         ring.clone(),
@@ -275,7 +325,7 @@ async fn serve_shard(
         senders,
         config.max_inflight_per_shard,
         config.max_value_bytes,
-        config.replica_count(),
+        config.quorum,
     );
     let serve_loops = hops
         .streams()
@@ -286,9 +336,13 @@ async fn serve_shard(
         config.max_connections_per_shard,
         config.max_pipeline,
     ));
-    let cluster = cluster_spec(config, &members);
+    let cluster = cluster_spec(config);
     if members.len() > 1 {
         shard.set_peers(Peers::start(node_id, &shard, cluster.clone()));
+        if id == 0 {
+            let incarnation = u64::from(layout.incarnation);
+            shard.set_membership(MembershipDriver::start(&shard, config, incarnation));
+        }
     }
     let info = Rc::new(NodeInfo {
         me: own_address(config),
@@ -325,33 +379,35 @@ async fn serve_shard(
     bound.and(stopped)
 }
 
-async fn open_store(config: &ServerConfig, shard: usize) -> Result<Rc<Store<DmaDisk>>, String> {
-    let durability: Durability = config.durability.parse().map_err(|e| format!("{e}"))?;
+async fn open_store(config: &Settings, shard: usize) -> Result<Rc<Store<DmaDisk>>, ShardError> {
     let store_config = StoreConfig {
-        durability,
+        durability: config.durability,
         max_value_len: config.max_value_bytes,
         ..StoreConfig::default()
     };
     let dir = layout::shard_dir(&config.data_dir, shard);
-    Store::open(
-        DmaDisk::new(&dir).map_err(|e| format!("{}: {e}", dir.display()))?,
-        store_config,
-    )
-    .await
-    .map_err(|e| format!("opening the store in {}: {e}", dir.display()))
+    let disk = DmaDisk::new(&dir).map_err(|source| ShardError::Disk {
+        dir: dir.clone(),
+        source,
+    })?;
+    Store::open(disk, store_config)
+        .await
+        .map_err(|source| ShardError::Store { dir, source })
 }
 
-fn node_config(config: &ServerConfig, shard: usize) -> NodeConfig {
+fn node_config(config: &Settings, shards: ShardMap, shard: usize) -> NodeConfig {
     // A fresh random seed every start: the node's actors never repeat one used before,
     // whatever happened to its data directory (see `ringkv_cluster::Actor`).
     let mut node_config = NodeConfig::new(NodeId(config.node_id), fresh_epoch_seed());
-    node_config.request_timeout = Duration::from_millis(config.request_timeout_ms);
+    node_config.request_timeout = config.request_timeout;
     // The same limits the store enforces, so a merge is checked before the store sees it.
     node_config.stored_value_max = config.max_value_bytes;
     node_config.stored_version_max = ringkv_engine::record::MAX_VERSION_LEN;
-    // Shard i numbers its requests from i << 48: ids stay unique across the node's
-    // shards, so a peer's reply is routed back to the one shard that asked.
-    node_config.first_sequence = (shard as u64) << 48;
+    node_config.key_max = ringkv_engine::record::MAX_KEY_LEN;
+    // Ids stay unique across the node's shards, so a peer's reply is routed back to
+    // the one shard that asked.
+    node_config.first_sequence = shards.first_sequence(shard);
+    node_config.quorum = config.quorum;
     node_config
 }
 
@@ -359,7 +415,7 @@ fn node_config(config: &ServerConfig, shard: usize) -> NodeConfig {
 /// (once per thread, then a fresh key per call), unlike fastrand's thread generator,
 /// whose seed is only the time since boot and a thread counter: two starts after a
 /// reboot could draw the same epochs.
-fn fresh_epoch_seed() -> u64 {
+pub(crate) fn fresh_epoch_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::hash::RandomState::new().build_hasher();
     hasher.write_u64(0x6570_6f63_6873);
@@ -368,7 +424,7 @@ fn fresh_epoch_seed() -> u64 {
 
 /// Shard 0 says the node is ready once every shard listens.
 async fn announce_ready(
-    config: &ServerConfig,
+    config: &Settings,
     layout: &NodeLayout,
     shard: &Shard,
     stop: &AtomicBool,
@@ -378,16 +434,16 @@ async fn announce_ready(
     if shard.id != 0 {
         return;
     }
-    while listening.load(Ordering::SeqCst) < shard.count && !stop.load(Ordering::SeqCst) {
+    while listening.load(Ordering::SeqCst) < shard.map().shards() && !stop.load(Ordering::SeqCst) {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
-    let last = shard.count - 1;
+    let last = shard.map().shards() - 1;
     println!(
         "ringkv server ready: node {} native={} resp={} shards={} (shard ports native {}..={}, resp {}..={}) data={} incarnation={}",
         config.node_id,
         config.listen,
         config.resp,
-        shard.count,
+        shard.map().shards(),
         config.shard_native_addr(0).port(),
         config.shard_native_addr(last).port(),
         config.shard_resp_addr(0).port(),
@@ -405,7 +461,7 @@ struct StoreTasks {
 }
 
 impl StoreTasks {
-    fn start(store: Rc<Store<DmaDisk>>) -> Result<StoreTasks, String> {
+    fn start(store: Rc<Store<DmaDisk>>) -> Result<StoreTasks, ShardError> {
         let background = glommio::executor().create_task_queue(
             Shares::Static(10),
             Latency::NotImportant,
@@ -416,7 +472,7 @@ impl StoreTasks {
             async move { compactor.run_compaction(Duration::from_secs(1)).await },
             background,
         )
-        .map_err(|e| format!("cannot start compaction: {e}"))?;
+        .map_err(|e| ShardError::Compaction(e.to_string()))?;
         let runner = store.clone();
         let commits = glommio::spawn_local(async move { runner.run().await });
         Ok(StoreTasks {
@@ -428,12 +484,12 @@ impl StoreTasks {
 
     /// Commits what is queued, syncs, and waits for both tasks: compaction returns soon
     /// after the store starts closing, at the end of the segment it is compacting.
-    async fn close(self) -> Result<(), String> {
+    async fn close(self) -> Result<(), ShardError> {
         let closed = self.store.close().await;
         // Awaited even if closing failed: both tasks may have I/O in flight.
         self.commits.await;
         self.compaction.await;
-        closed.map_err(|e| format!("closing the store: {e}"))
+        closed.map_err(ShardError::Close)
     }
 }
 
@@ -450,31 +506,31 @@ impl Listeners {
     /// stops them with the rest of the shard).
     fn start(
         &mut self,
-        config: &ServerConfig,
+        config: &Settings,
         id: usize,
         shard: &Rc<Shard>,
         connections: &Rc<Connections>,
         info: &Rc<NodeInfo>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ShardError> {
         for addr in [config.resp, config.shard_resp_addr(id)] {
             let listener = self.bind(addr)?;
             let (shard, connections) = (shard.clone(), connections.clone());
             self.acceptors.push(glommio::spawn_local(async move {
-                crate::resp::accept(listener, shard, connections).await
+                crate::front::resp::accept(listener, shard, connections).await
             }));
         }
         for addr in [config.listen, config.shard_native_addr(id)] {
             let listener = self.bind(addr)?;
             let (shard, connections, info) = (shard.clone(), connections.clone(), info.clone());
             self.acceptors.push(glommio::spawn_local(async move {
-                crate::native::accept(listener, shard, connections, info).await
+                crate::front::native::accept(listener, shard, connections, info).await
             }));
         }
         Ok(())
     }
 
-    fn bind(&mut self, addr: SocketAddr) -> Result<TcpListener, String> {
-        let bound = listener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    fn bind(&mut self, addr: SocketAddr) -> Result<TcpListener, ShardError> {
+        let bound = listener::bind(addr).map_err(|source| ShardError::Listen { addr, source })?;
         self.stoppers.push(bound.stopper);
         Ok(bound.listener)
     }
@@ -507,7 +563,7 @@ impl Running {
     /// Stops the shard without leaving a task, a socket or a file behind. Each step
     /// ends what could still need the ones after it; the node-wide stages keep a shard
     /// from ending what another shard's remaining work still needs from it.
-    async fn stop(self, attendance: &mut Attendance) -> Result<(), String> {
+    async fn stop(self, attendance: &mut Attendance) -> Result<(), ShardError> {
         let Running {
             shard,
             connections,
@@ -523,11 +579,13 @@ impl Running {
         drain_clients(&connections).await;
         attendance.reach(Stage::ClientsDone).await;
 
-        // Links from other nodes end (within their 200 ms read timeout), and the
-        // requests they forwarded finish, still with the links to other nodes up.
+        // Links from other nodes end (within their 200 ms read timeout), still with
+        // the links to other nodes up.
         shard.stop();
+        if let Some(membership) = shard.membership() {
+            membership.stop().await;
+        }
         connections.ended().await;
-        shard.tasks_ended().await;
         attendance.reach(Stage::NothingIncoming).await;
 
         // Nothing new enters the node now. The mesh: this shard sends no more hops; its
@@ -538,7 +596,6 @@ impl Running {
         for serving in serve_loops {
             serving.await;
         }
-        shard.tasks_ended().await;
 
         // Storage work started by other nodes' messages finishes, its acknowledgements
         // are written, and the links end.
@@ -577,8 +634,9 @@ async fn drain_clients(connections: &Connections) {
 enum Stage {
     /// No shard has a client connection left: no new request enters through a client.
     ClientsDone,
-    /// No shard has a link from another node left, nor a request it forwarded: no
-    /// request or message enters the node any more.
+    /// No shard has a link from another node left: no request or message enters the
+    /// node any more. (A put another node forwarded here and that still waits for
+    /// acks is answered by the forwarder's own deadline: Timeout, outcome unknown.)
     NothingIncoming,
 }
 
@@ -646,7 +704,7 @@ impl Drop for Attendance {
 }
 
 /// How clients and peers reach this node.
-fn own_address(config: &ServerConfig) -> NodeAddress {
+fn own_address(config: &Settings) -> NodeAddress {
     NodeAddress {
         node_id: config.node_id,
         native: config.listen.to_string(),
@@ -658,14 +716,16 @@ fn own_address(config: &ServerConfig) -> NodeAddress {
 }
 
 /// The membership every node must agree on at the peer handshake.
-fn cluster_spec(config: &ServerConfig, members: &[(u32, SocketAddr)]) -> ClusterSpec {
+fn cluster_spec(config: &Settings) -> ClusterSpec {
     ClusterSpec {
         partitions: config.partitions,
-        replicas: config.replica_count().min(u8::MAX as usize) as u8,
-        members: members
+        // N is at most Quorum::N_MAX (16).
+        replicas: config.quorum.n() as u8,
+        members: config
+            .members
             .iter()
             .map(|(id, addr)| MemberSpec {
-                node_id: *id,
+                node_id: id.0,
                 native: addr.to_string(),
             })
             .collect(),

@@ -58,11 +58,6 @@ impl TaskGroup {
         .detach();
     }
 
-    /// Tasks of this group still running.
-    pub fn live(&self) -> usize {
-        self.0.live.get()
-    }
-
     /// Waits until no task of this group is running (at once if none is).
     pub async fn ended(&self) {
         std::future::poll_fn(|cx| {

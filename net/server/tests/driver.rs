@@ -6,6 +6,7 @@ use std::rc::Rc;
 
 use ringkv_cluster::{
     ConflictMode, GetRequest, Member, Node, NodeConfig, NodeId, PutRequest, Quorum, Ring,
+    Supersedes,
 };
 use ringkv_engine::disk::DmaDisk;
 use ringkv_engine::{Store, StoreConfig};
@@ -32,17 +33,17 @@ fn put(key: &[u8], value: Option<&[u8]>, context: Option<Vec<u8>>) -> PutRequest
     PutRequest {
         key: key.to_vec(),
         value: value.map(<[u8]>::to_vec),
-        context,
-        quorum: one(),
+        supersedes: context.map_or(Supersedes::Nothing, Supersedes::Context),
+        quorum: Some(one()),
         mode: ConflictMode::Causal,
-        supersede_local: false,
+        only_if_present: false,
     }
 }
 
 fn get(key: &[u8]) -> GetRequest {
     GetRequest {
         key: key.to_vec(),
-        quorum: one(),
+        quorum: Some(one()),
     }
 }
 
@@ -74,12 +75,12 @@ fn siblings_contexts_deletes_and_restart_over_a_real_store() {
                 vec![&b"merged"[..]]
             );
 
-            // Superseding what the coordinator holds replaces siblings without a read.
+            // Superseding what a quorum holds (N = 1: the coordinator) replaces siblings.
             driver.put(put(b"r", Some(b"x"), None)).await.unwrap();
             driver.put(put(b"r", Some(b"y"), None)).await.unwrap();
             assert_eq!(driver.get(get(b"r")).await.unwrap().values().len(), 2);
             let replace = PutRequest {
-                supersede_local: true,
+                supersedes: Supersedes::QuorumHeld,
                 ..put(b"r", Some(b"z"), None)
             };
             driver.put(replace).await.unwrap();

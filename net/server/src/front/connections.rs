@@ -14,6 +14,25 @@ use socket2::Socket;
 
 use crate::tasks::TaskGroup;
 
+/// Why a connection (a client's or a peer link) ended early: logged, never sent.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// Input its protocol does not allow (the connection was told, then closed).
+    #[error("malformed input: {0}")]
+    Malformed(String),
+    /// A handshake refused, by this node or by the one it connected to.
+    #[error("handshake refused: {0}")]
+    Refused(String),
+}
+
+impl From<glommio::GlommioError<()>> for ConnectionError {
+    fn from(error: glommio::GlommioError<()>) -> Self {
+        ConnectionError::Io(error.into())
+    }
+}
+
 /// Bytes read from a socket at a time.
 pub const READ_CHUNK: usize = 64 << 10;
 
@@ -23,8 +42,8 @@ pub async fn read_more(
     stream: &mut TcpStream,
     chunk: &mut [u8],
     input: &mut Vec<u8>,
-) -> Result<bool, String> {
-    let n = stream.read(chunk).await.map_err(|e| e.to_string())?;
+) -> Result<bool, ConnectionError> {
+    let n = stream.read(chunk).await?;
     input.extend_from_slice(&chunk[..n]);
     Ok(n > 0)
 }
@@ -124,7 +143,7 @@ pub async fn accept<F, Fut>(
     serve: F,
 ) where
     F: Fn(TcpStream, u64) -> Fut,
-    Fut: Future<Output = Result<(), String>> + 'static,
+    Fut: Future<Output = Result<(), ConnectionError>> + 'static,
 {
     loop {
         let stream = match listener.accept().await {

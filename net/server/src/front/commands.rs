@@ -10,7 +10,7 @@ use ringkv_cluster::GetOutcome;
 pub use ringkv_proto::resp::Reply;
 use ringkv_proto::{ErrorReply, WriteContext};
 
-use crate::ops;
+use crate::front::ops;
 use crate::shard::Shard;
 
 /// Per-connection state that commands read or change.
@@ -332,7 +332,7 @@ fn info(shard: &Shard) -> Reply {
          corrupt:{}\r\nstore_failed:{}\r\n",
         env!("CARGO_PKG_VERSION"),
         shard.id,
-        shard.count,
+        shard.map().shards(),
         usage.keys,
         stats.puts,
         stats.gets,

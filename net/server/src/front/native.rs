@@ -3,7 +3,7 @@
 //!
 //! Like the Redis side, a connection parses every complete frame that has arrived (up to
 //! `max_pipeline`), runs them concurrently where no two touch the same key
-//! ([`crate::pipeline`]), and writes the answers. A frame that is too large or does not
+//! ([`crate::front::pipeline`]), and writes the answers. A frame that is too large or does not
 //! validate gets one error response with id 0 and closes that connection only.
 
 use std::rc::Rc;
@@ -20,9 +20,10 @@ use ringkv_proto::{
 };
 use rkyv::util::AlignedVec;
 
-use crate::connections::{Connections, READ_CHUNK, read_more};
-use crate::ops;
-use crate::pipeline::{Touch, run_in_order};
+use crate::front::connections::{ConnectionError, Connections, READ_CHUNK, read_more};
+use crate::front::ops;
+use crate::front::pipeline::{Touch, run_in_order};
+use crate::front::pipelined::{self, FrontEnd, Parsed};
 use crate::shard::Shard;
 
 /// What a shard tells clients and peers about the node and its cluster.
@@ -76,7 +77,7 @@ pub async fn accept(
     connections: Rc<Connections>,
     info: Rc<NodeInfo>,
 ) {
-    crate::connections::accept(
+    crate::front::connections::accept(
         listener,
         connections.clone(),
         refusal(),
@@ -105,8 +106,8 @@ async fn serve(
     shard: &Rc<Shard>,
     connections: &Connections,
     info: &NodeInfo,
-) -> Result<(), String> {
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+) -> Result<(), ConnectionError> {
+    stream.set_nodelay(true)?;
     let mut input: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut output: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut chunk = vec![0u8; READ_CHUNK];
@@ -138,12 +139,12 @@ async fn serve(
                 &mut output,
             );
             let _ = stream.write_all(&output).await;
-            return Err(format!("malformed handshake: {reason}"));
+            return Err(ConnectionError::Malformed(format!("handshake: {reason}")));
         }
     };
     let body = welcome(&first, shard, info);
     let refused = match &body {
-        Body::Error(e) => Some(format!("handshake refused: {e}")),
+        Body::Error(e) => Some(e.to_string()),
         _ => None,
     };
     let peer = match (&first.op, &body) {
@@ -151,74 +152,70 @@ async fn serve(
         _ => None,
     };
     encode(first.id, body, &mut output);
-    stream.write_all(&output).await.map_err(|e| e.to_string())?;
+    stream.write_all(&output).await?;
     output.clear();
     if let Some(reason) = refused {
         let client = match &first.op {
             Op::Hello { client, .. } => client.as_str(),
             _ => "",
         };
-        tracing::warn!(%reason, client, "closing a native connection");
-        return Err(reason);
+        tracing::warn!(%reason, client, "closing a native connection: handshake refused");
+        return Err(ConnectionError::Refused(reason));
     }
     if let Some(from) = peer {
         let serving = crate::peers::serve(stream, shard, from, input);
         return connections.as_peer_link(id, serving).await;
     }
 
-    loop {
-        let mut consumed = 0;
-        let mut batch = Vec::new();
-        let mut malformed = None;
-        while batch.len() < connections.max_pipeline() {
-            match next_frame(&input[consumed..]) {
-                Ok(Some((payload, used))) => {
-                    let payload = &input[consumed..][payload];
-                    consumed += used;
-                    match decode_request(payload, &mut scratch) {
-                        Ok(request) => batch.push(request),
-                        Err(e) => {
-                            malformed = Some(e.to_string());
-                            break;
-                        }
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    malformed = Some(e.to_string());
-                    break;
-                }
-            }
+    let mut front = Native {
+        shard,
+        info,
+        scratch,
+    };
+    let served = pipelined::serve(&mut stream, connections, &mut front, input).await;
+    if let Err(reason) = &served {
+        tracing::info!(%reason, "closing a native connection");
+    }
+    served
+}
+
+/// One client connection of the native protocol, after its handshake.
+struct Native<'a> {
+    shard: &'a Rc<Shard>,
+    info: &'a NodeInfo,
+    /// Where each frame is copied to be aligned for rkyv.
+    scratch: AlignedVec<16>,
+}
+
+impl FrontEnd for Native<'_> {
+    type Request = Request;
+
+    fn parse(&mut self, input: &[u8]) -> Parsed<Request> {
+        match next_frame(input) {
+            Ok(Some((payload, used))) => match decode_request(&input[payload], &mut self.scratch) {
+                Ok(request) => Parsed::Request(request, used),
+                Err(e) => Parsed::Malformed(format!("malformed frame: {e}")),
+            },
+            Ok(None) => Parsed::Incomplete,
+            Err(e) => Parsed::Malformed(format!("malformed frame: {e}")),
         }
-        input.drain(..consumed);
-        if batch.is_empty() && malformed.is_none() {
-            if connections.is_closing() {
-                return Ok(());
-            }
-            if !read_more(&mut stream, &mut chunk, &mut input).await? {
-                return Ok(());
-            }
-            continue;
-        }
+    }
+
+    async fn run(&mut self, batch: Vec<Request>, output: &mut Vec<u8>) {
+        let (shard, info) = (self.shard, self.info);
         let answers = run_in_order(&batch, touch, |r| execute(shard, info, r)).await;
         for (request, body) in batch.iter().zip(answers) {
-            encode(request.id, body, &mut output);
+            encode(request.id, body, output);
         }
-        if let Some(reason) = &malformed {
-            let message = format!("malformed frame: {reason}");
-            encode(
-                0,
-                Body::Error(ErrorReply::InvalidArgument { message }),
-                &mut output,
-            );
-        }
-        stream.write_all(&output).await.map_err(|e| e.to_string())?;
-        output.clear();
-        if let Some(reason) = malformed {
-            let reason = format!("malformed frame: {reason}");
-            tracing::info!(%reason, "closing a native connection");
-            return Err(reason);
-        }
+    }
+
+    fn malformed(&mut self, reason: &str, output: &mut Vec<u8>) {
+        let message = reason.to_string();
+        encode(
+            0,
+            Body::Error(ErrorReply::InvalidArgument { message }),
+            output,
+        );
     }
 }
 
@@ -255,7 +252,7 @@ fn welcome(first: &Request, shard: &Shard, info: &NodeInfo) -> Body {
             version,
             node_id: info.me.node_id,
             shard: shard.id as u32,
-            shards: shard.count as u32,
+            shards: shard.map().shards() as u32,
             shard_native: info.me.shard_native.clone(),
             server: format!("ringkv {}", env!("CARGO_PKG_VERSION")),
         }),
@@ -280,13 +277,14 @@ async fn execute(shard: &Shard, info: &NodeInfo, request: &Request) -> Body {
     match &request.op {
         Op::Ping => Body::Pong,
         Op::Topology => Body::Topology(info.topology(shard)),
-        Op::Status => match shard.status().await {
-            Ok(shards) => Body::Status(NodeStatus {
+        Op::Status => match (shard.status().await, shard.members().await) {
+            (Ok(shards), Ok(members)) => Body::Status(NodeStatus {
                 node_id: info.me.node_id,
                 incarnation: info.incarnation,
                 shards,
+                members,
             }),
-            Err(e) => Body::Error(ops::error_reply(e)),
+            (Err(e), _) | (_, Err(e)) => Body::Error(ops::error_reply(e)),
         },
         Op::Hello { .. } | Op::PeerHello(_) => Body::Error(ErrorReply::InvalidArgument {
             message: "a handshake is only allowed once, as the first request".into(),
@@ -313,24 +311,6 @@ async fn execute(shard: &Shard, info: &NodeInfo, request: &Request) -> Body {
             let written = run_in_order(puts, touch_put, |put| write(shard, put)).await;
             Body::WrittenMany(written)
         }
-    }
-}
-
-/// A write another node handed to this one because it holds a replica of the key.
-pub async fn execute_forwarded(shard: &Shard, op: Op) -> Body {
-    let count = |n: Option<u8>| n.map(usize::from);
-    let written = match op {
-        Op::Put(put) => write(shard, &put).await,
-        Op::Delete { key, context, w } => ops::put(shard, &key, None, context, count(w)).await,
-        other => {
-            return Body::Error(ErrorReply::InvalidArgument {
-                message: format!("only writes are forwarded, not {other:?}"),
-            });
-        }
-    };
-    match written {
-        Ok(()) => Body::Written,
-        Err(e) => Body::Error(e),
     }
 }
 
