@@ -32,6 +32,7 @@ pub(crate) struct ThenPut {
     pub quorum: Quorum,
     pub mode: ConflictMode,
     pub only_if_present: bool,
+    pub strict: bool,
     pub wall_ms: u64,
 }
 
@@ -72,6 +73,10 @@ pub(crate) struct PutCoordination {
     pub dot: Option<Dot>,
     /// The clock of what the version superseded (its past), set with `dot`.
     pub superseded: VersionVector,
+    /// The asked nodes that stand in for down replicas → the replica each stands in for.
+    pub hint_for: BTreeMap<NodeId, NodeId>,
+    /// Stand-ins among the answers of the read before this write (SET, DEL).
+    pub read_stand_ins: u32,
     acked: BTreeSet<NodeId>,
     /// Replicas that could not store the write (its merge was too large there).
     refused: BTreeSet<NodeId>,
@@ -96,6 +101,8 @@ impl PutCoordination {
             deadline,
             dot: None,
             superseded: VersionVector::new(),
+            hint_for: BTreeMap::new(),
+            read_stand_ins: 0,
             acked: BTreeSet::new(),
             refused: BTreeSet::new(),
         }
@@ -136,6 +143,11 @@ impl PutCoordination {
         self.acked.len()
     }
 
+    /// Acks that came from stand-ins for down replicas.
+    pub fn stand_ins_acked(&self) -> u32 {
+        self.acked.iter().filter(|n| self.hint_for.contains_key(n)).count() as u32
+    }
+
     /// Invariants while the put is still open (it is removed once it replies).
     pub fn assert_invariants(&self) {
         assert!(
@@ -163,6 +175,8 @@ pub(crate) struct GetCoordination {
     pub replied: bool,
     /// For the read half of a put: the write to start at quorum instead of replying.
     pub then: Option<ThenPut>,
+    /// The asked nodes that answer from hints for a down replica (never repaired).
+    pub stand_ins: BTreeSet<NodeId>,
     answers: BTreeMap<NodeId, VersionSet>,
 }
 
@@ -186,6 +200,7 @@ impl GetCoordination {
             deadline,
             replied: false,
             then,
+            stand_ins: BTreeSet::new(),
             answers: BTreeMap::new(),
         }
     }
@@ -207,6 +222,11 @@ impl GetCoordination {
 
     pub fn answered(&self) -> usize {
         self.answers.len()
+    }
+
+    /// Answers that came from stand-ins for down replicas.
+    pub fn stand_ins_answered(&self) -> u32 {
+        self.answers.keys().filter(|n| self.stand_ins.contains(n)).count() as u32
     }
 
     pub fn all_answered(&self) -> bool {

@@ -14,6 +14,7 @@
 //!   `handle_*` inputs and [`Node::poll_action`] outputs; [`message`] and [`request`]
 //!   are what it exchanges with peers and clients.
 //! - [`membership`] and [`phi`]: gossip membership and phi-accrual failure detection.
+//! - [`hints`]: sloppy quorum's stand-ins and the hints they hold for handoff.
 //! - [`shard_map`]: which of a node's shards owns a partition or a reply.
 //!
 //! The wire form of peer messages lives with the other formats, in `ringkv-proto`.
@@ -21,6 +22,7 @@
 pub mod clock;
 pub mod codec;
 mod coordinator;
+pub mod hints;
 pub mod membership;
 pub mod message;
 pub mod node;
@@ -34,6 +36,7 @@ pub mod version;
 
 pub use clock::{Actor, ClockEntry, Dot, EpochSource, VersionVector};
 pub use codec::{Context, DecodeError, StoredVersions};
+pub use hints::{HintConfig, HintStats, HintsPending, Shelf};
 pub use membership::{
     GossipMessage, MemberAddress, MemberState, MemberStatus, MemberView, Membership,
     MembershipConfig, MembershipEvent,

@@ -5,7 +5,7 @@
 
 use crate::quorum::Quorum;
 use crate::request::{ClientError, PutOutcome, Supersedes};
-use crate::ring::PartitionId;
+use crate::ring::{NodeId, PartitionId};
 use crate::version::{ConflictMode, VersionSet};
 
 /// Names one coordinated request. `epoch` is the coordinating node's first actor
@@ -25,16 +25,21 @@ pub enum TooLarge {
     Values { size: usize, limit: usize },
     /// The version metadata (dots, stamps, pasts) together, in encoded bytes.
     Versions { size: usize, limit: usize },
+    /// A stand-in's hints for the down replica would pass their byte bound
+    /// ([`crate::hints::HintConfig::bytes_max`]); the hint was not stored.
+    Hints { size: usize, limit: usize },
 }
 
 /// A message between two nodes about one key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PeerMessage {
-    /// Coordinator to replica: send me your versions of `key`.
+    /// Coordinator to replica: send me your versions of `key` (with `hint_for`, the
+    /// ones you hold as hints for that down replica: a sloppy read).
     Read {
         request: RequestId,
         partition: PartitionId,
         key: Vec<u8>,
+        hint_for: Option<NodeId>,
     },
     /// Replica to coordinator: my versions (empty when I have none).
     ReadReply {
@@ -42,11 +47,15 @@ pub enum PeerMessage {
         versions: VersionSet,
     },
     /// Coordinator to replica: merge these versions into yours, durably, then ack.
+    /// With `hint_for`, to a node standing in for that down replica (sloppy quorum):
+    /// merge them into the hints held for it. Also a hint's handoff to its target
+    /// (without `hint_for`).
     Write {
         request: RequestId,
         partition: PartitionId,
         key: Vec<u8>,
         versions: VersionSet,
+        hint_for: Option<NodeId>,
     },
     /// Replica to coordinator: the merged versions are durable here.
     WriteAck { request: RequestId },
@@ -86,6 +95,8 @@ pub struct ForwardedPut {
     pub quorum: Quorum,
     pub mode: ConflictMode,
     pub only_if_present: bool,
+    /// Only the key's own N replicas may take the write (no hinted stand-ins).
+    pub strict: bool,
     /// The forwarding node's wall clock, which seeds the version stamp as a
     /// coordinator's own would (the stamp is a hybrid logical clock either way).
     pub wall_ms: u64,

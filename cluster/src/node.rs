@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use crate::clock::{Actor, Dot, EpochSource, VersionVector};
 use crate::codec::Context;
+use crate::hints::{HintConfig, HintLedger, HintStats, HintsPending, Placement, Shelf, Throttle};
 use crate::coordinator::{
     Answer, Forwarding, GetCoordination, PutCoordination, Requester, ThenPut,
 };
@@ -59,6 +60,8 @@ pub struct NodeConfig {
     /// Longest key a put may carry (the store's limit). Checked here too, not only by
     /// the server's front ends, because forwarded puts arrive from peers.
     pub key_max: usize,
+    /// Bounds and pace of the hints this node holds for down replicas.
+    pub hints: HintConfig,
     /// Where this node's request sequence numbers start. A driver that runs several
     /// state machines as one node (one per core) gives each its own range, so request
     /// ids stay unique per node and replies can be told apart.
@@ -78,6 +81,7 @@ impl NodeConfig {
             stored_value_max: usize::MAX,
             stored_version_max: usize::MAX,
             key_max: usize::MAX,
+            hints: HintConfig::default(),
             first_sequence: 0,
             sabotage: Sabotage::default(),
         }
@@ -110,13 +114,19 @@ pub struct Sabotage {
     /// Coordinate every copy of a duplicated forward, as a node without the
     /// forwarded-put memory would: one SET is applied twice, under two dots.
     pub forget_forwards: bool,
+    /// Remove a hint as soon as it is sent, before its target acknowledged it: a
+    /// handoff lost in flight (or a target that crashes before its sync) loses the
+    /// only copy a sloppy write had there.
+    pub drop_hints_unacked: bool,
 }
 
 /// Which timer fired.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum TimerId {
-    /// The deadline of a coordinated request.
+    /// The deadline of a coordinated request (or of one hint's handoff).
     Request(RequestId),
+    /// Time to look at the hints again: hand off, retry, expire.
+    Handoff,
 }
 
 /// Something the driver must do for the node.
@@ -178,6 +188,7 @@ pub struct NodeStats {
     pub actors_retired: u64,
     /// Puts this node held no replica of and forwarded to one that does.
     pub forwarded: u64,
+    pub hints: HintStats,
 }
 
 /// One node: coordinator for the requests it receives, replica for the keys it holds.
@@ -197,6 +208,14 @@ pub struct Node {
     /// Forwarded puts taken recently, with when to forget them (in taking order).
     forwards_taken: BTreeSet<(NodeId, RequestId)>,
     forwards_taken_order: VecDeque<(Duration, NodeId, RequestId)>,
+    /// Which keys this node holds as hints, for whom.
+    hints: HintLedger,
+    /// Hints being handed off: read here, sent, awaiting the target's ack.
+    handoffs: BTreeMap<RequestId, Handoff>,
+    /// Paces handoff; created at the first input (it needs the clock).
+    throttle: Option<Throttle>,
+    /// When the handoff timer is armed for, if it is.
+    handoff_timer: Option<Duration>,
     next_sequence: u64,
     actions: VecDeque<Action>,
     /// Messages this node sent itself, delivered before the handler returns.
@@ -237,6 +256,10 @@ impl Node {
             forwards: BTreeMap::new(),
             forwards_taken: BTreeSet::new(),
             forwards_taken_order: VecDeque::new(),
+            hints: HintLedger::default(),
+            handoffs: BTreeMap::new(),
+            throttle: None,
+            handoff_timer: None,
             next_sequence: config.first_sequence,
             actions: VecDeque::new(),
             local_inbox: VecDeque::new(),
@@ -263,7 +286,13 @@ impl Node {
     /// replica may have applied them): waiting out their deadline would tell nothing more.
     pub fn set_reachable(&mut self, node: NodeId, reachable: bool) {
         if reachable {
-            self.unreachable.remove(&node);
+            let returned = self.unreachable.remove(&node);
+            if returned && self.hints.targets().contains(&node) {
+                self.hints.unpark(node);
+                // Hand off at the next input (set_reachable has no clock): arm now.
+                self.handoff_timer = None;
+                self.arm_handoff(Duration::ZERO);
+            }
         } else if node != self.config.node {
             self.unreachable.insert(node);
             let cut_off: Vec<RequestId> = self
@@ -289,8 +318,43 @@ impl Node {
     pub fn stats(&self) -> NodeStats {
         NodeStats {
             actors_retired: self.replica.actors_retired(),
+            hints: self.hints.stats,
             ..self.stats.clone()
         }
+    }
+
+    /// Hints held here, per target.
+    pub fn hints_pending(&self) -> Vec<HintsPending> {
+        self.hints.pending()
+    }
+
+    /// Tries again the hints their targets refused (the driver calls this now and
+    /// then: a refusal over the store's limits lasts until a client resolves the
+    /// key's siblings, which nothing here sees).
+    pub fn retry_parked_hints(&mut self, now: Duration) {
+        for target in self.hints.targets() {
+            self.hints.unpark(target);
+        }
+        self.pump_handoff(now);
+        self.flush_local(now);
+    }
+
+    /// Hints their target refused (over its store's limits), waiting for a new write
+    /// or the target's return.
+    pub fn hints_parked(&self) -> usize {
+        self.hints.parked()
+    }
+
+    /// A hint found in the store at start (the driver lists the hint shelves before
+    /// the first request): handed off like any other once its target is seen up. Its
+    /// age counts from `now`.
+    pub fn restore_hint(&mut self, now: Duration, target: NodeId, key: Vec<u8>, bytes: u64) {
+        if target == self.config.node {
+            return;
+        }
+        self.hints.stored(target, &key, bytes, now);
+        self.hints.stats.recovered += 1;
+        self.arm_handoff(now);
     }
 
     /// The actor that stamps the puts this node coordinates now.
@@ -305,13 +369,21 @@ impl Node {
 
     /// Requests still being coordinated here, and keys with replica work in flight.
     pub fn open_work(&self) -> usize {
-        self.puts.len() + self.gets.len() + self.forwards.len() + self.replica.busy_keys()
+        self.puts.len()
+            + self.gets.len()
+            + self.forwards.len()
+            + self.handoffs.len()
+            + self.replica.busy_keys()
     }
 
     pub fn handle_get(&mut self, now: Duration, client: ClientToken, request: GetRequest) {
-        let GetRequest { key, quorum } = request;
+        let GetRequest {
+            key,
+            quorum,
+            strict,
+        } = request;
         let quorum = quorum.unwrap_or(self.config.quorum);
-        self.start_read(now, Requester::Client(client), key, quorum, None);
+        self.start_read(now, Requester::Client(client), key, quorum, strict, None);
         self.flush_local(now);
     }
 
@@ -332,6 +404,7 @@ impl Node {
             quorum,
             mode,
             only_if_present,
+            strict,
         } = request;
         let put = ForwardedPut {
             key,
@@ -340,6 +413,7 @@ impl Node {
             quorum: quorum.unwrap_or(self.config.quorum),
             mode,
             only_if_present,
+            strict,
             wall_ms,
         };
         self.start_put(now, Requester::Client(client), put);
@@ -347,17 +421,19 @@ impl Node {
     }
 
     /// Sends a get's reads (or a put's read half, with `then`) to the reachable
-    /// replicas of `key`.
+    /// replicas of `key` (and, unless `strict`, to stand-ins for the others).
     fn start_read(
         &mut self,
         now: Duration,
         requester: Requester,
         key: Vec<u8>,
         quorum: Quorum,
+        strict: bool,
         then: Option<ThenPut>,
     ) {
         let partition = self.ring.partition_of(&key);
-        let asked = self.reachable_replicas(partition, quorum.n());
+        let placements = self.placements(partition, &key, quorum.n(), strict);
+        let asked: Vec<NodeId> = placements.iter().map(|p| p.node).collect();
         if asked.len() < quorum.r() {
             let error = ClientError::Unavailable {
                 required: quorum.r(),
@@ -369,16 +445,22 @@ impl Node {
         let id = self.new_request_id();
         let deadline = now + self.config.request_timeout;
         self.arm(id, deadline);
-        for &replica in &asked {
+        for placement in &placements {
             let message = PeerMessage::Read {
                 request: id,
                 partition,
                 key: key.clone(),
+                hint_for: placement.hint_for,
             };
-            self.send(replica, message);
+            self.send(placement.node, message);
         }
-        let coordination =
+        let mut coordination =
             GetCoordination::new(requester, key, partition, asked, quorum.r(), deadline, then);
+        coordination.stand_ins = placements
+            .iter()
+            .filter(|p| p.hint_for.is_some())
+            .map(|p| p.node)
+            .collect();
         self.gets.insert(id, coordination);
     }
 
@@ -405,14 +487,14 @@ impl Node {
             context
         };
         let partition = self.ring.partition_of(&put.key);
-        let preference = self.ring.preference_list(partition, put.quorum.n());
-        if !preference.contains(&self.config.node) {
+        let placements = self.placements(partition, &put.key, put.quorum.n(), put.strict);
+        if !placements.iter().any(|p| p.node == self.config.node) {
             match requester {
                 Requester::Client(client) => self.forward(now, client, partition, put),
-                // Rings disagree; forwarding on could loop.
+                // Rings or views disagree; forwarding on could loop.
                 Requester::Forwarder { .. } => {
                     let error = ClientError::NotReplica {
-                        replicas: preference,
+                        replicas: self.ring.preference_list(partition, put.quorum.n()),
                     };
                     self.reply(requester, ClientReply::Put(Err(error)));
                 }
@@ -426,9 +508,9 @@ impl Node {
             quorum,
             mode,
             only_if_present,
+            strict,
             wall_ms,
         } = put;
-        let replicas = self.reachable_replicas(partition, quorum.n());
         // With N = 1 the only replica's own read is the quorum read (unless the put
         // must first learn whether a value is there).
         let local_read_suffices = quorum.n() == 1 || self.config.sabotage.set_reads_local_only;
@@ -439,7 +521,7 @@ impl Node {
         } else {
             quorum.w()
         };
-        if let Some(error) = self.cannot_write(now, replicas.len(), required) {
+        if let Some(error) = self.cannot_write(now, placements.len(), required) {
             self.reply(requester, ClientReply::Put(Err(error)));
             return;
         }
@@ -450,9 +532,10 @@ impl Node {
                 quorum,
                 mode,
                 only_if_present,
+                strict,
                 wall_ms,
             };
-            self.start_read(now, requester, key, quorum, Some(then));
+            self.start_read(now, requester, key, quorum, strict, Some(then));
             return;
         }
         // With N = 1 the coordinator's replica holds everything there is: its own
@@ -462,8 +545,9 @@ impl Node {
             requester,
             key,
             partition,
-            replicas,
+            placements,
             required: quorum.w(),
+            read_stand_ins: 0,
             context,
             supersede_local,
             value,
@@ -519,8 +603,9 @@ impl Node {
             requester,
             key,
             partition,
-            replicas,
+            placements,
             required,
+            read_stand_ins,
             context,
             supersede_local,
             value,
@@ -530,7 +615,8 @@ impl Node {
         let id = self.new_request_id();
         let deadline = now + self.config.request_timeout;
         self.arm(id, deadline);
-        let coordination = PutCoordination::new(
+        let replicas = placements.iter().map(|p| p.node).collect();
+        let mut coordination = PutCoordination::new(
             requester,
             key.clone(),
             partition,
@@ -538,6 +624,12 @@ impl Node {
             required,
             deadline,
         );
+        coordination.read_stand_ins = read_stand_ins;
+        coordination.hint_for = placements
+            .iter()
+            .filter_map(|p| Some((p.node, p.hint_for?)))
+            .collect();
+        let shelf = self.shelf_of(&placements, partition);
         self.puts.insert(id, coordination);
         let job = Job::Coordinate {
             origin: self.local_origin(id),
@@ -547,7 +639,7 @@ impl Node {
             mode,
             wall_ms,
         };
-        self.submit(now, key, partition, job);
+        self.submit(now, key, shelf, job);
     }
 
     /// Hands a put for a key this node holds no replica of to the first reachable
@@ -561,9 +653,9 @@ impl Node {
     ) {
         let required = put.quorum.w();
         let Some(to) = self
-            .reachable_replicas(partition, put.quorum.n())
+            .placements(partition, &put.key, put.quorum.n(), put.strict)
             .first()
-            .copied()
+            .map(|p| p.node)
         else {
             // No replica can be asked, so none can acknowledge it.
             let error = ClientError::Unavailable {
@@ -613,13 +705,15 @@ impl Node {
                 request,
                 partition,
                 key,
+                hint_for,
             } => {
                 if self.check_partition(partition, &key) {
                     let origin = Origin {
                         node: from,
                         request,
                     };
-                    self.submit(now, key, partition, Job::Read { origin });
+                    let shelf = self.shelf_for(partition, hint_for);
+                    self.submit(now, key, shelf, Job::Read { origin });
                 }
             }
             PeerMessage::ReadReply { request, versions } => {
@@ -630,8 +724,11 @@ impl Node {
                 partition,
                 key,
                 versions,
+                hint_for,
             } => {
-                if self.check_partition(partition, &key) {
+                if self.check_partition(partition, &key)
+                    && self.hint_has_room(from, request, hint_for, &key, &versions)
+                {
                     let origin = Some(Origin {
                         node: from,
                         request,
@@ -640,12 +737,13 @@ impl Node {
                         origin,
                         incoming: versions,
                     };
-                    self.submit(now, key, partition, job);
+                    let shelf = self.shelf_for(partition, hint_for);
+                    self.submit(now, key, shelf, job);
                 }
             }
-            PeerMessage::WriteAck { request } => self.on_write_ack(from, request),
+            PeerMessage::WriteAck { request } => self.on_write_ack(now, from, request),
             PeerMessage::WriteRefused { request, refusal } => {
-                self.on_write_refused(from, request, refusal)
+                self.on_write_refused(now, from, request, refusal)
             }
             PeerMessage::Repair {
                 partition,
@@ -657,7 +755,7 @@ impl Node {
                         origin: None,
                         incoming: versions,
                     };
-                    self.submit(now, key, partition, job);
+                    self.submit(now, key, Shelf::Home(partition), job);
                 }
             }
             PeerMessage::Forward {
@@ -682,7 +780,32 @@ impl Node {
     }
 
     pub fn handle_timer(&mut self, now: Duration, timer: TimerId) {
-        let TimerId::Request(id) = timer;
+        let id = match timer {
+            TimerId::Request(id) => id,
+            TimerId::Handoff => {
+                if self.handoff_timer.is_some_and(|at| now < at) {
+                    self.count(DropReason::EarlyTimer);
+                    return;
+                }
+                self.handoff_timer = None;
+                self.pump_handoff(now);
+                self.flush_local(now);
+                return;
+            }
+        };
+        if let Some(deadline) = self.handoffs.get(&id).map(|h| h.deadline) {
+            if now < deadline {
+                self.count(DropReason::EarlyTimer);
+                self.arm(id, deadline);
+                return;
+            }
+            // No ack in time: the hint stays for another round.
+            let handoff = self.handoffs.remove(&id).expect("looked up just above");
+            self.hints.release(handoff.target, &handoff.key);
+            self.arm_handoff(now + self.config.hints.retry_interval);
+            self.flush_local(now);
+            return;
+        }
         let deadline = self
             .puts
             .get(&id)
@@ -755,14 +878,107 @@ impl Node {
             get.assert_invariants();
         }
         assert!(!self.unreachable.contains(&self.config.node));
+        self.hints.assert_invariants();
+        for handoff in self.handoffs.values() {
+            assert!(
+                self.hints.holds(handoff.target, &handoff.key),
+                "a hint in handoff stays in the ledger until removed"
+            );
+        }
     }
 
-    fn reachable_replicas(&self, partition: PartitionId, n: usize) -> Vec<NodeId> {
-        self.ring
-            .preference_list(partition, n)
-            .into_iter()
+    /// The nodes a request on `key` asks: the reachable ones of its N home replicas,
+    /// and unless `strict`, for each unreachable one the next reachable node along
+    /// the ring (Dynamo §4.6), standing in for it. This node does not stand in where
+    /// its hints for that replica are full.
+    fn placements(&self, partition: PartitionId, key: &[u8], n: usize, strict: bool) -> Vec<Placement> {
+        let home = self.ring.preference_list(partition, n);
+        let mut placements: Vec<Placement> = home
+            .iter()
             .filter(|node| !self.unreachable.contains(node))
-            .collect()
+            .map(|&node| Placement {
+                node,
+                hint_for: None,
+            })
+            .collect();
+        if strict || placements.len() == home.len() {
+            return placements;
+        }
+        let mut down = home
+            .iter()
+            .copied()
+            .filter(|node| self.unreachable.contains(node));
+        let mut target = down.next();
+        let walk = self.ring.preference_list(partition, self.ring.member_count());
+        for node in walk.into_iter().skip(home.len()) {
+            let Some(for_node) = target else {
+                break;
+            };
+            if self.unreachable.contains(&node) {
+                continue;
+            }
+            let full = node == self.config.node
+                && !self
+                    .hints
+                    .has_room(for_node, key, 0, self.config.hints.bytes_max);
+            if full {
+                continue;
+            }
+            placements.push(Placement {
+                node,
+                hint_for: Some(for_node),
+            });
+            target = down.next();
+        }
+        placements
+    }
+
+    /// Where this node keeps its own copy of a request's key: at home, or among the
+    /// hints for the replica it stands in for.
+    fn shelf_of(&self, placements: &[Placement], partition: PartitionId) -> Shelf {
+        let me = placements.iter().find(|p| p.node == self.config.node);
+        self.shelf_for(partition, me.and_then(|p| p.hint_for))
+    }
+
+    fn shelf_for(&self, partition: PartitionId, hint_for: Option<NodeId>) -> Shelf {
+        match hint_for {
+            // A node never holds hints for itself: it would be its own home copy.
+            Some(target) if target != self.config.node => Shelf::Hints { target },
+            _ => Shelf::Home(partition),
+        }
+    }
+
+    /// Whether a hinted write fits the bound of its target's hints; refuses it to the
+    /// coordinator (so it never counts toward W) when it does not.
+    fn hint_has_room(
+        &mut self,
+        from: NodeId,
+        request: RequestId,
+        hint_for: Option<NodeId>,
+        key: &[u8],
+        versions: &VersionSet,
+    ) -> bool {
+        let Some(target) = hint_for.filter(|&t| t != self.config.node) else {
+            return true;
+        };
+        let size = crate::codec::encoded_version_len(versions)
+            + versions
+                .siblings()
+                .filter_map(|v| v.value.data())
+                .map(<[u8]>::len)
+                .sum::<usize>();
+        let bytes = crate::hints::hint_bytes(key, size, 0);
+        let limit = self.config.hints.bytes_max;
+        if self.hints.has_room(target, key, bytes, limit) {
+            return true;
+        }
+        self.hints.stats.refused += 1;
+        let refusal = TooLarge::Hints {
+            size: usize::try_from(self.hints.bytes(target) + bytes).unwrap_or(usize::MAX),
+            limit: usize::try_from(limit).unwrap_or(usize::MAX),
+        };
+        self.send(from, PeerMessage::WriteRefused { request, refusal });
+        false
     }
 
     fn check_partition(&mut self, partition: PartitionId, key: &[u8]) -> bool {
@@ -774,6 +990,10 @@ impl Node {
     }
 
     fn on_read_reply(&mut self, now: Duration, from: NodeId, id: RequestId, versions: VersionSet) {
+        if from == self.config.node && self.handoffs.contains_key(&id) {
+            self.send_handoff(now, id, versions);
+            return;
+        }
         let Some(get) = self.gets.get_mut(&id) else {
             self.count(DropReason::LateResponse);
             return;
@@ -786,17 +1006,20 @@ impl Node {
                 get.replied = true;
                 let versions = get.merged();
                 let client = get.client;
+                let stand_ins = get.stand_ins_answered();
                 match get.then.take() {
                     None => {
                         let outcome = GetOutcome {
                             context: Context(versions.context()),
                             versions,
+                            stand_ins,
                         };
                         self.reply(client, ClientReply::Get(Ok(outcome)));
                     }
                     Some(then) => {
                         let (key, partition) = (get.key.clone(), get.partition);
-                        self.write_after_read(now, client, key, partition, versions, then);
+                        let read = (versions, stand_ins);
+                        self.write_after_read(now, client, key, partition, read, then);
                     }
                 }
             }
@@ -815,7 +1038,7 @@ impl Node {
         requester: Requester,
         key: Vec<u8>,
         partition: PartitionId,
-        read: VersionSet,
+        (read, read_stand_ins): (VersionSet, u32),
         then: ThenPut,
     ) {
         if then.only_if_present && read.siblings().all(|v| v.value.data().is_none()) {
@@ -823,16 +1046,15 @@ impl Node {
             return;
         }
         // What held when the read started may not hold now.
-        let preference = self.ring.preference_list(partition, then.quorum.n());
-        if !preference.contains(&self.config.node) {
+        let placements = self.placements(partition, &key, then.quorum.n(), then.strict);
+        if !placements.iter().any(|p| p.node == self.config.node) {
             let error = ClientError::NotReplica {
-                replicas: preference,
+                replicas: self.ring.preference_list(partition, then.quorum.n()),
             };
             self.reply(requester, ClientReply::Put(Err(error)));
             return;
         }
-        let replicas = self.reachable_replicas(partition, then.quorum.n());
-        if let Some(error) = self.cannot_write(now, replicas.len(), then.quorum.w()) {
+        if let Some(error) = self.cannot_write(now, placements.len(), then.quorum.w()) {
             self.reply(requester, ClientReply::Put(Err(error)));
             return;
         }
@@ -845,8 +1067,9 @@ impl Node {
             requester,
             key,
             partition,
-            replicas,
+            placements,
             required: then.quorum.w(),
+            read_stand_ins,
             context,
             supersede_local: false,
             value: then.value,
@@ -894,7 +1117,11 @@ impl Node {
         self.reply(Requester::Client(forward.client), ClientReply::Put(reply));
     }
 
-    fn on_write_ack(&mut self, from: NodeId, id: RequestId) {
+    fn on_write_ack(&mut self, now: Duration, from: NodeId, id: RequestId) {
+        if self.handoffs.get(&id).is_some_and(|h| h.target == from) {
+            self.on_handoff_ack(now, id);
+            return;
+        }
         let Some(put) = self.puts.get_mut(&id) else {
             self.count(DropReason::LateResponse);
             return;
@@ -911,6 +1138,7 @@ impl Node {
                 let put = self.puts.remove(&id).expect("looked up just above");
                 let written = Written {
                     dot,
+                    stand_ins: put.read_stand_ins + put.stand_ins_acked(),
                     superseded: put.superseded,
                 };
                 self.reply(
@@ -924,7 +1152,15 @@ impl Node {
     /// A replica could not store the write. Once too few replicas are left to reach
     /// the quorum, the client hears why (not a timeout): the write may stand on the
     /// replicas that did store it, as a write that timed out may.
-    fn on_write_refused(&mut self, from: NodeId, id: RequestId, refusal: TooLarge) {
+    fn on_write_refused(&mut self, now: Duration, from: NodeId, id: RequestId, refusal: TooLarge) {
+        if self.handoffs.get(&id).is_some_and(|h| h.target == from) {
+            // The target cannot merge it (its store's limits); it stays a hint, and
+            // read repair or a client's resolution settles the key.
+            let handoff = self.handoffs.remove(&id).expect("looked up just above");
+            self.hints.park(handoff.target, &handoff.key);
+            self.pump_handoff(now);
+            return;
+        }
         let Some(put) = self.puts.get_mut(&id) else {
             self.count(DropReason::LateResponse);
             return;
@@ -955,7 +1191,9 @@ impl Node {
         if self.config.sabotage.skip_read_repair {
             return;
         }
-        let (merged, stale) = get.repairs();
+        let (merged, mut stale) = get.repairs();
+        // Stand-ins answered from hints; their hints reach the replica by handoff.
+        stale.retain(|node| !get.stand_ins.contains(node));
         // Replicas refuse a set over the store's limits; one over the encoding's own
         // limits cannot even be sent.
         let encodable = merged.len() <= crate::codec::SIBLINGS_MAX_ENCODED
@@ -975,9 +1213,110 @@ impl Node {
         }
     }
 
-    fn submit(&mut self, now: Duration, key: Vec<u8>, partition: PartitionId, job: Job) {
+    /// Arms the handoff timer for `at`, unless it is armed for earlier already.
+    fn arm_handoff(&mut self, at: Duration) {
+        if self.handoff_timer.is_some_and(|armed| armed <= at) {
+            return;
+        }
+        self.handoff_timer = Some(at);
+        self.actions.push_back(Action::SetTimer {
+            timer: TimerId::Handoff,
+            at,
+        });
+    }
+
+    /// Drops hints past their age bound, then starts handoffs to reachable targets
+    /// while the in-flight bound and the byte rate allow.
+    fn pump_handoff(&mut self, now: Duration) {
+        let config = self.config.hints;
+        for (target, key) in self.hints.take_expired(now, config.age_max) {
+            self.hints.stats.expired += 1;
+            let job = Job::DropHint { handed: None };
+            self.submit(now, key, Shelf::Hints { target }, job);
+        }
+        let rate = config.handoff_bytes_per_second;
+        let throttle = self.throttle.get_or_insert_with(|| Throttle::new(rate, now));
+        let mut ready = throttle.ready(now);
+        while ready && self.handoffs.len() < config.handoff_in_flight {
+            let unreachable = &self.unreachable;
+            let Some((target, key, bytes)) = self.hints.take_next(|t| !unreachable.contains(&t))
+            else {
+                break;
+            };
+            let throttle = self.throttle.as_mut().expect("made above");
+            throttle.spend(bytes);
+            ready = throttle.ready(now);
+            let id = self.new_request_id();
+            let deadline = now + self.config.request_timeout;
+            self.arm(id, deadline);
+            let handoff = Handoff {
+                target,
+                key: key.clone(),
+                sent: None,
+                deadline,
+            };
+            self.handoffs.insert(id, handoff);
+            let origin = self.local_origin(id);
+            self.submit(now, key, Shelf::Hints { target }, Job::Read { origin });
+        }
+        if !self.hints.any_idle() {
+            return;
+        }
+        let throttled = self.throttle.as_ref().map(|t| t.ready_at()).filter(|&at| at > now);
+        self.arm_handoff(throttled.unwrap_or(now + config.retry_interval));
+    }
+
+    /// The hint was read: send it to its target, which merges it at home and acks.
+    fn send_handoff(&mut self, now: Duration, id: RequestId, versions: VersionSet) {
+        let Some(handoff) = self.handoffs.get_mut(&id) else {
+            return;
+        };
+        if versions.is_empty() {
+            // Gone from the store already (removed, or lost to corruption).
+            let handoff = self.handoffs.remove(&id).expect("looked up just above");
+            self.hints.removed(handoff.target, &handoff.key);
+            return;
+        }
+        handoff.sent = Some(versions.clone());
+        let (target, key) = (handoff.target, handoff.key.clone());
+        let partition = self.ring.partition_of(&key);
+        let message = PeerMessage::Write {
+            request: id,
+            partition,
+            key: key.clone(),
+            versions,
+            hint_for: None,
+        };
+        self.send(target, message);
+        if self.config.sabotage.drop_hints_unacked {
+            self.handoffs.remove(&id);
+            self.hints.stats.handed_off += 1;
+            let job = Job::DropHint { handed: None };
+            self.submit(now, key, Shelf::Hints { target }, job);
+        }
+    }
+
+    /// The target holds the hint durably: remove it here, unless a newer write
+    /// reached it meanwhile (then it goes again).
+    fn on_handoff_ack(&mut self, now: Duration, id: RequestId) {
+        let handoff = self.handoffs.remove(&id).expect("checked by the caller");
+        let Some(sent) = handoff.sent else {
+            self.count(DropReason::AckBeforeVersion);
+            self.hints.release(handoff.target, &handoff.key);
+            return;
+        };
+        self.hints.stats.handed_off += 1;
+        let job = Job::DropHint { handed: Some(sent) };
+        let shelf = Shelf::Hints {
+            target: handoff.target,
+        };
+        self.submit(now, handoff.key, shelf, job);
+        self.pump_handoff(now);
+    }
+
+    fn submit(&mut self, now: Duration, key: Vec<u8>, shelf: Shelf, job: Job) {
         let mut events = Vec::new();
-        self.replica.submit(key, partition, job, &mut events);
+        self.replica.submit(key, shelf, job, &mut events);
         self.apply_replica_events(now, events);
     }
 
@@ -1029,6 +1368,16 @@ impl Node {
                     self.send(origin.node, message);
                 }
                 ReplicaEvent::Dropped(reason) => self.count(reason),
+                ReplicaEvent::HintStored { target, key, bytes } => {
+                    self.hints.stored(target, &key, bytes, now);
+                    self.hints.stats.stored += 1;
+                    self.arm_handoff(now + self.config.hints.retry_interval);
+                }
+                ReplicaEvent::HintRemoved { target, key } => self.hints.removed(target, &key),
+                ReplicaEvent::HintKept { target, key } => {
+                    self.hints.release(target, &key);
+                    self.arm_handoff(now);
+                }
             }
         }
     }
@@ -1044,19 +1393,21 @@ impl Node {
         if let Some(created) = versions.siblings().find(|v| v.dot == dot) {
             put.superseded = created.past.clone();
         }
-        let targets: Vec<NodeId> = put
+        let targets: Vec<(NodeId, Option<NodeId>)> = put
             .replicas
             .iter()
             .copied()
             .filter(|&n| n != self.config.node)
+            .map(|n| (n, put.hint_for.get(&n).copied()))
             .collect();
         let (partition, key) = (put.partition, put.key.clone());
-        for node in targets {
+        for (node, hint_for) in targets {
             let message = PeerMessage::Write {
                 request: origin.request,
                 partition,
                 key: key.clone(),
                 versions: versions.clone(),
+                hint_for,
             };
             self.send(node, message);
         }
@@ -1135,8 +1486,10 @@ struct Coordinate {
     requester: Requester,
     key: Vec<u8>,
     partition: PartitionId,
-    replicas: Vec<NodeId>,
+    placements: Vec<Placement>,
     required: usize,
+    /// Stand-ins among the answers of the read before this write (SET, DEL).
+    read_stand_ins: u32,
     context: VersionVector,
     supersede_local: bool,
     value: Value,
@@ -1148,5 +1501,21 @@ fn too_large_error(too_large: TooLarge) -> ClientError {
     match too_large {
         TooLarge::Values { size, limit } => ClientError::ValuesTooLarge { size, limit },
         TooLarge::Versions { size, limit } => ClientError::VersionsTooLarge { size, limit },
+        // Only stand-ins refuse for their hints; a coordinator's own check never does.
+        refusal @ TooLarge::Hints { .. } => ClientError::RefusedByReplicas {
+            acked: 0,
+            required: 1,
+            refusal,
+        },
     }
+}
+
+/// One hint on its way to its target.
+#[derive(Debug)]
+struct Handoff {
+    target: NodeId,
+    key: Vec<u8>,
+    /// What was read from the hint and sent (None while the local read runs).
+    sent: Option<VersionSet>,
+    deadline: Duration,
 }

@@ -14,9 +14,10 @@ use std::collections::{BTreeMap, VecDeque};
 
 use crate::clock::{Actor, Dot, EpochSource, VersionVector};
 use crate::codec::{self, StoredVersions};
+use crate::hints::{Shelf, hint_bytes};
 use crate::message::{RequestId, TooLarge};
 use crate::node::{DropReason, Sabotage};
-use crate::ring::{NodeId, PartitionId};
+use crate::ring::NodeId;
 use crate::version::{ConflictMode, Value, Version, VersionSet};
 
 /// Names one storage operation, so its completion finds its way back.
@@ -31,15 +32,22 @@ pub enum StorageOp {
     /// checksum counts as absent and is repaired from other replicas).
     Read {
         op: StorageOpId,
-        partition: PartitionId,
+        shelf: Shelf,
         key: Vec<u8>,
     },
     /// Replace the stored versions of `key`, durably: complete only once on disk.
     Write {
         op: StorageOpId,
-        partition: PartitionId,
+        shelf: Shelf,
         key: Vec<u8>,
         stored: StoredVersions,
+    },
+    /// Forget `key` on `shelf` (a hint handed off or expired), durably; completes as
+    /// a write. Reads find it absent from then on, also after a restart.
+    Remove {
+        op: StorageOpId,
+        shelf: Shelf,
+        key: Vec<u8>,
     },
 }
 
@@ -90,6 +98,10 @@ pub(crate) enum Job {
         origin: Option<Origin>,
         incoming: VersionSet,
     },
+    /// Remove a hint: unconditionally (`handed: None`, at its age bound), or only if
+    /// it still holds exactly `handed`, what its target acknowledged (a write that
+    /// reached the hint after the handoff read keeps it for another round).
+    DropHint { handed: Option<VersionSet> },
     /// Coordinate a put: make a new version from `context`, merge, write, ack.
     Coordinate {
         origin: Origin,
@@ -108,6 +120,7 @@ impl Job {
         match self {
             Job::Read { origin } | Job::Coordinate { origin, .. } => Some(*origin),
             Job::Merge { origin, .. } => *origin,
+            Job::DropHint { .. } => None,
         }
     }
 }
@@ -158,6 +171,16 @@ pub(crate) enum ReplicaEvent {
         refusal: TooLarge,
     },
     Dropped(DropReason),
+    /// A write to the hints for `target` is durable; the hint now takes `bytes`.
+    HintStored {
+        target: NodeId,
+        key: Vec<u8>,
+        bytes: u64,
+    },
+    /// The hint is gone from the store (or was never there).
+    HintRemoved { target: NodeId, key: Vec<u8> },
+    /// A conditional removal found the hint changed; it stays.
+    HintKept { target: NodeId, key: Vec<u8> },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,7 +194,6 @@ pub(crate) struct ReplicaConfig {
 
 #[derive(Debug)]
 struct KeyQueue {
-    partition: PartitionId,
     active: Option<Active>,
     waiting: VecDeque<Job>,
 }
@@ -183,6 +205,8 @@ struct Active {
     stage: Stage,
     /// The dot a coordinated put drew, while its local write is in flight.
     made: Option<Dot>,
+    /// What the record being written takes (for the hint ledger).
+    bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,6 +214,14 @@ enum Stage {
     Reading,
     Writing,
 }
+
+/// Keys whose stand-in actors are remembered (the map costs memory only while this
+/// node coordinates for down replicas).
+const STAND_IN_KEYS_MAX: usize = 100_000;
+
+/// A key on one shelf: the unit jobs queue on. (A node may hold a key at home and as
+/// hints for several targets, each its own record.)
+type ShelfKey = (Shelf, Vec<u8>);
 
 #[derive(Debug)]
 pub(crate) struct Replica {
@@ -202,9 +234,17 @@ pub(crate) struct Replica {
     actors_retired: u64,
     /// Whether the current actor has drawn a dot yet (an unused one need not retire).
     actor_used: bool,
-    keys: BTreeMap<Vec<u8>, KeyQueue>,
+    /// Actors of puts coordinated from a hint copy (this node standing in for a down
+    /// replica), per key: the actor and the last counter it drew. A hint copy is
+    /// removed once handed off, so unlike a home copy it cannot vouch for every dot
+    /// an actor drew from it; a context naming counter c claims every dot up to c.
+    /// So an actor is kept only while the copy it draws from covers its last dot,
+    /// and a fresh one is drawn otherwise (see `draw_dot`). Forgotten past
+    /// `STAND_IN_KEYS_MAX` keys (the next draws then take fresh actors).
+    stand_in_actors: BTreeMap<Vec<u8>, (Actor, u64)>,
+    keys: BTreeMap<ShelfKey, KeyQueue>,
     /// Storage operation in flight → the key whose active job issued it.
-    in_flight: BTreeMap<StorageOpId, Vec<u8>>,
+    in_flight: BTreeMap<StorageOpId, ShelfKey>,
     next_op: u64,
 }
 
@@ -220,6 +260,7 @@ impl Replica {
             epochs,
             actors_retired: 0,
             actor_used: false,
+            stand_in_actors: BTreeMap::new(),
             keys: BTreeMap::new(),
             in_flight: BTreeMap::new(),
             next_op: 0,
@@ -227,21 +268,15 @@ impl Replica {
     }
 
     /// Queues `job` on `key`; starts it at once when the key is idle.
-    pub fn submit(
-        &mut self,
-        key: Vec<u8>,
-        partition: PartitionId,
-        job: Job,
-        out: &mut Vec<ReplicaEvent>,
-    ) {
-        let queue = self.keys.entry(key.clone()).or_insert_with(|| KeyQueue {
-            partition,
+    pub fn submit(&mut self, key: Vec<u8>, shelf: Shelf, job: Job, out: &mut Vec<ReplicaEvent>) {
+        let at = (shelf, key);
+        let queue = self.keys.entry(at.clone()).or_insert_with(|| KeyQueue {
             active: None,
             waiting: VecDeque::new(),
         });
         queue.waiting.push_back(job);
         if queue.active.is_none() {
-            self.start_next(&key, out);
+            self.start_next(&at, out);
         }
     }
 
@@ -249,20 +284,20 @@ impl Replica {
         let op = match &completion {
             StorageCompletion::Read { op, .. } | StorageCompletion::Write { op, .. } => *op,
         };
-        let Some(key) = self.in_flight.remove(&op) else {
+        let Some(at) = self.in_flight.remove(&op) else {
             out.push(ReplicaEvent::Dropped(DropReason::UnknownStorageOp));
             return;
         };
         let queue = self
             .keys
-            .get_mut(&key)
+            .get_mut(&at)
             .expect("a key with an op in flight has a queue");
         let active = queue
             .active
             .take()
             .expect("a key with an op in flight has an active job");
         assert_eq!(active.op, op, "in_flight and the active job disagree");
-        let partition = queue.partition;
+        let key = &at;
         match (completion, active.stage) {
             (StorageCompletion::Read { result, .. }, Stage::Reading) => {
                 let stored = match result {
@@ -286,18 +321,29 @@ impl Replica {
                     Err(_) => None,
                 };
                 match stored {
-                    Some(current) => self.decide(&key, partition, active.job, current, out),
-                    None => self.abandon(&key, active.job, DropReason::StorageReadFailed, out),
+                    Some(current) => self.decide(key, active.job, current, out),
+                    None => self.abandon(key, active.job, DropReason::StorageReadFailed, out),
                 }
             }
             (StorageCompletion::Write { result, .. }, Stage::Writing) => match result {
                 Ok(()) => {
+                    if let Shelf::Hints { target } = key.0 {
+                        let key = key.1.clone();
+                        out.push(match active.job {
+                            Job::DropHint { .. } => ReplicaEvent::HintRemoved { target, key },
+                            _ => ReplicaEvent::HintStored {
+                                target,
+                                key,
+                                bytes: active.bytes,
+                            },
+                        });
+                    }
                     if let Some(origin) = active.job.origin()
                         && !self.config.sabotage.ack_before_durable
                     {
                         out.push(ReplicaEvent::Durable { origin });
                     }
-                    self.finish(&key, out);
+                    self.finish(key, out);
                 }
                 Err(_) => {
                     // A put coordinated here was fanned out before this write: its dot
@@ -310,7 +356,7 @@ impl Replica {
                         self.retire_actor();
                         out.push(ReplicaEvent::LocalWriteFailed);
                     }
-                    self.abandon(&key, active.job, DropReason::StorageWriteFailed, out)
+                    self.abandon(key, active.job, DropReason::StorageWriteFailed, out)
                 }
             },
             (_, stage) => {
@@ -366,6 +412,39 @@ impl Replica {
         self.actors_retired += 1;
     }
 
+    /// The dot of a put coordinated here: from the home copy, one past every dot of
+    /// the actor it holds (it holds all of them, see `retire_actor`). From a hint
+    /// copy, with the key's stand-in actor if that copy still covers the actor's last
+    /// dot (so no counter is skipped: every earlier dot is in the copy, or under
+    /// something in it, and travels with it), else with a fresh actor.
+    fn draw_dot(&mut self, key: &ShelfKey, current: &VersionSet, context: &VersionVector) -> Option<Dot> {
+        if let Shelf::Home(_) = key.0 {
+            let dot = current.checked_next_dot(self.actor, context)?;
+            self.actor_used = true;
+            return Some(dot);
+        }
+        let kept = self
+            .stand_in_actors
+            .get(&key.1)
+            .filter(|(actor, last)| current.context().counter(*actor) >= *last)
+            .map(|(actor, _)| *actor);
+        let actor = match kept {
+            Some(actor) => actor,
+            None => {
+                if self.stand_in_actors.len() >= STAND_IN_KEYS_MAX {
+                    self.stand_in_actors.clear();
+                }
+                Actor {
+                    node: self.config.node,
+                    epoch: self.epochs.next_epoch(),
+                }
+            }
+        };
+        let dot = current.checked_next_dot(actor, context)?;
+        self.stand_in_actors.insert(key.1.clone(), (actor, dot.counter));
+        Some(dot)
+    }
+
     /// A new version's stamp, a hybrid logical clock: the wall clock, unless something
     /// the writer saw (a sibling stored here, an entry of its context) is stamped at or
     /// after it, in which case one millisecond past the latest of those. So stamps
@@ -394,14 +473,7 @@ impl Replica {
     }
 
     /// The stored set has been read: answer, or merge and write.
-    fn decide(
-        &mut self,
-        key: &[u8],
-        partition: PartitionId,
-        job: Job,
-        current: VersionSet,
-        out: &mut Vec<ReplicaEvent>,
-    ) {
+    fn decide(&mut self, key: &ShelfKey, job: Job, current: VersionSet, out: &mut Vec<ReplicaEvent>) {
         match job {
             Job::Read { origin } => {
                 out.push(ReplicaEvent::ReadDone {
@@ -434,7 +506,7 @@ impl Replica {
                     }
                     self.finish(key, out);
                 } else {
-                    self.write(key, partition, job, &merged, None, out);
+                    self.write(key, job, &merged, None, out);
                 }
             }
             Job::Coordinate {
@@ -449,7 +521,7 @@ impl Replica {
                 if supersede_local {
                     context.join(&current.context());
                 }
-                let Some(dot) = current.checked_next_dot(self.actor, &context) else {
+                let Some(dot) = self.draw_dot(key, &current, &context) else {
                     // A context forged to claim this actor's counter at its maximum:
                     // refuse it, and leave the exhausted actor for every later put.
                     self.retire_actor();
@@ -460,7 +532,6 @@ impl Replica {
                     self.finish(key, out);
                     return;
                 };
-                self.actor_used = true;
                 let written_at_ms = self.stamp(wall_ms, &current, &context);
                 let version = Version {
                     dot,
@@ -487,7 +558,36 @@ impl Replica {
                     dot,
                     versions: merged.clone(),
                 });
-                self.write(key, partition, job, &merged, Some(dot), out);
+                self.write(key, job, &merged, Some(dot), out);
+            }
+            Job::DropHint { ref handed } => {
+                let Shelf::Hints { target } = key.0 else {
+                    debug_assert!(false, "only hints are dropped");
+                    self.finish(key, out);
+                    return;
+                };
+                let changed = handed.as_ref().is_some_and(|h| *h != current);
+                if changed {
+                    out.push(ReplicaEvent::HintKept {
+                        target,
+                        key: key.1.clone(),
+                    });
+                    self.finish(key, out);
+                } else if current.is_empty() {
+                    out.push(ReplicaEvent::HintRemoved {
+                        target,
+                        key: key.1.clone(),
+                    });
+                    self.finish(key, out);
+                } else {
+                    let op = self.new_op(key);
+                    out.push(ReplicaEvent::Storage(StorageOp::Remove {
+                        op,
+                        shelf: key.0,
+                        key: key.1.clone(),
+                    }));
+                    self.set_writing(key, op, job, None, 0);
+                }
             }
         }
     }
@@ -531,38 +631,49 @@ impl Replica {
 
     fn write(
         &mut self,
-        key: &[u8],
-        partition: PartitionId,
+        key: &ShelfKey,
         job: Job,
         merged: &VersionSet,
         made: Option<Dot>,
         out: &mut Vec<ReplicaEvent>,
     ) {
         let op = self.new_op(key);
+        let stored = StoredVersions::encode(merged);
+        let bytes = hint_bytes(&key.1, stored.version.len(), stored.value.len());
         out.push(ReplicaEvent::Storage(StorageOp::Write {
             op,
-            partition,
-            key: key.to_vec(),
-            stored: StoredVersions::encode(merged),
+            shelf: key.0,
+            key: key.1.clone(),
+            stored,
         }));
         if self.config.sabotage.ack_before_durable
             && let Some(origin) = job.origin()
         {
             out.push(ReplicaEvent::Durable { origin });
         }
+        self.set_writing(key, op, job, made, bytes);
+    }
+
+    fn set_writing(&mut self, key: &ShelfKey, op: StorageOpId, job: Job, made: Option<Dot>, bytes: u64) {
         let queue = self.keys.get_mut(key).expect("the written key has a queue");
         queue.active = Some(Active {
             op,
             job,
             stage: Stage::Writing,
             made,
+            bytes,
         });
     }
 
     /// The job cannot go on; its origin gets no answer (the coordinator times out)
     /// except a local put, which learns at once that nothing was written.
-    fn abandon(&mut self, key: &[u8], job: Job, reason: DropReason, out: &mut Vec<ReplicaEvent>) {
+    fn abandon(&mut self, key: &ShelfKey, job: Job, reason: DropReason, out: &mut Vec<ReplicaEvent>) {
         out.push(ReplicaEvent::Dropped(reason));
+        if let (Job::DropHint { .. }, Shelf::Hints { target }) = (&job, key.0) {
+            // The hint stays; handoff tries again later.
+            let key = key.1.clone();
+            out.push(ReplicaEvent::HintKept { target, key });
+        }
         if let (Job::Coordinate { origin, .. }, DropReason::StorageReadFailed) = (&job, reason) {
             out.push(ReplicaEvent::Refused {
                 origin: *origin,
@@ -572,7 +683,7 @@ impl Replica {
         self.finish(key, out);
     }
 
-    fn finish(&mut self, key: &[u8], out: &mut Vec<ReplicaEvent>) {
+    fn finish(&mut self, key: &ShelfKey, out: &mut Vec<ReplicaEvent>) {
         let queue = self.keys.get_mut(key).expect("a finishing key has a queue");
         queue.active = None;
         if queue.waiting.is_empty() {
@@ -582,7 +693,7 @@ impl Replica {
         }
     }
 
-    fn start_next(&mut self, key: &[u8], out: &mut Vec<ReplicaEvent>) {
+    fn start_next(&mut self, key: &ShelfKey, out: &mut Vec<ReplicaEvent>) {
         let op = self.new_op(key);
         let queue = self.keys.get_mut(key).expect("a started key has a queue");
         let job = queue
@@ -591,21 +702,22 @@ impl Replica {
             .expect("start_next is called with a job waiting");
         out.push(ReplicaEvent::Storage(StorageOp::Read {
             op,
-            partition: queue.partition,
-            key: key.to_vec(),
+            shelf: key.0,
+            key: key.1.clone(),
         }));
         queue.active = Some(Active {
             op,
             job,
             stage: Stage::Reading,
             made: None,
+            bytes: 0,
         });
     }
 
-    fn new_op(&mut self, key: &[u8]) -> StorageOpId {
+    fn new_op(&mut self, key: &ShelfKey) -> StorageOpId {
         self.next_op += 1;
         let op = StorageOpId(self.next_op);
-        self.in_flight.insert(op, key.to_vec());
+        self.in_flight.insert(op, key.clone());
         op
     }
 }

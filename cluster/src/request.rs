@@ -18,6 +18,10 @@ pub struct GetRequest {
     pub key: Vec<u8>,
     /// `None`: the node's configured quorum ([`crate::NodeConfig::quorum`]).
     pub quorum: Option<Quorum>,
+    /// Ask only the key's own N replicas. By default (sloppy) a down replica's place
+    /// is taken by the next healthy node on the ring, which answers from the hints it
+    /// holds for it.
+    pub strict: bool,
 }
 
 /// What a put replaces. Every put is causal: it supersedes exactly the versions its
@@ -47,6 +51,10 @@ pub struct PutRequest {
     /// answer is [`PutOutcome::NothingToDelete`] and nothing is written. Only with
     /// [`Supersedes::QuorumHeld`], which makes that read.
     pub only_if_present: bool,
+    /// Count only the key's own N replicas toward W. By default (sloppy quorum,
+    /// Dynamo §4.6) a down replica's share goes to the next healthy node on the ring,
+    /// which keeps it as a hint, durably, and hands it back when the replica returns.
+    pub strict: bool,
 }
 
 impl PutRequest {
@@ -59,6 +67,7 @@ impl PutRequest {
             quorum: None,
             mode: ConflictMode::Causal,
             only_if_present: false,
+            strict: false,
         }
     }
 
@@ -71,6 +80,7 @@ impl PutRequest {
             quorum: None,
             mode: ConflictMode::Causal,
             only_if_present: true,
+            strict: false,
         }
     }
 }
@@ -81,6 +91,10 @@ impl PutRequest {
 pub struct GetOutcome {
     pub versions: VersionSet,
     pub context: Context,
+    /// How many of the R answers came from stand-ins holding hints for a down
+    /// replica (sloppy quorum). Above zero, the read may miss a write acknowledged by
+    /// the key's own replicas; it sees it again once they are back.
+    pub stand_ins: u32,
 }
 
 impl GetOutcome {
@@ -110,6 +124,11 @@ pub enum PutOutcome {
 pub struct Written {
     pub dot: Dot,
     pub superseded: VersionVector,
+    /// How many of the answers this put counted (its read's R, for a SET or DEL, and
+    /// its W acks) came from stand-ins for down replicas (sloppy quorum). Above zero,
+    /// the write is durable on W nodes but a quorum read of the key's own replicas may
+    /// miss it until handoff brings it home.
+    pub stand_ins: u32,
 }
 
 impl PutOutcome {

@@ -67,7 +67,13 @@ pub enum RingError {
     DuplicateMember(NodeId),
     #[error("node {0:?} is not a member")]
     UnknownMember(NodeId),
+    #[error("node id {0} is above the largest allowed, {NODE_ID_MAX}")]
+    NodeIdTooLarge(u32),
 }
+
+/// The largest node id: hint shelves number their store partitions after their target
+/// (see [`crate::hints::Shelf`]) above every ring partition.
+pub const NODE_ID_MAX: u32 = (1 << 31) - 1;
 
 /// The largest supported partition count. Far beyond any sensible setting (Dynamo and
 /// Riak use hundreds to a few thousand); it bounds the memory a bad config can ask for.
@@ -319,6 +325,9 @@ fn member_map(members: &[Member]) -> Result<BTreeMap<NodeId, Member>, RingError>
     }
     let mut map = BTreeMap::new();
     for member in members {
+        if member.node.0 > NODE_ID_MAX {
+            return Err(RingError::NodeIdTooLarge(member.node.0));
+        }
         if map.insert(member.node, *member).is_some() {
             return Err(RingError::DuplicateMember(member.node));
         }

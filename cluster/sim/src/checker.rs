@@ -52,6 +52,9 @@ pub enum Checker {
     DuplicateDot,
     /// 7: a write was stamped at or below a write its client had seen.
     StampsFollowCausality,
+    /// 8: after healing, a hint was never handed off, or an acknowledged write was
+    /// missing from its home replicas before any read repaired them.
+    Handoff,
 }
 
 /// Which nodes replicate each key, for judging which writes a data loss exposed.
@@ -85,7 +88,8 @@ fn exposed(
     history.losses.iter().any(|loss| {
         loss.at >= put.start
             && until.is_none_or(|until| loss.at <= until)
-            && of_key.contains(&loss.node)
+            // A write acked by stand-ins had copies off the key's replicas too.
+            && (of_key.contains(&loss.node) || put.stand_ins > 0)
             && loss.key.as_ref().is_none_or(|key| *key == put.key)
     })
 }
@@ -223,7 +227,8 @@ pub fn check_reads(history: &History, replicas: &Replicas) -> (Vec<Violation>, R
             history.puts.iter().filter(|p| p.key == get.key).collect();
         for put in &puts_of_key {
             let Some(dot) = put.acked_dot() else { continue };
-            if !must_see(put, get.start, get.quorum, Some(get.end), history, replicas) {
+            let sloppy = get.stand_ins > 0;
+            if !must_see(put, get.start, get.quorum, Some(get.end), sloppy, history, replicas) {
                 continue;
             }
             counts.checked += 1;
@@ -373,7 +378,8 @@ pub fn check_node_reads(history: &History, replicas: &Replicas) -> (Vec<Violatio
             .filter(|p| p.key == q.key && p.op != q.op)
         {
             let Some(dot) = put.acked_dot() else { continue };
-            if !must_see(put, q.start, q.quorum, q.end, history, replicas) {
+            let sloppy = q.stand_ins > 0;
+            if !must_see(put, q.start, q.quorum, q.end, sloppy, history, replicas) {
                 continue;
             }
             checked += 1;
@@ -456,7 +462,9 @@ pub fn check_nothing_to_delete(history: &History, replicas: &Replicas) -> (Vec<V
         }
         for put in of_key.iter().filter(|p| p.value.is_some()) {
             let Some(dot) = put.acked_dot() else { continue };
-            if !must_see(put, q.start, q.quorum, Some(end), history, replicas) {
+            // Nothing says whether the read asked stand-ins; only a strict one is sure not to.
+            let sloppy = !q.strict;
+            if !must_see(put, q.start, q.quorum, Some(end), sloppy, history, replicas) {
                 continue;
             }
             checked += 1;
@@ -517,18 +525,23 @@ pub fn check_converged(
 
 /// Whether a quorum read at `quorum` that started at `start` (and ended by `until`)
 /// must see the acked `put`: it was acked before the read started, the read's R and
-/// the put's W overlap, and no data loss may have taken a copy of it meanwhile.
+/// the put's W overlap among the key's own replicas (neither counted a stand-in:
+/// `read_sloppy` says whether the read may have), and no data loss may have taken a
+/// copy of it meanwhile. Sloppy quorum promises durability on W nodes, not overlap;
+/// the handoff check holds those writes to reaching home.
 fn must_see(
     put: &PutRecord,
     start: Duration,
     quorum: ringkv_cluster::Quorum,
     until: Option<Duration>,
+    read_sloppy: bool,
     history: &History,
     replicas: &Replicas,
 ) -> bool {
     let acked_before = put.end.is_some_and(|end| end < start);
     let overlapping = put.quorum.n() == quorum.n() && put.quorum.w() + quorum.r() > quorum.n();
-    acked_before && overlapping && !exposed(put, until, history, replicas)
+    let home_quorums = !read_sloppy && put.stand_ins == 0;
+    acked_before && overlapping && home_quorums && !exposed(put, until, history, replicas)
 }
 
 fn check_values(

@@ -5,27 +5,37 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ringkv_cluster::{StorageOpId, StoredRead, StoredVersions};
+use ringkv_cluster::{NodeId, Shelf, StorageOpId, StoredRead, StoredVersions};
+
+/// A key on one shelf (at home in its partition, or among the hints for a node).
+type At = (Shelf, Vec<u8>);
 
 #[derive(Default)]
 pub struct Disk {
-    durable: BTreeMap<Vec<u8>, StoredVersions>,
-    /// Pending writes: the shard that issued each, its op, the key and the record.
-    pending: Vec<(usize, StorageOpId, Vec<u8>, StoredVersions)>,
+    durable: BTreeMap<At, StoredVersions>,
+    /// Pending writes: the shard that issued each, its op, where, and the record
+    /// (`None`: a removal).
+    pending: Vec<(usize, StorageOpId, At, Option<StoredVersions>)>,
     /// Keys whose record failed its checksum: they read as lost until rewritten, as
     /// the engine's `Lost` markers do.
-    lost: BTreeSet<Vec<u8>>,
+    lost: BTreeSet<At>,
 }
 
 impl Disk {
     /// What a read sees: the newest pending write of the key (the page cache), else
     /// the durable record.
-    pub fn read(&self, key: &[u8]) -> StoredRead {
-        let pending = self.pending.iter().rev().find(|(_, _, k, _)| k == key);
+    pub fn read(&self, shelf: Shelf, key: &[u8]) -> StoredRead {
+        let pending = self
+            .pending
+            .iter()
+            .rev()
+            .find(|(_, _, at, _)| at.0 == shelf && at.1 == key);
+        let at = (shelf, key.to_vec());
         match pending {
-            Some((_, _, _, stored)) => StoredRead::Found(stored.clone()),
-            None if self.lost.contains(key) => StoredRead::Lost,
-            None => match self.durable.get(key) {
+            Some((_, _, _, Some(stored))) => StoredRead::Found(stored.clone()),
+            Some((_, _, _, None)) => StoredRead::Absent,
+            None if self.lost.contains(&at) => StoredRead::Lost,
+            None => match self.durable.get(&at) {
                 Some(stored) => StoredRead::Found(stored.clone()),
                 None => StoredRead::Absent,
             },
@@ -33,10 +43,11 @@ impl Disk {
     }
 
     /// The durable record of `key` fails its checksum; returns whether there was one.
-    pub fn lose(&mut self, key: &[u8]) -> bool {
-        let had = self.durable.remove(key).is_some();
+    pub fn lose(&mut self, shelf: Shelf, key: &[u8]) -> bool {
+        let at = (shelf, key.to_vec());
+        let had = self.durable.remove(&at).is_some();
         if had {
-            self.lost.insert(key.to_vec());
+            self.lost.insert(at);
         }
         had
     }
@@ -48,16 +59,17 @@ impl Disk {
         self.pending.clear();
     }
 
-    /// Queues a write; returns whether it is the first pending one (a sync must then
-    /// be scheduled).
+    /// Queues a write (`None`: a removal); returns whether it is the first pending
+    /// one (a sync must then be scheduled).
     pub fn write(
         &mut self,
         shard: usize,
         op: StorageOpId,
+        shelf: Shelf,
         key: Vec<u8>,
-        stored: StoredVersions,
+        stored: Option<StoredVersions>,
     ) -> bool {
-        self.pending.push((shard, op, key, stored));
+        self.pending.push((shard, op, (shelf, key), stored));
         self.pending.len() == 1
     }
 
@@ -65,9 +77,12 @@ impl Disk {
     /// (Shards own disjoint partitions, so their keys never collide.)
     pub fn sync(&mut self) -> Vec<(usize, StorageOpId)> {
         let mut done = Vec::with_capacity(self.pending.len());
-        for (shard, op, key, stored) in self.pending.drain(..) {
-            self.lost.remove(&key);
-            self.durable.insert(key, stored);
+        for (shard, op, at, stored) in self.pending.drain(..) {
+            self.lost.remove(&at);
+            match stored {
+                Some(stored) => self.durable.insert(at, stored),
+                None => self.durable.remove(&at),
+            };
             done.push((shard, op));
         }
         done
@@ -80,8 +95,36 @@ impl Disk {
         lost
     }
 
-    pub fn durable(&self, key: &[u8]) -> Option<&StoredVersions> {
-        self.durable.get(key)
+    /// The durable record of `key` in its home partition.
+    pub fn durable_home(&self, key: &[u8]) -> Option<&StoredVersions> {
+        self.durable
+            .iter()
+            .find(|((shelf, k), _)| matches!(shelf, Shelf::Home(_)) && k == key)
+            .map(|(_, stored)| stored)
+    }
+
+    /// The durable hint copies of `key`, for any target.
+    pub fn durable_hints(&self, key: &[u8]) -> Vec<&StoredVersions> {
+        self.durable
+            .iter()
+            .filter(|((shelf, k), _)| matches!(shelf, Shelf::Hints { .. }) && k == key)
+            .map(|(_, stored)| stored)
+            .collect()
+    }
+
+    /// Every durable hint: its target, key and size (as the engine's recovery lists
+    /// the hint shelves for the node at start).
+    pub fn hints(&self) -> Vec<(NodeId, Vec<u8>, u64)> {
+        self.durable
+            .iter()
+            .filter_map(|((shelf, key), stored)| match shelf {
+                Shelf::Hints { target } => {
+                    let bytes = (key.len() + stored.version.len() + stored.value.len()) as u64;
+                    Some((*target, key.clone(), bytes))
+                }
+                Shelf::Home(_) => None,
+            })
+            .collect()
     }
 
     pub fn pending_writes(&self) -> usize {

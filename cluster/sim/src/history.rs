@@ -21,6 +21,9 @@ pub struct PutRecord {
     /// A put that supersedes what a quorum holds (a SET, or a DEL when `value` is None).
     pub quorum_held: bool,
     pub quorum: Quorum,
+    /// Sent strict (no stand-ins), and how many stand-ins the acked outcome counted.
+    pub strict: bool,
+    pub stand_ins: u32,
     pub coordinator: NodeId,
     pub start: Duration,
     pub end: Option<Duration>,
@@ -62,6 +65,8 @@ pub struct GetRecord {
     pub end: Duration,
     pub versions: VersionSet,
     pub context: VersionVector,
+    /// Stand-ins among the R answers (sloppy quorum).
+    pub stand_ins: u32,
 }
 
 #[derive(Default, Debug)]

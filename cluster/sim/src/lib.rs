@@ -72,6 +72,19 @@ pub struct RunStats {
     pub nothing_to_delete: u64,
     /// Puts a node held no replica of and forwarded.
     pub forwarded: u64,
+    /// Times a node falsely suspected a live, reachable one.
+    pub false_suspicions: u64,
+    /// Sloppy quorum: hinted writes stored by stand-ins, refused at the hint bound,
+    /// handed off to their targets, expired, recovered from disk at a restart, and
+    /// left parked (refused by their target) at the end.
+    pub hints_stored: u64,
+    /// Acked puts whose W (or SET/DEL read) counted a stand-in.
+    pub puts_acked_with_stand_ins: u64,
+    pub hints_refused: u64,
+    pub hints_handed_off: u64,
+    pub hints_expired: u64,
+    pub hints_recovered: u64,
+    pub hints_parked: u64,
     /// (acked put, later acked SET or DEL) pairs whose node read was checked.
     pub node_reads_checked: u64,
     /// Writes the resolver made after healing in tight-limit runs.
@@ -106,7 +119,7 @@ impl Report {
     pub fn summary(&self) -> String {
         let s = &self.stats;
         format!(
-            "seed {} {}: {} events, {} puts acked, {} not, {} gets ({} with siblings, {} checks), {} crashes, {} splits, {} lost unsynced writes, {} wipes, {} lost records, {} failed writes, {} actors retired, {} repairs, trace {:016x}",
+            "seed {} {}: {} events, {} puts acked, {} not, {} gets ({} with siblings, {} checks), {} crashes, {} splits, {} lost unsynced writes, {} wipes, {} lost records, {} failed writes, {} actors retired, {} repairs, {} hints stored ({} handed off, {} recovered, {} refused), {} false suspicions, trace {:016x}",
             self.seed,
             if self.passed() { "ok" } else { "FAILED" },
             s.events,
@@ -123,6 +136,11 @@ impl Report {
             s.writes_failed,
             s.actors_retired,
             s.repairs,
+            s.hints_stored,
+            s.hints_handed_off,
+            s.hints_recovered,
+            s.hints_refused,
+            s.false_suspicions,
             self.trace_hash
         )
     }

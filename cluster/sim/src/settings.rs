@@ -1,7 +1,9 @@
 //! Everything a run randomises, drawn from the seed before anything else happens and
 //! printed with it, so a failure report says what the run was.
 
-use ringkv_cluster::Quorum;
+use std::time::Duration;
+
+use ringkv_cluster::{HintConfig, Quorum};
 
 use crate::dice::Dice;
 
@@ -62,6 +64,16 @@ pub struct Settings {
     pub stored_version_max: usize,
     /// Shards per node (one `Node` state machine each), by node id - 1.
     pub shards: Vec<usize>,
+    /// How long failure detectors take to see a split (until then, requests across
+    /// it time out; after, they go to stand-ins).
+    pub detect_max_ms: u64,
+    /// Chance, at every fault tick, that one node falsely suspects another for a while.
+    pub false_suspicion_per_mille: u32,
+    /// Chance that a request is strict (no stand-ins).
+    pub strict_per_mille: u32,
+    /// Hint bounds and handoff pace; a quarter of the seeds make the byte bound tiny,
+    /// so stand-ins refuse hints.
+    pub hints: HintConfig,
 }
 
 impl Settings {
@@ -125,6 +137,10 @@ impl Settings {
             stored_version_max: usize::MAX,
             set_per_mille: 0,
             delete_if_present_per_mille: 0,
+            detect_max_ms: 0,
+            false_suspicion_per_mille: 0,
+            strict_per_mille: 0,
+            hints: HintConfig::default(),
             shards: (0..nodes)
                 .map(|_| {
                     if sharded {
@@ -137,6 +153,27 @@ impl Settings {
         }
         .with_tight_limits(dice)
         .with_node_resolved_puts(dice)
+        .with_sloppy_quorum(dice)
+    }
+
+    fn with_sloppy_quorum(mut self, dice: &mut Dice) -> Settings {
+        self.detect_max_ms = dice.between(0, 300);
+        self.false_suspicion_per_mille = [0, 20, 100][dice.index(3)];
+        self.strict_per_mille = [0, 200][dice.index(2)];
+        self.hints = HintConfig {
+            bytes_max: if dice.chance(250) {
+                dice.between(50, 400)
+            } else {
+                1 << 30
+            },
+            // Never reached in a run: an expired hint may hold the only copies of
+            // an acknowledged write, and the checkers would rightly call it lost.
+            age_max: Duration::from_secs(3600),
+            handoff_bytes_per_second: [200, 5_000, 1 << 20][dice.index(3)],
+            handoff_in_flight: dice.between(1, 8) as usize,
+            retry_interval: Duration::from_millis(dice.between(20, 300)),
+        };
+        self
     }
 
     fn with_node_resolved_puts(mut self, dice: &mut Dice) -> Settings {

@@ -77,6 +77,10 @@ enum Event {
         node: NodeId,
     },
     Heal,
+    /// The failure detectors see the current split (`split` numbers it).
+    SplitDetected { split: u64 },
+    /// `by` stops suspecting `node`.
+    Unsuspect { by: NodeId, node: NodeId },
     StopFaults,
 }
 
@@ -137,6 +141,12 @@ pub struct World {
     phase: Phase,
     /// One side of the current network split, if any.
     split: Option<BTreeSet<NodeId>>,
+    /// Splits so far, and whether the failure detectors have seen the current one
+    /// (until then requests time out across it; after, they go around it).
+    splits: u64,
+    split_detected: bool,
+    /// False suspicions: (who, of whom); the suspect is alive and reachable.
+    suspicions: BTreeSet<(NodeId, NodeId)>,
     hasher: Xxh3,
     pub stats: RunStats,
     pub violations: Vec<Violation>,
@@ -163,6 +173,9 @@ impl World {
             history: History::default(),
             phase: Phase::Safety,
             split: None,
+            splits: 0,
+            split_detected: false,
+            suspicions: BTreeSet::new(),
             hasher: Xxh3::new(),
             stats: RunStats::default(),
             violations: Vec::new(),
@@ -209,6 +222,7 @@ impl World {
     /// Runs all three phases and the final checks.
     pub fn run(&mut self) {
         self.run_until_quiet();
+        self.check_handoff_complete();
         if self.settings.tight_limits() {
             // Over the store's limits, replicas keep what they hold and refuse merges
             // until a client resolves the siblings: do what such a client does, then
@@ -218,8 +232,12 @@ impl World {
             // Before the resolver supersedes everything: every acked write no write
             // saw must still be on some replica (check 2 would count the resolver's
             // write as one that saw them all).
-            self.check_final_keys();
+            // Hints their targets refused (over the limits) still hold acked writes.
+            self.check_final_keys(true);
             self.resolve_every_key();
+            self.run_until_quiet();
+            // Resolved keys fit again: the server retries refused hints on a timer.
+            self.retry_parked_hints();
             self.run_until_quiet();
         }
         self.repair_every_key(None);
@@ -268,6 +286,7 @@ impl World {
                 config.stored_value_max = self.settings.stored_value_max;
                 config.stored_version_max = self.settings.stored_version_max;
                 config.first_sequence = shards.first_sequence(shard);
+                config.hints = self.settings.hints;
                 Node::new(config, self.ring.clone())
             })
             .collect()
@@ -397,10 +416,27 @@ impl World {
             }
             Event::FaultTick => self.fault_tick(),
             Event::Restart { node } => self.restart(node),
-            Event::Heal => self.split = None,
+            Event::Heal => {
+                self.split = None;
+                self.split_detected = false;
+                self.refresh_reachability();
+            }
+            Event::SplitDetected { split } => {
+                if self.split.is_some() && split == self.splits {
+                    self.split_detected = true;
+                    self.refresh_reachability();
+                }
+            }
+            Event::Unsuspect { by, node } => {
+                self.suspicions.remove(&(by, node));
+                self.refresh_reachability();
+            }
             Event::StopFaults => {
                 self.phase = Phase::Healing;
                 self.split = None;
+                self.split_detected = false;
+                self.suspicions.clear();
+                self.refresh_reachability();
                 let down: Vec<NodeId> = self
                     .nodes
                     .iter()
@@ -490,10 +526,10 @@ impl World {
 
     fn storage(&mut self, id: NodeId, shard: usize, op: StorageOp) {
         match op {
-            StorageOp::Read { op, key, .. } => {
+            StorageOp::Read { op, shelf, key } => {
                 if self.is_victim(id)
                     && self.dice.chance(self.settings.lost_read_per_mille)
-                    && self.sim_node_mut(id).disk.lose(&key)
+                    && self.sim_node_mut(id).disk.lose(shelf, &key)
                 {
                     self.stats.records_lost += 1;
                     self.history.losses.push(Loss {
@@ -502,7 +538,7 @@ impl World {
                         key: Some(key.clone()),
                     });
                 }
-                let stored = self.sim_node(id).disk.read(&key);
+                let stored = self.sim_node(id).disk.read(shelf, &key);
                 let latency = self.dice.between(0, self.settings.read_latency_max_ms);
                 let completion = StorageCompletion::Read {
                     op,
@@ -510,9 +546,17 @@ impl World {
                 };
                 self.complete_later(id, shard, latency, completion);
             }
-            StorageOp::Write {
-                op, key, stored, ..
-            } => {
+            StorageOp::Write { .. } | StorageOp::Remove { .. } => {
+                let (op, shelf, key, stored) = match op {
+                    StorageOp::Write {
+                        op,
+                        shelf,
+                        key,
+                        stored,
+                    } => (op, shelf, key, Some(stored)),
+                    StorageOp::Remove { op, shelf, key } => (op, shelf, key, None),
+                    StorageOp::Read { .. } => unreachable!("matched above"),
+                };
                 if self.is_victim(id) && self.dice.chance(self.settings.failed_write_per_mille) {
                     // The engine cuts a failed write back: nothing of it stays.
                     self.stats.writes_failed += 1;
@@ -524,7 +568,7 @@ impl World {
                     self.complete_later(id, shard, latency, completion);
                     return;
                 }
-                self.sim_node_mut(id).disk.write(shard, op, key, stored);
+                self.sim_node_mut(id).disk.write(shard, op, shelf, key, stored);
                 self.ensure_sync(id);
             }
         }
@@ -622,8 +666,22 @@ impl World {
             if !side.is_empty() && side.len() < self.nodes.len() {
                 self.stats.partitions += 1;
                 self.split = Some(side);
+                self.splits += 1;
                 let lasts = self.dice.between(50, self.settings.partition_max_ms);
                 self.schedule(Duration::from_millis(lasts), Event::Heal);
+                let detect = self.dice.between(0, self.settings.detect_max_ms);
+                let split = self.splits;
+                self.schedule(Duration::from_millis(detect), Event::SplitDetected { split });
+            }
+        }
+        if self.dice.chance(self.settings.false_suspicion_per_mille) {
+            let by = self.nodes[self.dice.index(self.nodes.len())].id;
+            let node = self.nodes[self.dice.index(self.nodes.len())].id;
+            if by != node && self.suspicions.insert((by, node)) {
+                self.stats.false_suspicions += 1;
+                self.refresh_reachability();
+                let lasts = self.dice.between(20, 500);
+                self.schedule(Duration::from_millis(lasts), Event::Unsuspect { by, node });
             }
         }
         if self.now + FAULT_TICK < Duration::from_millis(self.settings.safety_ms) {
@@ -635,9 +693,7 @@ impl World {
         self.stats.crashes += 1;
         let wipe = self.is_victim(id) && self.dice.chance(self.settings.wipe_per_mille);
         for shard in self.sim_node_mut(id).node.take().into_iter().flatten() {
-            let stats = shard.stats();
-            self.stats.actors_retired += stats.actors_retired;
-            self.stats.forwarded += stats.forwarded;
+            self.count_node_stats(&shard.stats());
         }
         let sim = self.sim_node_mut(id);
         sim.sync_scheduled = false;
@@ -653,11 +709,7 @@ impl World {
         }
         self.stats.lost_pending_writes += lost as u64;
         // A perfect failure detector for crashes: the others stop asking this node.
-        for other in self.nodes.iter_mut() {
-            for shard in other.node.iter_mut().flatten() {
-                shard.set_reachable(id, false);
-            }
-        }
+        self.refresh_reachability();
         let downtime = self.dice.between(10, self.settings.downtime_max_ms);
         self.schedule(Duration::from_millis(downtime), Event::Restart { node: id });
     }
@@ -669,21 +721,70 @@ impl World {
         let incarnation = self.sim_node(id).incarnation + 1;
         let shards = self.sim_node(id).shards;
         let mut node = self.boot(id, shards);
-        for other in &self.nodes {
-            if other.node.is_none() && other.id != id {
-                for shard in &mut node {
-                    shard.set_reachable(other.id, false);
-                }
-            }
+        // The hints survive in the store: the server lists them before serving.
+        let now = self.now;
+        for (target, key, bytes) in self.sim_node(id).disk.hints() {
+            let shard = shards.owner(self.ring.partition_of(&key));
+            node[shard].restore_hint(now, target, key, bytes);
         }
         let sim = self.sim_node_mut(id);
         sim.incarnation = incarnation;
         sim.node = Some(node);
-        for other in self.nodes.iter_mut() {
-            for shard in other.node.iter_mut().flatten() {
-                shard.set_reachable(id, true);
+        self.refresh_reachability();
+    }
+
+    /// Tells every live shard what its failure detector would now believe of every
+    /// other node: down if crashed, across a detected split, or falsely suspected.
+    /// Then carries out what that started (cut-off forwards, handoffs).
+    fn refresh_reachability(&mut self) {
+        let live: BTreeSet<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|n| n.node.is_some())
+            .map(|n| n.id)
+            .collect();
+        let ids: Vec<NodeId> = self.nodes.iter().map(|n| n.id).collect();
+        for &a in &live {
+            for &b in &ids {
+                if a == b {
+                    continue;
+                }
+                let split = self.split_detected
+                    && self
+                        .split
+                        .as_ref()
+                        .is_some_and(|side| side.contains(&a) != side.contains(&b));
+                let reachable = live.contains(&b) && !split && !self.suspicions.contains(&(a, b));
+                for shard in self.sim_node_mut(a).node.iter_mut().flatten() {
+                    shard.set_reachable(b, reachable);
+                }
+            }
+            for shard in 0..self.sim_node(a).shards.shards() {
+                self.drain(a, shard);
             }
         }
+    }
+
+    fn retry_parked_hints(&mut self) {
+        let now = self.now;
+        for id in self.nodes.iter().map(|n| n.id).collect::<Vec<_>>() {
+            for shard in 0..self.sim_node(id).shards.shards() {
+                if let Some(node) = self.live_node(id, shard) {
+                    node.retry_parked_hints(now);
+                }
+                self.drain(id, shard);
+            }
+        }
+    }
+
+    fn count_node_stats(&mut self, stats: &ringkv_cluster::NodeStats) {
+        self.stats.actors_retired += stats.actors_retired;
+        self.stats.forwarded += stats.forwarded;
+        self.stats.hints_stored += stats.hints.stored;
+        self.stats.hints_refused += stats.hints.refused;
+        self.stats.hints_handed_off += stats.hints.handed_off;
+        self.stats.hints_expired += stats.hints.expired;
+        self.stats.hints_recovered += stats.hints.recovered;
     }
 
     fn client_wake(&mut self, client: usize) {
@@ -730,6 +831,7 @@ impl World {
         let request = GetRequest {
             key,
             quorum: Some(quorum),
+            strict: self.dice.chance(self.settings.strict_per_mille),
         };
         self.live_node(at, shard)
             .expect("chosen among live nodes")
@@ -788,6 +890,8 @@ impl World {
             context_known: !quorum_held,
             quorum_held,
             quorum,
+            strict: self.dice.chance(self.settings.strict_per_mille),
+            stand_ins: 0,
             coordinator,
             start: self.now,
             end: None,
@@ -811,6 +915,7 @@ impl World {
             quorum: Some(quorum),
             mode: ringkv_cluster::ConflictMode::Causal,
             only_if_present: quorum_held && delete,
+            strict: self.history.puts.last().expect("pushed above").strict,
         };
         let now = self.now;
         let wall_ms = self.wall_clock_ms(coordinator);
@@ -849,6 +954,10 @@ impl World {
                 record.outcome = match reply {
                     Some(ClientReply::Put(Ok(PutOutcome::Written(written)))) => {
                         self.stats.puts_acked += 1;
+                        record.stand_ins = written.stand_ins;
+                        if written.stand_ins > 0 {
+                            self.stats.puts_acked_with_stand_ins += 1;
+                        }
                         if record.quorum_held {
                             self.stats.quorum_held_puts_acked += 1;
                             record.context = written.superseded;
@@ -900,6 +1009,7 @@ impl World {
                         end: self.now,
                         context: outcome.context.0.clone(),
                         versions: outcome.versions,
+                        stand_ins: outcome.stand_ins,
                     });
                 }
                 _ => {
@@ -968,6 +1078,7 @@ impl World {
     }
 
     fn check_final_state(&mut self) {
+        let mut all_stats = Vec::new();
         for sim in &self.nodes {
             let Some(shards) = &sim.node else {
                 self.violations.push(Violation {
@@ -987,15 +1098,14 @@ impl World {
                     ),
                 });
             }
-            for shard in shards {
-                let stats = shard.stats();
-                for (reason, count) in &stats.drops {
-                    *self.stats.drops.entry(format!("{reason:?}")).or_default() += count;
-                }
-                self.stats.repairs += stats.repairs_sent;
-                self.stats.actors_retired += stats.actors_retired;
-                self.stats.forwarded += stats.forwarded;
+            all_stats.extend(shards.iter().map(Node::stats));
+        }
+        for stats in all_stats {
+            for (reason, count) in &stats.drops {
+                *self.stats.drops.entry(format!("{reason:?}")).or_default() += count;
             }
+            self.stats.repairs += stats.repairs_sent;
+            self.count_node_stats(&stats);
         }
         for k in 0..self.settings.keys {
             let key = format!("k{k}").into_bytes();
@@ -1005,19 +1115,60 @@ impl World {
         // In tight-limit runs the resolver's writes superseded everything; the keys'
         // sets were checked before it wrote (see `run`).
         if !self.settings.tight_limits() {
-            self.check_final_keys();
+            self.check_final_keys(false);
+        }
+    }
+
+    /// Once faults stop and the world quiesces, handoff is complete: no node holds a
+    /// hint (bar ones a target refused for its store's limits), and every acknowledged
+    /// write is on the key's home replicas, before any read repairs a thing. (Sloppy
+    /// quorum's invariant: a write acknowledged by stand-ins reaches home by handoff.)
+    fn check_handoff_complete(&mut self) {
+        let mut parked = 0;
+        for sim in &self.nodes {
+            for shard in sim.node.iter().flatten() {
+                parked += shard.hints_parked();
+                let pending: u64 = shard.hints_pending().iter().map(|p| p.keys).sum();
+                if pending as usize > shard.hints_parked() {
+                    self.violations.push(Violation {
+                        checker: Checker::Handoff,
+                        detail: format!(
+                            "{:?} still holds {pending} hints after healing: {:?}",
+                            sim.id,
+                            shard.hints_pending()
+                        ),
+                    });
+                }
+            }
+        }
+        self.stats.hints_parked = parked as u64;
+        if parked == 0 && !self.settings.tight_limits() {
+            let before = self.violations.len();
+            self.check_final_keys(false);
+            for violation in &mut self.violations[before..] {
+                violation.checker = Checker::Handoff;
+            }
         }
     }
 
     /// Checks 2 and 4 on the union of every replica's durable set of each key.
-    fn check_final_keys(&mut self) {
+    /// `with_hints`: count what stand-ins still hold as hints too.
+    fn check_final_keys(&mut self, with_hints: bool) {
         let replicas = self.replicas_of_keys();
         for k in 0..self.settings.keys {
             let key = format!("k{k}").into_bytes();
-            let merged = self
+            let mut merged = self
                 .stored_sets(&key)
                 .iter()
                 .fold(VersionSet::new(), |acc, (_, set)| acc.sync(set));
+            if with_hints {
+                for sim in &self.nodes {
+                    for stored in sim.disk.durable_hints(&key) {
+                        let set = stored.decode().expect("the simulator stores valid sets");
+                        merged = merged.sync(&set);
+                    }
+                }
+            }
             checker::check_final_key(
                 &key,
                 &merged,
@@ -1034,7 +1185,7 @@ impl World {
             .preference_list_for_key(key, self.n)
             .into_iter()
             .map(|id| {
-                let set = match self.sim_node(id).disk.durable(key) {
+                let set = match self.sim_node(id).disk.durable_home(key) {
                     Some(stored) => stored.decode().expect("the simulator stores valid sets"),
                     None => VersionSet::new(),
                 };

@@ -22,12 +22,15 @@ fn run_logged(seed: u64, options: &Options) -> Report {
 }
 
 /// RINGKV_SIM_FAULTS=heavy turns on the crash-heavy fault profile for sweeps and
-/// replays; RINGKV_SIM_FAULTS=loss the data-loss profile.
+/// replays; RINGKV_SIM_FAULTS=loss the data-loss profile; =split (and =split-w1, every
+/// write at W=1) long, detected splits over lossy links.
 fn sweep_options() -> Options {
     let tweak: Option<fn(&mut ringkv_sim::Settings)> =
         match std::env::var("RINGKV_SIM_FAULTS").as_deref() {
             Ok("heavy") => Some(crash_heavy),
             Ok("loss") => Some(data_loss_heavy),
+            Ok("split") => Some(split_heavy),
+            Ok("split-w1") => Some(split_heavy_w1),
             _ => None,
         };
     Options {
@@ -80,6 +83,13 @@ fn add(total: &mut RunStats, run: &RunStats) {
     total.nothing_to_delete += run.nothing_to_delete;
     total.forwarded += run.forwarded;
     total.node_reads_checked += run.node_reads_checked;
+    total.false_suspicions += run.false_suspicions;
+    total.hints_stored += run.hints_stored;
+    total.puts_acked_with_stand_ins += run.puts_acked_with_stand_ins;
+    total.hints_refused += run.hints_refused;
+    total.hints_handed_off += run.hints_handed_off;
+    total.hints_recovered += run.hints_recovered;
+    total.partitions += run.partitions;
     for (reason, count) in &run.drops {
         *total.drops.entry(reason.clone()).or_default() += count;
     }
@@ -93,7 +103,8 @@ fn assert_did_something(total: &RunStats) {
          {} crashes, {} wiped disks, {} lost records, {} failed writes, {} actors retired, \
          {} clock jumps, {} puts refused for limits, {} resolving puts, {} multi-shard nodes, \
          {} SET/DEL acked, {} DEL with nothing to delete, {} forwarded puts, \
-         {} SET/DEL read checks",
+         {} SET/DEL read checks, {} splits, {} false suspicions, {} hints stored, \
+         {} handed off, {} recovered at restarts, {} refused at their bound",
         total.puts_acked,
         total.deletes_acked,
         total.gets_ok,
@@ -111,7 +122,13 @@ fn assert_did_something(total: &RunStats) {
         total.quorum_held_puts_acked,
         total.nothing_to_delete,
         total.forwarded,
-        total.node_reads_checked
+        total.node_reads_checked,
+        total.partitions,
+        total.false_suspicions,
+        total.hints_stored,
+        total.hints_handed_off,
+        total.hints_recovered,
+        total.hints_refused
     );
     for (what, count) in [
         ("acked puts", total.puts_acked),
@@ -131,6 +148,13 @@ fn assert_did_something(total: &RunStats) {
         ("DELs with nothing to delete", total.nothing_to_delete),
         ("forwarded puts", total.forwarded),
         ("SET/DEL read checks", total.node_reads_checked),
+        ("network splits", total.partitions),
+        ("false suspicions", total.false_suspicions),
+        ("hinted writes", total.hints_stored),
+        ("puts acked with stand-ins", total.puts_acked_with_stand_ins),
+        ("hints handed off", total.hints_handed_off),
+        ("hints recovered at a restart", total.hints_recovered),
+        ("hints refused at their bound", total.hints_refused),
         (
             "duplicated forwards dropped",
             total.drops.get("DuplicateForward").copied().unwrap_or(0),
@@ -359,6 +383,41 @@ fn checkers_catch_a_forward_applied_twice() {
     let caught = caught_only_with_sabotage(&sabotaged, &[Checker::ValueIntegrity], 40);
     println!("forwards applied twice caught on seeds {caught:?}");
     assert!(caught.len() >= 3, "caught only on {caught:?}");
+}
+
+/// The handoff checker must catch a node that removes a hint before its target
+/// acknowledged it: lost in flight, the hint took the only copy a stand-in had.
+#[test]
+fn checkers_catch_hints_removed_before_their_ack() {
+    let sabotaged = Options {
+        sabotage: Sabotage {
+            drop_hints_unacked: true,
+            ..Sabotage::default()
+        },
+        tweak: Some(split_heavy_w1),
+        ..Options::default()
+    };
+    let caught = caught_only_with_sabotage(&sabotaged, &[Checker::Handoff], 40);
+    println!("hints removed before their ack caught on seeds {caught:?}");
+    assert!(caught.len() >= 3, "caught only on {caught:?}");
+}
+
+/// Splits that last, seen by the failure detectors, with lossy links: sloppy quorum
+/// and handoff at work.
+fn split_heavy(settings: &mut ringkv_sim::Settings) {
+    settings.partition_per_mille = 60;
+    settings.partition_max_ms = 600;
+    settings.detect_max_ms = 50;
+    settings.drop_per_mille = settings.drop_per_mille.max(50);
+    settings.strict_per_mille = 0;
+}
+
+/// `split_heavy` where every write needs one ack: a stand-in's hint is then often a
+/// write's only copy, and a lost handoff loses it.
+fn split_heavy_w1(settings: &mut ringkv_sim::Settings) {
+    split_heavy(settings);
+    settings.drop_per_mille = 200;
+    settings.quorums = vec![ringkv_cluster::Quorum::new(3, 1, 1).expect("valid")];
 }
 
 /// Faults that make a node lose its data: it is the victim, every crash wipes its

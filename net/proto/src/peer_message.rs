@@ -24,6 +24,7 @@ use ringkv_cluster::{
     PartitionId, PeerMessage, PutOutcome, Quorum, QuorumError, RequestId, Supersedes, TooLarge,
     VersionSet, Written,
 };
+use ringkv_cluster::ring::NODE_ID_MAX;
 use rkyv::rancor;
 use thiserror::Error;
 
@@ -55,6 +56,9 @@ pub enum PeerWireError {
     /// number of fields.
     #[error("malformed forward reply of kind {0}")]
     BadForwardReply(u8),
+    /// A sloppy read or write naming a node id above [`NODE_ID_MAX`].
+    #[error("node id {0} is above the largest allowed")]
+    NodeIdTooLarge(u32),
     /// The archive is sound but carries an invalid version set or context.
     #[error("invalid version set: {0}")]
     Versions(#[from] DecodeError),
@@ -91,6 +95,7 @@ pub enum WireMessage {
         request: WireRequest,
         partition: u32,
         key: Vec<u8>,
+        hint_for: Option<u32>,
     },
     ReadReply {
         request: WireRequest,
@@ -101,13 +106,14 @@ pub enum WireMessage {
         partition: u32,
         key: Vec<u8>,
         versions: WireVersions,
+        hint_for: Option<u32>,
     },
     WriteAck {
         request: WireRequest,
     },
     WriteRefused {
         request: WireRequest,
-        /// 0: the values were too large; 1: the versions were.
+        /// 0: the values were too large; 1: the versions were; 2: the hints were full.
         what: u8,
         size: u64,
         limit: u64,
@@ -132,6 +138,7 @@ pub enum WireMessage {
         /// 0: causal; 1: last writer wins.
         mode: u8,
         only_if_present: bool,
+        strict: bool,
         wall_ms: u64,
     },
     ForwardReply {
@@ -162,6 +169,7 @@ pub enum WireReply {
         counter: u64,
         /// The superseded clock in the context encoding.
         superseded: Vec<u8>,
+        stand_ins: u32,
     },
     NothingToDelete,
     /// A [`ClientError`]: its kind (see `From<&Result<..>>`), its numbers in field
@@ -310,10 +318,12 @@ impl From<&PeerMessage> for WireMessage {
                 request,
                 partition,
                 key,
+                hint_for,
             } => WireMessage::Read {
                 request: (*request).into(),
                 partition: partition.0,
                 key: key.clone(),
+                hint_for: hint_for.map(|n| n.0),
             },
             PeerMessage::ReadReply { request, versions } => WireMessage::ReadReply {
                 request: (*request).into(),
@@ -324,11 +334,13 @@ impl From<&PeerMessage> for WireMessage {
                 partition,
                 key,
                 versions,
+                hint_for,
             } => WireMessage::Write {
                 request: (*request).into(),
                 partition: partition.0,
                 key: key.clone(),
                 versions: WireVersions::encode(versions),
+                hint_for: hint_for.map(|n| n.0),
             },
             PeerMessage::WriteAck { request } => WireMessage::WriteAck {
                 request: (*request).into(),
@@ -337,6 +349,7 @@ impl From<&PeerMessage> for WireMessage {
                 let (what, size, limit) = match *refusal {
                     TooLarge::Values { size, limit } => (0, size, limit),
                     TooLarge::Versions { size, limit } => (1, size, limit),
+                    TooLarge::Hints { size, limit } => (2, size, limit),
                 };
                 WireMessage::WriteRefused {
                     request: (*request).into(),
@@ -381,6 +394,7 @@ impl From<&PeerMessage> for WireMessage {
                         ConflictMode::LastWriterWins => 1,
                     },
                     only_if_present: put.only_if_present,
+                    strict: put.strict,
                     wall_ms: put.wall_ms,
                 }
             }
@@ -400,10 +414,12 @@ impl ArchivedWireMessage {
                 request,
                 partition,
                 key,
+                hint_for,
             } => PeerMessage::Read {
                 request: request.id(),
                 partition: PartitionId(partition.to_native()),
                 key: key.to_vec(),
+                hint_for: node_of(hint_for)?,
             },
             ArchivedWireMessage::ReadReply { request, versions } => PeerMessage::ReadReply {
                 request: request.id(),
@@ -414,11 +430,13 @@ impl ArchivedWireMessage {
                 partition,
                 key,
                 versions,
+                hint_for,
             } => PeerMessage::Write {
                 request: request.id(),
                 partition: PartitionId(partition.to_native()),
                 key: key.to_vec(),
                 versions: versions.decode()?,
+                hint_for: node_of(hint_for)?,
             },
             ArchivedWireMessage::WriteAck { request } => PeerMessage::WriteAck {
                 request: request.id(),
@@ -434,6 +452,7 @@ impl ArchivedWireMessage {
                 let refusal = match *what {
                     0 => TooLarge::Values { size, limit },
                     1 => TooLarge::Versions { size, limit },
+                    2 => TooLarge::Hints { size, limit },
                     other => return Err(PeerWireError::UnknownRefusal(other)),
                 };
                 PeerMessage::WriteRefused {
@@ -462,6 +481,7 @@ impl ArchivedWireMessage {
                 w,
                 mode,
                 only_if_present,
+                strict,
                 wall_ms,
             } => {
                 let supersedes = match *supersedes {
@@ -492,6 +512,7 @@ impl ArchivedWireMessage {
                         quorum,
                         mode,
                         only_if_present: *only_if_present,
+                        strict: *strict,
                         wall_ms: wall_ms.to_native(),
                     },
                 }
@@ -513,6 +534,7 @@ impl From<&Result<PutOutcome, ClientError>> for WireReply {
                     epoch: written.dot.actor.epoch,
                     counter: written.dot.counter,
                     superseded: Context(written.superseded.clone()).encode(),
+                    stand_ins: written.stand_ins,
                 };
             }
             Ok(PutOutcome::NothingToDelete) => return WireReply::NothingToDelete,
@@ -561,6 +583,7 @@ impl From<&Result<PutOutcome, ClientError>> for WireReply {
                 let (what, size, limit) = match *refusal {
                     TooLarge::Values { size, limit } => (0, size, limit),
                     TooLarge::Versions { size, limit } => (1, size, limit),
+                    TooLarge::Hints { size, limit } => (2, size, limit),
                 };
                 let numbers = vec![n(*acked), n(*required), what, n(size), n(limit)];
                 (8, numbers, vec![], String::new())
@@ -583,6 +606,7 @@ impl ArchivedWireReply {
                 epoch,
                 counter,
                 superseded,
+                stand_ins,
             } => {
                 let dot = Dot {
                     actor: Actor {
@@ -592,7 +616,12 @@ impl ArchivedWireReply {
                     counter: counter.to_native(),
                 };
                 let superseded = Context::decode(superseded)?.0;
-                return Ok(Ok(PutOutcome::Written(Written { dot, superseded })));
+                let stand_ins = stand_ins.to_native();
+                return Ok(Ok(PutOutcome::Written(Written {
+                    dot,
+                    superseded,
+                    stand_ins,
+                })));
             }
             ArchivedWireReply::NothingToDelete => return Ok(Ok(PutOutcome::NothingToDelete)),
             ArchivedWireReply::Failed {
@@ -626,6 +655,7 @@ impl ArchivedWireReply {
                 let refusal = match what {
                     0 => TooLarge::Values { size, limit },
                     1 => TooLarge::Versions { size, limit },
+                    2 => TooLarge::Hints { size, limit },
                     _ => return Err(bad),
                 };
                 ClientError::RefusedByReplicas {
@@ -642,6 +672,14 @@ impl ArchivedWireReply {
 
 fn clamp(n: u64) -> usize {
     usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// The replica a sloppy read or write stands in for; an id no ring can hold is refused.
+fn node_of(id: &rkyv::option::ArchivedOption<rkyv::rend::u32_le>) -> Result<Option<NodeId>, PeerWireError> {
+    match id.as_ref().map(|n| n.to_native()) {
+        Some(n) if n > NODE_ID_MAX => Err(PeerWireError::NodeIdTooLarge(n)),
+        other => Ok(other.map(NodeId)),
+    }
 }
 
 impl From<RequestId> for WireRequest {
@@ -712,6 +750,13 @@ mod tests {
                 request,
                 partition: PartitionId(5),
                 key: b"k".to_vec(),
+                hint_for: None,
+            },
+            PeerMessage::Read {
+                request,
+                partition: PartitionId(5),
+                key: b"k".to_vec(),
+                hint_for: Some(NodeId(7)),
             },
             PeerMessage::ReadReply {
                 request,
@@ -722,6 +767,21 @@ mod tests {
                 partition: PartitionId(5),
                 key: b"k".to_vec(),
                 versions: sample_set(),
+                hint_for: None,
+            },
+            PeerMessage::Write {
+                request,
+                partition: PartitionId(5),
+                key: b"k".to_vec(),
+                versions: sample_set(),
+                hint_for: Some(NodeId(NODE_ID_MAX)),
+            },
+            PeerMessage::WriteRefused {
+                request,
+                refusal: TooLarge::Hints {
+                    size: 300 << 20,
+                    limit: 256 << 20,
+                },
             },
             PeerMessage::WriteAck { request },
             PeerMessage::WriteRefused {
@@ -770,6 +830,7 @@ mod tests {
                     quorum: Quorum::new(3, 2, 1).unwrap(),
                     mode: ConflictMode::Causal,
                     only_if_present: false,
+                    strict: false,
                     wall_ms: 1_800_000_000_000,
                 },
             })
@@ -784,6 +845,7 @@ mod tests {
                 quorum: Quorum::default(),
                 mode: ConflictMode::LastWriterWins,
                 only_if_present: true,
+                strict: true,
                 wall_ms: 0,
             },
         });
@@ -791,6 +853,7 @@ mod tests {
             Ok(PutOutcome::Written(Written {
                 dot,
                 superseded: past,
+                stand_ins: 1,
             })),
             Ok(PutOutcome::NothingToDelete),
             Err(ClientError::InvalidArgument(
