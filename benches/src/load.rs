@@ -211,11 +211,11 @@ async fn drive(options: &LoadOptions) -> anyhow::Result<LoadReport> {
             start,
             read: ReadOptions {
                 r: options.r,
-                timeout: None,
+                ..ReadOptions::default()
             },
             write: WriteOptions {
                 w: options.w,
-                timeout: None,
+                ..WriteOptions::default()
             },
         };
         tasks.push(tokio::spawn(context.run()));
@@ -321,7 +321,10 @@ async fn preload(client: &AsyncClient, options: &LoadOptions) -> anyhow::Result<
                 if i >= keys {
                     return Ok::<(), ringkv_client::Error>(());
                 }
-                let options = WriteOptions { w, timeout: None };
+                let options = WriteOptions {
+                    w,
+                    ..WriteOptions::default()
+                };
                 client
                     .put_with(&key(i), &value, PutMode::Latest, options)
                     .await?;

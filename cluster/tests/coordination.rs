@@ -8,15 +8,17 @@ use std::time::Duration;
 use ringkv_cluster::{
     Action, ClientError, ClientReply, ClientToken, ConflictMode, Context, DropReason, GetOutcome,
     GetRequest, InvalidArgument, Member, Node, NodeConfig, NodeId, PeerMessage, PutOutcome,
-    PutRequest, Quorum, RequestId, Ring, StorageCompletion, StorageFailure, StorageOp, StoredRead,
-    StoredVersions, Supersedes, Written,
+    PutRequest, Quorum, RequestId, Ring, Shelf, StorageCompletion, StorageFailure, StorageOp,
+    StoredRead, StoredVersions, Supersedes, Written,
 };
 
 /// Delivers everything at once, in order; `silenced` nodes neither receive nor send.
 struct Harness {
     now: Duration,
     nodes: BTreeMap<NodeId, Node>,
-    disks: BTreeMap<NodeId, BTreeMap<Vec<u8>, StoredVersions>>,
+    disks: BTreeMap<NodeId, BTreeMap<(Shelf, Vec<u8>), StoredVersions>>,
+    /// Requests are strict (no stand-ins) unless a test says otherwise.
+    sloppy: bool,
     inbox: VecDeque<(NodeId, NodeId, PeerMessage)>,
     timers: Vec<(NodeId, ringkv_cluster::TimerId, Duration)>,
     replies: BTreeMap<ClientToken, ClientReply>,
@@ -37,6 +39,7 @@ impl Harness {
             now: Duration::from_millis(1_000),
             nodes: BTreeMap::new(),
             disks: BTreeMap::new(),
+            sloppy: false,
             inbox: VecDeque::new(),
             timers: Vec::new(),
             replies: BTreeMap::new(),
@@ -85,6 +88,7 @@ impl Harness {
             quorum: Some(quorum),
             mode: ConflictMode::Causal,
             only_if_present: false,
+            strict: !self.sloppy,
         };
         self.send_put(at, request)
     }
@@ -106,6 +110,7 @@ impl Harness {
         let request = GetRequest {
             key: key.to_vec(),
             quorum: Some(quorum),
+            strict: !self.sloppy,
         };
         self.nodes
             .get_mut(&at)
@@ -186,17 +191,17 @@ impl Harness {
                 self.storage_ops += 1;
                 let disk = self.disks.get_mut(&id).unwrap();
                 let completion = match op {
-                    StorageOp::Read { op, key, .. } if self.losing_reads.contains(&id) => {
-                        disk.remove(&key);
+                    StorageOp::Read { op, shelf, key } if self.losing_reads.contains(&id) => {
+                        disk.remove(&(shelf, key));
                         StorageCompletion::Read {
                             op,
                             result: Ok(StoredRead::Lost),
                         }
                     }
-                    StorageOp::Read { op, key, .. } => StorageCompletion::Read {
+                    StorageOp::Read { op, shelf, key } => StorageCompletion::Read {
                         op,
                         result: Ok(disk
-                            .get(&key)
+                            .get(&(shelf, key))
                             .cloned()
                             .map_or(StoredRead::Absent, StoredRead::Found)),
                     },
@@ -207,9 +212,16 @@ impl Harness {
                         }
                     }
                     StorageOp::Write {
-                        op, key, stored, ..
+                        op,
+                        shelf,
+                        key,
+                        stored,
                     } => {
-                        disk.insert(key, stored);
+                        disk.insert((shelf, key), stored);
+                        StorageCompletion::Write { op, result: Ok(()) }
+                    }
+                    StorageOp::Remove { op, shelf, key } => {
+                        disk.remove(&(shelf, key));
                         StorageCompletion::Write { op, result: Ok(()) }
                     }
                 };
@@ -234,8 +246,24 @@ impl Harness {
         self.settle();
     }
 
+    /// What `node` holds of `key` at home.
     fn stored(&self, node: NodeId, key: &[u8]) -> Option<ringkv_cluster::VersionSet> {
-        self.disks[&node].get(key).map(|s| s.decode().unwrap())
+        self.stored_on(node, self.home(key), key)
+    }
+
+    fn stored_on(
+        &self,
+        node: NodeId,
+        shelf: Shelf,
+        key: &[u8],
+    ) -> Option<ringkv_cluster::VersionSet> {
+        self.disks[&node]
+            .get(&(shelf, key.to_vec()))
+            .map(|s| s.decode().unwrap())
+    }
+
+    fn home(&self, key: &[u8]) -> Shelf {
+        Shelf::Home(self.ring().partition_of(key))
     }
 }
 
@@ -294,7 +322,7 @@ fn delete_with_context_hides_the_value() {
     assert!(got.values().is_empty());
     assert!(got.versions.is_deleted());
     assert_eq!(got.versions.len(), 1, "the tombstone is the only version");
-    assert!(h.disks[&coordinator][KEY].tombstone);
+    assert!(h.disks[&coordinator][&(h.home(KEY), KEY.to_vec())].tombstone);
 }
 
 /// Dynamo §4.5: without W durable acks in time the put answers Timeout, with counts;
@@ -535,6 +563,7 @@ fn a_forwarded_put_is_never_forwarded_again() {
             quorum: Quorum::default(),
             mode: ConflictMode::Causal,
             only_if_present: false,
+            strict: true,
             wall_ms: 0,
         },
     };
@@ -724,6 +753,7 @@ fn stale_and_duplicate_answers_are_counted_not_fatal() {
             request: stale,
             partition: ringkv_cluster::PartitionId(63),
             key: KEY.to_vec(),
+            hint_for: None,
         },
     );
     let drops = &node.stats().drops;
@@ -904,6 +934,7 @@ fn last_writer_wins_mode_keeps_one_value() {
             quorum: None,
             mode: ConflictMode::LastWriterWins,
             only_if_present: false,
+            strict: true,
         };
         h.send_put(at, request);
     }
@@ -919,4 +950,156 @@ fn get_context_round_trips() {
     let got = h.get_ok(coordinator, KEY);
     assert_eq!(Context::decode(&got.context.encode()).unwrap(), got.context);
     assert_eq!(got.context.vector(), &got.versions.context());
+}
+
+/// The nodes of a 4-node ring that do not replicate `KEY`: the first is the stand-in
+/// for a down replica.
+fn outsider(h: &Harness) -> NodeId {
+    let replicas = h.replicas(KEY);
+    *h.nodes.keys().find(|n| !replicas.contains(n)).unwrap()
+}
+
+/// Dynamo §4.6: with a replica down, the next healthy node stands in, holds the
+/// write as a hint (counted toward W), and hands it to the replica when it is back;
+/// the hint goes only after the replica acknowledged it durably.
+#[test]
+fn a_down_replica_gets_its_writes_through_a_stand_ins_hint() {
+    let mut h = Harness::new(4, |_| {});
+    h.sloppy = true;
+    let [a, b, down] = h.replicas(KEY)[..] else {
+        panic!()
+    };
+    let stand_in = outsider(&h);
+    for node in [a, b, stand_in] {
+        h.nodes.get_mut(&node).unwrap().set_reachable(down, false);
+    }
+    h.silenced.insert(down);
+    let all = Quorum::new(3, 1, 3).unwrap();
+    let client = h.put(a, KEY, Some(b"v"), None, all);
+    let written = h.written(client);
+    assert_eq!(written.stand_ins, 1, "one of the three acks is the stand-in's");
+    let hint = Shelf::Hints { target: down };
+    assert!(h.stored_on(stand_in, hint, KEY).unwrap().contains_dot(written.dot));
+    assert!(h.stored(stand_in, KEY).is_none(), "a hint is not a home copy");
+    assert!(h.stored(down, KEY).is_none());
+    let pending = h.nodes[&stand_in].hints_pending();
+    assert_eq!((pending.len(), pending[0].target, pending[0].keys), (1, down, 1));
+
+    // A sloppy read at R = 3 asks the stand-in in the down replica's place.
+    let got = h.get_ok_at(b, KEY, Quorum::new(3, 3, 1).unwrap());
+    assert_eq!((got.values(), got.stand_ins), (vec![&b"v"[..]], 1));
+
+    // The replica is back: the stand-in hands the hint off, then removes it.
+    h.silenced.remove(&down);
+    for node in [a, b, stand_in] {
+        h.nodes.get_mut(&node).unwrap().set_reachable(down, true);
+    }
+    h.settle();
+    h.expire_timers();
+    assert!(h.stored(down, KEY).unwrap().contains_dot(written.dot));
+    assert!(h.stored_on(stand_in, hint, KEY).is_none(), "handed off, then removed");
+    assert!(h.nodes[&stand_in].hints_pending().is_empty());
+    let stats = h.nodes[&stand_in].stats().hints;
+    assert_eq!((stats.stored, stats.handed_off), (1, 1));
+}
+
+/// A strict write never counts a stand-in: with a replica down, W = 3 is unavailable.
+#[test]
+fn a_strict_write_refuses_stand_ins() {
+    let mut h = Harness::new(4, |_| {});
+    let [a, _, down] = h.replicas(KEY)[..] else {
+        panic!()
+    };
+    h.nodes.get_mut(&a).unwrap().set_reachable(down, false);
+    let all = Quorum::new(3, 1, 3).unwrap();
+    let client = h.put(a, KEY, Some(b"v"), None, all);
+    assert_eq!(
+        h.replies[&client],
+        ClientReply::Put(Err(ClientError::Unavailable {
+            required: 3,
+            reachable: 2
+        }))
+    );
+    h.sloppy = true;
+    let client = h.put(a, KEY, Some(b"v"), None, all);
+    assert_eq!(h.written(client).stand_ins, 1);
+}
+
+/// Past its byte bound a stand-in refuses the hint, and the write cannot count it:
+/// the client hears which limit refused it, never a success resting on nothing.
+#[test]
+fn a_stand_in_past_its_hint_bound_refuses_and_the_write_is_not_acked() {
+    let mut h = Harness::new(4, |config| config.hints.bytes_max = 10);
+    h.sloppy = true;
+    let [a, b, down] = h.replicas(KEY)[..] else {
+        panic!()
+    };
+    let stand_in = outsider(&h);
+    for node in [a, b, stand_in] {
+        h.nodes.get_mut(&node).unwrap().set_reachable(down, false);
+    }
+    let all = Quorum::new(3, 1, 3).unwrap();
+    let client = h.put(a, KEY, Some(b"a value longer than ten bytes"), None, all);
+    match &h.replies[&client] {
+        ClientReply::Put(Err(ClientError::RefusedByReplicas {
+            acked, refusal, ..
+        })) => {
+            assert_eq!(*acked, 2);
+            assert!(matches!(refusal, ringkv_cluster::TooLarge::Hints { limit: 10, .. }));
+        }
+        other => panic!("expected a refusal for the hint bound, got {other:?}"),
+    }
+    assert!(h.stored_on(stand_in, Shelf::Hints { target: down }, KEY).is_none());
+    assert_eq!(h.nodes[&stand_in].stats().hints.refused, 1);
+}
+
+/// A stand-in that coordinates (all of the key's replicas are across a split) makes
+/// its versions with actors that never skip a counter: two successive writes it
+/// coordinates, after the first was handed off and its hint removed, never share a
+/// dot, and a context that names the second never claims an unseen first.
+#[test]
+fn a_coordinating_stand_in_never_reuses_a_dot_after_handing_off() {
+    let mut h = Harness::new(6, |_| {});
+    h.sloppy = true;
+    let replicas = h.replicas(KEY);
+    let outsiders: Vec<NodeId> = h
+        .nodes
+        .keys()
+        .copied()
+        .filter(|n| !replicas.contains(n))
+        .collect();
+    let set_replicas = |h: &mut Harness, reachable: bool| {
+        for &o in &outsiders {
+            for &r in &replicas {
+                h.nodes.get_mut(&o).unwrap().set_reachable(r, reachable);
+            }
+        }
+    };
+    set_replicas(&mut h, false);
+    let one = Quorum::new(3, 1, 1).unwrap();
+    let coordinator = outsiders[0];
+    let first = {
+        let client = h.put(coordinator, KEY, Some(b"1"), None, one);
+        h.written(client)
+    };
+    assert_eq!(first.stand_ins, 1);
+    set_replicas(&mut h, true);
+    h.settle();
+    h.expire_timers();
+    assert!(h.nodes.values().all(|n| n.hints_pending().is_empty()));
+    set_replicas(&mut h, false);
+    let second = {
+        let client = h.put(coordinator, KEY, Some(b"2"), None, one);
+        h.written(client)
+    };
+    assert_ne!(first.dot, second.dot);
+    assert!(
+        second.dot.actor != first.dot.actor || second.dot.counter == first.dot.counter + 1,
+        "an actor kept across copies would skip or repeat a counter"
+    );
+    set_replicas(&mut h, true);
+    h.settle();
+    h.expire_timers();
+    let got = h.get_ok_at(replicas[0], KEY, Quorum::new(3, 3, 1).unwrap());
+    assert_eq!(got.versions.len(), 2, "both blind writes are siblings: {got:?}");
 }

@@ -49,6 +49,10 @@ pub struct Common {
     /// Seconds to wait for the answer.
     #[arg(long, default_value_t = 5.0)]
     pub timeout: f64,
+    /// Reads and writes: only the key's own replicas count (sloppy quorum off; no
+    /// stand-ins for down replicas). Ignored by status.
+    #[arg(long)]
+    pub strict: bool,
 }
 
 #[derive(Args)]
@@ -102,6 +106,7 @@ pub fn get(args: GetArgs) -> ExitCode {
         let options = ReadOptions {
             r: args.r,
             timeout: Some(timeout(common)),
+            strict: common.strict,
         };
         client.get_with(key, options)
     });
@@ -172,6 +177,7 @@ fn write(
     let options = WriteOptions {
         w,
         timeout: Some(timeout(common)),
+        strict: common.strict,
     };
     let result = connect(common).and_then(|client| request(&client, mode, options));
     done(common.output, what, key, result)
@@ -219,6 +225,13 @@ pub fn status(args: StatusArgs) -> ExitCode {
                             "commits": s.commits,
                             "corrupt": s.corrupt,
                             "store_failure": s.store_failure,
+                            "hints_stored": s.hints_stored,
+                            "hints_handed_off": s.hints_handed_off,
+                            "hints_refused": s.hints_refused,
+                            "hints_expired": s.hints_expired,
+                        })).collect::<Vec<_>>(),
+                        "hints_pending": hints_pending(n).iter().map(|(target, keys, bytes)| json!({
+                            "target": target, "keys": keys, "bytes": bytes,
                         })).collect::<Vec<_>>(),
                         "members": n.members.iter().map(|m| json!({
                             "node_id": m.node_id,
@@ -305,6 +318,15 @@ pub fn status(args: StatusArgs) -> ExitCode {
                         m.suspicions
                     );
                 }
+                for (target, keys, bytes) in hints_pending(n) {
+                    say!("  holds hints for node {target}: {keys} key(s), {bytes} bytes to hand off");
+                }
+                let handed: u64 = n.shards.iter().map(|s| s.hints_handed_off).sum();
+                let refused: u64 = n.shards.iter().map(|s| s.hints_refused).sum();
+                let expired: u64 = n.shards.iter().map(|s| s.hints_expired).sum();
+                if handed + refused + expired > 0 {
+                    say!("  hints since start: {handed} handed off, {refused} refused at the bound, {expired} expired");
+                }
             }
             for (node_id, error) in &silent {
                 say!("node {node_id}: did not answer ({error})");
@@ -312,6 +334,20 @@ pub fn status(args: StatusArgs) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// Hints a node holds, per target, summed over its shards: (target, keys, bytes).
+fn hints_pending(node: &ringkv_client::NodeStatus) -> Vec<(u32, u64, u64)> {
+    let mut by_target: std::collections::BTreeMap<u32, (u64, u64)> = Default::default();
+    for hint in node.shards.iter().flat_map(|s| &s.hints) {
+        let entry = by_target.entry(hint.target).or_default();
+        entry.0 += hint.keys;
+        entry.1 += hint.bytes;
+    }
+    by_target
+        .into_iter()
+        .map(|(target, (keys, bytes))| (target, keys, bytes))
+        .collect()
 }
 
 fn connect(common: &Common) -> Result<Client, Error> {
@@ -377,6 +413,12 @@ fn fail(output: Output, error: &Error) -> ExitCode {
 }
 
 fn print_found(key: &str, found: &Versions) {
+    if found.stand_ins > 0 {
+        eprintln!(
+            "({} of the answers came from stand-ins for down replicas: writes those replicas hold may be missing)",
+            found.stand_ins
+        );
+    }
     match found.siblings.as_slice() {
         [] => eprintln!("(not found: {key})"),
         [one] => {
@@ -414,6 +456,7 @@ fn found_json(key: &str, found: &Versions) -> Value {
         "found": !found.is_empty(),
         "siblings": siblings,
         "context": encode_hex(found.context.as_bytes()),
+        "stand_ins": found.stand_ins,
     })
 }
 

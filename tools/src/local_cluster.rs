@@ -176,6 +176,8 @@ fn wait_connected(members: &[Member], n: usize, stop: &AtomicBool) -> anyhow::Re
         let options = ReadOptions {
             r: Some(n.min(u8::MAX as usize) as u8),
             timeout: None,
+            // The key's own replicas, every one: no stand-ins.
+            strict: true,
         };
         // Sent to this node's own shard directly, whatever the key's owner.
         while let Err(e) = client.get_on(&m.native, b"ringkv-connectivity-probe", options) {

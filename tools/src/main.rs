@@ -197,6 +197,16 @@ struct ServerArgs {
     /// higher suspects later and more surely).
     #[arg(long)]
     phi_threshold: Option<f64>,
+    /// Most bytes of hints one shard keeps for one down node (default 256 MiB); past
+    /// it a sloppy write does not count that stand-in toward W.
+    #[arg(long)]
+    hint_bytes_max: Option<u64>,
+    /// Seconds after which an undelivered hint is dropped and counted (default 10800).
+    #[arg(long)]
+    hint_age_max_s: Option<u64>,
+    /// Handoff pace to a returning node, per shard, in bytes per second (default 8 MiB).
+    #[arg(long)]
+    handoff_bytes_per_second: Option<u64>,
 }
 
 fn parse_durability(s: &str) -> Result<Durability, String> {
@@ -268,6 +278,11 @@ fn server(args: ServerArgs) -> anyhow::Result<()> {
         .unwrap_or(config.heartbeat_interval_ms);
     config.gossip_interval_ms = args.gossip_interval_ms.unwrap_or(config.gossip_interval_ms);
     config.phi_threshold = args.phi_threshold.unwrap_or(config.phi_threshold);
+    config.hint_bytes_max = args.hint_bytes_max.unwrap_or(config.hint_bytes_max);
+    config.hint_age_max_s = args.hint_age_max_s.unwrap_or(config.hint_age_max_s);
+    config.handoff_bytes_per_second = args
+        .handoff_bytes_per_second
+        .unwrap_or(config.handoff_bytes_per_second);
     ringkv_server::runtime::run(config)?;
     Ok(())
 }

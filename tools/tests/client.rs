@@ -71,6 +71,7 @@ fn every_blocking_api_against_a_real_node() {
     let r1 = ReadOptions {
         r: Some(1),
         timeout: Some(Duration::from_secs(1)),
+        strict: false,
     };
     assert_eq!(c.get_with(b"m1", r1).unwrap().value(), Some(&b"m1"[..]));
     let too_many = ReadOptions {

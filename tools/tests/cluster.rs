@@ -17,10 +17,12 @@ use common::Cluster;
 const W2: WriteOptions = WriteOptions {
     w: Some(2),
     timeout: None,
+    strict: false,
 };
 const R2: ReadOptions = ReadOptions {
     r: Some(2),
     timeout: None,
+    strict: false,
 };
 
 fn client(cluster: &Cluster, ids: &[usize]) -> Client {
@@ -168,6 +170,7 @@ fn a_stale_node_is_repaired_by_reads() {
     let r1 = ReadOptions {
         r: Some(1),
         timeout: None,
+        strict: false,
     };
     for i in 0..30u32 {
         let key = format!("k{i}");
@@ -364,6 +367,7 @@ fn bad_peers_are_dropped_and_the_cluster_keeps_serving() {
     let all = ReadOptions {
         r: Some(3),
         timeout: None,
+        strict: false,
     };
     assert_eq!(
         c.get_with(b"still", all).unwrap().value(),
@@ -384,10 +388,12 @@ fn nodes_with_different_shard_counts_answer_every_quorum_correctly() {
     let all_w = WriteOptions {
         w: Some(3),
         timeout: None,
+        strict: false,
     };
     let all_r = ReadOptions {
         r: Some(3),
         timeout: None,
+        strict: false,
     };
     for seed in [1, 2, 3] {
         let c = client(&cluster, &[seed]);
@@ -442,6 +448,7 @@ fn a_node_restarted_with_an_empty_data_directory_loses_no_acknowledged_write() {
     let r3 = ReadOptions {
         r: Some(3),
         timeout: None,
+        strict: false,
     };
     for k in 0..KEYS {
         let found = all.get_with(format!("key-{k}").as_bytes(), r3).unwrap();

@@ -30,6 +30,9 @@ impl Context {
 pub struct Versions {
     pub siblings: Vec<Vec<u8>>,
     pub context: Context,
+    /// Answers from stand-ins for down replicas (sloppy quorum); above zero, the
+    /// read may miss writes the key's own replicas hold.
+    pub stand_ins: u32,
 }
 
 impl Versions {
@@ -52,6 +55,7 @@ impl From<Found> for Versions {
         Versions {
             siblings: found.siblings,
             context: Context(found.context),
+            stand_ins: found.stand_ins,
         }
     }
 }
@@ -186,6 +190,7 @@ impl AsyncClient {
         let op = || Op::Get {
             key: key.to_vec(),
             r,
+            strict: options.strict,
         };
         self.run(Some(key), false, options.timeout, op, |body| match body {
             Body::Found(found) => Ok(found.into()),
@@ -209,6 +214,7 @@ impl AsyncClient {
         let op = Op::Get {
             key: key.to_vec(),
             r,
+            strict: options.strict,
         };
         match self.router.call(addr, op, wait).await? {
             Body::Found(found) => Ok(found.into()),
@@ -248,6 +254,7 @@ impl AsyncClient {
                 value: value.to_vec(),
                 context: mode.clone().into(),
                 w,
+                strict: options.strict,
             })
         };
         self.run(Some(key), true, options.timeout, op, written)
@@ -271,6 +278,7 @@ impl AsyncClient {
             key: key.to_vec(),
             context: mode.clone().into(),
             w,
+            strict: options.strict,
         };
         self.run(Some(key), true, options.timeout, op, written)
             .await

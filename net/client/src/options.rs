@@ -86,6 +86,9 @@ pub struct ReadOptions {
     pub r: Option<u8>,
     /// None: the client's request timeout.
     pub timeout: Option<Duration>,
+    /// Read only the key's own replicas: no stand-ins answering from the hints they
+    /// hold for a down replica (sloppy quorum off for this read).
+    pub strict: bool,
 }
 
 /// Per-request settings for a write.
@@ -95,6 +98,9 @@ pub struct WriteOptions {
     pub w: Option<u8>,
     /// None: the client's request timeout.
     pub timeout: Option<Duration>,
+    /// Count only the key's own replicas toward W: no hinted stand-ins for down ones
+    /// (sloppy quorum off). Fails with Unavailable where a sloppy write would land.
+    pub strict: bool,
 }
 
 #[cfg(test)]

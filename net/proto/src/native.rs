@@ -51,6 +51,8 @@ pub enum Op {
     Get {
         key: Vec<u8>,
         r: Option<u8>,
+        /// Ask only the key's own replicas (no stand-ins for down ones).
+        strict: bool,
     },
     Put(Put),
     /// A tombstone, superseding what `context` covers.
@@ -58,6 +60,7 @@ pub enum Op {
         key: Vec<u8>,
         context: WriteContext,
         w: Option<u8>,
+        strict: bool,
     },
     /// Gets of several keys; answered by [`Body::FoundMany`] in the same order.
     MultiGet {
@@ -83,6 +86,9 @@ pub struct Put {
     pub value: Vec<u8>,
     pub context: WriteContext,
     pub w: Option<u8>,
+    /// Count only the key's own replicas toward W (no hinted stand-ins: sloppy
+    /// quorum off for this write).
+    pub strict: bool,
 }
 
 /// Which versions a write supersedes.
@@ -174,6 +180,22 @@ pub struct ShardStatus {
     /// The store's latched failure (a failed fdatasync or directory sync), if any: it
     /// refuses writes until the node restarts.
     pub store_failure: Option<String>,
+    /// Hints this shard holds for down (or just returned) nodes, per target.
+    pub hints: Vec<HintReport>,
+    /// Since the start: hinted writes stored here, handed off to their target,
+    /// refused at the per-target bound, and dropped at the age bound.
+    pub hints_stored: u64,
+    pub hints_handed_off: u64,
+    pub hints_refused: u64,
+    pub hints_expired: u64,
+}
+
+/// Hints pending for one target node.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct HintReport {
+    pub target: u32,
+    pub keys: u64,
+    pub bytes: u64,
 }
 
 /// The node's side of the handshake.
@@ -196,6 +218,9 @@ pub struct Welcome {
 pub struct Found {
     pub context: Vec<u8>,
     pub siblings: Vec<Vec<u8>>,
+    /// Answers that came from stand-ins for down replicas (sloppy quorum): above
+    /// zero, the read may miss writes the key's own replicas hold.
+    pub stand_ins: u32,
 }
 
 /// Why a request did not succeed. Whether a retry is safe depends on the kind:
@@ -349,12 +374,13 @@ mod tests {
     }
 
     fn put() -> impl Strategy<Value = Put> {
-        (bytes(), bytes(), write_context(), any::<Option<u8>>()).prop_map(
-            |(key, value, context, w)| Put {
+        (bytes(), bytes(), write_context(), any::<Option<u8>>(), any::<bool>()).prop_map(
+            |(key, value, context, w, strict)| Put {
                 key,
                 value,
                 context,
                 w,
+                strict,
             },
         )
     }
@@ -372,10 +398,17 @@ mod tests {
             Just(Op::Ping),
             Just(Op::Topology),
             Just(Op::Status),
-            (bytes(), any::<Option<u8>>()).prop_map(|(key, r)| Op::Get { key, r }),
+            (bytes(), any::<Option<u8>>(), any::<bool>())
+                .prop_map(|(key, r, strict)| Op::Get { key, r, strict }),
             put().prop_map(Op::Put),
-            (bytes(), write_context(), any::<Option<u8>>())
-                .prop_map(|(key, context, w)| Op::Delete { key, context, w }),
+            (bytes(), write_context(), any::<Option<u8>>(), any::<bool>()).prop_map(
+                |(key, context, w, strict)| Op::Delete {
+                    key,
+                    context,
+                    w,
+                    strict
+                }
+            ),
             (
                 proptest::collection::vec(bytes(), 0..4),
                 any::<Option<u8>>()
@@ -432,11 +465,13 @@ mod tests {
             Body::Found(Found {
                 context: vec![1, 2],
                 siblings: vec![b"a".to_vec(), Vec::new()],
+                stand_ins: 1,
             }),
             Body::FoundMany(vec![
                 Ok(Found {
                     context: Vec::new(),
                     siblings: Vec::new(),
+                    stand_ins: 0,
                 }),
                 Err(ErrorReply::Timeout {
                     acked: 1,

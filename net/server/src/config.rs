@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ringkv_cluster::phi::PhiConfig;
-use ringkv_cluster::{MembershipConfig, NodeId, Quorum};
+use ringkv_cluster::{HintConfig, MembershipConfig, NodeId, Quorum};
 use ringkv_engine::Durability;
 
 use serde::Deserialize;
@@ -54,6 +54,14 @@ pub struct ServerConfig {
     pub heartbeat_interval_ms: u64,
     pub gossip_interval_ms: u64,
     pub phi_threshold: f64,
+    /// Sloppy quorum's hints, per target node and per shard: the most bytes kept
+    /// (past it, a hinted write is refused and does not count toward W), the age
+    /// after which a hint is dropped and counted (seconds), and the handoff pace to
+    /// a returning node (bytes per second; hints in flight at once).
+    pub hint_bytes_max: u64,
+    pub hint_age_max_s: u64,
+    pub handoff_bytes_per_second: u64,
+    pub handoff_in_flight: usize,
 }
 
 impl Default for ServerConfig {
@@ -77,6 +85,10 @@ impl Default for ServerConfig {
             heartbeat_interval_ms: 200,
             gossip_interval_ms: 1000,
             phi_threshold: 8.0,
+            hint_bytes_max: 256 << 20,
+            hint_age_max_s: 3 * 3600,
+            handoff_bytes_per_second: 8 << 20,
+            handoff_in_flight: 32,
         }
     }
 }
@@ -355,6 +367,7 @@ pub(crate) struct Settings {
     /// Executors: the configured count, or one per available core.
     pub shards: usize,
     pub membership: MembershipConfig,
+    pub hints: HintConfig,
 }
 
 impl ServerConfig {
@@ -393,7 +406,21 @@ impl ServerConfig {
             learn_members: false,
             ..MembershipConfig::default()
         };
+        if self.handoff_bytes_per_second == 0 || self.handoff_in_flight == 0 {
+            return Err(invalid(&format!(
+                "handoff_bytes_per_second = {} and handoff_in_flight = {} must be above 0",
+                self.handoff_bytes_per_second, self.handoff_in_flight
+            )));
+        }
+        let hints = HintConfig {
+            bytes_max: self.hint_bytes_max,
+            age_max: Duration::from_secs(self.hint_age_max_s),
+            handoff_bytes_per_second: self.handoff_bytes_per_second,
+            handoff_in_flight: self.handoff_in_flight,
+            ..HintConfig::default()
+        };
         Ok(Settings {
+            hints,
             membership,
             members,
             durability,

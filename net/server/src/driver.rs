@@ -16,10 +16,11 @@ use futures_channel::oneshot;
 use hashbrown::{HashMap, HashSet};
 use ringkv_cluster::{
     Action, ClientError, ClientReply, ClientToken, GetOutcome, GetRequest, Node, NodeId,
-    PeerMessage, PutOutcome, PutRequest, StorageCompletion, StorageFailure, StorageOp, StoredRead,
-    StoredVersions, TimerId,
+    PeerMessage, PutOutcome, PutRequest, Shelf, StorageCompletion, StorageFailure, StorageOp,
+    StoredRead, StoredVersions, TimerId,
 };
 use ringkv_engine::disk::Disk;
+use ringkv_engine::record;
 use ringkv_engine::{Store, StoreError};
 
 use crate::tasks::TaskGroup;
@@ -50,7 +51,12 @@ pub struct ShardDriver<D: Disk> {
     ticking: Cell<bool>,
     /// Storage operations in flight: each reads or writes the store's files.
     storage: TaskGroup,
+    /// When hints their targets refused were last tried again.
+    parked_retried: Cell<Duration>,
 }
+
+/// How often hints their target refused (over its store's limits) are tried again.
+const PARKED_HINT_RETRY: Duration = Duration::from_secs(30);
 
 /// Where a request's reply goes.
 enum Waiter {
@@ -77,6 +83,7 @@ impl<D: Disk> ShardDriver<D> {
             ticker: TaskGroup::new(),
             ticking: Cell::new(true),
             storage: TaskGroup::new(),
+            parked_retried: Cell::new(Duration::ZERO),
         });
         let ticker = Rc::downgrade(&driver);
         driver.ticker.spawn(async move {
@@ -120,7 +127,49 @@ impl<D: Disk> ShardDriver<D> {
             let Some(timer) = due else { break };
             self.node.borrow_mut().handle_timer(now, timer);
         }
+        if now.saturating_sub(self.parked_retried.get()) >= PARKED_HINT_RETRY {
+            self.parked_retried.set(now);
+            self.node.borrow_mut().retry_parked_hints(now);
+        }
         self.pump();
+    }
+
+    /// Hands the node the hints this shard's store holds (they survive restarts:
+    /// each was written and synced with the write it acknowledged), and forgets the
+    /// removal markers of hints handed off before the restart. Before serving.
+    pub async fn restore_hints(self: &Rc<Self>) -> Result<usize, StoreError> {
+        let hint_partitions = self
+            .store
+            .partitions()
+            .into_iter()
+            .filter_map(|p| match Shelf::from_store_partition(p) {
+                Shelf::Hints { target } => Some((p, target)),
+                Shelf::Home(_) => None,
+            });
+        let mut restored = 0;
+        for (partition, target) in hint_partitions.collect::<Vec<_>>() {
+            for summary in self.store.partition_keys(partition) {
+                let Some(record) = self.store.get(partition, &summary.key).await? else {
+                    continue;
+                };
+                if is_removal(&record) {
+                    let digest = record::version_digest(&[]);
+                    self.store
+                        .collect_tombstone(partition, &summary.key, digest)
+                        .await?;
+                    continue;
+                }
+                let bytes = (record.key().len() + record.version().len() + record.value().len())
+                    as u64;
+                let now = self.now();
+                self.node
+                    .borrow_mut()
+                    .restore_hint(now, target, summary.key, bytes);
+                restored += 1;
+            }
+        }
+        self.pump();
+        Ok(restored)
     }
 
     /// Connects the driver to the peer transport (a single node has none).
@@ -137,6 +186,14 @@ impl<D: Disk> ShardDriver<D> {
 
     pub fn node_id(&self) -> NodeId {
         self.node.borrow().id()
+    }
+
+    pub fn node_stats(&self) -> ringkv_cluster::NodeStats {
+        self.node.borrow().stats()
+    }
+
+    pub fn hints_pending(&self) -> Vec<ringkv_cluster::HintsPending> {
+        self.node.borrow().hints_pending()
     }
 
     /// Whether this shard's peer link to `node` is connected.
@@ -280,8 +337,9 @@ impl<D: Disk> ShardDriver<D> {
 
     async fn run_storage(self: Rc<Self>, op: StorageOp) {
         let completion = match op {
-            StorageOp::Read { op, partition, key } => {
-                let result = match self.store.get(partition.0, &key).await {
+            StorageOp::Read { op, shelf, key } => {
+                let result = match self.store.get(shelf.store_partition(), &key).await {
+                    Ok(Some(record)) if is_removal(&record) => Ok(StoredRead::Absent),
                     Ok(Some(record)) => Ok(StoredRead::Found(StoredVersions {
                         version: record.version().to_vec(),
                         value: record.value().to_vec(),
@@ -300,15 +358,16 @@ impl<D: Disk> ShardDriver<D> {
             }
             StorageOp::Write {
                 op,
-                partition,
+                shelf,
                 key,
                 stored,
             } => {
+                let partition = shelf.store_partition();
                 let written = if stored.tombstone {
-                    self.store.delete(partition.0, &key, &stored.version).await
+                    self.store.delete(partition, &key, &stored.version).await
                 } else {
                     self.store
-                        .put(partition.0, &key, &stored.version, &stored.value)
+                        .put(partition, &key, &stored.version, &stored.value)
                         .await
                 };
                 StorageCompletion::Write {
@@ -316,11 +375,35 @@ impl<D: Disk> ShardDriver<D> {
                     result: written.map_err(|e| StorageFailure(e.to_string())),
                 }
             }
+            StorageOp::Remove { op, shelf, key } => {
+                // A durable marker (a tombstone with no version), then forgotten from
+                // the index; after a restart the marker reads as absent and is
+                // forgotten again (`restore_hints`).
+                let partition = shelf.store_partition();
+                let removed = match self.store.delete(partition, &key, &[]).await {
+                    Ok(()) => self
+                        .store
+                        .collect_tombstone(partition, &key, record::version_digest(&[]))
+                        .await
+                        .map(drop),
+                    Err(err) => Err(err),
+                };
+                StorageCompletion::Write {
+                    op,
+                    result: removed.map_err(|e| StorageFailure(e.to_string())),
+                }
+            }
         };
         let now = self.now();
         self.node.borrow_mut().handle_storage(now, completion);
         self.pump();
     }
+}
+
+/// A removed hint's marker: a tombstone without a version (a real tombstone always
+/// carries the versions of the delete).
+fn is_removal(record: &ringkv_engine::Record) -> bool {
+    record.is_tombstone() && record.version().is_empty()
 }
 
 /// The wall clock in Unix milliseconds, which seeds version stamps (the node makes a

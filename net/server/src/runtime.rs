@@ -319,6 +319,13 @@ async fn serve_shard(
     let shards = ShardMap::new(senders.nr_consumers())?;
     let node = Node::new(node_config(config, shards, id), ring.clone());
     let driver = ShardDriver::new(node, store.store.clone());
+    let hints = driver.restore_hints().await.map_err(|source| ShardError::Store {
+        dir: config.data_dir.clone(),
+        source,
+    })?;
+    if hints > 0 {
+        tracing::info!(shard = id, hints, "hints for other nodes recovered");
+    }
     let shard = Shard::new(
         ring.clone(),
         driver,
@@ -408,6 +415,7 @@ fn node_config(config: &Settings, shards: ShardMap, shard: usize) -> NodeConfig 
     // the one shard that asked.
     node_config.first_sequence = shards.first_sequence(shard);
     node_config.quorum = config.quorum;
+    node_config.hints = config.hints;
     node_config
 }
 

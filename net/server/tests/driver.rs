@@ -37,6 +37,7 @@ fn put(key: &[u8], value: Option<&[u8]>, context: Option<Vec<u8>>) -> PutRequest
         quorum: Some(one()),
         mode: ConflictMode::Causal,
         only_if_present: false,
+        strict: false,
     }
 }
 
@@ -44,6 +45,7 @@ fn get(key: &[u8]) -> GetRequest {
     GetRequest {
         key: key.to_vec(),
         quorum: Some(one()),
+        strict: false,
     }
 }
 

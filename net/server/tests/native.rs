@@ -88,6 +88,7 @@ impl Conn {
         match self.call(Op::Get {
             key: key.to_vec(),
             r: None,
+            strict: false,
         }) {
             Body::Found(found) => found,
             other => panic!("get answered {other:?}"),
@@ -100,6 +101,7 @@ impl Conn {
             value: value.to_vec(),
             context,
             w: None,
+            strict: false,
         }))
     }
 }
@@ -154,6 +156,7 @@ fn every_operation_over_the_native_protocol() {
         key: b"s".to_vec(),
         context: WriteContext::Given(seen),
         w: None,
+        strict: false,
     });
     assert_eq!(deleted, Body::Written);
     assert!(c.get(b"s").siblings.is_empty());
@@ -165,6 +168,7 @@ fn every_operation_over_the_native_protocol() {
             value: i.to_le_bytes().to_vec(),
             context: WriteContext::Latest,
             w: None,
+            strict: false,
         })
         .collect();
     assert_eq!(
@@ -209,6 +213,7 @@ fn every_operation_over_the_native_protocol() {
     let bad_quorum = c.call(Op::Get {
         key: b"k".to_vec(),
         r: Some(2),
+        strict: false,
     });
     assert!(matches!(
         bad_quorum,
@@ -277,13 +282,18 @@ fn pipelined_requests_are_answered_by_id() {
     for i in 0..300u64 {
         let key = format!("p{}", i % 100).into_bytes();
         let op = if i % 3 == 2 {
-            Op::Get { key, r: None }
+            Op::Get {
+                key,
+                r: None,
+                strict: false,
+            }
         } else {
             Op::Put(Put {
                 key,
                 value: i.to_le_bytes().to_vec(),
                 context: WriteContext::Latest,
                 w: None,
+                strict: false,
             })
         };
         requests.push(Request { id: 1000 + i, op });
@@ -312,7 +322,8 @@ fn pipelined_requests_are_answered_by_id() {
                         Body::Found(f) => f.context.clone(),
                         _ => panic!("request {i} answered {body:?}"),
                     },
-                    siblings: expected
+                    siblings: expected,
+                    stand_ins: 0,
                 }),
                 "request {i}"
             );
@@ -430,6 +441,7 @@ fn fuzzed_input_on_both_listeners_never_hurts_the_node() {
         value: b"value".to_vec(),
         context: WriteContext::Blind,
         w: Some(1),
+        strict: false,
     });
     encode_request(&Request { id: 2, op: put }, &mut valid).unwrap();
     let resp_valid = b"*3\r\n$3\r\nSET\r\n$4\r\nfuzz\r\n$5\r\nvalue\r\n".to_vec();

@@ -86,7 +86,7 @@ pub async fn execute(shard: &Shard, session: &mut Session, args: &[Vec<u8>]) -> 
         ("COMMAND", _) => command_info(rest),
         ("CONFIG", _) => config(rest),
         ("CLIENT", _) => client(session, rest),
-        ("GET", 1) => match read(shard, &rest[0], None).await {
+        ("GET", 1) => match read(shard, &rest[0], None, false).await {
             Ok(outcome) => outcome
                 .values()
                 .last()
@@ -109,7 +109,7 @@ pub async fn execute(shard: &Shard, session: &mut Session, args: &[Vec<u8>]) -> 
         ("EXISTS", n) if n > 0 => {
             let mut found = 0;
             for key in rest {
-                match read(shard, key, None).await {
+                match read(shard, key, None, false).await {
                     Ok(outcome) if !outcome.values().is_empty() => found += 1,
                     Ok(_) => {}
                     Err(reply) => return reply,
@@ -120,7 +120,7 @@ pub async fn execute(shard: &Shard, session: &mut Session, args: &[Vec<u8>]) -> 
         ("MGET", n) if n > 0 => {
             let mut values = Vec::with_capacity(n);
             for key in rest {
-                values.push(match read(shard, key, None).await {
+                values.push(match read(shard, key, None, false).await {
                     Ok(outcome) => outcome
                         .values()
                         .last()
@@ -162,8 +162,13 @@ pub async fn execute(shard: &Shard, session: &mut Session, args: &[Vec<u8>]) -> 
     }
 }
 
-async fn read(shard: &Shard, key: &[u8], r: Option<usize>) -> Result<GetOutcome, Reply> {
-    ops::get(shard, key, r).await.map_err(error)
+async fn read(
+    shard: &Shard,
+    key: &[u8],
+    r: Option<usize>,
+    strict: bool,
+) -> Result<GetOutcome, Reply> {
+    ops::get(shard, key, r, strict).await.map_err(error)
 }
 
 async fn write(
@@ -171,9 +176,9 @@ async fn write(
     key: &[u8],
     value: Option<&[u8]>,
     context: WriteContext,
-    w: Option<usize>,
+    (w, strict): (Option<usize>, bool),
 ) -> Reply {
-    match ops::put(shard, key, value, context, w).await {
+    match ops::put(shard, key, value, context, w, strict).await {
         Ok(()) => Reply::ok(),
         Err(e) => error(e),
     }
@@ -181,27 +186,43 @@ async fn write(
 
 /// SET: write with the context just read, replacing what was there.
 async fn set(shard: &Shard, key: &[u8], value: &[u8]) -> Reply {
-    write(shard, key, Some(value), WriteContext::Latest, None).await
+    write(shard, key, Some(value), WriteContext::Latest, (None, false)).await
 }
 
-/// Parses `[NAME n]` pairs after the fixed arguments; returns None on anything else.
-fn options<'a>(args: &'a [Vec<u8>], allowed: &[&str]) -> Result<Vec<(String, &'a [u8])>, Reply> {
-    if !args.len().is_multiple_of(2) {
-        return Err(Reply::err(
-            "ERR syntax error: options come in NAME value pairs",
-        ));
-    }
-    let mut found = Vec::new();
-    for pair in args.chunks(2) {
-        let name = upper(&pair[0]);
+/// Parses `[NAME value]` pairs and the `STRICT` flag after the fixed arguments;
+/// refuses anything else.
+fn options<'a>(args: &'a [Vec<u8>], allowed: &[&str]) -> Result<Options<'a>, Reply> {
+    let mut found = Options::default();
+    let mut rest = args;
+    while let Some(first) = rest.first() {
+        let name = upper(first);
+        if name == "STRICT" {
+            found.strict = true;
+            rest = &rest[1..];
+            continue;
+        }
         if !allowed.contains(&name.as_str()) {
             return Err(Reply::err(format!(
                 "ERR syntax error: unknown option {name}"
             )));
         }
-        found.push((name, pair[1].as_slice()));
+        let Some(value) = rest.get(1) else {
+            return Err(Reply::err(format!(
+                "ERR syntax error: option {name} needs a value"
+            )));
+        };
+        found.pairs.push((name, value.as_slice()));
+        rest = &rest[2..];
     }
     Ok(found)
+}
+
+/// A command's options: `NAME value` pairs in order, and whether `STRICT` was given
+/// (sloppy quorum off: only the key's own replicas count).
+#[derive(Default)]
+struct Options<'a> {
+    pairs: Vec<(String, &'a [u8])>,
+    strict: bool,
 }
 
 fn count(name: &str, value: &[u8]) -> Result<usize, Reply> {
@@ -211,18 +232,20 @@ fn count(name: &str, value: &[u8]) -> Result<usize, Reply> {
         .ok_or_else(|| Reply::err(format!("ERR {name} must be a positive integer")))
 }
 
-/// KV.GET key [R n] -> [context, [sibling values...]]
+/// KV.GET key [R n] [STRICT] -> [context, [sibling values...]]
 async fn kv_get(shard: &Shard, args: &[Vec<u8>]) -> Reply {
     let Some((key, rest)) = args.split_first() else {
         return wrong_args("KV.GET");
     };
-    let parsed = options(rest, &["R"])
-        .and_then(|opts| opts.iter().map(|(n, v)| count(n, v)).next().transpose());
-    let r = match parsed {
-        Ok(r) => r,
+    let parsed = options(rest, &["R"]).and_then(|opts| {
+        let r = opts.pairs.iter().map(|(n, v)| count(n, v)).last().transpose()?;
+        Ok((r, opts.strict))
+    });
+    let (r, strict) = match parsed {
+        Ok(parsed) => parsed,
         Err(reply) => return reply,
     };
-    match read(shard, key, r).await {
+    match read(shard, key, r, strict).await {
         Ok(outcome) => Reply::Array(vec![
             Reply::Bulk(outcome.context.encode()),
             Reply::Array(outcome.values().into_iter().map(Reply::bulk).collect()),
@@ -231,7 +254,7 @@ async fn kv_get(shard: &Shard, args: &[Vec<u8>]) -> Reply {
     }
 }
 
-/// KV.PUT key value [CONTEXT ctx] [W n] / KV.DEL key [CONTEXT ctx] [W n]
+/// KV.PUT key value [CONTEXT ctx] [W n] [STRICT] / KV.DEL key [CONTEXT ctx] [W n] [STRICT]
 async fn kv_put(shard: &Shard, args: &[Vec<u8>], delete: bool) -> Reply {
     let fixed = if delete { 1 } else { 2 };
     if args.len() < fixed {
@@ -258,7 +281,7 @@ async fn kv_put(shard: &Shard, args: &[Vec<u8>], delete: bool) -> Reply {
         WriteContext::Blind
     };
     let mut w = None;
-    for (name, v) in opts {
+    for (name, v) in opts.pairs {
         if name == "CONTEXT" {
             context = WriteContext::Given(v.to_vec());
         } else {
@@ -268,7 +291,7 @@ async fn kv_put(shard: &Shard, args: &[Vec<u8>], delete: bool) -> Reply {
             }
         }
     }
-    write(shard, key, value, context, w).await
+    write(shard, key, value, context, (w, opts.strict)).await
 }
 
 /// SET options are refused rather than ignored: each would promise what ringkv does

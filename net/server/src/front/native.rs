@@ -289,7 +289,7 @@ async fn execute(shard: &Shard, info: &NodeInfo, request: &Request) -> Body {
         Op::Hello { .. } | Op::PeerHello(_) => Body::Error(ErrorReply::InvalidArgument {
             message: "a handshake is only allowed once, as the first request".into(),
         }),
-        Op::Get { key, r } => match get(shard, key, count(*r)).await {
+        Op::Get { key, r, strict } => match get(shard, key, count(*r), *strict).await {
             Ok(found) => Body::Found(found),
             Err(e) => Body::Error(e),
         },
@@ -297,14 +297,19 @@ async fn execute(shard: &Shard, info: &NodeInfo, request: &Request) -> Body {
             Ok(()) => Body::Written,
             Err(e) => Body::Error(e),
         },
-        Op::Delete { key, context, w } => {
-            match ops::put(shard, key, None, context.clone(), count(*w)).await {
+        Op::Delete {
+            key,
+            context,
+            w,
+            strict,
+        } => {
+            match ops::put(shard, key, None, context.clone(), count(*w), *strict).await {
                 Ok(()) => Body::Written,
                 Err(e) => Body::Error(e),
             }
         }
         Op::MultiGet { keys, r } => {
-            let reads = keys.iter().map(|key| get(shard, key, count(*r)));
+            let reads = keys.iter().map(|key| get(shard, key, count(*r), false));
             Body::FoundMany(futures_util::future::join_all(reads).await)
         }
         Op::MultiPut(puts) => {
@@ -314,15 +319,22 @@ async fn execute(shard: &Shard, info: &NodeInfo, request: &Request) -> Body {
     }
 }
 
-async fn get(shard: &Shard, key: &[u8], r: Option<usize>) -> Result<Found, ErrorReply> {
-    let outcome = ops::get(shard, key, r).await?;
+async fn get(
+    shard: &Shard,
+    key: &[u8],
+    r: Option<usize>,
+    strict: bool,
+) -> Result<Found, ErrorReply> {
+    let outcome = ops::get(shard, key, r, strict).await?;
     Ok(Found {
         context: outcome.context.encode(),
         siblings: outcome.values().into_iter().map(<[u8]>::to_vec).collect(),
+        stand_ins: outcome.stand_ins,
     })
 }
 
 async fn write(shard: &Shard, put: &Put) -> Result<(), ErrorReply> {
     let w = put.w.map(usize::from);
-    ops::put(shard, &put.key, Some(&put.value), put.context.clone(), w).await
+    let context = put.context.clone();
+    ops::put(shard, &put.key, Some(&put.value), context, w, put.strict).await
 }

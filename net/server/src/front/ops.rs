@@ -10,25 +10,34 @@ use ringkv_proto::{ErrorReply, WriteContext};
 
 use crate::shard::{ServerError, Shard};
 
-/// Every sibling of `key` from R replicas (the default R when `r` is None).
-pub async fn get(shard: &Shard, key: &[u8], r: Option<usize>) -> Result<GetOutcome, ErrorReply> {
+/// Every sibling of `key` from R replicas (the default R when `r` is None); with
+/// `strict`, from the key's own replicas only (no stand-ins).
+pub async fn get(
+    shard: &Shard,
+    key: &[u8],
+    r: Option<usize>,
+    strict: bool,
+) -> Result<GetOutcome, ErrorReply> {
     check_key(key)?;
     let quorum = quorum(shard, r, None)?;
     let request = GetRequest {
         key: key.to_vec(),
         quorum: Some(quorum),
+        strict,
     };
     shard.get(request).await.map_err(error_reply)
 }
 
 /// Writes `value` (a tombstone when None) superseding what `context` names:
-/// the given context, nothing (blind), or what a quorum holds (latest).
+/// the given context, nothing (blind), or what a quorum holds (latest). With
+/// `strict`, only the key's own replicas count toward W (sloppy quorum off).
 pub async fn put(
     shard: &Shard,
     key: &[u8],
     value: Option<&[u8]>,
     context: WriteContext,
     w: Option<usize>,
+    strict: bool,
 ) -> Result<(), ErrorReply> {
     check_key(key)?;
     let len = value.map_or(0, <[u8]>::len);
@@ -47,6 +56,7 @@ pub async fn put(
         quorum: Some(quorum(shard, None, w)?),
         mode: ringkv_cluster::ConflictMode::Causal,
         only_if_present: false,
+        strict,
     };
     shard.put(request).await.map_err(error_reply)?;
     Ok(())
@@ -129,6 +139,7 @@ pub fn error_reply(err: ServerError) -> ErrorReply {
             let (what, size, limit) = match refusal {
                 TooLarge::Values { size, limit } => ("values", size, limit),
                 TooLarge::Versions { size, limit } => ("versions", size, limit),
+                TooLarge::Hints { size, limit } => ("hints for down nodes", size, limit),
             };
             // Not the coordinator's own refusal (nothing written): the write may stand
             // where it was stored, so the client hears it as TooLarge that says so.

@@ -13,7 +13,7 @@ use ringkv_cluster::{
     PutOutcome, PutRequest, Quorum, Ring, ShardMap,
 };
 use ringkv_engine::disk::DmaDisk;
-use ringkv_proto::{MemberReport, ShardStatus};
+use ringkv_proto::{HintReport, MemberReport, ShardStatus};
 
 use crate::driver::ShardDriver;
 use crate::membership::MembershipDriver;
@@ -292,6 +292,7 @@ impl Shard {
     fn local_status(&self) -> ShardStatus {
         let store = self.driver.store();
         let (stats, usage) = (store.stats(), store.usage());
+        let node = self.driver.node_stats();
         // Partitions this node holds a replica of, and of those, the ones this shard
         // owns (partition p belongs to shard p % count).
         let me = self.driver.node_id();
@@ -313,6 +314,20 @@ impl Shard {
             commits: stats.commits,
             corrupt: stats.corruption(),
             store_failure: store.failure(),
+            hints: self
+                .driver
+                .hints_pending()
+                .into_iter()
+                .map(|h| HintReport {
+                    target: h.target.0,
+                    keys: h.keys,
+                    bytes: h.bytes,
+                })
+                .collect(),
+            hints_stored: node.hints.stored,
+            hints_handed_off: node.hints.handed_off,
+            hints_refused: node.hints.refused,
+            hints_expired: node.hints.expired,
         }
     }
 
