@@ -1,0 +1,198 @@
+//! Sloppy quorum and hinted handoff across real processes: four `ringkv server`
+//! processes on loopback (N=3), so every key has a node outside its replicas to stand
+//! in for a dead one.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use ringkv_client::{Client, PutMode, ReadOptions, RetryPolicy, WriteOptions};
+use ringkv_cluster::{Member, NodeId, Ring};
+
+mod common;
+use common::Cluster;
+
+fn client(cluster: &Cluster, ids: &[usize]) -> Client {
+    Client::builder()
+        .seeds(ids.iter().map(|&id| cluster.native(id)))
+        .request_timeout(Duration::from_secs(3))
+        .retry(RetryPolicy {
+            attempts: 4,
+            backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(300),
+        })
+        .connect_blocking()
+        .expect("client connects")
+}
+
+/// The ring every server builds from `--partitions 64` and members 1..=size.
+fn ring(size: u32) -> Ring {
+    let members: Vec<Member> = (1..=size).map(|i| Member::new(NodeId(i))).collect();
+    Ring::new(64, &members).expect("a valid ring")
+}
+
+/// Hints pending on every running node, summed over shards and targets.
+fn hints_pending(c: &Client) -> u64 {
+    let each = c.status_each().expect("status");
+    each.iter()
+        .filter_map(|(_, status)| status.as_ref().ok())
+        .flat_map(|n| &n.shards)
+        .flat_map(|s| &s.hints)
+        .map(|h| h.keys)
+        .sum()
+}
+
+/// Waits until every running node's failure detector takes `node` for down (before
+/// that, a write may still be sent to it and lost with it, and no stand-in takes it:
+/// only read repair or anti-entropy would bring that one back).
+fn wait_seen_down(c: &Client, node: u32) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let each = c.status_each().expect("status");
+        let seen = each
+            .iter()
+            .filter(|(id, _)| *id != node)
+            .all(|(_, status)| {
+                status.as_ref().is_ok_and(|s| {
+                    s.members.iter().any(|m| m.node_id == node && m.down)
+                })
+            });
+        if seen {
+            return;
+        }
+        assert!(Instant::now() < deadline, "node {node} was never seen down");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Kill one of four nodes for 30 s under write load, then restart it: every write
+/// acknowledged while it was down and meant for it reaches it by handoff, which is
+/// checked on that node alone (the other three killed first), without any read of
+/// those keys before.
+#[test]
+fn writes_made_while_a_node_was_down_reach_it_through_handoff() {
+    let mut cluster = Cluster::start(4);
+    let writer = client(&cluster, &[1, 2, 3]);
+    cluster.kill(4);
+    wait_seen_down(&writer, 4);
+    let down_since = Instant::now();
+    let w2 = WriteOptions {
+        w: Some(2),
+        ..WriteOptions::default()
+    };
+    let ring = ring(4);
+    let mut acked: BTreeMap<String, u32> = BTreeMap::new();
+    let (mut unknown, mut i) = (0, 0u32);
+    while down_since.elapsed() < Duration::from_secs(30) {
+        let key = format!("while-down-{i}");
+        match writer.put_with(key.as_bytes(), &i.to_le_bytes(), PutMode::Latest, w2) {
+            Ok(()) => {
+                acked.insert(key, i);
+            }
+            Err(e) if e.outcome_unknown() => unknown += 1,
+            Err(e) => panic!("write {i} failed outright: {e}"),
+        }
+        i += 1;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let for_node_4: Vec<(&String, &u32)> = acked
+        .iter()
+        .filter(|(key, _)| ring.preference_list_for_key(key.as_bytes(), 3).contains(&NodeId(4)))
+        .collect();
+    println!(
+        "{} writes acked while node 4 was down ({unknown} unknown), {} of them for node 4",
+        acked.len(),
+        for_node_4.len()
+    );
+    assert!(acked.len() >= 1000, "only {} writes acked", acked.len());
+    assert!(for_node_4.len() >= 300, "too few keys for node 4 to prove anything");
+    // The last stand-in writes may still be landing (W=2 answers before the third).
+    std::thread::sleep(Duration::from_millis(500));
+    let pending = hints_pending(&writer);
+    assert!(
+        pending as usize >= for_node_4.len(),
+        "{pending} hints held for {} writes",
+        for_node_4.len()
+    );
+
+    cluster.restart(4);
+    let returned = Instant::now();
+    let mut drained = false;
+    while returned.elapsed() < Duration::from_secs(60) {
+        if hints_pending(&writer) == 0 {
+            drained = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(drained, "hints still pending 60 s after the node returned");
+    println!(
+        "handoff of {} keys done {:?} after node 4 returned",
+        for_node_4.len(),
+        returned.elapsed()
+    );
+    let handed: u64 = writer
+        .status_each()
+        .unwrap()
+        .iter()
+        .filter_map(|(_, s)| s.as_ref().ok())
+        .flat_map(|n| &n.shards)
+        .map(|s| s.hints_handed_off)
+        .sum();
+    assert!(handed as usize >= for_node_4.len(), "{handed} hints handed off");
+
+    // Node 4 alone: the others are gone, so only its own store can answer.
+    for id in 1..=3 {
+        cluster.kill(id);
+    }
+    let alone = client(&cluster, &[4]);
+    let one = ReadOptions {
+        r: Some(1),
+        strict: true,
+        ..ReadOptions::default()
+    };
+    let mut missing = Vec::new();
+    for (key, value) in &for_node_4 {
+        let found = alone
+            .get_on(&cluster.native(4), key.as_bytes(), one)
+            .expect("node 4 answers from its own store");
+        if found.value() != Some(&value.to_le_bytes()[..]) {
+            missing.push(key.to_string());
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {} writes never reached node 4: {:?}",
+        missing.len(),
+        for_node_4.len(),
+        &missing[..missing.len().min(10)]
+    );
+}
+
+/// A strict write refuses stand-ins: with one replica of a key dead, W=3 is
+/// unavailable strict, and acknowledged sloppy (a stand-in took the dead one's share).
+#[test]
+fn strict_writes_refuse_stand_ins_that_sloppy_ones_count() {
+    let mut cluster = Cluster::start(4);
+    let c = client(&cluster, &[1, 2, 3]);
+    cluster.kill(4);
+    wait_seen_down(&c, 4);
+    let ring = ring(4);
+    let key = (0..)
+        .map(|i| format!("strict-{i}"))
+        .find(|k| ring.preference_list_for_key(k.as_bytes(), 3).contains(&NodeId(4)))
+        .expect("some key has node 4 as a replica");
+    let w3 = |strict| WriteOptions {
+        w: Some(3),
+        strict,
+        ..WriteOptions::default()
+    };
+    let strict = c.put_with(key.as_bytes(), b"v", PutMode::Latest, w3(true));
+    let error = strict.expect_err("a strict W=3 write with a replica dead");
+    assert!(
+        error.to_string().to_lowercase().contains("unavailable"),
+        "strict: {error}"
+    );
+    c.put_with(key.as_bytes(), b"v", PutMode::Latest, w3(false))
+        .expect("a sloppy W=3 write counts the stand-in");
+    assert!(hints_pending(&c) >= 1);
+}
