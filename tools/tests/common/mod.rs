@@ -1,6 +1,8 @@
 //! A real `ringkv server` process on loopback for the client and CLI tests.
 #![allow(dead_code)] // Each test file uses its own part of this.
 
+pub mod partition;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -115,6 +117,8 @@ pub struct Cluster {
     base: u16,
     dirs: Vec<tempfile::TempDir>,
     shards: Vec<usize>,
+    /// Each node's (uid, gid) when it runs as its own unix user (see `partition`).
+    users: Option<Vec<(u32, u32)>>,
 }
 
 /// Ports per node: native and up to three shard ports, then the same for RESP.
@@ -127,14 +131,31 @@ impl Cluster {
 
     /// One node per entry, with that many shards (at most 3).
     pub fn start_with_shards(shards: &[usize]) -> Cluster {
+        Cluster::start_inner(shards, None)
+    }
+
+    /// `size` one-shard nodes, node i running as unix user `users[i - 1]` (uid, gid),
+    /// so nftables can tell their connections apart on loopback.
+    pub fn start_as_users(users: &[(u32, u32)]) -> Cluster {
+        Cluster::start_inner(&vec![1; users.len()], Some(users.to_vec()))
+    }
+
+    fn start_inner(shards: &[usize], users: Option<Vec<(u32, u32)>>) -> Cluster {
         let size = shards.len();
         let base = free_ports_n(NODE_PORTS * size as u16);
         let dirs: Vec<_> = (0..size).map(|_| tempdir()).collect();
+        if let Some(users) = &users {
+            for (dir, (uid, gid)) in dirs.iter().zip(users) {
+                std::os::unix::fs::chown(dir.path(), Some(*uid), Some(*gid))
+                    .expect("chown the node's data directory");
+            }
+        }
         let mut cluster = Cluster {
             nodes: Vec::new(),
             base,
             dirs,
             shards: shards.to_vec(),
+            users,
         };
         let children: Vec<_> = (1..=size).map(|id| cluster.spawn(id)).collect();
         for (id, child) in (1..=size).zip(children) {
@@ -172,8 +193,14 @@ impl Cluster {
         }
     }
 
-    fn size(&self) -> usize {
+    pub fn size(&self) -> usize {
         self.dirs.len()
+    }
+
+    /// Every port node `id` listens on (native and RESP, with their shard ports).
+    pub fn ports(&self, id: usize) -> std::ops::Range<u16> {
+        let first = self.base + NODE_PORTS * (id as u16 - 1);
+        first..first + NODE_PORTS
     }
 
     /// Node `id`'s native address (shard 0 at the next port).
@@ -189,7 +216,18 @@ impl Cluster {
         let peers: Vec<String> = (1..=self.size())
             .map(|k| format!("{k}@{}", self.native(k)))
             .collect();
-        Command::new(env!("CARGO_BIN_EXE_ringkv"))
+        let mut command = match &self.users {
+            Some(users) => {
+                let (uid, gid) = users[id - 1];
+                let mut command = Command::new("setpriv");
+                command
+                    .args(["--reuid", &uid.to_string(), "--regid", &gid.to_string()])
+                    .args(["--clear-groups", "--", env!("CARGO_BIN_EXE_ringkv")]);
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_ringkv")),
+        };
+        command
             .args(["server", "--node-id", &id.to_string()])
             .args(["--shards", &self.shards[id - 1].to_string()])
             .args(["--partitions", "64", "--replicas", "3"])

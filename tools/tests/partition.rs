@@ -1,0 +1,197 @@
+//! A network partition between two groups of real `ringkv server` processes on
+//! loopback, while clients still reach every node (the nftables harness in
+//! `common::partition`; needs root and nftables). Five nodes, N=3, W=2: sloppy quorum
+//! keeps writes available on both sides; after healing, handoff brings them home and
+//! every acknowledged write is readable at R=2.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use ringkv_client::{Client, ReadOptions, RetryPolicy};
+
+mod common;
+use common::Cluster;
+use common::partition::{Partitioner, node_user};
+
+fn client(cluster: &Cluster, ids: &[usize]) -> Client {
+    Client::builder()
+        .seeds(ids.iter().map(|&id| cluster.native(id)))
+        .request_timeout(Duration::from_secs(3))
+        .retry(RetryPolicy {
+            attempts: 4,
+            backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(300),
+        })
+        .connect_blocking()
+        .expect("client connects")
+}
+
+fn redis(cluster: &Cluster, id: usize) -> redis::Connection {
+    let url = format!("redis://127.0.0.1:{}/", cluster.resp_port(id));
+    let connection = redis::Client::open(url).unwrap().get_connection().unwrap();
+    connection
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    connection
+}
+
+/// Waits until every node of `side` takes every node of `other` for down; returns
+/// how long that took.
+fn wait_detected(c: &Client, side: &[usize], other: &[usize], since: Instant) -> Duration {
+    loop {
+        let each = c.status_each().expect("status");
+        let seen = each
+            .iter()
+            .filter(|(id, _)| side.contains(&(*id as usize)))
+            .all(|(_, status)| {
+                status.as_ref().is_ok_and(|s| {
+                    other.iter().all(|&o| {
+                        s.members.iter().any(|m| m.node_id as usize == o && m.down)
+                    })
+                })
+            });
+        if seen {
+            return since.elapsed();
+        }
+        assert!(since.elapsed() < Duration::from_secs(20), "the cut was never detected");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Writes unique keys through `nodes` (RESP SET, round robin) for `duration`:
+/// returns the acknowledged (key, value) pairs and how many were attempted.
+fn write_for(
+    cluster: &Cluster,
+    nodes: &[usize],
+    prefix: &str,
+    duration: Duration,
+) -> (BTreeMap<String, String>, usize) {
+    let mut connections: Vec<redis::Connection> = nodes.iter().map(|&id| redis(cluster, id)).collect();
+    let mut acked = BTreeMap::new();
+    let started = Instant::now();
+    let mut i = 0;
+    while started.elapsed() < duration {
+        let key = format!("{prefix}-{i}");
+        let value = format!("{prefix}-value-{i}");
+        let connection = &mut connections[i % nodes.len()];
+        let result: redis::RedisResult<()> =
+            redis::cmd("SET").arg(&key).arg(&value).query(connection);
+        if result.is_ok() {
+            acked.insert(key, value);
+        }
+        i += 1;
+    }
+    (acked, i)
+}
+
+fn hints_pending(c: &Client) -> u64 {
+    c.status_each()
+        .expect("status")
+        .iter()
+        .filter_map(|(_, s)| s.as_ref().ok())
+        .flat_map(|n| &n.shards)
+        .flat_map(|s| &s.hints)
+        .map(|h| h.keys)
+        .sum()
+}
+
+#[test]
+fn both_sides_of_a_partition_stay_writable_and_converge_after_healing() {
+    let users: Vec<(u32, u32)> = (1..=5).map(node_user).collect();
+    let mut partitioner = Partitioner::new(&users);
+    let cluster = Cluster::start_as_users(&users);
+    partitioner.attach(&cluster);
+    let c = client(&cluster, &[1, 2, 3, 4, 5]);
+    let (small, large) = ([1, 2], [3, 4, 5]);
+
+    partitioner.cut(&small);
+    let cut_at = Instant::now();
+    // The cut holds, and only across the sides.
+    assert!(!partitioner.can_connect(1, 3), "node 1 still reaches node 3");
+    assert!(!partitioner.can_connect(4, 2), "node 4 still reaches node 2");
+    assert!(partitioner.can_connect(1, 2), "node 1 lost its own side");
+    assert!(partitioner.can_connect(3, 5), "node 3 lost its own side");
+    let detected = wait_detected(&c, &small, &large, cut_at).max(wait_detected(
+        &c,
+        &large,
+        &small,
+        cut_at,
+    ));
+    println!("both sides saw the other down {detected:?} after the cut");
+
+    let window = Duration::from_secs(10);
+    let (small_side, large_side) = std::thread::scope(|scope| {
+        let small_side = scope.spawn(|| write_for(&cluster, &small, "small", window));
+        let large_side = scope.spawn(|| write_for(&cluster, &large, "large", window));
+        (small_side.join().unwrap(), large_side.join().unwrap())
+    });
+    let share = |(acked, tried): &(BTreeMap<String, String>, usize)| {
+        100.0 * acked.len() as f64 / (*tried).max(1) as f64
+    };
+    println!(
+        "during the cut: side {{1,2}} acked {} of {} writes ({:.1}%), side {{3,4,5}} {} of {} ({:.1}%)",
+        small_side.0.len(),
+        small_side.1,
+        share(&small_side),
+        large_side.0.len(),
+        large_side.1,
+        share(&large_side)
+    );
+    assert!(small_side.1 >= 100 && large_side.1 >= 100, "too few writes tried");
+    // After detection, a stand-in is on hand for every key on both sides.
+    assert!(share(&small_side) >= 99.0, "side {{1,2}}: {:.1}%", share(&small_side));
+    assert!(share(&large_side) >= 99.0, "side {{3,4,5}}: {:.1}%", share(&large_side));
+    let pending = hints_pending(&c);
+    assert!(pending > 0, "no stand-in held a hint");
+
+    partitioner.heal();
+    let healed = Instant::now();
+    let mut drained = None;
+    while healed.elapsed() < Duration::from_secs(60) {
+        if hints_pending(&c) == 0 {
+            drained = Some(healed.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let drained = drained.expect("hints still pending 60 s after healing");
+    println!("{pending} hints handed off {drained:?} after healing");
+
+    let r2 = ReadOptions {
+        r: Some(2),
+        ..ReadOptions::default()
+    };
+    let mut lost = Vec::new();
+    for (key, value) in small_side.0.iter().chain(&large_side.0) {
+        let found = c.get_with(key.as_bytes(), r2).expect("a read at R=2 after healing");
+        if found.value() != Some(value.as_bytes()) {
+            lost.push((key.clone(), found.siblings.len()));
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes not readable at R=2 after healing: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    // The reads repaired what handoff could not reach (a third replica nobody stood
+    // in for); every key now has its N = 3 copies.
+    let acked = small_side.0.len() + large_side.0.len();
+    let converged = (0..50).any(|_| {
+        let copies: u64 = c
+            .status_each()
+            .unwrap()
+            .iter()
+            .filter_map(|(_, s)| s.as_ref().ok())
+            .flat_map(|n| &n.shards)
+            .map(|s| s.keys)
+            .sum();
+        let attempted = small_side.1 + large_side.1;
+        let done = copies as usize >= 3 * acked && copies as usize <= 3 * attempted;
+        if !done {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        done
+    });
+    assert!(converged, "replicas did not converge to 3 copies of each key");
+}
