@@ -145,7 +145,10 @@ impl PutCoordination {
 
     /// Acks that came from stand-ins for down replicas.
     pub fn stand_ins_acked(&self) -> u32 {
-        self.acked.iter().filter(|n| self.hint_for.contains_key(n)).count() as u32
+        self.acked
+            .iter()
+            .filter(|n| self.hint_for.contains_key(n))
+            .count() as u32
     }
 
     /// Invariants while the put is still open (it is removed once it replies).
@@ -226,7 +229,10 @@ impl GetCoordination {
 
     /// Answers that came from stand-ins for down replicas.
     pub fn stand_ins_answered(&self) -> u32 {
-        self.answers.keys().filter(|n| self.stand_ins.contains(n)).count() as u32
+        self.answers
+            .keys()
+            .filter(|n| self.stand_ins.contains(n))
+            .count() as u32
     }
 
     pub fn all_answered(&self) -> bool {

@@ -216,7 +216,10 @@ impl HintLedger {
 
     /// Takes the next hint to hand off to one of `reachable`: its target, key and
     /// size. Marks it busy.
-    pub fn take_next(&mut self, reachable: impl Fn(NodeId) -> bool) -> Option<(NodeId, Vec<u8>, u64)> {
+    pub fn take_next(
+        &mut self,
+        reachable: impl Fn(NodeId) -> bool,
+    ) -> Option<(NodeId, Vec<u8>, u64)> {
         for (&target, held) in self.targets.iter_mut() {
             if !reachable(target) {
                 continue;
@@ -283,7 +286,10 @@ impl HintLedger {
         for held in self.targets.values() {
             assert!(!held.keys.is_empty(), "targets without hints are removed");
             let sum: u64 = held.keys.values().map(|h| h.bytes).sum();
-            assert_eq!(sum, held.bytes, "a target's byte count is the sum of its hints");
+            assert_eq!(
+                sum, held.bytes,
+                "a target's byte count is the sum of its hints"
+            );
         }
     }
 }
@@ -369,7 +375,10 @@ mod tests {
         ledger.stored(t, b"a", 60, now);
         ledger.stored(t, b"a", 70, now);
         assert_eq!(ledger.bytes(t), 70);
-        assert!(ledger.has_room(t, b"a", 100, 100), "a rewrite replaces its size");
+        assert!(
+            ledger.has_room(t, b"a", 100, 100),
+            "a rewrite replaces its size"
+        );
         assert!(!ledger.has_room(t, b"b", 31, 100));
         ledger.stored(t, b"b", 30, now);
         ledger.assert_invariants();

@@ -18,10 +18,10 @@ use std::time::Duration;
 
 use crate::clock::{Actor, Dot, EpochSource, VersionVector};
 use crate::codec::Context;
-use crate::hints::{HintConfig, HintLedger, HintStats, HintsPending, Placement, Shelf, Throttle};
 use crate::coordinator::{
     Answer, Forwarding, GetCoordination, PutCoordination, Requester, ThenPut,
 };
+use crate::hints::{HintConfig, HintLedger, HintStats, HintsPending, Placement, Shelf, Throttle};
 use crate::message::{ForwardedPut, PeerMessage, RequestId, TooLarge};
 use crate::quorum::Quorum;
 use crate::replica::{
@@ -891,7 +891,13 @@ impl Node {
     /// and unless `strict`, for each unreachable one the next reachable node along
     /// the ring (Dynamo §4.6), standing in for it. This node does not stand in where
     /// its hints for that replica are full.
-    fn placements(&self, partition: PartitionId, key: &[u8], n: usize, strict: bool) -> Vec<Placement> {
+    fn placements(
+        &self,
+        partition: PartitionId,
+        key: &[u8],
+        n: usize,
+        strict: bool,
+    ) -> Vec<Placement> {
         let home = self.ring.preference_list(partition, n);
         let mut placements: Vec<Placement> = home
             .iter()
@@ -909,7 +915,9 @@ impl Node {
             .copied()
             .filter(|node| self.unreachable.contains(node));
         let mut target = down.next();
-        let walk = self.ring.preference_list(partition, self.ring.member_count());
+        let walk = self
+            .ring
+            .preference_list(partition, self.ring.member_count());
         for node in walk.into_iter().skip(home.len()) {
             let Some(for_node) = target else {
                 break;
@@ -1235,7 +1243,9 @@ impl Node {
             self.submit(now, key, Shelf::Hints { target }, job);
         }
         let rate = config.handoff_bytes_per_second;
-        let throttle = self.throttle.get_or_insert_with(|| Throttle::new(rate, now));
+        let throttle = self
+            .throttle
+            .get_or_insert_with(|| Throttle::new(rate, now));
         let mut ready = throttle.ready(now);
         while ready && self.handoffs.len() < config.handoff_in_flight {
             let unreachable = &self.unreachable;
@@ -1262,7 +1272,11 @@ impl Node {
         if !self.hints.any_idle() {
             return;
         }
-        let throttled = self.throttle.as_ref().map(|t| t.ready_at()).filter(|&at| at > now);
+        let throttled = self
+            .throttle
+            .as_ref()
+            .map(|t| t.ready_at())
+            .filter(|&at| at > now);
         self.arm_handoff(throttled.unwrap_or(now + config.retry_interval));
     }
 

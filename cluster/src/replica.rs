@@ -178,9 +178,15 @@ pub(crate) enum ReplicaEvent {
         bytes: u64,
     },
     /// The hint is gone from the store (or was never there).
-    HintRemoved { target: NodeId, key: Vec<u8> },
+    HintRemoved {
+        target: NodeId,
+        key: Vec<u8>,
+    },
     /// A conditional removal found the hint changed; it stays.
-    HintKept { target: NodeId, key: Vec<u8> },
+    HintKept {
+        target: NodeId,
+        key: Vec<u8>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -417,7 +423,12 @@ impl Replica {
     /// copy, with the key's stand-in actor if that copy still covers the actor's last
     /// dot (so no counter is skipped: every earlier dot is in the copy, or under
     /// something in it, and travels with it), else with a fresh actor.
-    fn draw_dot(&mut self, key: &ShelfKey, current: &VersionSet, context: &VersionVector) -> Option<Dot> {
+    fn draw_dot(
+        &mut self,
+        key: &ShelfKey,
+        current: &VersionSet,
+        context: &VersionVector,
+    ) -> Option<Dot> {
         if let Shelf::Home(_) = key.0 {
             let dot = current.checked_next_dot(self.actor, context)?;
             self.actor_used = true;
@@ -441,7 +452,8 @@ impl Replica {
             }
         };
         let dot = current.checked_next_dot(actor, context)?;
-        self.stand_in_actors.insert(key.1.clone(), (actor, dot.counter));
+        self.stand_in_actors
+            .insert(key.1.clone(), (actor, dot.counter));
         Some(dot)
     }
 
@@ -473,7 +485,13 @@ impl Replica {
     }
 
     /// The stored set has been read: answer, or merge and write.
-    fn decide(&mut self, key: &ShelfKey, job: Job, current: VersionSet, out: &mut Vec<ReplicaEvent>) {
+    fn decide(
+        &mut self,
+        key: &ShelfKey,
+        job: Job,
+        current: VersionSet,
+        out: &mut Vec<ReplicaEvent>,
+    ) {
         match job {
             Job::Read { origin } => {
                 out.push(ReplicaEvent::ReadDone {
@@ -654,7 +672,14 @@ impl Replica {
         self.set_writing(key, op, job, made, bytes);
     }
 
-    fn set_writing(&mut self, key: &ShelfKey, op: StorageOpId, job: Job, made: Option<Dot>, bytes: u64) {
+    fn set_writing(
+        &mut self,
+        key: &ShelfKey,
+        op: StorageOpId,
+        job: Job,
+        made: Option<Dot>,
+        bytes: u64,
+    ) {
         let queue = self.keys.get_mut(key).expect("the written key has a queue");
         queue.active = Some(Active {
             op,
@@ -667,7 +692,13 @@ impl Replica {
 
     /// The job cannot go on; its origin gets no answer (the coordinator times out)
     /// except a local put, which learns at once that nothing was written.
-    fn abandon(&mut self, key: &ShelfKey, job: Job, reason: DropReason, out: &mut Vec<ReplicaEvent>) {
+    fn abandon(
+        &mut self,
+        key: &ShelfKey,
+        job: Job,
+        reason: DropReason,
+        out: &mut Vec<ReplicaEvent>,
+    ) {
         out.push(ReplicaEvent::Dropped(reason));
         if let (Job::DropHint { .. }, Shelf::Hints { target }) = (&job, key.0) {
             // The hint stays; handoff tries again later.

@@ -977,13 +977,26 @@ fn a_down_replica_gets_its_writes_through_a_stand_ins_hint() {
     let all = Quorum::new(3, 1, 3).unwrap();
     let client = h.put(a, KEY, Some(b"v"), None, all);
     let written = h.written(client);
-    assert_eq!(written.stand_ins, 1, "one of the three acks is the stand-in's");
+    assert_eq!(
+        written.stand_ins, 1,
+        "one of the three acks is the stand-in's"
+    );
     let hint = Shelf::Hints { target: down };
-    assert!(h.stored_on(stand_in, hint, KEY).unwrap().contains_dot(written.dot));
-    assert!(h.stored(stand_in, KEY).is_none(), "a hint is not a home copy");
+    assert!(
+        h.stored_on(stand_in, hint, KEY)
+            .unwrap()
+            .contains_dot(written.dot)
+    );
+    assert!(
+        h.stored(stand_in, KEY).is_none(),
+        "a hint is not a home copy"
+    );
     assert!(h.stored(down, KEY).is_none());
     let pending = h.nodes[&stand_in].hints_pending();
-    assert_eq!((pending.len(), pending[0].target, pending[0].keys), (1, down, 1));
+    assert_eq!(
+        (pending.len(), pending[0].target, pending[0].keys),
+        (1, down, 1)
+    );
 
     // A sloppy read at R = 3 asks the stand-in in the down replica's place.
     let got = h.get_ok_at(b, KEY, Quorum::new(3, 3, 1).unwrap());
@@ -997,7 +1010,10 @@ fn a_down_replica_gets_its_writes_through_a_stand_ins_hint() {
     h.settle();
     h.expire_timers();
     assert!(h.stored(down, KEY).unwrap().contains_dot(written.dot));
-    assert!(h.stored_on(stand_in, hint, KEY).is_none(), "handed off, then removed");
+    assert!(
+        h.stored_on(stand_in, hint, KEY).is_none(),
+        "handed off, then removed"
+    );
     assert!(h.nodes[&stand_in].hints_pending().is_empty());
     let stats = h.nodes[&stand_in].stats().hints;
     assert_eq!((stats.stored, stats.handed_off), (1, 1));
@@ -1041,15 +1057,19 @@ fn a_stand_in_past_its_hint_bound_refuses_and_the_write_is_not_acked() {
     let all = Quorum::new(3, 1, 3).unwrap();
     let client = h.put(a, KEY, Some(b"a value longer than ten bytes"), None, all);
     match &h.replies[&client] {
-        ClientReply::Put(Err(ClientError::RefusedByReplicas {
-            acked, refusal, ..
-        })) => {
+        ClientReply::Put(Err(ClientError::RefusedByReplicas { acked, refusal, .. })) => {
             assert_eq!(*acked, 2);
-            assert!(matches!(refusal, ringkv_cluster::TooLarge::Hints { limit: 10, .. }));
+            assert!(matches!(
+                refusal,
+                ringkv_cluster::TooLarge::Hints { limit: 10, .. }
+            ));
         }
         other => panic!("expected a refusal for the hint bound, got {other:?}"),
     }
-    assert!(h.stored_on(stand_in, Shelf::Hints { target: down }, KEY).is_none());
+    assert!(
+        h.stored_on(stand_in, Shelf::Hints { target: down }, KEY)
+            .is_none()
+    );
     assert_eq!(h.nodes[&stand_in].stats().hints.refused, 1);
 }
 
@@ -1101,5 +1121,9 @@ fn a_coordinating_stand_in_never_reuses_a_dot_after_handing_off() {
     h.settle();
     h.expire_timers();
     let got = h.get_ok_at(replicas[0], KEY, Quorum::new(3, 3, 1).unwrap());
-    assert_eq!(got.versions.len(), 2, "both blind writes are siblings: {got:?}");
+    assert_eq!(
+        got.versions.len(),
+        2,
+        "both blind writes are siblings: {got:?}"
+    );
 }

@@ -319,13 +319,17 @@ pub fn status(args: StatusArgs) -> ExitCode {
                     );
                 }
                 for (target, keys, bytes) in hints_pending(n) {
-                    say!("  holds hints for node {target}: {keys} key(s), {bytes} bytes to hand off");
+                    say!(
+                        "  holds hints for node {target}: {keys} key(s), {bytes} bytes to hand off"
+                    );
                 }
                 let handed: u64 = n.shards.iter().map(|s| s.hints_handed_off).sum();
                 let refused: u64 = n.shards.iter().map(|s| s.hints_refused).sum();
                 let expired: u64 = n.shards.iter().map(|s| s.hints_expired).sum();
                 if handed + refused + expired > 0 {
-                    say!("  hints since start: {handed} handed off, {refused} refused at the bound, {expired} expired");
+                    say!(
+                        "  hints since start: {handed} handed off, {refused} refused at the bound, {expired} expired"
+                    );
                 }
             }
             for (node_id, error) in &silent {

@@ -52,9 +52,9 @@ fn wait_seen_down(c: &Client, node: u32) {
             .iter()
             .filter(|(id, _)| *id != node)
             .all(|(_, status)| {
-                status.as_ref().is_ok_and(|s| {
-                    s.members.iter().any(|m| m.node_id == node && m.down)
-                })
+                status
+                    .as_ref()
+                    .is_ok_and(|s| s.members.iter().any(|m| m.node_id == node && m.down))
             });
         if seen {
             return;
@@ -96,7 +96,10 @@ fn writes_made_while_a_node_was_down_reach_it_through_handoff() {
     }
     let for_node_4: Vec<(&String, &u32)> = acked
         .iter()
-        .filter(|(key, _)| ring.preference_list_for_key(key.as_bytes(), 3).contains(&NodeId(4)))
+        .filter(|(key, _)| {
+            ring.preference_list_for_key(key.as_bytes(), 3)
+                .contains(&NodeId(4))
+        })
         .collect();
     println!(
         "{} writes acked while node 4 was down ({unknown} unknown), {} of them for node 4",
@@ -104,7 +107,10 @@ fn writes_made_while_a_node_was_down_reach_it_through_handoff() {
         for_node_4.len()
     );
     assert!(acked.len() >= 1000, "only {} writes acked", acked.len());
-    assert!(for_node_4.len() >= 300, "too few keys for node 4 to prove anything");
+    assert!(
+        for_node_4.len() >= 300,
+        "too few keys for node 4 to prove anything"
+    );
     // The last stand-in writes may still be landing (W=2 answers before the third).
     std::thread::sleep(Duration::from_millis(500));
     let pending = hints_pending(&writer);
@@ -138,7 +144,10 @@ fn writes_made_while_a_node_was_down_reach_it_through_handoff() {
         .flat_map(|n| &n.shards)
         .map(|s| s.hints_handed_off)
         .sum();
-    assert!(handed as usize >= for_node_4.len(), "{handed} hints handed off");
+    assert!(
+        handed as usize >= for_node_4.len(),
+        "{handed} hints handed off"
+    );
 
     // Node 4 alone: the others are gone, so only its own store can answer.
     for id in 1..=3 {
@@ -179,7 +188,10 @@ fn strict_writes_refuse_stand_ins_that_sloppy_ones_count() {
     let ring = ring(4);
     let key = (0..)
         .map(|i| format!("strict-{i}"))
-        .find(|k| ring.preference_list_for_key(k.as_bytes(), 3).contains(&NodeId(4)))
+        .find(|k| {
+            ring.preference_list_for_key(k.as_bytes(), 3)
+                .contains(&NodeId(4))
+        })
         .expect("some key has node 4 as a replica");
     let w3 = |strict| WriteOptions {
         w: Some(3),

@@ -45,15 +45,18 @@ fn wait_detected(c: &Client, side: &[usize], other: &[usize], since: Instant) ->
             .filter(|(id, _)| side.contains(&(*id as usize)))
             .all(|(_, status)| {
                 status.as_ref().is_ok_and(|s| {
-                    other.iter().all(|&o| {
-                        s.members.iter().any(|m| m.node_id as usize == o && m.down)
-                    })
+                    other
+                        .iter()
+                        .all(|&o| s.members.iter().any(|m| m.node_id as usize == o && m.down))
                 })
             });
         if seen {
             return since.elapsed();
         }
-        assert!(since.elapsed() < Duration::from_secs(20), "the cut was never detected");
+        assert!(
+            since.elapsed() < Duration::from_secs(20),
+            "the cut was never detected"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -66,7 +69,8 @@ fn write_for(
     prefix: &str,
     duration: Duration,
 ) -> (BTreeMap<String, String>, usize) {
-    let mut connections: Vec<redis::Connection> = nodes.iter().map(|&id| redis(cluster, id)).collect();
+    let mut connections: Vec<redis::Connection> =
+        nodes.iter().map(|&id| redis(cluster, id)).collect();
     let mut acked = BTreeMap::new();
     let started = Instant::now();
     let mut i = 0;
@@ -107,16 +111,18 @@ fn both_sides_of_a_partition_stay_writable_and_converge_after_healing() {
     partitioner.cut(&small);
     let cut_at = Instant::now();
     // The cut holds, and only across the sides.
-    assert!(!partitioner.can_connect(1, 3), "node 1 still reaches node 3");
-    assert!(!partitioner.can_connect(4, 2), "node 4 still reaches node 2");
+    assert!(
+        !partitioner.can_connect(1, 3),
+        "node 1 still reaches node 3"
+    );
+    assert!(
+        !partitioner.can_connect(4, 2),
+        "node 4 still reaches node 2"
+    );
     assert!(partitioner.can_connect(1, 2), "node 1 lost its own side");
     assert!(partitioner.can_connect(3, 5), "node 3 lost its own side");
-    let detected = wait_detected(&c, &small, &large, cut_at).max(wait_detected(
-        &c,
-        &large,
-        &small,
-        cut_at,
-    ));
+    let detected =
+        wait_detected(&c, &small, &large, cut_at).max(wait_detected(&c, &large, &small, cut_at));
     println!("both sides saw the other down {detected:?} after the cut");
 
     let window = Duration::from_secs(10);
@@ -137,10 +143,21 @@ fn both_sides_of_a_partition_stay_writable_and_converge_after_healing() {
         large_side.1,
         share(&large_side)
     );
-    assert!(small_side.1 >= 100 && large_side.1 >= 100, "too few writes tried");
+    assert!(
+        small_side.1 >= 100 && large_side.1 >= 100,
+        "too few writes tried"
+    );
     // After detection, a stand-in is on hand for every key on both sides.
-    assert!(share(&small_side) >= 99.0, "side {{1,2}}: {:.1}%", share(&small_side));
-    assert!(share(&large_side) >= 99.0, "side {{3,4,5}}: {:.1}%", share(&large_side));
+    assert!(
+        share(&small_side) >= 99.0,
+        "side {{1,2}}: {:.1}%",
+        share(&small_side)
+    );
+    assert!(
+        share(&large_side) >= 99.0,
+        "side {{3,4,5}}: {:.1}%",
+        share(&large_side)
+    );
     let pending = hints_pending(&c);
     assert!(pending > 0, "no stand-in held a hint");
 
@@ -163,7 +180,9 @@ fn both_sides_of_a_partition_stay_writable_and_converge_after_healing() {
     };
     let mut lost = Vec::new();
     for (key, value) in small_side.0.iter().chain(&large_side.0) {
-        let found = c.get_with(key.as_bytes(), r2).expect("a read at R=2 after healing");
+        let found = c
+            .get_with(key.as_bytes(), r2)
+            .expect("a read at R=2 after healing");
         if found.value() != Some(value.as_bytes()) {
             lost.push((key.clone(), found.siblings.len()));
         }
@@ -193,5 +212,8 @@ fn both_sides_of_a_partition_stay_writable_and_converge_after_healing() {
         }
         done
     });
-    assert!(converged, "replicas did not converge to 3 copies of each key");
+    assert!(
+        converged,
+        "replicas did not converge to 3 copies of each key"
+    );
 }

@@ -228,7 +228,15 @@ pub fn check_reads(history: &History, replicas: &Replicas) -> (Vec<Violation>, R
         for put in &puts_of_key {
             let Some(dot) = put.acked_dot() else { continue };
             let sloppy = get.stand_ins > 0;
-            if !must_see(put, get.start, get.quorum, Some(get.end), sloppy, history, replicas) {
+            if !must_see(
+                put,
+                get.start,
+                get.quorum,
+                Some(get.end),
+                sloppy,
+                history,
+                replicas,
+            ) {
                 continue;
             }
             counts.checked += 1;

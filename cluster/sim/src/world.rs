@@ -78,9 +78,14 @@ enum Event {
     },
     Heal,
     /// The failure detectors see the current split (`split` numbers it).
-    SplitDetected { split: u64 },
+    SplitDetected {
+        split: u64,
+    },
     /// `by` stops suspecting `node`.
-    Unsuspect { by: NodeId, node: NodeId },
+    Unsuspect {
+        by: NodeId,
+        node: NodeId,
+    },
     StopFaults,
 }
 
@@ -568,7 +573,9 @@ impl World {
                     self.complete_later(id, shard, latency, completion);
                     return;
                 }
-                self.sim_node_mut(id).disk.write(shard, op, shelf, key, stored);
+                self.sim_node_mut(id)
+                    .disk
+                    .write(shard, op, shelf, key, stored);
                 self.ensure_sync(id);
             }
         }
@@ -671,7 +678,10 @@ impl World {
                 self.schedule(Duration::from_millis(lasts), Event::Heal);
                 let detect = self.dice.between(0, self.settings.detect_max_ms);
                 let split = self.splits;
-                self.schedule(Duration::from_millis(detect), Event::SplitDetected { split });
+                self.schedule(
+                    Duration::from_millis(detect),
+                    Event::SplitDetected { split },
+                );
             }
         }
         if self.dice.chance(self.settings.false_suspicion_per_mille) {

@@ -374,15 +374,20 @@ mod tests {
     }
 
     fn put() -> impl Strategy<Value = Put> {
-        (bytes(), bytes(), write_context(), any::<Option<u8>>(), any::<bool>()).prop_map(
-            |(key, value, context, w, strict)| Put {
+        (
+            bytes(),
+            bytes(),
+            write_context(),
+            any::<Option<u8>>(),
+            any::<bool>(),
+        )
+            .prop_map(|(key, value, context, w, strict)| Put {
                 key,
                 value,
                 context,
                 w,
                 strict,
-            },
-        )
+            })
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -398,8 +403,11 @@ mod tests {
             Just(Op::Ping),
             Just(Op::Topology),
             Just(Op::Status),
-            (bytes(), any::<Option<u8>>(), any::<bool>())
-                .prop_map(|(key, r, strict)| Op::Get { key, r, strict }),
+            (bytes(), any::<Option<u8>>(), any::<bool>()).prop_map(|(key, r, strict)| Op::Get {
+                key,
+                r,
+                strict
+            }),
             put().prop_map(Op::Put),
             (bytes(), write_context(), any::<Option<u8>>(), any::<bool>()).prop_map(
                 |(key, context, w, strict)| Op::Delete {

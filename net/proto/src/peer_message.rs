@@ -19,12 +19,12 @@
 use std::ops::Range;
 
 use ringkv_cluster::codec::{Context, DecodeError, StoredVersions, decode_version_set};
+use ringkv_cluster::ring::NODE_ID_MAX;
 use ringkv_cluster::{
     Actor, ClientError, ConflictMode, Dot, ForwardedPut, GossipMessage, InvalidArgument, NodeId,
     PartitionId, PeerMessage, PutOutcome, Quorum, QuorumError, RequestId, Supersedes, TooLarge,
     VersionSet, Written,
 };
-use ringkv_cluster::ring::NODE_ID_MAX;
 use rkyv::rancor;
 use thiserror::Error;
 
@@ -675,7 +675,9 @@ fn clamp(n: u64) -> usize {
 }
 
 /// The replica a sloppy read or write stands in for; an id no ring can hold is refused.
-fn node_of(id: &rkyv::option::ArchivedOption<rkyv::rend::u32_le>) -> Result<Option<NodeId>, PeerWireError> {
+fn node_of(
+    id: &rkyv::option::ArchivedOption<rkyv::rend::u32_le>,
+) -> Result<Option<NodeId>, PeerWireError> {
     match id.as_ref().map(|n| n.to_native()) {
         Some(n) if n > NODE_ID_MAX => Err(PeerWireError::NodeIdTooLarge(n)),
         other => Ok(other.map(NodeId)),

@@ -138,14 +138,12 @@ impl<D: Disk> ShardDriver<D> {
     /// each was written and synced with the write it acknowledged), and forgets the
     /// removal markers of hints handed off before the restart. Before serving.
     pub async fn restore_hints(self: &Rc<Self>) -> Result<usize, StoreError> {
-        let hint_partitions = self
-            .store
-            .partitions()
-            .into_iter()
-            .filter_map(|p| match Shelf::from_store_partition(p) {
+        let hint_partitions = self.store.partitions().into_iter().filter_map(|p| {
+            match Shelf::from_store_partition(p) {
                 Shelf::Hints { target } => Some((p, target)),
                 Shelf::Home(_) => None,
-            });
+            }
+        });
         let mut restored = 0;
         for (partition, target) in hint_partitions.collect::<Vec<_>>() {
             for summary in self.store.partition_keys(partition) {
@@ -159,8 +157,8 @@ impl<D: Disk> ShardDriver<D> {
                         .await?;
                     continue;
                 }
-                let bytes = (record.key().len() + record.version().len() + record.value().len())
-                    as u64;
+                let bytes =
+                    (record.key().len() + record.version().len() + record.value().len()) as u64;
                 let now = self.now();
                 self.node
                     .borrow_mut()

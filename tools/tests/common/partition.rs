@@ -13,7 +13,11 @@ use super::Cluster;
 /// shell), reused by later runs. Returns (uid, gid).
 pub fn node_user(id: usize) -> (u32, u32) {
     let name = format!("ringkv-node-{id}");
-    let exists = Command::new("id").arg("-u").arg(&name).output().expect("id");
+    let exists = Command::new("id")
+        .arg("-u")
+        .arg(&name)
+        .output()
+        .expect("id");
     if !exists.status.success() {
         let status = Command::new("useradd")
             .args(["-r", "-M", "-s", "/usr/sbin/nologin", "-U", &name])
@@ -26,8 +30,15 @@ pub fn node_user(id: usize) -> (u32, u32) {
         );
     }
     let number = |flag: &str| -> u32 {
-        let out = Command::new("id").arg(flag).arg(&name).output().expect("id");
-        String::from_utf8_lossy(&out.stdout).trim().parse().expect("a numeric id")
+        let out = Command::new("id")
+            .arg(flag)
+            .arg(&name)
+            .output()
+            .expect("id");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("a numeric id")
     };
     (number("-u"), number("-g"))
 }
@@ -71,8 +82,15 @@ impl Partitioner {
 
     /// Cuts `side` (node ids) from every other node, both ways.
     pub fn cut(&self, side: &[usize]) {
-        let other: Vec<usize> = (1..=self.users.len()).filter(|id| !side.contains(id)).collect();
-        let marks = |ids: &[usize]| ids.iter().map(|id| id.to_string()).collect::<Vec<_>>().join(", ");
+        let other: Vec<usize> = (1..=self.users.len())
+            .filter(|id| !side.contains(id))
+            .collect();
+        let marks = |ids: &[usize]| {
+            ids.iter()
+                .map(|id| id.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let ports = |ids: &[usize]| {
             ids.iter()
                 .map(|id| {
@@ -105,7 +123,13 @@ impl Partitioner {
         let (uid, gid) = self.users[from - 1];
         let probe = format!("exec 3<>/dev/tcp/127.0.0.1/{port}");
         let status = Command::new("setpriv")
-            .args(["--reuid", &uid.to_string(), "--regid", &gid.to_string(), "--clear-groups"])
+            .args([
+                "--reuid",
+                &uid.to_string(),
+                "--regid",
+                &gid.to_string(),
+                "--clear-groups",
+            ])
             .args(["timeout", "2", "bash", "-c", &probe])
             .stderr(Stdio::null())
             .status()

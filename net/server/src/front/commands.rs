@@ -238,7 +238,12 @@ async fn kv_get(shard: &Shard, args: &[Vec<u8>]) -> Reply {
         return wrong_args("KV.GET");
     };
     let parsed = options(rest, &["R"]).and_then(|opts| {
-        let r = opts.pairs.iter().map(|(n, v)| count(n, v)).last().transpose()?;
+        let r = opts
+            .pairs
+            .iter()
+            .map(|(n, v)| count(n, v))
+            .next_back()
+            .transpose()?;
         Ok((r, opts.strict))
     });
     let (r, strict) = match parsed {

@@ -302,12 +302,10 @@ async fn execute(shard: &Shard, info: &NodeInfo, request: &Request) -> Body {
             context,
             w,
             strict,
-        } => {
-            match ops::put(shard, key, None, context.clone(), count(*w), *strict).await {
-                Ok(()) => Body::Written,
-                Err(e) => Body::Error(e),
-            }
-        }
+        } => match ops::put(shard, key, None, context.clone(), count(*w), *strict).await {
+            Ok(()) => Body::Written,
+            Err(e) => Body::Error(e),
+        },
         Op::MultiGet { keys, r } => {
             let reads = keys.iter().map(|key| get(shard, key, count(*r), false));
             Body::FoundMany(futures_util::future::join_all(reads).await)
