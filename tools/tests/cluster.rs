@@ -609,12 +609,15 @@ fn a_forwarded_write_reports_its_real_quorum_outcome() {
         .find(|(_, replicas)| !replicas.contains(&NodeId(4)))
         .unwrap();
     let mut four = redis(&cluster, 4);
+    // STRICT: only the key's own replicas count (a sloppy write would let node 4
+    // stand in for the dead ones, as checked at the end).
     let put = |conn: &mut redis::Connection, w: usize| {
         redis::cmd("KV.PUT")
             .arg(&key)
             .arg("v")
             .arg("W")
             .arg(w)
+            .arg("STRICT")
             .query::<String>(conn)
     };
     assert_eq!(put(&mut four, 2).unwrap(), "OK");
@@ -636,8 +639,17 @@ fn a_forwarded_write_reports_its_real_quorum_outcome() {
         2,
         "UNAVAILABLE: 1 replicas reachable, 2 required",
     );
-    // W=1 still succeeds through the one replica left.
+    // W=1 still succeeds through the one replica left; sloppy, W=2 does too, with
+    // node 4 standing in for a dead replica.
     assert_eq!(put(&mut four, 1).unwrap(), "OK");
+    let sloppy: String = redis::cmd("KV.PUT")
+        .arg(&key)
+        .arg("v")
+        .arg("W")
+        .arg(2)
+        .query(&mut four)
+        .unwrap();
+    assert_eq!(sloppy, "OK");
     // No replica left: node 4 itself says none is reachable, with the W asked for.
     cluster.kill(replicas[2].0 as usize);
     refused_with(
