@@ -11,7 +11,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -35,35 +35,63 @@ const LINK_QUEUE: usize = 8192;
 /// Bytes gathered into one write.
 const WRITE_BATCH: usize = 256 << 10;
 
-/// The sending end of one link: a queue bounded by counting what is in it.
+/// The sending end of one link: a queue bounded by counting what is in it. Each
+/// frame carries when it was queued.
 struct Link {
-    queue: UnboundedSender<Vec<u8>>,
+    queue: UnboundedSender<(Instant, Vec<u8>)>,
     queued: Rc<Cell<usize>>,
 }
 
 /// The link task's end of the queue.
 struct Queue {
-    frames: UnboundedReceiver<Vec<u8>>,
+    frames: UnboundedReceiver<(Instant, Vec<u8>)>,
     queued: Rc<Cell<usize>>,
+    /// Frames queued longer than this are dropped unsent: whoever waits on them (a
+    /// coordinator, a forwarding node, a handoff) has given up, and a forwarded put
+    /// applied after its forwarder answered Timeout would overwrite later writes.
+    stale_after: Duration,
 }
 
 impl Queue {
     async fn next(&mut self) -> Option<Vec<u8>> {
-        let frame = self.frames.next().await;
-        self.taken(frame)
+        loop {
+            let frame = self.frames.next().await;
+            match self.taken(frame) {
+                Taken::Fresh(frame) => return Some(frame),
+                Taken::Stale => continue,
+                Taken::Empty => return None,
+            }
+        }
     }
 
     fn try_next(&mut self) -> Option<Vec<u8>> {
-        let frame = self.frames.try_recv().ok();
-        self.taken(frame)
+        loop {
+            let frame = self.frames.try_recv().ok();
+            match self.taken(frame) {
+                Taken::Fresh(frame) => return Some(frame),
+                Taken::Stale => continue,
+                Taken::Empty => return None,
+            }
+        }
     }
 
-    fn taken(&self, frame: Option<Vec<u8>>) -> Option<Vec<u8>> {
-        if frame.is_some() {
-            self.queued.set(self.queued.get() - 1);
+    fn taken(&self, frame: Option<(Instant, Vec<u8>)>) -> Taken {
+        let Some((queued_at, frame)) = frame else {
+            return Taken::Empty;
+        };
+        self.queued.set(self.queued.get() - 1);
+        if queued_at.elapsed() > self.stale_after {
+            Taken::Stale
+        } else {
+            Taken::Fresh(frame)
         }
-        frame
     }
+}
+
+enum Taken {
+    Fresh(Vec<u8>),
+    Stale,
+    Empty,
 }
 
 /// One shard's links to the other nodes.
@@ -83,7 +111,12 @@ pub struct Peers {
 impl Peers {
     /// Starts a link to every other member. `shard` is told when a node's link goes up
     /// or down.
-    pub fn start(me: NodeId, shard: &Rc<Shard>, spec: ClusterSpec) -> Rc<Peers> {
+    pub fn start(
+        me: NodeId,
+        shard: &Rc<Shard>,
+        spec: ClusterSpec,
+        stale_after: Duration,
+    ) -> Rc<Peers> {
         let mut links = HashMap::new();
         let mut receivers = Vec::new();
         for member in spec.members.iter().filter(|m| m.node_id != me.0) {
@@ -99,7 +132,11 @@ impl Peers {
             receivers.push((
                 member.node_id,
                 member.native.clone(),
-                Queue { frames, queued },
+                Queue {
+                    frames,
+                    queued,
+                    stale_after,
+                },
             ));
         }
         let peers = Rc::new(Peers {
@@ -142,7 +179,7 @@ impl Peers {
         let mut bytes = Vec::new();
         let sent = link.queued.get() < LINK_QUEUE
             && encode_peer_message(self.shard, message, &mut bytes).is_ok()
-            && link.queue.unbounded_send(bytes).is_ok();
+            && link.queue.unbounded_send((Instant::now(), bytes)).is_ok();
         if sent {
             link.queued.set(link.queued.get() + 1);
         }
@@ -306,7 +343,7 @@ impl Peers {
         let mut bytes = Vec::new();
         if link.queued.get() < LINK_QUEUE
             && encode_gossip(message, &mut bytes).is_ok()
-            && link.queue.unbounded_send(bytes).is_ok()
+            && link.queue.unbounded_send((Instant::now(), bytes)).is_ok()
         {
             link.queued.set(link.queued.get() + 1);
         }

@@ -348,7 +348,8 @@ async fn serve_shard(
     ));
     let cluster = cluster_spec(config);
     if members.len() > 1 {
-        shard.set_peers(Peers::start(node_id, &shard, cluster.clone()));
+        let stale_after = config.request_timeout;
+        shard.set_peers(Peers::start(node_id, &shard, cluster.clone(), stale_after));
         if id == 0 {
             let incarnation = u64::from(layout.incarnation);
             shard.set_membership(MembershipDriver::start(&shard, config, incarnation));
