@@ -61,8 +61,10 @@ pub struct HintConfig {
     /// Most bytes of hints held for one target; a hinted write past it is refused, so
     /// it never counts toward W (the coordinator reaches W elsewhere or says so).
     pub bytes_max: u64,
-    /// Hints older than this are dropped (and counted): their target stayed away too
-    /// long, and what they held is left to anti-entropy and read repair.
+    /// A hint no write has reached for this long is dropped (and counted): its target
+    /// stayed away too long, and what it held is left to anti-entropy and read repair.
+    /// (Its removal is conditional, like a handoff's: a write that lands meanwhile
+    /// keeps it.)
     pub age_max: Duration,
     /// Handoff pace: bytes per second sent to returning targets, all together.
     pub handoff_bytes_per_second: u64,
@@ -110,9 +112,9 @@ pub struct HintStats {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct HeldHint {
     bytes: u64,
-    /// When the oldest write in it was stored (the node's monotonic clock; at start,
+    /// When the latest write reached it (the node's monotonic clock; at start,
     /// recovered hints count from then).
-    since: Duration,
+    last_write: Duration,
     /// Whether a handoff or removal of it is under way.
     busy: bool,
     /// The target refused it (its store's limits): not retried until a new write
@@ -131,6 +133,9 @@ struct TargetHints {
 #[derive(Debug, Default)]
 pub struct HintLedger {
     targets: BTreeMap<NodeId, TargetHints>,
+    /// The target handoff took from last: the next take starts after it, so one
+    /// target that never acknowledges cannot hold every handoff slot.
+    cursor: Option<NodeId>,
     pub stats: HintStats,
 }
 
@@ -157,12 +162,13 @@ impl HintLedger {
                 held.bytes = held.bytes - hint.bytes + bytes;
                 hint.bytes = bytes;
                 hint.parked = false;
+                hint.last_write = hint.last_write.max(now);
             }
             None => {
                 held.bytes += bytes;
                 let hint = HeldHint {
                     bytes,
-                    since: now,
+                    last_write: now,
                     busy: false,
                     parked: false,
                 };
@@ -220,24 +226,37 @@ impl HintLedger {
         &mut self,
         reachable: impl Fn(NodeId) -> bool,
     ) -> Option<(NodeId, Vec<u8>, u64)> {
-        for (&target, held) in self.targets.iter_mut() {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let in_turn: Vec<NodeId> = match self.cursor {
+            Some(cursor) => self
+                .targets
+                .range((Excluded(cursor), Unbounded))
+                .chain(self.targets.range(..=cursor))
+                .map(|(&t, _)| t)
+                .collect(),
+            None => self.targets.keys().copied().collect(),
+        };
+        for target in in_turn {
             if !reachable(target) {
                 continue;
             }
+            let held = self.targets.get_mut(&target).expect("listed above");
             if let Some((key, hint)) = held.keys.iter_mut().find(|(_, h)| !h.busy && !h.parked) {
                 hint.busy = true;
+                self.cursor = Some(target);
                 return Some((target, key.clone(), hint.bytes));
             }
         }
         None
     }
 
-    /// Takes every idle hint older than `age_max`, marking them busy (for removal).
+    /// Takes every idle hint no write reached for `age_max`, marking them busy (for
+    /// removal).
     pub fn take_expired(&mut self, now: Duration, age_max: Duration) -> Vec<(NodeId, Vec<u8>)> {
         let mut expired = Vec::new();
         for (&target, held) in self.targets.iter_mut() {
             for (key, hint) in held.keys.iter_mut() {
-                if !hint.busy && now.saturating_sub(hint.since) > age_max {
+                if !hint.busy && now.saturating_sub(hint.last_write) > age_max {
                     hint.busy = true;
                     expired.push((target, key.clone()));
                 }
@@ -310,6 +329,7 @@ pub struct Throttle {
 }
 
 impl Throttle {
+    /// `rate` 0 means no limit.
     pub fn new(rate: u64, now: Duration) -> Self {
         Throttle {
             rate,
@@ -327,6 +347,9 @@ impl Throttle {
 
     /// Whether a send may start now.
     pub fn ready(&mut self, now: Duration) -> bool {
+        if self.rate == 0 {
+            return true;
+        }
         self.refill(now);
         self.tokens >= 0.0
     }
@@ -395,14 +418,28 @@ mod tests {
     }
 
     #[test]
-    fn hints_expire_by_age_from_their_first_write() {
+    fn hints_expire_once_no_write_reached_them_for_the_age_bound() {
         let mut ledger = HintLedger::default();
         let t = NodeId(1);
         ledger.stored(t, b"old", 1, Duration::from_secs(0));
-        ledger.stored(t, b"new", 1, Duration::from_secs(50));
-        ledger.stored(t, b"old", 2, Duration::from_secs(90));
+        ledger.stored(t, b"refreshed", 1, Duration::from_secs(0));
+        ledger.stored(t, b"refreshed", 2, Duration::from_secs(90));
         let expired = ledger.take_expired(Duration::from_secs(100), Duration::from_secs(60));
         assert_eq!(expired, vec![(t, b"old".to_vec())]);
+    }
+
+    #[test]
+    fn handoff_takes_targets_in_turn() {
+        let mut ledger = HintLedger::default();
+        for target in [NodeId(1), NodeId(2)] {
+            for key in [b"a", b"b"] {
+                ledger.stored(target, key, 1, Duration::ZERO);
+            }
+        }
+        let order: Vec<NodeId> = (0..4)
+            .map(|_| ledger.take_next(|_| true).expect("idle hints").0)
+            .collect();
+        assert_eq!(order, [NodeId(1), NodeId(2), NodeId(1), NodeId(2)]);
     }
 
     #[test]

@@ -177,6 +177,8 @@ pub enum DropReason {
     /// A forwarded put this node already took (a duplicated message): a put is not
     /// idempotent, so it is coordinated once.
     DuplicateForward,
+    /// A sloppy read or write standing in for a node that is not a ring member.
+    UnknownHintTarget,
 }
 
 /// Counters a driver can export.
@@ -349,7 +351,7 @@ impl Node {
     /// the first request): handed off like any other once its target is seen up. Its
     /// age counts from `now`.
     pub fn restore_hint(&mut self, now: Duration, target: NodeId, key: Vec<u8>, bytes: u64) {
-        if target == self.config.node {
+        if target == self.config.node || !self.ring.is_member(target) {
             return;
         }
         self.hints.stored(target, &key, bytes, now);
@@ -707,7 +709,7 @@ impl Node {
                 key,
                 hint_for,
             } => {
-                if self.check_partition(partition, &key) {
+                if self.check_partition(partition, &key) && self.check_hint_target(hint_for) {
                     let origin = Origin {
                         node: from,
                         request,
@@ -727,6 +729,7 @@ impl Node {
                 hint_for,
             } => {
                 if self.check_partition(partition, &key)
+                    && self.check_hint_target(hint_for)
                     && self.hint_has_room(from, request, hint_for, &key, &versions)
                 {
                     let origin = Some(Origin {
@@ -989,6 +992,16 @@ impl Node {
         false
     }
 
+    /// Hints are only kept for ring members: a target no ring holds would never come
+    /// back for them, and each would get its own byte bound.
+    fn check_hint_target(&mut self, hint_for: Option<NodeId>) -> bool {
+        if hint_for.is_none_or(|target| self.ring.is_member(target)) {
+            return true;
+        }
+        self.count(DropReason::UnknownHintTarget);
+        false
+    }
+
     fn check_partition(&mut self, partition: PartitionId, key: &[u8]) -> bool {
         if self.ring.partition_of(key) == partition {
             return true;
@@ -1238,9 +1251,8 @@ impl Node {
     fn pump_handoff(&mut self, now: Duration) {
         let config = self.config.hints;
         for (target, key) in self.hints.take_expired(now, config.age_max) {
-            self.hints.stats.expired += 1;
-            let job = Job::DropHint { handed: None };
-            self.submit(now, key, Shelf::Hints { target }, job);
+            // Read, then remove only if unchanged: a write landing meanwhile keeps it.
+            self.start_handoff(now, target, key, true);
         }
         let rate = config.handoff_bytes_per_second;
         let throttle = self
@@ -1256,18 +1268,7 @@ impl Node {
             let throttle = self.throttle.as_mut().expect("made above");
             throttle.spend(bytes);
             ready = throttle.ready(now);
-            let id = self.new_request_id();
-            let deadline = now + self.config.request_timeout;
-            self.arm(id, deadline);
-            let handoff = Handoff {
-                target,
-                key: key.clone(),
-                sent: None,
-                deadline,
-            };
-            self.handoffs.insert(id, handoff);
-            let origin = self.local_origin(id);
-            self.submit(now, key, Shelf::Hints { target }, Job::Read { origin });
+            self.start_handoff(now, target, key, false);
         }
         if !self.hints.any_idle() {
             return;
@@ -1280,6 +1281,24 @@ impl Node {
         self.arm_handoff(throttled.unwrap_or(now + config.retry_interval));
     }
 
+    /// Reads a hint (taken busy from the ledger) to hand it off, or with `expire`,
+    /// to remove it if it is still what was read.
+    fn start_handoff(&mut self, now: Duration, target: NodeId, key: Vec<u8>, expire: bool) {
+        let id = self.new_request_id();
+        let deadline = now + self.config.request_timeout;
+        self.arm(id, deadline);
+        let handoff = Handoff {
+            target,
+            key: key.clone(),
+            sent: None,
+            deadline,
+            expire,
+        };
+        self.handoffs.insert(id, handoff);
+        let origin = self.local_origin(id);
+        self.submit(now, key, Shelf::Hints { target }, Job::Read { origin });
+    }
+
     /// The hint was read: send it to its target, which merges it at home and acks.
     fn send_handoff(&mut self, now: Duration, id: RequestId, versions: VersionSet) {
         let Some(handoff) = self.handoffs.get_mut(&id) else {
@@ -1289,6 +1308,18 @@ impl Node {
             // Gone from the store already (removed, or lost to corruption).
             let handoff = self.handoffs.remove(&id).expect("looked up just above");
             self.hints.removed(handoff.target, &handoff.key);
+            return;
+        }
+        if handoff.expire {
+            let handoff = self.handoffs.remove(&id).expect("looked up just above");
+            self.hints.stats.expired += 1;
+            let job = Job::DropHint {
+                handed: Some(versions),
+            };
+            let shelf = Shelf::Hints {
+                target: handoff.target,
+            };
+            self.submit(now, handoff.key, shelf, job);
             return;
         }
         handoff.sent = Some(versions.clone());
@@ -1532,4 +1563,6 @@ struct Handoff {
     /// What was read from the hint and sent (None while the local read runs).
     sent: Option<VersionSet>,
     deadline: Duration,
+    /// Read to remove it at its age bound, not to send it.
+    expire: bool,
 }

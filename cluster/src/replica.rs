@@ -224,6 +224,7 @@ enum Stage {
 /// Keys whose stand-in actors are remembered (the map costs memory only while this
 /// node coordinates for down replicas).
 const STAND_IN_KEYS_MAX: usize = 100_000;
+const STAND_IN_KEY_BYTES_MAX: usize = 16 << 20;
 
 /// A key on one shelf: the unit jobs queue on. (A node may hold a key at home and as
 /// hints for several targets, each its own record.)
@@ -248,6 +249,8 @@ pub(crate) struct Replica {
     /// and a fresh one is drawn otherwise (see `draw_dot`). Forgotten past
     /// `STAND_IN_KEYS_MAX` keys (the next draws then take fresh actors).
     stand_in_actors: BTreeMap<Vec<u8>, (Actor, u64)>,
+    /// Key bytes in `stand_in_actors`, bounded by `STAND_IN_KEY_BYTES_MAX`.
+    stand_in_key_bytes: usize,
     keys: BTreeMap<ShelfKey, KeyQueue>,
     /// Storage operation in flight → the key whose active job issued it.
     in_flight: BTreeMap<StorageOpId, ShelfKey>,
@@ -267,6 +270,7 @@ impl Replica {
             actors_retired: 0,
             actor_used: false,
             stand_in_actors: BTreeMap::new(),
+            stand_in_key_bytes: 0,
             keys: BTreeMap::new(),
             in_flight: BTreeMap::new(),
             next_op: 0,
@@ -313,14 +317,14 @@ impl Replica {
                             // Unreadable bytes are a record missing here: the other
                             // replicas and read repair restore it.
                             out.push(ReplicaEvent::Dropped(DropReason::CorruptStoredVersions));
-                            self.retire_actor();
+                            self.retire_actor_for(key.0);
                             Some(VersionSet::new())
                         }
                     },
                     Ok(StoredRead::Absent) => Some(VersionSet::new()),
                     Ok(StoredRead::Lost) => {
                         out.push(ReplicaEvent::Dropped(DropReason::CorruptStoredVersions));
-                        self.retire_actor();
+                        self.retire_actor_for(key.0);
                         Some(VersionSet::new())
                     }
                     // Nothing was drawn: a put that cannot read is refused.
@@ -406,6 +410,14 @@ impl Replica {
     /// may miss a dot it issued, and drawing "one past the largest known" could hand
     /// that dot out again (docs/cluster.md, "Actors"). An actor that drew nothing yet
     /// has nothing to collide with and stays.
+    /// A record of `shelf` was lost: the home actor may have lost a dot only if the
+    /// record was a home copy (hint copies draw with stand-in actors, see `draw_dot`).
+    fn retire_actor_for(&mut self, shelf: Shelf) {
+        if let Shelf::Home(_) = shelf {
+            self.retire_actor();
+        }
+    }
+
     fn retire_actor(&mut self) {
         if self.config.sabotage.reuse_actor || !self.actor_used {
             return;
@@ -442,8 +454,11 @@ impl Replica {
         let actor = match kept {
             Some(actor) => actor,
             None => {
-                if self.stand_in_actors.len() >= STAND_IN_KEYS_MAX {
+                if self.stand_in_actors.len() >= STAND_IN_KEYS_MAX
+                    || self.stand_in_key_bytes >= STAND_IN_KEY_BYTES_MAX
+                {
                     self.stand_in_actors.clear();
+                    self.stand_in_key_bytes = 0;
                 }
                 Actor {
                     node: self.config.node,
@@ -452,8 +467,13 @@ impl Replica {
             }
         };
         let dot = current.checked_next_dot(actor, context)?;
-        self.stand_in_actors
-            .insert(key.1.clone(), (actor, dot.counter));
+        if self
+            .stand_in_actors
+            .insert(key.1.clone(), (actor, dot.counter))
+            .is_none()
+        {
+            self.stand_in_key_bytes += key.1.len();
+        }
         Some(dot)
     }
 

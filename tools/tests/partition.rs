@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use ringkv_client::{Client, ReadOptions, RetryPolicy};
+use ringkv_cluster::{Member, NodeId, Ring};
 
 mod common;
 use common::Cluster;
@@ -194,26 +195,47 @@ fn both_sides_of_a_partition_stay_writable_and_converge_after_healing() {
         &lost[..lost.len().min(10)]
     );
     // The reads repaired what handoff could not reach (a third replica nobody stood
-    // in for); every key now has its N = 3 copies.
-    let acked = small_side.0.len() + large_side.0.len();
+    // in for): each node now holds every acked key it replicates (and at most the
+    // keys it replicates that were tried: an unacked write may have landed).
+    let members: Vec<Member> = (1..=5).map(|i| Member::new(NodeId(i))).collect();
+    let ring = Ring::new(64, &members).expect("a valid ring");
+    fn tried_keys(prefix: &'static str, tried: usize) -> impl Iterator<Item = String> {
+        (0..tried).map(move |i| format!("{prefix}-{i}"))
+    }
+    let expected = |node: u32| {
+        let holds = |key: &String| {
+            ring.preference_list_for_key(key.as_bytes(), 3)
+                .contains(&NodeId(node))
+        };
+        let acked = small_side
+            .0
+            .keys()
+            .chain(large_side.0.keys())
+            .filter(|k| holds(k))
+            .count();
+        let tried = tried_keys("small", small_side.1)
+            .chain(tried_keys("large", large_side.1))
+            .filter(|k| holds(k))
+            .count();
+        acked as u64..=tried as u64
+    };
+    let mut held = BTreeMap::new();
     let converged = (0..50).any(|_| {
-        let copies: u64 = c
+        held = c
             .status_each()
             .unwrap()
-            .iter()
-            .filter_map(|(_, s)| s.as_ref().ok())
-            .flat_map(|n| &n.shards)
-            .map(|s| s.keys)
-            .sum();
-        let attempted = small_side.1 + large_side.1;
-        let done = copies as usize >= 3 * acked && copies as usize <= 3 * attempted;
+            .into_iter()
+            .filter_map(|(id, s)| Some((id, s.ok()?.shards.iter().map(|s| s.keys).sum::<u64>())))
+            .collect::<BTreeMap<u32, u64>>();
+        let done = (1..=5).all(|id| {
+            held.get(&id)
+                .is_some_and(|keys| expected(id).contains(keys))
+        });
         if !done {
             std::thread::sleep(Duration::from_millis(100));
         }
         done
     });
-    assert!(
-        converged,
-        "replicas did not converge to 3 copies of each key"
-    );
+    let wanted: Vec<_> = (1..=5).map(expected).collect();
+    assert!(converged, "keys per node {held:?}, expected {wanted:?}");
 }

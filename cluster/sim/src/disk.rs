@@ -73,19 +73,29 @@ impl Disk {
         self.pending.len() == 1
     }
 
-    /// Makes every pending write durable, in order; returns their shards and op ids.
-    /// (Shards own disjoint partitions, so their keys never collide.)
-    pub fn sync(&mut self) -> Vec<(usize, StorageOpId)> {
+    /// Makes every pending write durable, in order; returns their shards and op ids,
+    /// and the hints among them: (target, key, record). (Shards own disjoint
+    /// partitions, so their keys never collide.)
+    pub fn sync(
+        &mut self,
+    ) -> (
+        Vec<(usize, StorageOpId)>,
+        Vec<(NodeId, Vec<u8>, StoredVersions)>,
+    ) {
         let mut done = Vec::with_capacity(self.pending.len());
+        let mut hints = Vec::new();
         for (shard, op, at, stored) in self.pending.drain(..) {
             self.lost.remove(&at);
+            if let (Shelf::Hints { target }, Some(stored)) = (at.0, &stored) {
+                hints.push((target, at.1.clone(), stored.clone()));
+            }
             match stored {
                 Some(stored) => self.durable.insert(at, stored),
                 None => self.durable.remove(&at),
             };
             done.push((shard, op));
         }
-        done
+        (done, hints)
     }
 
     /// A crash: pending writes are gone.

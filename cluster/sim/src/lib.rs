@@ -85,6 +85,8 @@ pub struct RunStats {
     pub hints_expired: u64,
     pub hints_recovered: u64,
     pub hints_parked: u64,
+    /// Hinted versions the handoff check found at their targets.
+    pub hinted_versions_checked: u64,
     /// (acked put, later acked SET or DEL) pairs whose node read was checked.
     pub node_reads_checked: u64,
     /// Writes the resolver made after healing in tight-limit runs.

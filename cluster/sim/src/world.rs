@@ -110,6 +110,14 @@ struct SimNode {
     skew_ms: i64,
 }
 
+/// A hint a stand-in made durable: the versions (by dot) its target is owed.
+struct Hinted {
+    holder: NodeId,
+    target: NodeId,
+    key: Vec<u8>,
+    dots: Vec<ringkv_cluster::Dot>,
+}
+
 struct Client {
     /// The context of this client's latest read of each key.
     contexts: BTreeMap<Vec<u8>, Vec<u8>>,
@@ -152,6 +160,8 @@ pub struct World {
     split_detected: bool,
     /// False suspicions: (who, of whom); the suspect is alive and reachable.
     suspicions: BTreeSet<(NodeId, NodeId)>,
+    /// Every hint made durable on a stand-in, for the handoff check.
+    hinted: Vec<Hinted>,
     hasher: Xxh3,
     pub stats: RunStats,
     pub violations: Vec<Violation>,
@@ -181,6 +191,7 @@ impl World {
             splits: 0,
             split_detected: false,
             suspicions: BTreeSet::new(),
+            hinted: Vec::new(),
             hasher: Xxh3::new(),
             stats: RunStats::default(),
             violations: Vec::new(),
@@ -623,7 +634,17 @@ impl World {
         let now = self.now;
         let sim = self.sim_node_mut(id);
         sim.sync_scheduled = false;
-        let done = sim.disk.sync();
+        let (done, hints) = sim.disk.sync();
+        for (target, key, stored) in hints {
+            let set = stored.decode().expect("the simulator stores valid sets");
+            let dots = set.siblings().map(|v| v.dot).collect();
+            self.hinted.push(Hinted {
+                holder: id,
+                target,
+                key,
+                dots,
+            });
+        }
         for (shard, op) in done {
             let completion = StorageCompletion::Write { op, result: Ok(()) };
             self.live_node(id, shard)
@@ -1153,12 +1174,49 @@ impl World {
         }
         self.stats.hints_parked = parked as u64;
         if parked == 0 && !self.settings.tight_limits() {
+            self.check_hints_reached_their_targets();
+        }
+        if parked == 0 && !self.settings.tight_limits() {
             let before = self.violations.len();
             self.check_final_keys(false);
             for violation in &mut self.violations[before..] {
                 violation.checker = Checker::Handoff;
             }
         }
+    }
+
+    /// Every version a stand-in held durably as a hint is at its target now, or
+    /// superseded there by something that saw it (the target's set covers its dot):
+    /// hints leave only after their target has them. Hints held by or for the node
+    /// whose storage may lose data are exempt.
+    fn check_hints_reached_their_targets(&mut self) {
+        let victim = self.settings.loss_victim.map(NodeId);
+        let mut checked = 0;
+        for hint in &self.hinted {
+            if victim == Some(hint.holder) || victim == Some(hint.target) {
+                continue;
+            }
+            let home = match self.sim_node(hint.target).disk.durable_home(&hint.key) {
+                Some(stored) => stored.decode().expect("the simulator stores valid sets"),
+                None => VersionSet::new(),
+            };
+            let covered = home.context();
+            for dot in &hint.dots {
+                checked += 1;
+                if !covered.contains(*dot) {
+                    self.violations.push(Violation {
+                        checker: Checker::Handoff,
+                        detail: format!(
+                            "{:?} held {dot:?} of {:?} as a hint for {:?}, which never got it",
+                            hint.holder,
+                            String::from_utf8_lossy(&hint.key),
+                            hint.target
+                        ),
+                    });
+                }
+            }
+        }
+        self.stats.hinted_versions_checked = checked;
     }
 
     /// Checks 2 and 4 on the union of every replica's durable set of each key.

@@ -90,6 +90,7 @@ fn add(total: &mut RunStats, run: &RunStats) {
     total.hints_handed_off += run.hints_handed_off;
     total.hints_recovered += run.hints_recovered;
     total.partitions += run.partitions;
+    total.hinted_versions_checked += run.hinted_versions_checked;
     for (reason, count) in &run.drops {
         *total.drops.entry(reason.clone()).or_default() += count;
     }
@@ -155,6 +156,10 @@ fn assert_did_something(total: &RunStats) {
         ("hints handed off", total.hints_handed_off),
         ("hints recovered at a restart", total.hints_recovered),
         ("hints refused at their bound", total.hints_refused),
+        (
+            "hinted versions checked at their targets",
+            total.hinted_versions_checked,
+        ),
         (
             "duplicated forwards dropped",
             total.drops.get("DuplicateForward").copied().unwrap_or(0),
@@ -394,7 +399,7 @@ fn checkers_catch_hints_removed_before_their_ack() {
             drop_hints_unacked: true,
             ..Sabotage::default()
         },
-        tweak: Some(split_heavy_w1),
+        tweak: Some(lossy_handoffs),
         ..Options::default()
     };
     let caught = caught_only_with_sabotage(&sabotaged, &[Checker::Handoff], 40);
@@ -410,6 +415,14 @@ fn split_heavy(settings: &mut ringkv_sim::Settings) {
     settings.detect_max_ms = 50;
     settings.drop_per_mille = settings.drop_per_mille.max(50);
     settings.strict_per_mille = 0;
+}
+
+/// Short splits that heal while clients still work, over very lossy links: many
+/// handoffs happen while messages are lost.
+fn lossy_handoffs(settings: &mut ringkv_sim::Settings) {
+    split_heavy(settings);
+    settings.partition_max_ms = 200;
+    settings.drop_per_mille = 300;
 }
 
 /// `split_heavy` where every write needs one ack: a stand-in's hint is then often a

@@ -22,7 +22,7 @@ use crate::topology::Topology;
 
 /// The protocol version this build speaks. Once released, a change to any archived type
 /// below bumps it; until then (nothing deployed) variants are only ever appended.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Opens every handshake, so a node can tell a ringkv client from anything else that
 /// connects (an HTTP probe, a Redis client on the wrong port) at the first frame.
@@ -522,7 +522,7 @@ mod tests {
     #[test]
     fn handshake_versions_must_meet() {
         assert_eq!(negotiate(MAGIC, 1, 5), Ok(PROTOCOL_VERSION));
-        assert!(negotiate(MAGIC, 2, 5).is_err());
+        assert!(negotiate(MAGIC, PROTOCOL_VERSION + 1, 5).is_err());
         assert!(negotiate(MAGIC, 0, 0).is_err());
         assert!(negotiate(0x4745_5420, 1, 1).is_err());
     }

@@ -136,8 +136,10 @@ impl<D: Disk> ShardDriver<D> {
 
     /// Hands the node the hints this shard's store holds (they survive restarts:
     /// each was written and synced with the write it acknowledged), and forgets the
-    /// removal markers of hints handed off before the restart. Before serving.
-    pub async fn restore_hints(self: &Rc<Self>) -> Result<usize, StoreError> {
+    /// removal markers of hints handed off before the restart. Before serving. A hint
+    /// that cannot be read (corrupt) is restored anyway: its handoff reads it as lost,
+    /// which removes it; the node starts either way.
+    pub async fn restore_hints(self: &Rc<Self>) -> usize {
         let hint_partitions = self.store.partitions().into_iter().filter_map(|p| {
             match Shelf::from_store_partition(p) {
                 Shelf::Hints { target } => Some((p, target)),
@@ -147,18 +149,27 @@ impl<D: Disk> ShardDriver<D> {
         let mut restored = 0;
         for (partition, target) in hint_partitions.collect::<Vec<_>>() {
             for summary in self.store.partition_keys(partition) {
-                let Some(record) = self.store.get(partition, &summary.key).await? else {
-                    continue;
+                let bytes = match self.store.get(partition, &summary.key).await {
+                    Ok(None) => continue,
+                    Ok(Some(record)) if is_removal(&record) => {
+                        let digest = record::version_digest(&[]);
+                        let collected = self
+                            .store
+                            .collect_tombstone(partition, &summary.key, digest)
+                            .await;
+                        if let Err(err) = collected {
+                            tracing::warn!(%err, "a removed hint's marker stays");
+                        }
+                        continue;
+                    }
+                    Ok(Some(record)) => {
+                        (record.key().len() + record.version().len() + record.value().len()) as u64
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, ?target, "a hint that cannot be read");
+                        summary.key.len() as u64
+                    }
                 };
-                if is_removal(&record) {
-                    let digest = record::version_digest(&[]);
-                    self.store
-                        .collect_tombstone(partition, &summary.key, digest)
-                        .await?;
-                    continue;
-                }
-                let bytes =
-                    (record.key().len() + record.version().len() + record.value().len()) as u64;
                 let now = self.now();
                 self.node
                     .borrow_mut()
@@ -167,7 +178,7 @@ impl<D: Disk> ShardDriver<D> {
             }
         }
         self.pump();
-        Ok(restored)
+        restored
     }
 
     /// Connects the driver to the peer transport (a single node has none).

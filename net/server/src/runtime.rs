@@ -319,13 +319,7 @@ async fn serve_shard(
     let shards = ShardMap::new(senders.nr_consumers())?;
     let node = Node::new(node_config(config, shards, id), ring.clone());
     let driver = ShardDriver::new(node, store.store.clone());
-    let hints = driver
-        .restore_hints()
-        .await
-        .map_err(|source| ShardError::Store {
-            dir: config.data_dir.clone(),
-            source,
-        })?;
+    let hints = driver.restore_hints().await;
     if hints > 0 {
         tracing::info!(shard = id, hints, "hints for other nodes recovered");
     }

@@ -10,7 +10,7 @@ use glommio::channels::channel_mesh::Senders;
 use glommio::channels::shared_channel::ConnectedReceiver;
 use ringkv_cluster::{
     ClientError, GetOutcome, GetRequest, GossipMessage, NodeId, PartitionId, PeerMessage,
-    PutOutcome, PutRequest, Quorum, Ring, ShardMap,
+    PutOutcome, PutRequest, Quorum, Ring, ShardMap, Shelf,
 };
 use ringkv_engine::disk::DmaDisk;
 use ringkv_proto::{HintReport, MemberReport, ShardStatus};
@@ -334,8 +334,10 @@ impl Shard {
     fn local_key_count(&self) -> u64 {
         let store = self.driver.store();
         let partitions = store.partitions();
+        // Home partitions only: hints held for other nodes are not this node's keys.
         partitions
             .into_iter()
+            .filter(|&p| matches!(Shelf::from_store_partition(p), Shelf::Home(_)))
             .map(|p| {
                 store
                     .partition_keys(p)
