@@ -5,6 +5,7 @@
 //! every acknowledged write is readable at R=2.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ringkv_client::{Client, ReadOptions, RetryPolicy};
@@ -62,20 +63,19 @@ fn wait_detected(c: &Client, side: &[usize], other: &[usize], since: Instant) ->
     }
 }
 
-/// Writes unique keys through `nodes` (RESP SET, round robin) for `duration`:
+/// Writes unique keys through `nodes` (RESP SET, round robin) until `stop` is set:
 /// returns the acknowledged (key, value) pairs and how many were attempted.
-fn write_for(
+fn write_until(
     cluster: &Cluster,
     nodes: &[usize],
     prefix: &str,
-    duration: Duration,
+    stop: &AtomicBool,
 ) -> (BTreeMap<String, String>, usize) {
     let mut connections: Vec<redis::Connection> =
         nodes.iter().map(|&id| redis(cluster, id)).collect();
     let mut acked = BTreeMap::new();
-    let started = Instant::now();
     let mut i = 0;
-    while started.elapsed() < duration {
+    while !stop.load(Ordering::Relaxed) {
         let key = format!("{prefix}-{i}");
         let value = format!("{prefix}-value-{i}");
         let connection = &mut connections[i % nodes.len()];
@@ -111,32 +111,55 @@ fn both_sides_of_a_partition_stay_writable_and_converge_after_healing() {
 
     partitioner.cut(&small);
     let cut_at = Instant::now();
-    // The cut holds, and only across the sides.
-    assert!(
-        !partitioner.can_connect(1, 3),
-        "node 1 still reaches node 3"
-    );
-    assert!(
-        !partitioner.can_connect(4, 2),
-        "node 4 still reaches node 2"
-    );
-    assert!(partitioner.can_connect(1, 2), "node 1 lost its own side");
-    assert!(partitioner.can_connect(3, 5), "node 3 lost its own side");
-    let detected =
-        wait_detected(&c, &small, &large, cut_at).max(wait_detected(&c, &large, &small, cut_at));
-    println!("both sides saw the other down {detected:?} after the cut");
-
-    let window = Duration::from_secs(10);
-    let (small_side, large_side) = std::thread::scope(|scope| {
-        let small_side = scope.spawn(|| write_for(&cluster, &small, "small", window));
-        let large_side = scope.spawn(|| write_for(&cluster, &large, "large", window));
-        (small_side.join().unwrap(), large_side.join().unwrap())
-    });
     let share = |(acked, tried): &(BTreeMap<String, String>, usize)| {
         100.0 * acked.len() as f64 / (*tried).max(1) as f64
     };
+    // Until the failure detectors see the cut, writes that need the other side time
+    // out (their outcome unknown); the acknowledged ones must survive like any other.
+    let detecting = AtomicBool::new(false);
+    let (early_small, early_large, detected) = std::thread::scope(|scope| {
+        let small_side = scope.spawn(|| write_until(&cluster, &small, "small-early", &detecting));
+        let large_side = scope.spawn(|| write_until(&cluster, &large, "large-early", &detecting));
+        // The cut holds, and only across the sides.
+        assert!(
+            !partitioner.can_connect(1, 3),
+            "node 1 still reaches node 3"
+        );
+        assert!(
+            !partitioner.can_connect(4, 2),
+            "node 4 still reaches node 2"
+        );
+        assert!(partitioner.can_connect(1, 2), "node 1 lost its own side");
+        assert!(partitioner.can_connect(3, 5), "node 3 lost its own side");
+        let detected = wait_detected(&c, &small, &large, cut_at)
+            .max(wait_detected(&c, &large, &small, cut_at));
+        detecting.store(true, Ordering::Relaxed);
+        (
+            small_side.join().unwrap(),
+            large_side.join().unwrap(),
+            detected,
+        )
+    });
     println!(
-        "during the cut: side {{1,2}} acked {} of {} writes ({:.1}%), side {{3,4,5}} {} of {} ({:.1}%)",
+        "both sides saw the other down {detected:?} after the cut; meanwhile side {{1,2}} acked {} of {} writes ({:.1}%), side {{3,4,5}} {} of {} ({:.1}%)",
+        early_small.0.len(),
+        early_small.1,
+        share(&early_small),
+        early_large.0.len(),
+        early_large.1,
+        share(&early_large)
+    );
+
+    let writing = AtomicBool::new(false);
+    let (small_side, large_side) = std::thread::scope(|scope| {
+        let small_side = scope.spawn(|| write_until(&cluster, &small, "small", &writing));
+        let large_side = scope.spawn(|| write_until(&cluster, &large, "large", &writing));
+        std::thread::sleep(Duration::from_secs(10));
+        writing.store(true, Ordering::Relaxed);
+        (small_side.join().unwrap(), large_side.join().unwrap())
+    });
+    println!(
+        "after detection: side {{1,2}} acked {} of {} writes ({:.1}%), side {{3,4,5}} {} of {} ({:.1}%)",
         small_side.0.len(),
         small_side.1,
         share(&small_side),
@@ -180,7 +203,8 @@ fn both_sides_of_a_partition_stay_writable_and_converge_after_healing() {
         ..ReadOptions::default()
     };
     let mut lost = Vec::new();
-    for (key, value) in small_side.0.iter().chain(&large_side.0) {
+    let every_acked = [&early_small.0, &early_large.0, &small_side.0, &large_side.0];
+    for (key, value) in every_acked.into_iter().flatten() {
         let found = c
             .get_with(key.as_bytes(), r2)
             .expect("a read at R=2 after healing");
@@ -207,14 +231,15 @@ fn both_sides_of_a_partition_stay_writable_and_converge_after_healing() {
             ring.preference_list_for_key(key.as_bytes(), 3)
                 .contains(&NodeId(node))
         };
-        let acked = small_side
-            .0
-            .keys()
-            .chain(large_side.0.keys())
+        let acked = every_acked
+            .into_iter()
+            .flat_map(|a| a.keys())
             .filter(|k| holds(k))
             .count();
         let tried = tried_keys("small", small_side.1)
             .chain(tried_keys("large", large_side.1))
+            .chain(tried_keys("small-early", early_small.1))
+            .chain(tried_keys("large-early", early_large.1))
             .filter(|k| holds(k))
             .count();
         acked as u64..=tried as u64
