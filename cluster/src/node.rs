@@ -179,6 +179,8 @@ pub enum DropReason {
     DuplicateForward,
     /// A sloppy read or write standing in for a node that is not a ring member.
     UnknownHintTarget,
+    /// A key longer than any store keeps (`NodeConfig::key_max`), from a peer.
+    KeyTooLong,
 }
 
 /// Counters a driver can export.
@@ -766,9 +768,17 @@ impl Node {
                 partition,
                 put,
             } => {
-                if self.check_partition(partition, &put.key)
-                    && self.take_forward(now, from, request)
-                {
+                if self.ring.partition_of(&put.key) != partition {
+                    // Rings disagree: say so rather than let the forwarder time out.
+                    self.count(DropReason::WrongPartition);
+                    let requester = Requester::Forwarder {
+                        node: from,
+                        request,
+                    };
+                    let replicas = self.ring.preference_list_for_key(&put.key, put.quorum.n());
+                    let error = ClientError::NotReplica { replicas };
+                    self.reply(requester, ClientReply::Put(Err(error)));
+                } else if self.take_forward(now, from, request) {
                     let requester = Requester::Forwarder {
                         node: from,
                         request,
@@ -1002,7 +1012,13 @@ impl Node {
         false
     }
 
+    /// Whether a peer's message about `key` is one this node can act on: the key
+    /// belongs to `partition` under this node's ring, and fits the store.
     fn check_partition(&mut self, partition: PartitionId, key: &[u8]) -> bool {
+        if key.len() > self.config.key_max {
+            self.count(DropReason::KeyTooLong);
+            return false;
+        }
         if self.ring.partition_of(key) == partition {
             return true;
         }

@@ -1046,6 +1046,21 @@ mod tests {
             for cut in 0..wire.len() {
                 let _ = decode_frame(&wire[..cut]);
             }
+            // The archive itself, cut short (aligned, as a receiver holds it): the
+            // frame reader never hands such a slice on, and the decoder must refuse it
+            // rather than read past its end.
+            let mut aligned = AlignedVec::<16>::new();
+            aligned.extend_from_slice(&wire);
+            let (archive, _) = next_peer_frame(&aligned).unwrap().unwrap();
+            assert!(decode_peer_message(&aligned[archive.clone()]).is_ok());
+            for end in archive.start..archive.end {
+                assert!(
+                    decode_peer_message(&aligned[archive.start..end]).is_err(),
+                    "{message:?} decoded from {} of {} bytes",
+                    end - archive.start,
+                    archive.len()
+                );
+            }
             for at in 0..wire.len() {
                 let mut flipped = wire.clone();
                 flipped[at] ^= 0xff;
