@@ -10,6 +10,9 @@ use ringkv_cluster::{NodeId, Shelf, StorageOpId, StoredRead, StoredVersions};
 /// A key on one shelf (at home in its partition, or among the hints for a node).
 type At = (Shelf, Vec<u8>);
 
+/// A hint a sync made durable: its target, key and record.
+pub type SyncedHint = (NodeId, Vec<u8>, StoredVersions);
+
 #[derive(Default)]
 pub struct Disk {
     durable: BTreeMap<At, StoredVersions>,
@@ -76,12 +79,7 @@ impl Disk {
     /// Makes every pending write durable, in order; returns their shards and op ids,
     /// and the hints among them: (target, key, record). (Shards own disjoint
     /// partitions, so their keys never collide.)
-    pub fn sync(
-        &mut self,
-    ) -> (
-        Vec<(usize, StorageOpId)>,
-        Vec<(NodeId, Vec<u8>, StoredVersions)>,
-    ) {
+    pub fn sync(&mut self) -> (Vec<(usize, StorageOpId)>, Vec<SyncedHint>) {
         let mut done = Vec::with_capacity(self.pending.len());
         let mut hints = Vec::new();
         for (shard, op, at, stored) in self.pending.drain(..) {
