@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use redis::Value;
-use ringkv_client::{Client, Error, PutMode, ReadOptions, RetryPolicy, WriteOptions};
+use ringkv_client::{Client, Error, PutMode, ReadOptions, WriteOptions};
 use ringkv_proto::native::{decode_response, encode_request};
 use ringkv_proto::peer::{ClusterSpec, MemberSpec, PEER_MAGIC, PeerHello};
 use ringkv_proto::{Body, Op, PROTOCOL_VERSION, Request};
@@ -24,28 +24,6 @@ const R2: ReadOptions = ReadOptions {
     timeout: None,
     strict: false,
 };
-
-fn client(cluster: &Cluster, ids: &[usize]) -> Client {
-    Client::builder()
-        .seeds(ids.iter().map(|&id| cluster.native(id)))
-        .request_timeout(Duration::from_secs(3))
-        .retry(RetryPolicy {
-            attempts: 4,
-            backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(300),
-        })
-        .connect_blocking()
-        .expect("client connects")
-}
-
-fn redis(cluster: &Cluster, id: usize) -> redis::Connection {
-    let url = format!("redis://127.0.0.1:{}/", cluster.resp_port(id));
-    let connection = redis::Client::open(url).unwrap().get_connection().unwrap();
-    connection
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    connection
-}
 
 /// What an application does with an idempotent write whose outcome is unknown (in
 /// flight on a connection to a node that just died): send it again.
@@ -75,7 +53,7 @@ fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
 #[test]
 fn acknowledged_writes_survive_kill_9_of_one_node() {
     let mut cluster = Cluster::start(3);
-    let c = client(&cluster, &[1, 2, 3]);
+    let c = cluster.client(&[1, 2, 3]);
     let mut acked = Vec::new();
     let mut unknown = 0;
     for i in 0..600u32 {
@@ -108,8 +86,8 @@ fn acknowledged_writes_survive_kill_9_of_one_node() {
 #[test]
 fn concurrent_writers_leave_siblings_that_a_merged_write_resolves() {
     let cluster = Cluster::start(3);
-    let mut a = redis(&cluster, 1);
-    let mut b = redis(&cluster, 2);
+    let mut a = cluster.redis(1);
+    let mut b = cluster.redis(2);
     let _: () = redis::cmd("KV.PUT")
         .arg("cart")
         .arg("apple")
@@ -125,7 +103,7 @@ fn concurrent_writers_leave_siblings_that_a_merged_write_resolves() {
     siblings.sort();
     assert_eq!(siblings, ["apple", "pear"]);
     // The client sees both too.
-    let c = client(&cluster, &[3]);
+    let c = cluster.client(&[3]);
     let mut seen = c.get_with(b"cart", R2).unwrap().siblings;
     seen.sort();
     assert_eq!(seen, [b"apple".to_vec(), b"pear".to_vec()]);
@@ -143,7 +121,7 @@ fn concurrent_writers_leave_siblings_that_a_merged_write_resolves() {
 #[test]
 fn a_stale_node_is_repaired_by_reads() {
     let mut cluster = Cluster::start(3);
-    let c = client(&cluster, &[1, 2]);
+    let c = cluster.client(&[1, 2]);
     for i in 0..30u32 {
         c.put_with(format!("k{i}").as_bytes(), b"old", PutMode::Latest, W2)
             .unwrap();
@@ -186,7 +164,7 @@ fn a_stale_node_is_repaired_by_reads() {
 #[test]
 fn a_stopped_node_slows_nothing_that_two_replicas_can_answer() {
     let cluster = Cluster::start(3);
-    let mut r = redis(&cluster, 1);
+    let mut r = cluster.redis(1);
     let _: () = redis::cmd("KV.PUT")
         .arg("x")
         .arg("0")
@@ -262,7 +240,7 @@ fn a_stopped_node_slows_nothing_that_two_replicas_can_answer() {
 #[test]
 fn a_paused_node_is_detected_by_its_silence_and_routed_around() {
     let cluster = Cluster::start(3);
-    let mut r = redis(&cluster, 1);
+    let mut r = cluster.redis(1);
     let put_w3 = |r: &mut redis::Connection, value: &str| {
         redis::cmd("KV.PUT")
             .arg("x")
@@ -358,7 +336,7 @@ fn bad_peers_are_dropped_and_the_cluster_keeps_serving() {
         let _ = stream.write_all(&[0xff; 64]);
         let _ = stream.read_to_end(&mut Vec::new());
     }
-    let c = client(&cluster, &[1]);
+    let c = cluster.client(&[1]);
     c.put_with(b"still", b"here", PutMode::Latest, W2).unwrap();
     assert_eq!(
         c.get_with(b"still", R2).unwrap().value(),
@@ -396,7 +374,7 @@ fn nodes_with_different_shard_counts_answer_every_quorum_correctly() {
         strict: false,
     };
     for seed in [1, 2, 3] {
-        let c = client(&cluster, &[seed]);
+        let c = cluster.client(&[seed]);
         let keys: Vec<Vec<u8>> = (0..150u32)
             .map(|i| format!("s{seed}-{i}").into_bytes())
             .collect();
@@ -432,7 +410,7 @@ fn nodes_with_different_shard_counts_answer_every_quorum_correctly() {
 fn a_node_restarted_with_an_empty_data_directory_loses_no_acknowledged_write() {
     const KEYS: usize = 40;
     let mut cluster = Cluster::start(3);
-    let mut three = redis(&cluster, 3);
+    let mut three = cluster.redis(3);
     // Node 3 coordinates six writes of every key, so its old actor reached counter 6.
     for round in 0..6 {
         for k in 0..KEYS {
@@ -444,7 +422,7 @@ fn a_node_restarted_with_an_empty_data_directory_loses_no_acknowledged_write() {
         }
     }
     // Every replica has them before the disk goes.
-    let all = client(&cluster, &[1, 2]);
+    let all = cluster.client(&[1, 2]);
     let r3 = ReadOptions {
         r: Some(3),
         timeout: None,
@@ -487,7 +465,7 @@ fn a_node_restarted_with_an_empty_data_directory_loses_no_acknowledged_write() {
     cluster.wipe(3);
     cluster.restart_unwaited(3);
     let ready = Instant::now();
-    let mut three = redis(&cluster, 3);
+    let mut three = cluster.redis(3);
 
     // A W=2 write through the restarted node within 2 s of ready (60 ms here). It took
     // 1.06 s before the peers' links noticed the old node's connections close: their
@@ -559,7 +537,7 @@ fn a_node_restarted_with_an_empty_data_directory_loses_no_acknowledged_write() {
     assert!(load.len() > 20, "the load acked only {} writes", load.len());
 
     for id in 1..=3 {
-        let c = client(&cluster, &[id]);
+        let c = cluster.client(&[id]);
         for (key, new) in &expected {
             let found = c.get_with(key.as_bytes(), R2).unwrap();
             let values: Vec<&[u8]> = found.siblings.iter().map(Vec::as_slice).collect();
@@ -608,7 +586,7 @@ fn a_forwarded_write_reports_its_real_quorum_outcome() {
         })
         .find(|(_, replicas)| !replicas.contains(&NodeId(4)))
         .unwrap();
-    let mut four = redis(&cluster, 4);
+    let mut four = cluster.redis(4);
     // STRICT: only the key's own replicas count (a sloppy write would let node 4
     // stand in for the dead ones, as checked at the end).
     let put = |conn: &mut redis::Connection, w: usize| {

@@ -5,40 +5,16 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use ringkv_client::{Client, PutMode, ReadOptions, RetryPolicy, WriteOptions};
+use ringkv_client::{Client, PutMode, ReadOptions, WriteOptions};
 use ringkv_cluster::{Member, NodeId, Ring};
 
 mod common;
 use common::Cluster;
 
-fn client(cluster: &Cluster, ids: &[usize]) -> Client {
-    Client::builder()
-        .seeds(ids.iter().map(|&id| cluster.native(id)))
-        .request_timeout(Duration::from_secs(3))
-        .retry(RetryPolicy {
-            attempts: 4,
-            backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(300),
-        })
-        .connect_blocking()
-        .expect("client connects")
-}
-
 /// The ring every server builds from `--partitions 64` and members 1..=size.
 fn ring(size: u32) -> Ring {
     let members: Vec<Member> = (1..=size).map(|i| Member::new(NodeId(i))).collect();
     Ring::new(64, &members).expect("a valid ring")
-}
-
-/// Hints pending on every running node, summed over shards and targets.
-fn hints_pending(c: &Client) -> u64 {
-    let each = c.status_each().expect("status");
-    each.iter()
-        .filter_map(|(_, status)| status.as_ref().ok())
-        .flat_map(|n| &n.shards)
-        .flat_map(|s| &s.hints)
-        .map(|h| h.keys)
-        .sum()
 }
 
 /// Waits until every running node's failure detector takes `node` for down (before
@@ -71,7 +47,7 @@ fn wait_seen_down(c: &Client, node: u32) {
 #[test]
 fn writes_made_while_a_node_was_down_reach_it_through_handoff() {
     let mut cluster = Cluster::start(4);
-    let writer = client(&cluster, &[1, 2, 3]);
+    let writer = cluster.client(&[1, 2, 3]);
     cluster.kill(4);
     wait_seen_down(&writer, 4);
     let down_since = Instant::now();
@@ -113,7 +89,7 @@ fn writes_made_while_a_node_was_down_reach_it_through_handoff() {
     );
     // The last stand-in writes may still be landing (W=2 answers before the third).
     std::thread::sleep(Duration::from_millis(500));
-    let pending = hints_pending(&writer);
+    let pending = common::hints_pending(&writer);
     assert!(
         pending as usize >= for_node_4.len(),
         "{pending} hints held for {} writes",
@@ -124,7 +100,7 @@ fn writes_made_while_a_node_was_down_reach_it_through_handoff() {
     let returned = Instant::now();
     let mut drained = false;
     while returned.elapsed() < Duration::from_secs(60) {
-        if hints_pending(&writer) == 0 {
+        if common::hints_pending(&writer) == 0 {
             drained = true;
             break;
         }
@@ -153,7 +129,7 @@ fn writes_made_while_a_node_was_down_reach_it_through_handoff() {
     for id in 1..=3 {
         cluster.kill(id);
     }
-    let alone = client(&cluster, &[4]);
+    let alone = cluster.client(&[4]);
     let one = ReadOptions {
         r: Some(1),
         strict: true,
@@ -182,7 +158,7 @@ fn writes_made_while_a_node_was_down_reach_it_through_handoff() {
 #[test]
 fn strict_writes_refuse_stand_ins_that_sloppy_ones_count() {
     let mut cluster = Cluster::start(4);
-    let c = client(&cluster, &[1, 2, 3]);
+    let c = cluster.client(&[1, 2, 3]);
     cluster.kill(4);
     wait_seen_down(&c, 4);
     let ring = ring(4);
@@ -206,5 +182,5 @@ fn strict_writes_refuse_stand_ins_that_sloppy_ones_count() {
     );
     c.put_with(key.as_bytes(), b"v", PutMode::Latest, w3(false))
         .expect("a sloppy W=3 write counts the stand-in");
-    assert!(hints_pending(&c) >= 1);
+    assert!(common::hints_pending(&c) >= 1);
 }

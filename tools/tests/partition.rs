@@ -8,34 +8,12 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use ringkv_client::{Client, ReadOptions, RetryPolicy};
+use ringkv_client::{Client, ReadOptions};
 use ringkv_cluster::{Member, NodeId, Ring};
 
 mod common;
 use common::Cluster;
 use common::partition::{Partitioner, node_user};
-
-fn client(cluster: &Cluster, ids: &[usize]) -> Client {
-    Client::builder()
-        .seeds(ids.iter().map(|&id| cluster.native(id)))
-        .request_timeout(Duration::from_secs(3))
-        .retry(RetryPolicy {
-            attempts: 4,
-            backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(300),
-        })
-        .connect_blocking()
-        .expect("client connects")
-}
-
-fn redis(cluster: &Cluster, id: usize) -> redis::Connection {
-    let url = format!("redis://127.0.0.1:{}/", cluster.resp_port(id));
-    let connection = redis::Client::open(url).unwrap().get_connection().unwrap();
-    connection
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    connection
-}
 
 /// Waits until every node of `side` takes every node of `other` for down; returns
 /// how long that took.
@@ -72,7 +50,7 @@ fn write_until(
     stop: &AtomicBool,
 ) -> (BTreeMap<String, String>, usize) {
     let mut connections: Vec<redis::Connection> =
-        nodes.iter().map(|&id| redis(cluster, id)).collect();
+        nodes.iter().map(|&id| cluster.redis(id)).collect();
     let mut acked = BTreeMap::new();
     let mut i = 0;
     while !stop.load(Ordering::Relaxed) {
@@ -89,24 +67,13 @@ fn write_until(
     (acked, i)
 }
 
-fn hints_pending(c: &Client) -> u64 {
-    c.status_each()
-        .expect("status")
-        .iter()
-        .filter_map(|(_, s)| s.as_ref().ok())
-        .flat_map(|n| &n.shards)
-        .flat_map(|s| &s.hints)
-        .map(|h| h.keys)
-        .sum()
-}
-
 #[test]
 fn both_sides_of_a_partition_stay_writable_and_converge_after_healing() {
     let users: Vec<(u32, u32)> = (1..=5).map(node_user).collect();
     let mut partitioner = Partitioner::new(&users);
     let cluster = Cluster::start_as_users(&users);
     partitioner.attach(&cluster);
-    let c = client(&cluster, &[1, 2, 3, 4, 5]);
+    let c = cluster.client(&[1, 2, 3, 4, 5]);
     let (small, large) = ([1, 2], [3, 4, 5]);
 
     partitioner.cut(&small);
@@ -182,14 +149,14 @@ fn both_sides_of_a_partition_stay_writable_and_converge_after_healing() {
         "side {{3,4,5}}: {:.1}%",
         share(&large_side)
     );
-    let pending = hints_pending(&c);
+    let pending = common::hints_pending(&c);
     assert!(pending > 0, "no stand-in held a hint");
 
     partitioner.heal();
     let healed = Instant::now();
     let mut drained = None;
     while healed.elapsed() < Duration::from_secs(60) {
-        if hints_pending(&c) == 0 {
+        if common::hints_pending(&c) == 0 {
             drained = Some(healed.elapsed());
             break;
         }

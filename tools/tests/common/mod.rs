@@ -193,6 +193,30 @@ impl Cluster {
         }
     }
 
+    /// A client that knows every node in `ids`, with retries for a node that went away.
+    pub fn client(&self, ids: &[usize]) -> ringkv_client::Client {
+        ringkv_client::Client::builder()
+            .seeds(ids.iter().map(|&id| self.native(id)))
+            .request_timeout(Duration::from_secs(3))
+            .retry(ringkv_client::RetryPolicy {
+                attempts: 4,
+                backoff: Duration::from_millis(50),
+                max_backoff: Duration::from_millis(300),
+            })
+            .connect_blocking()
+            .expect("client connects")
+    }
+
+    /// A Redis-protocol connection to node `id`.
+    pub fn redis(&self, id: usize) -> redis::Connection {
+        let url = format!("redis://127.0.0.1:{}/", self.resp_port(id));
+        let connection = redis::Client::open(url).unwrap().get_connection().unwrap();
+        connection
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        connection
+    }
+
     pub fn size(&self) -> usize {
         self.dirs.len()
     }
@@ -284,6 +308,18 @@ impl Cluster {
         std::fs::remove_dir_all(dir).unwrap();
         std::fs::create_dir(dir).unwrap();
     }
+}
+
+/// Hints pending on every node that answers, summed over shards and targets.
+pub fn hints_pending(c: &ringkv_client::Client) -> u64 {
+    c.status_each()
+        .expect("status")
+        .iter()
+        .filter_map(|(_, s)| s.as_ref().ok())
+        .flat_map(|n| &n.shards)
+        .flat_map(|s| &s.hints)
+        .map(|h| h.keys)
+        .sum()
 }
 
 fn wait_ready(child: &mut Child) {
