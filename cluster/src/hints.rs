@@ -3,8 +3,9 @@
 //!
 //! A node standing in for a down replica stores the write on a separate shelf of its
 //! store, [`Shelf::Hints`] for that replica, durably before it acks (so the hint counts
-//! toward W exactly like a replica's copy). [`HintLedger`] remembers which keys each
-//! target is owed, how many bytes they take and since when; the node hands them off
+//! toward W exactly like a replica's copy; the replica holds each target's hints to
+//! their byte bound, counting writes in flight). [`HintLedger`] remembers which keys
+//! each target is owed, how many bytes they take and when a write last reached them; the node hands them off
 //! when the failure detector sees the target again, a few at a time and under a byte
 //! rate, and removes a hint only after the target acknowledged it durably and only if
 //! no newer write reached the hint meanwhile.
@@ -140,16 +141,6 @@ pub struct HintLedger {
 }
 
 impl HintLedger {
-    /// Whether a hint of `bytes` more for `target` stays within `bytes_max`
-    /// (a key already held counts its new size, not both).
-    pub fn has_room(&self, target: NodeId, key: &[u8], bytes: u64, bytes_max: u64) -> bool {
-        let Some(held) = self.targets.get(&target) else {
-            return bytes <= bytes_max;
-        };
-        let old = held.keys.get(key).map_or(0, |h| h.bytes);
-        held.bytes - old + bytes <= bytes_max
-    }
-
     pub fn bytes(&self, target: NodeId) -> u64 {
         self.targets.get(&target).map_or(0, |t| t.bytes)
     }
@@ -390,20 +381,15 @@ mod tests {
     }
 
     #[test]
-    fn the_ledger_counts_bytes_once_per_key_and_bounds_new_hints() {
+    fn the_ledger_counts_bytes_once_per_key() {
         let mut ledger = HintLedger::default();
         let t = NodeId(3);
         let now = Duration::ZERO;
-        assert!(ledger.has_room(t, b"a", 60, 100));
         ledger.stored(t, b"a", 60, now);
         ledger.stored(t, b"a", 70, now);
-        assert_eq!(ledger.bytes(t), 70);
-        assert!(
-            ledger.has_room(t, b"a", 100, 100),
-            "a rewrite replaces its size"
-        );
-        assert!(!ledger.has_room(t, b"b", 31, 100));
+        assert_eq!(ledger.bytes(t), 70, "a rewrite replaces its size");
         ledger.stored(t, b"b", 30, now);
+        assert_eq!(ledger.bytes(t), 100);
         ledger.assert_invariants();
         let (target, key, bytes) = ledger.take_next(|_| true).expect("a hint is idle");
         assert_eq!((target, bytes), (t, if key == b"a" { 70 } else { 30 }));

@@ -244,6 +244,7 @@ impl Node {
                 siblings_max: config.siblings_max,
                 stored_value_max: config.stored_value_max,
                 stored_version_max: config.stored_version_max,
+                hint_bytes_max: config.hints.bytes_max,
                 sabotage: config.sabotage,
             },
             epochs,
@@ -357,6 +358,7 @@ impl Node {
             return;
         }
         self.hints.stored(target, &key, bytes, now);
+        self.replica.hint_restored(target, bytes);
         self.hints.stats.recovered += 1;
         self.arm_handoff(now);
     }
@@ -436,7 +438,7 @@ impl Node {
         then: Option<ThenPut>,
     ) {
         let partition = self.ring.partition_of(&key);
-        let placements = self.placements(partition, &key, quorum.n(), strict);
+        let placements = self.placements(partition, quorum.n(), strict);
         let asked: Vec<NodeId> = placements.iter().map(|p| p.node).collect();
         if asked.len() < quorum.r() {
             let error = ClientError::Unavailable {
@@ -491,7 +493,7 @@ impl Node {
             context
         };
         let partition = self.ring.partition_of(&put.key);
-        let placements = self.placements(partition, &put.key, put.quorum.n(), put.strict);
+        let placements = self.placements(partition, put.quorum.n(), put.strict);
         if !placements.iter().any(|p| p.node == self.config.node) {
             match requester {
                 Requester::Client(client) => self.forward(now, client, partition, put),
@@ -657,7 +659,7 @@ impl Node {
     ) {
         let required = put.quorum.w();
         let Some(to) = self
-            .placements(partition, &put.key, put.quorum.n(), put.strict)
+            .placements(partition, put.quorum.n(), put.strict)
             .first()
             .map(|p| p.node)
         else {
@@ -730,10 +732,7 @@ impl Node {
                 versions,
                 hint_for,
             } => {
-                if self.check_partition(partition, &key)
-                    && self.check_hint_target(hint_for)
-                    && self.hint_has_room(from, request, hint_for, &key, &versions)
-                {
+                if self.check_partition(partition, &key) && self.check_hint_target(hint_for) {
                     let origin = Some(Origin {
                         node: from,
                         request,
@@ -904,13 +903,7 @@ impl Node {
     /// and unless `strict`, for each unreachable one the next reachable node along
     /// the ring (Dynamo §4.6), standing in for it. This node does not stand in where
     /// its hints for that replica are full.
-    fn placements(
-        &self,
-        partition: PartitionId,
-        key: &[u8],
-        n: usize,
-        strict: bool,
-    ) -> Vec<Placement> {
+    fn placements(&self, partition: PartitionId, n: usize, strict: bool) -> Vec<Placement> {
         let home = self.ring.preference_list(partition, n);
         let mut placements: Vec<Placement> = home
             .iter()
@@ -938,10 +931,7 @@ impl Node {
             if self.unreachable.contains(&node) {
                 continue;
             }
-            let full = node == self.config.node
-                && !self
-                    .hints
-                    .has_room(for_node, key, 0, self.config.hints.bytes_max);
+            let full = node == self.config.node && !self.replica.hint_room_left(for_node);
             if full {
                 continue;
             }
@@ -967,39 +957,6 @@ impl Node {
             Some(target) if target != self.config.node => Shelf::Hints { target },
             _ => Shelf::Home(partition),
         }
-    }
-
-    /// Whether a hinted write fits the bound of its target's hints; refuses it to the
-    /// coordinator (so it never counts toward W) when it does not.
-    fn hint_has_room(
-        &mut self,
-        from: NodeId,
-        request: RequestId,
-        hint_for: Option<NodeId>,
-        key: &[u8],
-        versions: &VersionSet,
-    ) -> bool {
-        let Some(target) = hint_for.filter(|&t| t != self.config.node) else {
-            return true;
-        };
-        let size = crate::codec::encoded_version_len(versions)
-            + versions
-                .siblings()
-                .filter_map(|v| v.value.data())
-                .map(<[u8]>::len)
-                .sum::<usize>();
-        let bytes = crate::hints::hint_bytes(key, size, 0);
-        let limit = self.config.hints.bytes_max;
-        if self.hints.has_room(target, key, bytes, limit) {
-            return true;
-        }
-        self.hints.stats.refused += 1;
-        let refusal = TooLarge::Hints {
-            size: usize::try_from(self.hints.bytes(target) + bytes).unwrap_or(usize::MAX),
-            limit: usize::try_from(limit).unwrap_or(usize::MAX),
-        };
-        self.send(from, PeerMessage::WriteRefused { request, refusal });
-        false
     }
 
     /// Hints are only kept for ring members: a target no ring holds would never come
@@ -1083,7 +1040,7 @@ impl Node {
             return;
         }
         // What held when the read started may not hold now.
-        let placements = self.placements(partition, &key, then.quorum.n(), then.strict);
+        let placements = self.placements(partition, then.quorum.n(), then.strict);
         if !placements.iter().any(|p| p.node == self.config.node) {
             let error = ClientError::NotReplica {
                 replicas: self.ring.preference_list(partition, then.quorum.n()),
@@ -1422,6 +1379,9 @@ impl Node {
                     self.coordination_paused_until = Some(now + self.config.request_timeout);
                 }
                 ReplicaEvent::MergeRefused { origin, refusal } => {
+                    if let TooLarge::Hints { .. } = refusal {
+                        self.hints.stats.refused += 1;
+                    }
                     let message = PeerMessage::WriteRefused {
                         request: origin.request,
                         refusal,

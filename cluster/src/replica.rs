@@ -195,6 +195,8 @@ pub(crate) struct ReplicaConfig {
     pub siblings_max: usize,
     pub stored_value_max: usize,
     pub stored_version_max: usize,
+    /// Most bytes of hints kept for one target (`HintConfig::bytes_max`).
+    pub hint_bytes_max: u64,
     pub sabotage: Sabotage,
 }
 
@@ -213,12 +215,32 @@ struct Active {
     made: Option<Dot>,
     /// What the record being written takes (for the hint ledger).
     bytes: u64,
+    /// On a hint shelf: what the record replaced took, and the bytes this write
+    /// reserved against its target's bound (released when it completes).
+    old_bytes: u64,
+    reserved: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
     Reading,
     Writing,
+}
+
+/// What a hint write replaces and reserves (see `Replica::reserve_hint`).
+#[derive(Clone, Copy, Debug, Default)]
+struct HintRoom {
+    old_bytes: u64,
+    reserved: u64,
+}
+
+/// The bytes a record of `set` under `key` takes, as the hint bound counts them.
+fn record_bytes(key: &[u8], set: &VersionSet) -> u64 {
+    if set.is_empty() {
+        return 0;
+    }
+    let stored = StoredVersions::encode(set);
+    hint_bytes(key, stored.version.len(), stored.value.len())
 }
 
 /// Keys whose stand-in actors are remembered (the map costs memory only while this
@@ -251,6 +273,15 @@ pub(crate) struct Replica {
     stand_in_actors: BTreeMap<Vec<u8>, (Actor, u64)>,
     /// Key bytes in `stand_in_actors`, bounded by `STAND_IN_KEY_BYTES_MAX`.
     stand_in_key_bytes: usize,
+    /// Per target: bytes of hints stored, and bytes reserved by hint writes in
+    /// flight. Their sum never passes `hint_bytes_max` through a write made here (a
+    /// write that would is refused before it is handed to storage), so the bound is
+    /// hard whatever runs concurrently.
+    hint_held: BTreeMap<NodeId, u64>,
+    hint_reserved: BTreeMap<NodeId, u64>,
+    /// Targets whose recovered hints alone passed the bound (a smaller bound after a
+    /// restart): they only shrink.
+    hint_over_at_start: std::collections::BTreeSet<NodeId>,
     keys: BTreeMap<ShelfKey, KeyQueue>,
     /// Storage operation in flight → the key whose active job issued it.
     in_flight: BTreeMap<StorageOpId, ShelfKey>,
@@ -271,6 +302,9 @@ impl Replica {
             actor_used: false,
             stand_in_actors: BTreeMap::new(),
             stand_in_key_bytes: 0,
+            hint_held: BTreeMap::new(),
+            hint_reserved: BTreeMap::new(),
+            hint_over_at_start: Default::default(),
             keys: BTreeMap::new(),
             in_flight: BTreeMap::new(),
             next_op: 0,
@@ -338,6 +372,9 @@ impl Replica {
             (StorageCompletion::Write { result, .. }, Stage::Writing) => match result {
                 Ok(()) => {
                     if let Shelf::Hints { target } = key.0 {
+                        let removed = matches!(active.job, Job::DropHint { .. });
+                        let new = if removed { 0 } else { active.bytes };
+                        self.settle_hint(target, &active, Some(new));
                         let key = key.1.clone();
                         out.push(match active.job {
                             Job::DropHint { .. } => ReplicaEvent::HintRemoved { target, key },
@@ -366,6 +403,9 @@ impl Replica {
                         self.retire_actor();
                         out.push(ReplicaEvent::LocalWriteFailed);
                     }
+                    if let Shelf::Hints { target } = key.0 {
+                        self.settle_hint(target, &active, None);
+                    }
                     self.abandon(key, active.job, DropReason::StorageWriteFailed, out)
                 }
             },
@@ -377,6 +417,15 @@ impl Replica {
     }
 
     pub fn assert_invariants(&self) {
+        for (target, held) in &self.hint_held {
+            let reserved = self.hint_reserved.get(target).copied().unwrap_or(0);
+            assert!(
+                held + reserved <= self.config.hint_bytes_max
+                    || self.hint_over_at_start.contains(target),
+                "hints for {target:?} take {held} + {reserved} bytes, over the bound of {}",
+                self.config.hint_bytes_max
+            );
+        }
         let mut active_ops = 0;
         for (key, queue) in &self.keys {
             match &queue.active {
@@ -543,8 +592,19 @@ impl Replica {
                         out.push(ReplicaEvent::Durable { origin });
                     }
                     self.finish(key, out);
-                } else {
-                    self.write(key, job, &merged, None, out);
+                    return;
+                }
+                match self.reserve_hint(key, &current, &merged) {
+                    Ok(room) => self.write(key, job, &merged, None, room, out),
+                    Err(refusal) => {
+                        match origin {
+                            Some(origin) => {
+                                out.push(ReplicaEvent::MergeRefused { origin, refusal })
+                            }
+                            None => out.push(ReplicaEvent::Dropped(DropReason::MergeTooLarge)),
+                        }
+                        self.finish(key, out);
+                    }
                 }
             }
             Job::Coordinate {
@@ -591,12 +651,21 @@ impl Replica {
                     self.finish(key, out);
                     return;
                 }
+                let room = match self.reserve_hint(key, &current, &merged) {
+                    Ok(room) => room,
+                    Err(refusal) => {
+                        let refusal = Refusal::TooLarge(refusal);
+                        out.push(ReplicaEvent::Refused { origin, refusal });
+                        self.finish(key, out);
+                        return;
+                    }
+                };
                 out.push(ReplicaEvent::Created {
                     origin,
                     dot,
                     versions: merged.clone(),
                 });
-                self.write(key, job, &merged, Some(dot), out);
+                self.write(key, job, &merged, Some(dot), room, out);
             }
             Job::DropHint { ref handed } => {
                 let Shelf::Hints { target } = key.0 else {
@@ -624,7 +693,11 @@ impl Replica {
                         shelf: key.0,
                         key: key.1.clone(),
                     }));
-                    self.set_writing(key, op, job, None, 0);
+                    let room = HintRoom {
+                        old_bytes: record_bytes(&key.1, &current),
+                        reserved: 0,
+                    };
+                    self.set_writing(key, op, job, None, 0, room);
                 }
             }
         }
@@ -673,6 +746,7 @@ impl Replica {
         job: Job,
         merged: &VersionSet,
         made: Option<Dot>,
+        room: HintRoom,
         out: &mut Vec<ReplicaEvent>,
     ) {
         let op = self.new_op(key);
@@ -689,7 +763,7 @@ impl Replica {
         {
             out.push(ReplicaEvent::Durable { origin });
         }
-        self.set_writing(key, op, job, made, bytes);
+        self.set_writing(key, op, job, made, bytes, room);
     }
 
     fn set_writing(
@@ -699,6 +773,7 @@ impl Replica {
         job: Job,
         made: Option<Dot>,
         bytes: u64,
+        room: HintRoom,
     ) {
         let queue = self.keys.get_mut(key).expect("the written key has a queue");
         queue.active = Some(Active {
@@ -707,7 +782,67 @@ impl Replica {
             stage: Stage::Writing,
             made,
             bytes,
+            old_bytes: room.old_bytes,
+            reserved: room.reserved,
         });
+    }
+
+    /// Before a write to a hint shelf: reserves what it adds against its target's
+    /// bound, or refuses it. Home writes need no room.
+    fn reserve_hint(
+        &mut self,
+        key: &ShelfKey,
+        current: &VersionSet,
+        merged: &VersionSet,
+    ) -> Result<HintRoom, TooLarge> {
+        let Shelf::Hints { target } = key.0 else {
+            return Ok(HintRoom::default());
+        };
+        let old_bytes = record_bytes(&key.1, current);
+        let grow = record_bytes(&key.1, merged).saturating_sub(old_bytes);
+        let held = self.hint_held.get(&target).copied().unwrap_or(0);
+        let reserved = self.hint_reserved.entry(target).or_default();
+        let total = held + *reserved + grow;
+        if grow > 0 && total > self.config.hint_bytes_max {
+            let clamp = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+            return Err(TooLarge::Hints {
+                size: clamp(total),
+                limit: clamp(self.config.hint_bytes_max),
+            });
+        }
+        *reserved += grow;
+        Ok(HintRoom {
+            old_bytes,
+            reserved: grow,
+        })
+    }
+
+    /// A hint write ended: releases its reservation and, if it landed (`new`: the
+    /// record's size now, 0 once removed), accounts it as stored.
+    fn settle_hint(&mut self, target: NodeId, active: &Active, new: Option<u64>) {
+        if let Some(reserved) = self.hint_reserved.get_mut(&target) {
+            *reserved -= active.reserved;
+        }
+        if let Some(new) = new {
+            let held = self.hint_held.entry(target).or_default();
+            *held = held.saturating_sub(active.old_bytes) + new;
+        }
+    }
+
+    /// A hint recovered from the store at start counts against its target's bound.
+    pub fn hint_restored(&mut self, target: NodeId, bytes: u64) {
+        let held = self.hint_held.entry(target).or_default();
+        *held += bytes;
+        if *held > self.config.hint_bytes_max {
+            self.hint_over_at_start.insert(target);
+        }
+    }
+
+    /// Whether a new hint for `target` could fit at all now.
+    pub fn hint_room_left(&self, target: NodeId) -> bool {
+        let held = self.hint_held.get(&target).copied().unwrap_or(0);
+        let reserved = self.hint_reserved.get(&target).copied().unwrap_or(0);
+        held + reserved < self.config.hint_bytes_max
     }
 
     /// The job cannot go on; its origin gets no answer (the coordinator times out)
@@ -762,6 +897,8 @@ impl Replica {
             stage: Stage::Reading,
             made: None,
             bytes: 0,
+            old_bytes: 0,
+            reserved: 0,
         });
     }
 
