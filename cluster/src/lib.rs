@@ -13,6 +13,7 @@
 //! - [`node`]: one node's state machine (coordinator and replica), driven by
 //!   `handle_*` inputs and [`Node::poll_action`] outputs; [`message`] and [`request`]
 //!   are what it exchanges with peers and clients.
+//! - [`merkle`]: per-partition Merkle trees kept current on the write path.
 //! - [`membership`] and [`phi`]: gossip membership and phi-accrual failure detection.
 //! - [`hints`]: sloppy quorum's stand-ins and the hints they hold for handoff.
 //! - [`shard_map`]: which of a node's shards owns a partition or a reply.
@@ -24,6 +25,7 @@ pub mod codec;
 mod coordinator;
 pub mod hints;
 pub mod membership;
+pub mod merkle;
 pub mod message;
 pub mod node;
 pub mod phi;

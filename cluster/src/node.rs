@@ -118,6 +118,9 @@ pub struct Sabotage {
     /// handoff lost in flight (or a target that crashes before its sync) loses the
     /// only copy a sloppy write had there.
     pub drop_hints_unacked: bool,
+    /// Leave the partition's Merkle tree alone when a replica merge (not a put made
+    /// here) is written: the tree drifts from what the store holds.
+    pub skip_tree_updates: bool,
 }
 
 /// Which timer fired.
@@ -326,6 +329,23 @@ impl Node {
             hints: self.hints.stats,
             ..self.stats.clone()
         }
+    }
+
+    /// The Merkle tree of a home partition of this node (None: nothing stored).
+    pub fn merkle_tree(&self, partition: PartitionId) -> Option<&crate::merkle::MerkleTree> {
+        self.replica.tree(partition)
+    }
+
+    /// Installs a partition's tree rebuilt from the store's index: at start for every
+    /// partition, later for the ones `stale_trees` lists (not busy).
+    pub fn set_merkle_tree(&mut self, partition: PartitionId, tree: crate::merkle::MerkleTree) {
+        self.replica.set_tree(partition, tree);
+    }
+
+    /// Partitions whose trees a lost record made stale, with whether a write of each
+    /// is in flight (rebuild the others).
+    pub fn stale_trees(&self) -> Vec<(PartitionId, bool)> {
+        self.replica.stale_trees()
     }
 
     /// Hints held here, per target.

@@ -15,9 +15,11 @@ use std::collections::{BTreeMap, VecDeque};
 use crate::clock::{Actor, Dot, EpochSource, VersionVector};
 use crate::codec::{self, StoredVersions};
 use crate::hints::{Shelf, hint_bytes};
+use crate::merkle::{MerkleTree, version_digest};
 use crate::message::{RequestId, TooLarge};
 use crate::node::{DropReason, Sabotage};
 use crate::ring::NodeId;
+use crate::ring::PartitionId;
 use crate::version::{ConflictMode, Value, Version, VersionSet};
 
 /// Names one storage operation, so its completion finds its way back.
@@ -219,6 +221,10 @@ struct Active {
     /// reserved against its target's bound (released when it completes).
     old_bytes: u64,
     reserved: u64,
+    /// The version digests the key had when read and will have once written (for
+    /// the partition's Merkle tree).
+    old_digest: Option<u32>,
+    new_digest: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -282,6 +288,12 @@ pub(crate) struct Replica {
     /// Targets whose recovered hints alone passed the bound (a smaller bound after a
     /// restart): they only shrink.
     hint_over_at_start: std::collections::BTreeSet<NodeId>,
+    /// Each home partition's Merkle tree over (key, version digest), updated as
+    /// writes become durable (see `merkle`).
+    trees: BTreeMap<PartitionId, MerkleTree>,
+    /// Partitions whose tree may be wrong (a record read as lost: the digest it had
+    /// is unknown); the driver rebuilds them from the store's index.
+    stale_trees: std::collections::BTreeSet<PartitionId>,
     keys: BTreeMap<ShelfKey, KeyQueue>,
     /// Storage operation in flight → the key whose active job issued it.
     in_flight: BTreeMap<StorageOpId, ShelfKey>,
@@ -305,6 +317,8 @@ impl Replica {
             hint_held: BTreeMap::new(),
             hint_reserved: BTreeMap::new(),
             hint_over_at_start: Default::default(),
+            trees: BTreeMap::new(),
+            stale_trees: Default::default(),
             keys: BTreeMap::new(),
             in_flight: BTreeMap::new(),
             next_op: 0,
@@ -344,6 +358,13 @@ impl Replica {
         let key = &at;
         match (completion, active.stage) {
             (StorageCompletion::Read { result, .. }, Stage::Reading) => {
+                let read_digest = match &result {
+                    Ok(StoredRead::Found(stored)) => Some(version_digest(&stored.version)),
+                    _ => None,
+                };
+                if let (Ok(StoredRead::Lost), Shelf::Home(partition)) = (&result, key.0) {
+                    self.stale_trees.insert(partition);
+                }
                 let stored = match result {
                     Ok(StoredRead::Found(stored)) => match stored.decode() {
                         Ok(set) => Some(set),
@@ -365,12 +386,18 @@ impl Replica {
                     Err(_) => None,
                 };
                 match stored {
-                    Some(current) => self.decide(key, active.job, current, out),
+                    Some(current) => self.decide(key, active.job, current, read_digest, out),
                     None => self.abandon(key, active.job, DropReason::StorageReadFailed, out),
                 }
             }
             (StorageCompletion::Write { result, .. }, Stage::Writing) => match result {
                 Ok(()) => {
+                    let skip = self.config.sabotage.skip_tree_updates
+                        && matches!(active.job, Job::Merge { .. });
+                    if let (Shelf::Home(partition), false) = (key.0, skip) {
+                        let tree = self.trees.entry(partition).or_default();
+                        tree.update(&key.1, active.old_digest, Some(active.new_digest));
+                    }
                     if let Shelf::Hints { target } = key.0 {
                         let removed = matches!(active.job, Job::DropHint { .. });
                         let new = if removed { 0 } else { active.bytes };
@@ -559,6 +586,7 @@ impl Replica {
         key: &ShelfKey,
         job: Job,
         current: VersionSet,
+        read_digest: Option<u32>,
         out: &mut Vec<ReplicaEvent>,
     ) {
         match job {
@@ -595,7 +623,7 @@ impl Replica {
                     return;
                 }
                 match self.reserve_hint(key, &current, &merged) {
-                    Ok(room) => self.write(key, job, &merged, None, room, out),
+                    Ok(room) => self.write(key, job, &merged, None, (room, read_digest), out),
                     Err(refusal) => {
                         match origin {
                             Some(origin) => {
@@ -665,7 +693,7 @@ impl Replica {
                     dot,
                     versions: merged.clone(),
                 });
-                self.write(key, job, &merged, Some(dot), room, out);
+                self.write(key, job, &merged, Some(dot), (room, read_digest), out);
             }
             Job::DropHint { ref handed } => {
                 let Shelf::Hints { target } = key.0 else {
@@ -697,7 +725,7 @@ impl Replica {
                         old_bytes: record_bytes(&key.1, &current),
                         reserved: 0,
                     };
-                    self.set_writing(key, op, job, None, 0, room);
+                    self.set_writing(key, op, job, (None, 0, room), (None, 0));
                 }
             }
         }
@@ -746,12 +774,13 @@ impl Replica {
         job: Job,
         merged: &VersionSet,
         made: Option<Dot>,
-        room: HintRoom,
+        (room, old_digest): (HintRoom, Option<u32>),
         out: &mut Vec<ReplicaEvent>,
     ) {
         let op = self.new_op(key);
         let stored = StoredVersions::encode(merged);
         let bytes = hint_bytes(&key.1, stored.version.len(), stored.value.len());
+        let digests = (old_digest, version_digest(&stored.version));
         out.push(ReplicaEvent::Storage(StorageOp::Write {
             op,
             shelf: key.0,
@@ -763,7 +792,7 @@ impl Replica {
         {
             out.push(ReplicaEvent::Durable { origin });
         }
-        self.set_writing(key, op, job, made, bytes, room);
+        self.set_writing(key, op, job, (made, bytes, room), digests);
     }
 
     fn set_writing(
@@ -771,9 +800,8 @@ impl Replica {
         key: &ShelfKey,
         op: StorageOpId,
         job: Job,
-        made: Option<Dot>,
-        bytes: u64,
-        room: HintRoom,
+        (made, bytes, room): (Option<Dot>, u64, HintRoom),
+        (old_digest, new_digest): (Option<u32>, u32),
     ) {
         let queue = self.keys.get_mut(key).expect("the written key has a queue");
         queue.active = Some(Active {
@@ -784,6 +812,8 @@ impl Replica {
             bytes,
             old_bytes: room.old_bytes,
             reserved: room.reserved,
+            old_digest,
+            new_digest,
         });
     }
 
@@ -827,6 +857,32 @@ impl Replica {
             let held = self.hint_held.entry(target).or_default();
             *held = held.saturating_sub(active.old_bytes) + new;
         }
+    }
+
+    /// The Merkle tree of home partition `partition` (None: nothing written or
+    /// rebuilt there yet).
+    pub fn tree(&self, partition: PartitionId) -> Option<&MerkleTree> {
+        self.trees.get(&partition)
+    }
+
+    /// Replaces a partition's tree with one rebuilt from the store's index (at start,
+    /// or for a stale tree). Only while no write of the partition is in flight here:
+    /// one completing later would apply its change on top of a tree that has it.
+    pub fn set_tree(&mut self, partition: PartitionId, tree: MerkleTree) {
+        self.stale_trees.remove(&partition);
+        self.trees.insert(partition, tree);
+    }
+
+    /// Partitions whose trees need a rebuild, each with whether a write of it is in
+    /// flight (rebuild only those without: see `set_tree`).
+    pub fn stale_trees(&self) -> Vec<(PartitionId, bool)> {
+        self.stale_trees
+            .iter()
+            .map(|&p| {
+                let busy = self.keys.keys().any(|(shelf, _)| *shelf == Shelf::Home(p));
+                (p, busy)
+            })
+            .collect()
     }
 
     /// A hint recovered from the store at start counts against its target's bound.
@@ -899,6 +955,8 @@ impl Replica {
             bytes: 0,
             old_bytes: 0,
             reserved: 0,
+            old_digest: None,
+            new_digest: 0,
         });
     }
 

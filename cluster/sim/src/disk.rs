@@ -5,7 +5,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ringkv_cluster::{NodeId, Shelf, StorageOpId, StoredRead, StoredVersions};
+use ringkv_cluster::merkle::version_digest;
+use ringkv_cluster::{NodeId, PartitionId, Shelf, StorageOpId, StoredRead, StoredVersions};
 
 /// A key on one shelf (at home in its partition, or among the hints for a node).
 type At = (Shelf, Vec<u8>);
@@ -109,6 +110,18 @@ impl Disk {
             .iter()
             .find(|((shelf, k), _)| matches!(shelf, Shelf::Home(_)) && k == key)
             .map(|(_, stored)| stored)
+    }
+
+    /// Every durable home record: its partition, key and version digest (what the
+    /// engine's index lists, lost records left out).
+    pub fn home_digests(&self) -> Vec<(PartitionId, Vec<u8>, u32)> {
+        self.durable
+            .iter()
+            .filter_map(|((shelf, key), stored)| match shelf {
+                Shelf::Home(p) => Some((*p, key.clone(), version_digest(&stored.version))),
+                Shelf::Hints { .. } => None,
+            })
+            .collect()
     }
 
     /// The durable hint copies of `key`, for any target.

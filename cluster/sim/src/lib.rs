@@ -87,6 +87,8 @@ pub struct RunStats {
     pub hints_parked: u64,
     /// Hinted versions the handoff check found at their targets.
     pub hinted_versions_checked: u64,
+    /// Partitions whose incrementally kept Merkle tree was checked against its disk.
+    pub trees_checked: u64,
     /// (acked put, later acked SET or DEL) pairs whose node read was checked.
     pub node_reads_checked: u64,
     /// Writes the resolver made after healing in tight-limit runs.

@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use ringkv_cluster::merkle::MerkleTree;
 use ringkv_cluster::{
     Action, ClientError, ClientReply, ClientToken, GetRequest, Member, Node, NodeConfig, NodeId,
     PartitionId, PeerMessage, PutOutcome, PutRequest, Quorum, Ring, ShardMap, StorageCompletion,
@@ -259,6 +260,7 @@ impl World {
         self.repair_every_key(None);
         self.run_until_quiet();
         self.check_final_state();
+        self.check_trees();
         let replicas = self.replicas_of_keys();
         let (violations, counts) = checker::check_reads(&self.history, &replicas);
         self.violations.extend(violations);
@@ -752,7 +754,9 @@ impl World {
         let incarnation = self.sim_node(id).incarnation + 1;
         let shards = self.sim_node(id).shards;
         let mut node = self.boot(id, shards);
-        // The hints survive in the store: the server lists them before serving.
+        // The hints survive in the store: the server lists them before serving, and
+        // rebuilds every partition's Merkle tree from its index.
+        Self::rebuild_trees(&self.sim_node(id).disk, &shards, &mut node, None);
         let now = self.now;
         for (target, key, bytes) in self.sim_node(id).disk.hints() {
             let shard = shards.owner(self.ring.partition_of(&key));
@@ -792,6 +796,70 @@ impl World {
             }
             for shard in 0..self.sim_node(a).shards.shards() {
                 self.drain(a, shard);
+            }
+        }
+    }
+
+    /// Rebuilds trees from `disk` as the server does from the store's index: every
+    /// partition, or only `only`.
+    fn rebuild_trees(
+        disk: &Disk,
+        shards: &ShardMap,
+        node: &mut [Node],
+        only: Option<&BTreeSet<PartitionId>>,
+    ) {
+        let mut by_partition: BTreeMap<PartitionId, Vec<(Vec<u8>, u32)>> = BTreeMap::new();
+        for (partition, key, digest) in disk.home_digests() {
+            by_partition
+                .entry(partition)
+                .or_default()
+                .push((key, digest));
+        }
+        if let Some(only) = only {
+            by_partition.retain(|p, _| only.contains(p));
+            for &p in only {
+                by_partition.entry(p).or_default();
+            }
+        }
+        for (partition, entries) in by_partition {
+            let tree = MerkleTree::build(entries.iter().map(|(k, d)| (k.as_slice(), *d)));
+            node[shards.owner(partition)].set_merkle_tree(partition, tree);
+        }
+    }
+
+    /// Every shard's Merkle trees agree with what its disk holds: kept current write
+    /// by write, they must equal trees rebuilt from scratch (stale ones, after a lost
+    /// record, are rebuilt first, as the server does).
+    fn check_trees(&mut self) {
+        for i in 0..self.nodes.len() {
+            let sim = &mut self.nodes[i];
+            let Some(node) = sim.node.as_mut() else {
+                continue;
+            };
+            let stale: BTreeSet<PartitionId> = node
+                .iter()
+                .flat_map(|shard| shard.stale_trees())
+                .map(|(p, _)| p)
+                .collect();
+            Self::rebuild_trees(&sim.disk, &sim.shards, node, Some(&stale));
+            let mut expected: BTreeMap<PartitionId, Vec<(Vec<u8>, u32)>> = BTreeMap::new();
+            for (partition, key, digest) in sim.disk.home_digests() {
+                expected.entry(partition).or_default().push((key, digest));
+            }
+            for (partition, entries) in expected {
+                let want = MerkleTree::build(entries.iter().map(|(k, d)| (k.as_slice(), *d)));
+                let shard = &node[sim.shards.owner(partition)];
+                let have = shard.merkle_tree(partition).cloned().unwrap_or_default();
+                self.stats.trees_checked += 1;
+                if have != want {
+                    self.violations.push(Violation {
+                        checker: Checker::Convergence,
+                        detail: format!(
+                            "{:?} partition {partition:?}: tree {have:?} but its disk makes {want:?}",
+                            sim.id
+                        ),
+                    });
+                }
             }
         }
     }

@@ -91,6 +91,7 @@ fn add(total: &mut RunStats, run: &RunStats) {
     total.hints_recovered += run.hints_recovered;
     total.partitions += run.partitions;
     total.hinted_versions_checked += run.hinted_versions_checked;
+    total.trees_checked += run.trees_checked;
     for (reason, count) in &run.drops {
         *total.drops.entry(reason.clone()).or_default() += count;
     }
@@ -159,6 +160,10 @@ fn assert_did_something(total: &RunStats) {
         (
             "hinted versions checked at their targets",
             total.hinted_versions_checked,
+        ),
+        (
+            "Merkle trees checked against their disks",
+            total.trees_checked,
         ),
         (
             "duplicated forwards dropped",
@@ -415,6 +420,18 @@ fn split_heavy(settings: &mut ringkv_sim::Settings) {
     settings.detect_max_ms = 50;
     settings.drop_per_mille = settings.drop_per_mille.max(50);
     settings.strict_per_mille = 0;
+}
+
+/// The tree check must catch Merkle trees that miss writes (here: replica merges).
+#[test]
+fn checkers_catch_merkle_trees_that_miss_writes() {
+    let sabotage = Sabotage {
+        skip_tree_updates: true,
+        ..Sabotage::default()
+    };
+    let caught = caught_by(Checker::Convergence, sabotage, 20);
+    println!("trees missing merges caught on seeds {caught:?}");
+    assert!(caught.len() >= 10, "caught only on {caught:?}");
 }
 
 /// Short splits that heal while clients still work, over very lossy links: many

@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 
 use futures_channel::oneshot;
 use hashbrown::{HashMap, HashSet};
+use ringkv_cluster::merkle::MerkleTree;
 use ringkv_cluster::{
     Action, ClientError, ClientReply, ClientToken, GetOutcome, GetRequest, Node, NodeId,
-    PeerMessage, PutOutcome, PutRequest, Shelf, StorageCompletion, StorageFailure, StorageOp,
-    StoredRead, StoredVersions, TimerId,
+    PartitionId, PeerMessage, PutOutcome, PutRequest, Shelf, StorageCompletion, StorageFailure,
+    StorageOp, StoredRead, StoredVersions, TimerId,
 };
 use ringkv_engine::disk::Disk;
 use ringkv_engine::record;
@@ -130,8 +131,34 @@ impl<D: Disk> ShardDriver<D> {
         if now.saturating_sub(self.parked_retried.get()) >= PARKED_HINT_RETRY {
             self.parked_retried.set(now);
             self.node.borrow_mut().retry_parked_hints(now);
+            let stale = self.node.borrow().stale_trees();
+            let idle = stale.into_iter().filter(|(_, busy)| !busy).map(|(p, _)| p);
+            self.rebuild_trees(idle.collect());
         }
         self.pump();
+    }
+
+    /// Rebuilds the Merkle trees of `partitions` from the store's index (no record is
+    /// read): every home partition at start, stale ones later.
+    pub fn rebuild_trees(&self, partitions: Vec<PartitionId>) {
+        for partition in partitions {
+            let keys = self.store.partition_keys(partition.0);
+            let tree = MerkleTree::build(keys.iter().map(|k| (k.key.as_slice(), k.version_digest)));
+            self.node.borrow_mut().set_merkle_tree(partition, tree);
+        }
+    }
+
+    /// Every home partition this shard's store holds.
+    pub fn home_partitions(&self) -> Vec<PartitionId> {
+        let home = |p| match Shelf::from_store_partition(p) {
+            Shelf::Home(partition) => Some(partition),
+            Shelf::Hints { .. } => None,
+        };
+        self.store
+            .partitions()
+            .into_iter()
+            .filter_map(home)
+            .collect()
     }
 
     /// Hands the node the hints this shard's store holds (they survive restarts:

@@ -320,6 +320,7 @@ async fn serve_shard(
     let node = Node::new(node_config(config, shards, id), ring.clone());
     let driver = ShardDriver::new(node, store.store.clone());
     let hints = driver.restore_hints().await;
+    driver.rebuild_trees(driver.home_partitions());
     if hints > 0 {
         tracing::info!(shard = id, hints, "hints for other nodes recovered");
     }
