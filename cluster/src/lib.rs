@@ -13,13 +13,15 @@
 //! - [`node`]: one node's state machine (coordinator and replica), driven by
 //!   `handle_*` inputs and [`Node::poll_action`] outputs; [`message`] and [`request`]
 //!   are what it exchanges with peers and clients.
-//! - [`merkle`]: per-partition Merkle trees kept current on the write path.
+//! - [`merkle`] and [`anti_entropy`]: per-partition Merkle trees kept current on the
+//!   write path, and the exchange that compares two replicas' trees.
 //! - [`membership`] and [`phi`]: gossip membership and phi-accrual failure detection.
 //! - [`hints`]: sloppy quorum's stand-ins and the hints they hold for handoff.
 //! - [`shard_map`]: which of a node's shards owns a partition or a reply.
 //!
 //! The wire form of peer messages lives with the other formats, in `ringkv-proto`.
 
+pub mod anti_entropy;
 pub mod clock;
 pub mod codec;
 mod coordinator;

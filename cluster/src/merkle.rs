@@ -111,6 +111,10 @@ impl MerkleTree {
         &self.branches
     }
 
+    pub fn leaf(&self, leaf: usize) -> u64 {
+        self.leaves.get(leaf).copied().unwrap_or(0)
+    }
+
     /// The leaves under branch `branch` (0..FANOUT).
     pub fn leaves_of(&self, branch: usize) -> &[u64] {
         let start = branch.min(FANOUT - 1) * FANOUT;

@@ -83,6 +83,27 @@ pub enum PeerMessage {
         request: RequestId,
         reply: Result<PutOutcome, ClientError>,
     },
+    /// Anti-entropy (crate::anti_entropy): the sender's Merkle branches of a partition.
+    AeBranches {
+        partition: PartitionId,
+        branches: Vec<u64>,
+    },
+    /// The answer: the receiver's leaves (index, value) under every branch that differs.
+    AeLeaves {
+        partition: PartitionId,
+        leaves: Vec<(u32, u64)>,
+    },
+    /// The sender's keys (with version digests) of the leaves that differ.
+    AeKeys {
+        partition: PartitionId,
+        leaves: Vec<u32>,
+        keys: Vec<(Vec<u8>, u32)>,
+    },
+    /// Keys the sender lacks or holds differently: push them (as `Repair`).
+    AePull {
+        partition: PartitionId,
+        keys: Vec<Vec<u8>>,
+    },
 }
 
 /// A client's put as the forwarding node resolved it: its context already decoded

@@ -16,14 +16,17 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
+use crate::anti_entropy::{self, AntiEntropyStats, Exchange, Listing, Push};
 use crate::clock::{Actor, Dot, EpochSource, VersionVector};
 use crate::codec::Context;
 use crate::coordinator::{
     Answer, Forwarding, GetCoordination, PutCoordination, Requester, ThenPut,
 };
 use crate::hints::{HintConfig, HintLedger, HintStats, HintsPending, Placement, Shelf, Throttle};
+use crate::merkle::FANOUT;
 use crate::message::{ForwardedPut, PeerMessage, RequestId, TooLarge};
 use crate::quorum::Quorum;
+use crate::replica::StorageOpId;
 use crate::replica::{
     Job, Origin, Refusal, Replica, ReplicaConfig, ReplicaEvent, StorageCompletion, StorageOp,
 };
@@ -196,6 +199,7 @@ pub struct NodeStats {
     /// Puts this node held no replica of and forwarded to one that does.
     pub forwarded: u64,
     pub hints: HintStats,
+    pub anti_entropy: AntiEntropyStats,
 }
 
 /// One node: coordinator for the requests it receives, replica for the keys it holds.
@@ -223,6 +227,17 @@ pub struct Node {
     throttle: Option<Throttle>,
     /// When the handoff timer is armed for, if it is.
     handoff_timer: Option<Duration>,
+    /// Anti-entropy: the exchange this node started, the partition it took last, the
+    /// key listings asked of storage (ids count down from the top, apart from the
+    /// replica's), and keys being read to push to a peer.
+    exchange: Option<Exchange>,
+    exchange_cursor: Option<PartitionId>,
+    /// Per partition, how many exchanges it had: its replicas are taken in turn.
+    exchange_turns: BTreeMap<PartitionId, usize>,
+    listings: BTreeMap<StorageOpId, Listing>,
+    next_listing: u64,
+    pushes: BTreeMap<RequestId, Push>,
+    ae_stats: AntiEntropyStats,
     next_sequence: u64,
     actions: VecDeque<Action>,
     /// Messages this node sent itself, delivered before the handler returns.
@@ -268,6 +283,13 @@ impl Node {
             handoffs: BTreeMap::new(),
             throttle: None,
             handoff_timer: None,
+            exchange: None,
+            exchange_cursor: None,
+            exchange_turns: BTreeMap::new(),
+            listings: BTreeMap::new(),
+            next_listing: u64::MAX,
+            pushes: BTreeMap::new(),
+            ae_stats: AntiEntropyStats::default(),
             next_sequence: config.first_sequence,
             actions: VecDeque::new(),
             local_inbox: VecDeque::new(),
@@ -327,6 +349,7 @@ impl Node {
         NodeStats {
             actors_retired: self.replica.actors_retired(),
             hints: self.hints.stats,
+            anti_entropy: self.ae_stats,
             ..self.stats.clone()
         }
     }
@@ -399,6 +422,8 @@ impl Node {
             + self.gets.len()
             + self.forwards.len()
             + self.handoffs.len()
+            + self.listings.len()
+            + self.pushes.len()
             + self.replica.busy_keys()
     }
 
@@ -808,7 +833,231 @@ impl Node {
             PeerMessage::ForwardReply { request, reply } => {
                 self.on_forward_reply(from, request, reply)
             }
+            PeerMessage::AeBranches {
+                partition,
+                branches,
+            } => self.on_ae_branches(from, partition, &branches),
+            PeerMessage::AeLeaves { partition, leaves } => {
+                self.on_ae_leaves(from, partition, &leaves)
+            }
+            PeerMessage::AeKeys {
+                partition,
+                leaves,
+                keys,
+            } => self.on_ae_keys(from, partition, leaves, keys),
+            PeerMessage::AePull { partition, keys } => {
+                for key in keys {
+                    if self.check_partition(partition, &key) {
+                        self.start_push(now, from, partition, key);
+                    }
+                }
+            }
         }
+    }
+
+    /// Starts one anti-entropy exchange (the driver calls this every interval): the
+    /// next partition this node holds data of, with one of its other replicas that is
+    /// reachable, in turn. Nothing while the previous exchange is open.
+    pub fn tick_anti_entropy(&mut self, now: Duration) {
+        self.pushes.retain(|_, push| push.deadline > now);
+        if let Some(exchange) = &self.exchange {
+            if now < exchange.deadline {
+                return;
+            }
+            self.ae_stats.timed_out += 1;
+            self.exchange = None;
+        }
+        use std::ops::Bound::{Excluded, Unbounded};
+        let partitions: Vec<PartitionId> = match self.exchange_cursor {
+            Some(cursor) => self
+                .replica
+                .tree_partitions()
+                .range((Excluded(cursor), Unbounded))
+                .chain(self.replica.tree_partitions().range(..=cursor))
+                .map(|(&p, _)| p)
+                .collect(),
+            None => self.replica.tree_partitions().keys().copied().collect(),
+        };
+        let n = self.config.quorum.n();
+        for partition in partitions {
+            let peers: Vec<NodeId> = self
+                .ring
+                .preference_list(partition, n)
+                .into_iter()
+                .filter(|&p| p != self.config.node && !self.unreachable.contains(&p))
+                .collect();
+            if peers.is_empty() {
+                continue;
+            }
+            let turn = self.exchange_turns.entry(partition).or_default();
+            let peer = peers[*turn % peers.len()];
+            *turn += 1;
+            self.exchange_cursor = Some(partition);
+            self.ae_stats.exchanges += 1;
+            self.exchange = Some(Exchange {
+                partition,
+                peer,
+                deadline: now + self.config.request_timeout,
+            });
+            let tree = self.replica.tree(partition).cloned().unwrap_or_default();
+            let branches = tree.branches().to_vec();
+            self.send(
+                peer,
+                PeerMessage::AeBranches {
+                    partition,
+                    branches,
+                },
+            );
+            self.flush_local(now);
+            return;
+        }
+    }
+
+    /// Step 2: answer with our leaves under the branches that differ from theirs.
+    fn on_ae_branches(&mut self, from: NodeId, partition: PartitionId, branches: &[u64]) {
+        if branches.len() != FANOUT || !self.holds_replica(partition) {
+            self.count(DropReason::WrongPartition);
+            return;
+        }
+        let tree = self.replica.tree(partition).cloned().unwrap_or_default();
+        let mut leaves = Vec::new();
+        for (branch, theirs) in branches.iter().enumerate() {
+            if tree.branches()[branch] != *theirs {
+                let first = branch * FANOUT;
+                for (i, &value) in tree.leaves_of(branch).iter().enumerate() {
+                    leaves.push(((first + i) as u32, value));
+                }
+            }
+        }
+        self.send(from, PeerMessage::AeLeaves { partition, leaves });
+    }
+
+    /// Step 3: list our keys of the leaves that differ, for the peer.
+    fn on_ae_leaves(&mut self, from: NodeId, partition: PartitionId, leaves: &[(u32, u64)]) {
+        let ours = match &self.exchange {
+            Some(e) if e.partition == partition && e.peer == from => {
+                self.replica.tree(partition).cloned().unwrap_or_default()
+            }
+            _ => {
+                self.count(DropReason::LateResponse);
+                return;
+            }
+        };
+        self.exchange = None;
+        let differing: Vec<u32> = leaves
+            .iter()
+            .filter(|&&(leaf, value)| {
+                (leaf as usize) < crate::merkle::LEAVES && ours.leaf(leaf as usize) != value
+            })
+            .map(|&(leaf, _)| leaf)
+            .take(anti_entropy::LEAVES_PER_ROUND)
+            .collect();
+        if differing.is_empty() {
+            return;
+        }
+        self.ae_stats.exchanges_differing += 1;
+        let listing = Listing::ForPeer {
+            peer: from,
+            partition,
+            leaves: differing.clone(),
+        };
+        self.list_leaves(partition, differing, listing);
+    }
+
+    /// Step 4 (the peer's side): list our keys of the same leaves to compare.
+    fn on_ae_keys(
+        &mut self,
+        from: NodeId,
+        partition: PartitionId,
+        leaves: Vec<u32>,
+        keys: Vec<(Vec<u8>, u32)>,
+    ) {
+        let sound = leaves.len() <= anti_entropy::LEAVES_PER_ROUND
+            && leaves.iter().all(|&l| (l as usize) < crate::merkle::LEAVES)
+            && self.holds_replica(partition);
+        if !sound {
+            self.count(DropReason::WrongPartition);
+            return;
+        }
+        let listing = Listing::Compare {
+            peer: from,
+            partition,
+            theirs: keys,
+        };
+        self.list_leaves(partition, leaves, listing);
+    }
+
+    fn list_leaves(&mut self, partition: PartitionId, leaves: Vec<u32>, listing: Listing) {
+        let op = StorageOpId(self.next_listing);
+        self.next_listing -= 1;
+        self.listings.insert(op, listing);
+        self.actions
+            .push_back(Action::Storage(StorageOp::ListLeaves {
+                op,
+                partition,
+                leaves,
+            }));
+    }
+
+    fn on_listed(&mut self, now: Duration, op: StorageOpId, ours: Vec<(Vec<u8>, u32)>) {
+        let Some(listing) = self.listings.remove(&op) else {
+            self.count(DropReason::UnknownStorageOp);
+            return;
+        };
+        match listing {
+            Listing::ForPeer {
+                peer,
+                partition,
+                leaves,
+            } => {
+                let message = PeerMessage::AeKeys {
+                    partition,
+                    leaves,
+                    keys: ours,
+                };
+                self.send(peer, message);
+            }
+            Listing::Compare {
+                peer,
+                partition,
+                theirs,
+            } => {
+                let (push, pull) = anti_entropy::compare(&ours, &theirs);
+                for key in push {
+                    self.start_push(now, peer, partition, key);
+                }
+                if !pull.is_empty() {
+                    self.send(
+                        peer,
+                        PeerMessage::AePull {
+                            partition,
+                            keys: pull,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Reads `key` here to send it to `to` as a repair.
+    fn start_push(&mut self, now: Duration, to: NodeId, partition: PartitionId, key: Vec<u8>) {
+        let id = self.new_request_id();
+        let push = Push {
+            to,
+            partition,
+            key: key.clone(),
+            deadline: now + self.config.request_timeout * 4,
+        };
+        self.pushes.insert(id, push);
+        let origin = self.local_origin(id);
+        self.submit(now, key, Shelf::Home(partition), Job::Read { origin });
+    }
+
+    /// Whether this node is one of the partition's home replicas.
+    fn holds_replica(&self, partition: PartitionId) -> bool {
+        self.ring
+            .preference_list(partition, self.config.quorum.n())
+            .contains(&self.config.node)
     }
 
     pub fn handle_timer(&mut self, now: Duration, timer: TimerId) {
@@ -890,6 +1139,11 @@ impl Node {
     }
 
     pub fn handle_storage(&mut self, now: Duration, completion: StorageCompletion) {
+        if let StorageCompletion::Listed { op, keys } = completion {
+            self.on_listed(now, op, keys);
+            self.flush_local(now);
+            return;
+        }
         let mut events = Vec::new();
         self.replica.complete(completion, &mut events);
         self.apply_replica_events(now, events);
@@ -1006,6 +1260,20 @@ impl Node {
     fn on_read_reply(&mut self, now: Duration, from: NodeId, id: RequestId, versions: VersionSet) {
         if from == self.config.node && self.handoffs.contains_key(&id) {
             self.send_handoff(now, id, versions);
+            return;
+        }
+        if from == self.config.node
+            && let Some(push) = self.pushes.remove(&id)
+        {
+            if !versions.is_empty() {
+                self.ae_stats.keys_pushed += 1;
+                let message = PeerMessage::Repair {
+                    partition: push.partition,
+                    key: push.key,
+                    versions,
+                };
+                self.send(push.to, message);
+            }
             return;
         }
         let Some(get) = self.gets.get_mut(&id) else {

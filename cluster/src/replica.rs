@@ -51,6 +51,14 @@ pub enum StorageOp {
         shelf: Shelf,
         key: Vec<u8>,
     },
+    /// List every key of home partition `partition` in Merkle leaves `leaves`, with
+    /// its version digest, from the store's index (lost records left out); completes
+    /// as `Listed`.
+    ListLeaves {
+        op: StorageOpId,
+        partition: PartitionId,
+        leaves: Vec<u32>,
+    },
 }
 
 /// The storage's answer to a [`StorageOp`].
@@ -63,6 +71,10 @@ pub enum StorageCompletion {
     Write {
         op: StorageOpId,
         result: Result<(), StorageFailure>,
+    },
+    Listed {
+        op: StorageOpId,
+        keys: Vec<(Vec<u8>, u32)>,
     },
 }
 
@@ -341,6 +353,11 @@ impl Replica {
     pub fn complete(&mut self, completion: StorageCompletion, out: &mut Vec<ReplicaEvent>) {
         let op = match &completion {
             StorageCompletion::Read { op, .. } | StorageCompletion::Write { op, .. } => *op,
+            // Listings belong to the node (anti-entropy), never to a key's job.
+            StorageCompletion::Listed { .. } => {
+                out.push(ReplicaEvent::Dropped(DropReason::UnknownStorageOp));
+                return;
+            }
         };
         let Some(at) = self.in_flight.remove(&op) else {
             out.push(ReplicaEvent::Dropped(DropReason::UnknownStorageOp));
@@ -863,6 +880,11 @@ impl Replica {
     /// rebuilt there yet).
     pub fn tree(&self, partition: PartitionId) -> Option<&MerkleTree> {
         self.trees.get(&partition)
+    }
+
+    /// The partitions with a tree here (data written or rebuilt).
+    pub fn tree_partitions(&self) -> &BTreeMap<PartitionId, MerkleTree> {
+        &self.trees
     }
 
     /// Replaces a partition's tree with one rebuilt from the store's index (at start,

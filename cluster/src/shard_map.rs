@@ -60,7 +60,11 @@ impl ShardMap {
             PeerMessage::Read { partition, .. }
             | PeerMessage::Write { partition, .. }
             | PeerMessage::Repair { partition, .. }
-            | PeerMessage::Forward { partition, .. } => Some(self.owner(*partition)),
+            | PeerMessage::Forward { partition, .. }
+            | PeerMessage::AeBranches { partition, .. }
+            | PeerMessage::AeLeaves { partition, .. }
+            | PeerMessage::AeKeys { partition, .. }
+            | PeerMessage::AePull { partition, .. } => Some(self.owner(*partition)),
             PeerMessage::ReadReply { request, .. }
             | PeerMessage::WriteAck { request }
             | PeerMessage::WriteRefused { request, .. }

@@ -33,6 +33,8 @@ pub struct Options {
     /// Print the seed and settings before running (they go first, so a crash of the
     /// simulator itself still names its seed).
     pub verbose: bool,
+    /// Skip the anti-entropy phase (to show read repair's own checker can fail).
+    pub without_anti_entropy: bool,
 }
 
 /// Counters of one run.
@@ -89,6 +91,11 @@ pub struct RunStats {
     pub hinted_versions_checked: u64,
     /// Partitions whose incrementally kept Merkle tree was checked against its disk.
     pub trees_checked: u64,
+    /// Anti-entropy rounds it took after healing until every key's replicas agreed,
+    /// with no read.
+    pub anti_entropy_rounds: u64,
+    /// Keys anti-entropy pushed between replicas.
+    pub ae_keys_pushed: u64,
     /// (acked put, later acked SET or DEL) pairs whose node read was checked.
     pub node_reads_checked: u64,
     /// Writes the resolver made after healing in tight-limit runs.

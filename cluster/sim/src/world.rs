@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use ringkv_cluster::merkle::MerkleTree;
+use ringkv_cluster::merkle::{self, MerkleTree};
 use ringkv_cluster::{
     Action, ClientError, ClientReply, ClientToken, GetRequest, Member, Node, NodeConfig, NodeId,
     PartitionId, PeerMessage, PutOutcome, PutRequest, Quorum, Ring, ShardMap, StorageCompletion,
@@ -240,6 +240,9 @@ impl World {
     pub fn run(&mut self) {
         self.run_until_quiet();
         self.check_handoff_complete();
+        if !self.options.without_anti_entropy && !self.settings.tight_limits() {
+            self.converge_by_anti_entropy();
+        }
         if self.settings.tight_limits() {
             // Over the store's limits, replicas keep what they hold and refuse merges
             // until a client resolves the siblings: do what such a client does, then
@@ -544,6 +547,25 @@ impl World {
 
     fn storage(&mut self, id: NodeId, shard: usize, op: StorageOp) {
         match op {
+            StorageOp::ListLeaves {
+                op,
+                partition,
+                leaves,
+            } => {
+                let wanted: BTreeSet<u32> = leaves.into_iter().collect();
+                let keys = self
+                    .sim_node(id)
+                    .disk
+                    .home_digests()
+                    .into_iter()
+                    .filter(|(p, key, _)| {
+                        *p == partition && wanted.contains(&(merkle::leaf_of(key) as u32))
+                    })
+                    .map(|(_, key, digest)| (key, digest))
+                    .collect();
+                let latency = self.dice.between(0, self.settings.read_latency_max_ms);
+                self.complete_later(id, shard, latency, StorageCompletion::Listed { op, keys });
+            }
             StorageOp::Read { op, shelf, key } => {
                 if self.is_victim(id)
                     && self.dice.chance(self.settings.lost_read_per_mille)
@@ -573,7 +595,9 @@ impl World {
                         stored,
                     } => (op, shelf, key, Some(stored)),
                     StorageOp::Remove { op, shelf, key } => (op, shelf, key, None),
-                    StorageOp::Read { .. } => unreachable!("matched above"),
+                    StorageOp::Read { .. } | StorageOp::ListLeaves { .. } => {
+                        unreachable!("matched above")
+                    }
                 };
                 if self.is_victim(id) && self.dice.chance(self.settings.failed_write_per_mille) {
                     // The engine cuts a failed write back: nothing of it stays.
@@ -864,6 +888,91 @@ impl World {
         }
     }
 
+    /// Runs anti-entropy rounds (every shard starts one exchange, then the world runs
+    /// until quiet) until every key's home replicas hold the same set, with no read
+    /// at all: the replicas that missed writes (lost messages, crashes before a sync,
+    /// a wiped disk) catch up by Merkle exchanges alone.
+    fn converge_by_anti_entropy(&mut self) {
+        const ROUNDS_MAX: u64 = 400;
+        for round in 0..ROUNDS_MAX {
+            if self.replicas_converged() {
+                self.stats.anti_entropy_rounds = round;
+                return;
+            }
+            let now = self.now;
+            for id in self.nodes.iter().map(|n| n.id).collect::<Vec<_>>() {
+                self.rebuild_stale_trees(id);
+                for shard in 0..self.sim_node(id).shards.shards() {
+                    if let Some(node) = self.live_node(id, shard) {
+                        node.tick_anti_entropy(now);
+                    }
+                    self.drain(id, shard);
+                }
+            }
+            // Each round a little later, so an exchange whose answer never came
+            // expires (messages no longer drop, but a restart may lose one).
+            self.schedule(Duration::from_millis(1), Event::FaultTick);
+            self.run_until_quiet();
+        }
+        let differing: Vec<String> = (0..self.settings.keys)
+            .filter_map(|k| {
+                let key = format!("k{k}").into_bytes();
+                let partition = self.ring.partition_of(&key);
+                let sets = self.stored_sets(&key);
+                if sets.windows(2).all(|w| w[0].1 == w[1].1) {
+                    return None;
+                }
+                let each: Vec<String> = sets
+                    .iter()
+                    .map(|(id, set)| {
+                        let sim = self.sim_node(*id);
+                        let shard = sim.shards.owner(partition);
+                        let root = sim
+                            .node
+                            .as_ref()
+                            .and_then(|n| n[shard].merkle_tree(partition))
+                            .map(|t| t.root());
+                        format!("{id:?} {} versions, root {root:x?}", set.len())
+                    })
+                    .collect();
+                Some(format!("k{k} in {partition:?}: {}", each.join("; ")))
+            })
+            .collect();
+        self.violations.push(Violation {
+            checker: Checker::Convergence,
+            detail: format!(
+                "anti-entropy did not converge the replicas in {ROUNDS_MAX} rounds: {}",
+                differing.join(" | ")
+            ),
+        });
+    }
+
+    /// Rebuilds the trees a lost record made stale, where no write of the partition
+    /// is in flight, as the server does before each exchange.
+    fn rebuild_stale_trees(&mut self, id: NodeId) {
+        let sim = self.sim_node_mut(id);
+        let Some(node) = sim.node.as_mut() else {
+            return;
+        };
+        let stale: BTreeSet<PartitionId> = node
+            .iter()
+            .flat_map(|shard| shard.stale_trees())
+            .filter(|(_, busy)| !busy)
+            .map(|(p, _)| p)
+            .collect();
+        if !stale.is_empty() {
+            Self::rebuild_trees(&sim.disk, &sim.shards, node, Some(&stale));
+        }
+    }
+
+    fn replicas_converged(&self) -> bool {
+        (0..self.settings.keys).all(|k| {
+            let key = format!("k{k}").into_bytes();
+            let sets = self.stored_sets(&key);
+            sets.windows(2).all(|w| w[0].1 == w[1].1)
+        })
+    }
+
     fn retry_parked_hints(&mut self) {
         let now = self.now;
         for id in self.nodes.iter().map(|n| n.id).collect::<Vec<_>>() {
@@ -884,6 +993,7 @@ impl World {
         self.stats.hints_handed_off += stats.hints.handed_off;
         self.stats.hints_expired += stats.hints.expired;
         self.stats.hints_recovered += stats.hints.recovered;
+        self.stats.ae_keys_pushed += stats.anti_entropy.keys_pushed;
     }
 
     fn client_wake(&mut self, client: usize) {

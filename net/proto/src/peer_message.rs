@@ -145,6 +145,37 @@ pub enum WireMessage {
         request: WireRequest,
         reply: WireReply,
     },
+    AeBranches {
+        partition: u32,
+        branches: Vec<u64>,
+    },
+    AeLeaves {
+        partition: u32,
+        leaves: Vec<WireLeaf>,
+    },
+    AeKeys {
+        partition: u32,
+        leaves: Vec<u32>,
+        keys: Vec<WireKeyDigest>,
+    },
+    AePull {
+        partition: u32,
+        keys: Vec<Vec<u8>>,
+    },
+}
+
+/// One Merkle leaf: its index and value.
+#[derive(rkyv::Archive, rkyv::Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireLeaf {
+    leaf: u32,
+    value: u64,
+}
+
+/// A key with its version digest.
+#[derive(rkyv::Archive, rkyv::Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct WireKeyDigest {
+    key: Vec<u8>,
+    digest: u32,
 }
 
 #[derive(rkyv::Archive, rkyv::Serialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -402,6 +433,39 @@ impl From<&PeerMessage> for WireMessage {
                 request: (*request).into(),
                 reply: WireReply::from(reply),
             },
+            PeerMessage::AeBranches {
+                partition,
+                branches,
+            } => WireMessage::AeBranches {
+                partition: partition.0,
+                branches: branches.clone(),
+            },
+            PeerMessage::AeLeaves { partition, leaves } => WireMessage::AeLeaves {
+                partition: partition.0,
+                leaves: leaves
+                    .iter()
+                    .map(|&(leaf, value)| WireLeaf { leaf, value })
+                    .collect(),
+            },
+            PeerMessage::AeKeys {
+                partition,
+                leaves,
+                keys,
+            } => WireMessage::AeKeys {
+                partition: partition.0,
+                leaves: leaves.clone(),
+                keys: keys
+                    .iter()
+                    .map(|(key, digest)| WireKeyDigest {
+                        key: key.clone(),
+                        digest: *digest,
+                    })
+                    .collect(),
+            },
+            PeerMessage::AePull { partition, keys } => WireMessage::AePull {
+                partition: partition.0,
+                keys: keys.clone(),
+            },
         }
     }
 }
@@ -520,6 +584,36 @@ impl ArchivedWireMessage {
             ArchivedWireMessage::ForwardReply { request, reply } => PeerMessage::ForwardReply {
                 request: request.id(),
                 reply: reply.to_reply()?,
+            },
+            ArchivedWireMessage::AeBranches {
+                partition,
+                branches,
+            } => PeerMessage::AeBranches {
+                partition: PartitionId(partition.to_native()),
+                branches: branches.iter().map(|b| b.to_native()).collect(),
+            },
+            ArchivedWireMessage::AeLeaves { partition, leaves } => PeerMessage::AeLeaves {
+                partition: PartitionId(partition.to_native()),
+                leaves: leaves
+                    .iter()
+                    .map(|l| (l.leaf.to_native(), l.value.to_native()))
+                    .collect(),
+            },
+            ArchivedWireMessage::AeKeys {
+                partition,
+                leaves,
+                keys,
+            } => PeerMessage::AeKeys {
+                partition: PartitionId(partition.to_native()),
+                leaves: leaves.iter().map(|l| l.to_native()).collect(),
+                keys: keys
+                    .iter()
+                    .map(|k| (k.key.to_vec(), k.digest.to_native()))
+                    .collect(),
+            },
+            ArchivedWireMessage::AePull { partition, keys } => PeerMessage::AePull {
+                partition: PartitionId(partition.to_native()),
+                keys: keys.iter().map(|k| k.to_vec()).collect(),
             },
         })
     }
@@ -804,6 +898,23 @@ mod tests {
                 partition: PartitionId(5),
                 key: b"k".to_vec(),
                 versions: VersionSet::new(),
+            },
+            PeerMessage::AeBranches {
+                partition: PartitionId(5),
+                branches: (0..32).collect(),
+            },
+            PeerMessage::AeLeaves {
+                partition: PartitionId(5),
+                leaves: vec![(0, 1), (1023, u64::MAX)],
+            },
+            PeerMessage::AeKeys {
+                partition: PartitionId(5),
+                leaves: vec![3, 7],
+                keys: vec![(b"k".to_vec(), 9), (Vec::new(), 0)],
+            },
+            PeerMessage::AePull {
+                partition: PartitionId(5),
+                keys: vec![b"k".to_vec()],
             },
         ]
         .into_iter()

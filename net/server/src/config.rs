@@ -62,6 +62,9 @@ pub struct ServerConfig {
     pub hint_age_max_s: u64,
     pub handoff_bytes_per_second: u64,
     pub handoff_in_flight: usize,
+    /// Milliseconds between anti-entropy exchanges of each shard (one partition with
+    /// one other replica each time; 0: off).
+    pub anti_entropy_interval_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -89,6 +92,7 @@ impl Default for ServerConfig {
             hint_age_max_s: 3 * 3600,
             handoff_bytes_per_second: 8 << 20,
             handoff_in_flight: 32,
+            anti_entropy_interval_ms: 1000,
         }
     }
 }

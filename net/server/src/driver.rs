@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures_channel::oneshot;
 use hashbrown::{HashMap, HashSet};
-use ringkv_cluster::merkle::MerkleTree;
+use ringkv_cluster::merkle::{MerkleTree, leaf_of};
 use ringkv_cluster::{
     Action, ClientError, ClientReply, ClientToken, GetOutcome, GetRequest, Node, NodeId,
     PartitionId, PeerMessage, PutOutcome, PutRequest, Shelf, StorageCompletion, StorageFailure,
@@ -54,6 +54,9 @@ pub struct ShardDriver<D: Disk> {
     storage: TaskGroup,
     /// When hints their targets refused were last tried again.
     parked_retried: Cell<Duration>,
+    /// How often an anti-entropy exchange starts (None: never), and when one last did.
+    anti_entropy_every: Cell<Option<Duration>>,
+    anti_entropy_at: Cell<Duration>,
 }
 
 /// How often hints their target refused (over its store's limits) are tried again.
@@ -85,6 +88,8 @@ impl<D: Disk> ShardDriver<D> {
             ticking: Cell::new(true),
             storage: TaskGroup::new(),
             parked_retried: Cell::new(Duration::ZERO),
+            anti_entropy_every: Cell::new(None),
+            anti_entropy_at: Cell::new(Duration::ZERO),
         });
         let ticker = Rc::downgrade(&driver);
         driver.ticker.spawn(async move {
@@ -128,12 +133,19 @@ impl<D: Disk> ShardDriver<D> {
             let Some(timer) = due else { break };
             self.node.borrow_mut().handle_timer(now, timer);
         }
-        if now.saturating_sub(self.parked_retried.get()) >= PARKED_HINT_RETRY {
-            self.parked_retried.set(now);
-            self.node.borrow_mut().retry_parked_hints(now);
+        if let Some(every) = self.anti_entropy_every.get()
+            && now.saturating_sub(self.anti_entropy_at.get()) >= every
+        {
+            self.anti_entropy_at.set(now);
+            // A stale tree would hide the very differences the exchange looks for.
             let stale = self.node.borrow().stale_trees();
             let idle = stale.into_iter().filter(|(_, busy)| !busy).map(|(p, _)| p);
             self.rebuild_trees(idle.collect());
+            self.node.borrow_mut().tick_anti_entropy(now);
+        }
+        if now.saturating_sub(self.parked_retried.get()) >= PARKED_HINT_RETRY {
+            self.parked_retried.set(now);
+            self.node.borrow_mut().retry_parked_hints(now);
         }
         self.pump();
     }
@@ -206,6 +218,12 @@ impl<D: Disk> ShardDriver<D> {
         }
         self.pump();
         restored
+    }
+
+    /// Starts an anti-entropy exchange every `every` (Merkle trees compared with one
+    /// replica of one partition at a time, in turn; see `ringkv_cluster::anti_entropy`).
+    pub fn set_anti_entropy_interval(&self, every: Option<Duration>) {
+        self.anti_entropy_every.set(every);
     }
 
     /// Connects the driver to the peer transport (a single node has none).
@@ -410,6 +428,22 @@ impl<D: Disk> ShardDriver<D> {
                     op,
                     result: written.map_err(|e| StorageFailure(e.to_string())),
                 }
+            }
+            StorageOp::ListLeaves {
+                op,
+                partition,
+                leaves,
+            } => {
+                // From the index in memory: no record is read.
+                let wanted: std::collections::BTreeSet<u32> = leaves.into_iter().collect();
+                let keys = self
+                    .store
+                    .partition_keys(partition.0)
+                    .into_iter()
+                    .filter(|k| wanted.contains(&(leaf_of(&k.key) as u32)))
+                    .map(|k| (k.key, k.version_digest))
+                    .collect();
+                StorageCompletion::Listed { op, keys }
             }
             StorageOp::Remove { op, shelf, key } => {
                 // A durable marker (a tombstone with no version), then forgotten from

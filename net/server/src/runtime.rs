@@ -321,6 +321,8 @@ async fn serve_shard(
     let driver = ShardDriver::new(node, store.store.clone());
     let hints = driver.restore_hints().await;
     driver.rebuild_trees(driver.home_partitions());
+    let every = config.anti_entropy_interval_ms;
+    driver.set_anti_entropy_interval((every > 0).then(|| Duration::from_millis(every)));
     if hints > 0 {
         tracing::info!(shard = id, hints, "hints for other nodes recovered");
     }
