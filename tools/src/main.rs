@@ -207,6 +207,10 @@ struct ServerArgs {
     /// Handoff pace to a returning node, per shard, in bytes per second (default 8 MiB).
     #[arg(long)]
     handoff_bytes_per_second: Option<u64>,
+    /// Milliseconds between Merkle anti-entropy exchanges of each shard, one
+    /// partition with one other replica each (default 100; 0: off).
+    #[arg(long)]
+    anti_entropy_interval_ms: Option<u64>,
 }
 
 fn parse_durability(s: &str) -> Result<Durability, String> {
@@ -283,6 +287,9 @@ fn server(args: ServerArgs) -> anyhow::Result<()> {
     config.handoff_bytes_per_second = args
         .handoff_bytes_per_second
         .unwrap_or(config.handoff_bytes_per_second);
+    config.anti_entropy_interval_ms = args
+        .anti_entropy_interval_ms
+        .unwrap_or(config.anti_entropy_interval_ms);
     ringkv_server::runtime::run(config)?;
     Ok(())
 }

@@ -1,6 +1,7 @@
-//! Sloppy quorum and hinted handoff across real processes: four `ringkv server`
-//! processes on loopback (N=3), so every key has a node outside its replicas to stand
-//! in for a dead one.
+//! Sloppy quorum, hinted handoff and anti-entropy across real processes on loopback
+//! (N=3): with four `ringkv server` processes every key has a node outside its
+//! replicas to stand in for a dead one; with three, none, and only anti-entropy (or a
+//! read) brings a replica that missed writes up to date.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -183,4 +184,80 @@ fn strict_writes_refuse_stand_ins_that_sloppy_ones_count() {
     c.put_with(key.as_bytes(), b"v", PutMode::Latest, w3(false))
         .expect("a sloppy W=3 write counts the stand-in");
     assert!(common::hints_pending(&c) >= 1);
+}
+
+/// A replica that missed writes (killed while they were made; three nodes, so no
+/// stand-in took them) catches up through Merkle anti-entropy alone: no read of those
+/// keys, no hint. Checked on that node alone, the other two killed.
+#[test]
+fn a_replica_that_missed_writes_converges_by_anti_entropy_without_reads() {
+    let mut cluster = Cluster::start(3);
+    let writer = cluster.client(&[1, 2]);
+    cluster.kill(3);
+    wait_seen_down(&writer, 3);
+    let w2 = WriteOptions {
+        w: Some(2),
+        ..WriteOptions::default()
+    };
+    let mut acked = BTreeMap::new();
+    for i in 0..300u32 {
+        let key = format!("missed-{i}");
+        if writer
+            .put_with(key.as_bytes(), &i.to_le_bytes(), PutMode::Latest, w2)
+            .is_ok()
+        {
+            acked.insert(key, i);
+        }
+    }
+    assert!(acked.len() >= 290, "only {} writes acked", acked.len());
+    assert_eq!(
+        common::hints_pending(&writer),
+        0,
+        "three nodes: no stand-in"
+    );
+    cluster.restart(3);
+    let restarted = Instant::now();
+    let keys_on_3 = |c: &Client| -> u64 {
+        c.status_each()
+            .unwrap()
+            .into_iter()
+            .filter(|(id, _)| *id == 3)
+            .filter_map(|(_, s)| s.ok())
+            .flat_map(|n| n.shards)
+            .map(|s| s.keys)
+            .sum()
+    };
+    let mut caught_up = None;
+    while restarted.elapsed() < Duration::from_secs(90) {
+        if keys_on_3(&writer) >= acked.len() as u64 {
+            caught_up = Some(restarted.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let caught_up = caught_up.unwrap_or_else(|| {
+        panic!(
+            "node 3 holds {} of {} keys 90 s after its restart",
+            keys_on_3(&writer),
+            acked.len()
+        )
+    });
+    println!(
+        "node 3 got the {} writes it missed by anti-entropy {caught_up:?} after its restart",
+        acked.len()
+    );
+    cluster.kill(1);
+    cluster.kill(2);
+    let alone = cluster.client(&[3]);
+    let one = ReadOptions {
+        r: Some(1),
+        strict: true,
+        ..ReadOptions::default()
+    };
+    for (key, value) in &acked {
+        let found = alone
+            .get_on(&cluster.native(3), key.as_bytes(), one)
+            .unwrap();
+        assert_eq!(found.value(), Some(&value.to_le_bytes()[..]), "{key}");
+    }
 }

@@ -92,7 +92,7 @@ impl Default for ServerConfig {
             hint_age_max_s: 3 * 3600,
             handoff_bytes_per_second: 8 << 20,
             handoff_in_flight: 32,
-            anti_entropy_interval_ms: 1000,
+            anti_entropy_interval_ms: 100,
         }
     }
 }
