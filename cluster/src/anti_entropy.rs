@@ -21,6 +21,8 @@ use crate::ring::{NodeId, PartitionId};
 
 /// Leaves whose keys one exchange lists; the next exchange takes the rest.
 pub const LEAVES_PER_ROUND: usize = 64;
+/// Keys read to push at once; beyond, a push waits for a later exchange.
+pub const PUSHES_MAX: usize = 256;
 
 /// The exchange this node started and waits on.
 #[derive(Clone, Debug)]
@@ -68,6 +70,8 @@ pub struct AntiEntropyStats {
     pub keys_pushed: u64,
     /// Exchanges given up at their deadline.
     pub timed_out: u64,
+    /// Pushes left for a later exchange (`PUSHES_MAX` in flight).
+    pub pushes_deferred: u64,
 }
 
 /// Which keys of two listings need pushing: those `ours` has that `theirs` lacks or

@@ -846,6 +846,11 @@ impl Node {
                 keys,
             } => self.on_ae_keys(from, partition, leaves, keys),
             PeerMessage::AePull { partition, keys } => {
+                if !self.is_co_replica(from, partition) {
+                    self.count(DropReason::WrongPartition);
+                    return;
+                }
+                let keys: std::collections::BTreeSet<Vec<u8>> = keys.into_iter().collect();
                 for key in keys {
                     if self.check_partition(partition, &key) {
                         self.start_push(now, from, partition, key);
@@ -915,7 +920,7 @@ impl Node {
 
     /// Step 2: answer with our leaves under the branches that differ from theirs.
     fn on_ae_branches(&mut self, from: NodeId, partition: PartitionId, branches: &[u64]) {
-        if branches.len() != FANOUT || !self.holds_replica(partition) {
+        if branches.len() != FANOUT || !self.is_co_replica(from, partition) {
             self.count(DropReason::WrongPartition);
             return;
         }
@@ -950,6 +955,15 @@ impl Node {
                 (leaf as usize) < crate::merkle::LEAVES && ours.leaf(leaf as usize) != value
             })
             .map(|&(leaf, _)| leaf)
+            .collect();
+        // From a rotating offset, so leaves that stay different (a merge the store's
+        // limits refuse) never keep the others from their turn.
+        let turn = self.exchange_turns.get(&partition).copied().unwrap_or(0);
+        let start = (turn * anti_entropy::LEAVES_PER_ROUND) % differing.len().max(1);
+        let differing: Vec<u32> = differing[start..]
+            .iter()
+            .chain(&differing[..start])
+            .copied()
             .take(anti_entropy::LEAVES_PER_ROUND)
             .collect();
         if differing.is_empty() {
@@ -974,7 +988,7 @@ impl Node {
     ) {
         let sound = leaves.len() <= anti_entropy::LEAVES_PER_ROUND
             && leaves.iter().all(|&l| (l as usize) < crate::merkle::LEAVES)
-            && self.holds_replica(partition);
+            && self.is_co_replica(from, partition);
         if !sound {
             self.count(DropReason::WrongPartition);
             return;
@@ -1041,6 +1055,11 @@ impl Node {
 
     /// Reads `key` here to send it to `to` as a repair.
     fn start_push(&mut self, now: Duration, to: NodeId, partition: PartitionId, key: Vec<u8>) {
+        // Pushes in flight are bounded; what is left out shows again next exchange.
+        if self.pushes.len() >= anti_entropy::PUSHES_MAX {
+            self.ae_stats.pushes_deferred += 1;
+            return;
+        }
         let id = self.new_request_id();
         let push = Push {
             to,
@@ -1053,11 +1072,25 @@ impl Node {
         self.submit(now, key, Shelf::Home(partition), Job::Read { origin });
     }
 
-    /// Whether this node is one of the partition's home replicas.
-    fn holds_replica(&self, partition: PartitionId) -> bool {
-        self.ring
-            .preference_list(partition, self.config.quorum.n())
-            .contains(&self.config.node)
+    /// Whether this node and `peer` are both home replicas of `partition` (a ring
+    /// partition: hint shelves are never exchanged).
+    fn is_co_replica(&self, peer: NodeId, partition: PartitionId) -> bool {
+        if partition.0 >= self.ring.partition_count() {
+            return false;
+        }
+        let replicas = self.ring.preference_list(partition, self.config.quorum.n());
+        replicas.contains(&self.config.node) && replicas.contains(&peer)
+    }
+
+    /// Marks every tree stale (the store found corruption somewhere: a record it
+    /// marked lost may be in any partition); the driver rebuilds them.
+    pub fn mark_trees_stale(&mut self) {
+        self.replica.mark_trees_stale();
+    }
+
+    /// Partitions with a Merkle tree here.
+    pub fn merkle_partitions(&self) -> Vec<PartitionId> {
+        self.replica.tree_partitions().keys().copied().collect()
     }
 
     pub fn handle_timer(&mut self, now: Duration, timer: TimerId) {

@@ -901,10 +901,24 @@ impl Replica {
         self.stale_trees
             .iter()
             .map(|&p| {
-                let busy = self.keys.keys().any(|(shelf, _)| *shelf == Shelf::Home(p));
+                // Only a write handed to storage makes a rebuild ambiguous (the index
+                // may or may not hold it yet); a key still reading takes its old
+                // digest from the store after the rebuild.
+                let busy = self.keys.iter().any(|((shelf, _), queue)| {
+                    *shelf == Shelf::Home(p)
+                        && queue
+                            .active
+                            .as_ref()
+                            .is_some_and(|a| a.stage == Stage::Writing)
+                });
                 (p, busy)
             })
             .collect()
+    }
+
+    pub fn mark_trees_stale(&mut self) {
+        let all: Vec<PartitionId> = self.trees.keys().copied().collect();
+        self.stale_trees.extend(all);
     }
 
     /// A hint recovered from the store at start counts against its target's bound.

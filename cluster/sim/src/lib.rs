@@ -91,6 +91,8 @@ pub struct RunStats {
     pub hinted_versions_checked: u64,
     /// Partitions whose incrementally kept Merkle tree was checked against its disk.
     pub trees_checked: u64,
+    /// Trees left stale at the end (no anti-entropy phase ran to rebuild them).
+    pub stale_trees_skipped: u64,
     /// Anti-entropy rounds it took after healing until every key's replicas agreed,
     /// with no read.
     pub anti_entropy_rounds: u64,

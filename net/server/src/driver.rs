@@ -57,6 +57,8 @@ pub struct ShardDriver<D: Disk> {
     /// How often an anti-entropy exchange starts (None: never), and when one last did.
     anti_entropy_every: Cell<Option<Duration>>,
     anti_entropy_at: Cell<Duration>,
+    /// The store's corruption count when the trees were last checked against it.
+    corruption_seen: Cell<u64>,
 }
 
 /// How often hints their target refused (over its store's limits) are tried again.
@@ -90,6 +92,7 @@ impl<D: Disk> ShardDriver<D> {
             parked_retried: Cell::new(Duration::ZERO),
             anti_entropy_every: Cell::new(None),
             anti_entropy_at: Cell::new(Duration::ZERO),
+            corruption_seen: Cell::new(0),
         });
         let ticker = Rc::downgrade(&driver);
         driver.ticker.spawn(async move {
@@ -137,7 +140,12 @@ impl<D: Disk> ShardDriver<D> {
             && now.saturating_sub(self.anti_entropy_at.get()) >= every
         {
             self.anti_entropy_at.set(now);
-            // A stale tree would hide the very differences the exchange looks for.
+            // A stale tree would hide the very differences the exchange looks for. New
+            // corruption (a record compaction or a read marked lost) may be anywhere.
+            let corruption = self.store.stats().corruption();
+            if corruption != self.corruption_seen.replace(corruption) {
+                self.node.borrow_mut().mark_trees_stale();
+            }
             let stale = self.node.borrow().stale_trees();
             let idle = stale.into_iter().filter(|(_, busy)| !busy).map(|(p, _)| p);
             self.rebuild_trees(idle.collect());
