@@ -333,14 +333,7 @@ impl Node {
                 .collect();
             for id in cut_off {
                 let forward = self.forwards.remove(&id).expect("listed just above");
-                let error = ClientError::Timeout {
-                    acked: 0,
-                    required: forward.required,
-                };
-                self.reply(
-                    Requester::Client(forward.client),
-                    ClientReply::Put(Err(error)),
-                );
+                self.forward_timed_out(forward);
             }
         }
     }
@@ -1158,14 +1151,7 @@ impl Node {
             }
             self.repair(&get);
         } else if let Some(forward) = self.forwards.remove(&id) {
-            let error = ClientError::Timeout {
-                acked: 0,
-                required: forward.required,
-            };
-            self.reply(
-                Requester::Client(forward.client),
-                ClientReply::Put(Err(error)),
-            );
+            self.forward_timed_out(forward);
         }
         // A timer for a finished request is normal: requests finish before deadlines.
         self.flush_local(now);
@@ -1411,6 +1397,19 @@ impl Node {
         self.forwards_taken_order
             .push_back((forget_at, from, request));
         true
+    }
+
+    /// A forwarded put's answer will not come (deadline, or its replica found
+    /// unreachable): the client hears Timeout, since the replica may have applied it.
+    fn forward_timed_out(&mut self, forward: Forwarding) {
+        let error = ClientError::Timeout {
+            acked: 0,
+            required: forward.required,
+        };
+        self.reply(
+            Requester::Client(forward.client),
+            ClientReply::Put(Err(error)),
+        );
     }
 
     /// A replica's answer to a put this node forwarded.
