@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ringkv_cluster::merkle::version_digest;
+use ringkv_cluster::merkle::{MerkleTree, version_digest};
 use ringkv_cluster::{NodeId, PartitionId, Shelf, StorageOpId, StoredRead, StoredVersions};
 
 /// A key on one shelf (at home in its partition, or among the hints for a node).
@@ -122,6 +122,19 @@ impl Disk {
                 Shelf::Hints { .. } => None,
             })
             .collect()
+    }
+
+    /// The Merkle tree of every home partition with a durable record, built from
+    /// scratch as the server builds them from the store's index.
+    pub fn home_trees(&self) -> BTreeMap<PartitionId, MerkleTree> {
+        let mut trees: BTreeMap<PartitionId, MerkleTree> = BTreeMap::new();
+        for (partition, key, digest) in self.home_digests() {
+            trees
+                .entry(partition)
+                .or_default()
+                .update(&key, None, Some(digest));
+        }
+        trees
     }
 
     /// The durable hint copies of `key`, for any target.

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use ringkv_cluster::merkle::{self, MerkleTree};
+use ringkv_cluster::merkle;
 use ringkv_cluster::{
     Action, ClientError, ClientReply, ClientToken, GetRequest, Member, Node, NodeConfig, NodeId,
     PartitionId, PeerMessage, PutOutcome, PutRequest, Quorum, Ring, ShardMap, StorageCompletion,
@@ -832,21 +832,14 @@ impl World {
         node: &mut [Node],
         only: Option<&BTreeSet<PartitionId>>,
     ) {
-        let mut by_partition: BTreeMap<PartitionId, Vec<(Vec<u8>, u32)>> = BTreeMap::new();
-        for (partition, key, digest) in disk.home_digests() {
-            by_partition
-                .entry(partition)
-                .or_default()
-                .push((key, digest));
-        }
+        let mut trees = disk.home_trees();
         if let Some(only) = only {
-            by_partition.retain(|p, _| only.contains(p));
+            trees.retain(|p, _| only.contains(p));
             for &p in only {
-                by_partition.entry(p).or_default();
+                trees.entry(p).or_default();
             }
         }
-        for (partition, entries) in by_partition {
-            let tree = MerkleTree::build(entries.iter().map(|(k, d)| (k.as_slice(), *d)));
+        for (partition, tree) in trees {
             node[shards.owner(partition)].set_merkle_tree(partition, tree);
         }
     }
@@ -867,21 +860,17 @@ impl World {
                 .flat_map(|shard| shard.stale_trees())
                 .map(|(p, _)| p)
                 .collect();
-            let mut expected: BTreeMap<PartitionId, Vec<(Vec<u8>, u32)>> = BTreeMap::new();
-            for (partition, key, digest) in sim.disk.home_digests() {
-                expected.entry(partition).or_default().push((key, digest));
-            }
+            let mut expected = sim.disk.home_trees();
             for partition in node.iter().flat_map(|shard| shard.merkle_partitions()) {
                 expected.entry(partition).or_default();
             }
             let mut violations = Vec::new();
             let (mut checked, mut skipped) = (0, 0);
-            for (partition, entries) in expected {
+            for (partition, want) in expected {
                 if stale.contains(&partition) {
                     skipped += 1;
                     continue;
                 }
-                let want = MerkleTree::build(entries.iter().map(|(k, d)| (k.as_slice(), *d)));
                 let shard = &node[sim.shards.owner(partition)];
                 let have = shard.merkle_tree(partition).cloned().unwrap_or_default();
                 checked += 1;
