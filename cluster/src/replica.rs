@@ -375,8 +375,12 @@ impl Replica {
         let key = &at;
         match (completion, active.stage) {
             (StorageCompletion::Read { result, .. }, Stage::Reading) => {
+                // What the tree holds for the key now; only a job that may write
+                // needs it, so a plain read (every get) hashes nothing.
                 let read_digest = match &result {
-                    Ok(StoredRead::Found(stored)) => Some(version_digest(&stored.version)),
+                    Ok(StoredRead::Found(stored)) if !matches!(active.job, Job::Read { .. }) => {
+                        Some(version_digest(&stored.version))
+                    }
                     _ => None,
                 };
                 if let (Ok(StoredRead::Lost), Shelf::Home(partition)) = (&result, key.0) {
