@@ -20,9 +20,13 @@ use std::time::Duration;
 use crate::ring::{NodeId, PartitionId};
 
 /// Leaves whose keys one exchange lists; the next exchange takes the rest.
-pub const LEAVES_PER_ROUND: usize = 64;
+pub const LEAVES_PER_ROUND: usize = 256;
 /// Keys read to push at once; beyond, a push waits for a later exchange.
 pub const PUSHES_MAX: usize = 256;
+/// More differing leaves than this in one exchange mean a replica far behind (one
+/// that was down, or lost its disk) rather than writes in flight: the node then runs
+/// its exchanges back to back instead of one per interval, until it has caught up.
+pub const CATCH_UP_LEAVES: usize = 4;
 
 /// The exchange this node started and waits on.
 #[derive(Clone, Debug)]
@@ -48,6 +52,9 @@ pub(crate) enum Listing {
         partition: PartitionId,
         theirs: Vec<(Vec<u8>, u32)>,
     },
+    /// Not anti-entropy: the tombstones of a partition, for tombstone sweep `sweep`
+    /// (see `crate::node::tombstones`).
+    Tombstones { sweep: u64 },
 }
 
 /// A key this node reads to push to a peer.

@@ -104,6 +104,18 @@ pub enum PeerMessage {
         partition: PartitionId,
         keys: Vec<Vec<u8>>,
     },
+    /// Tombstone collection (crate::tombstones): do you hold exactly these tombstones?
+    TombstonesCheck {
+        partition: PartitionId,
+        sweep: u64,
+        keys: Vec<(Vec<u8>, VersionSet)>,
+    },
+    /// The answer: the keys of the check whose stored versions are exactly those sent.
+    TombstonesHeld {
+        partition: PartitionId,
+        sweep: u64,
+        keys: Vec<Vec<u8>>,
+    },
 }
 
 /// A client's put as the forwarding node resolved it: its context already decoded

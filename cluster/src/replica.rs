@@ -59,6 +59,22 @@ pub enum StorageOp {
         partition: PartitionId,
         leaves: Vec<u32>,
     },
+    /// List every key of home partition `partition` stored as a tombstone, with its
+    /// version digest, from the index; completes as `Listed`.
+    ListTombstones {
+        op: StorageOpId,
+        partition: PartitionId,
+    },
+    /// Forget `key` of home partition `partition` if it still is the tombstone whose
+    /// version digest is `digest` (tombstone collection: every replica holds it).
+    /// Not durable: after a restart the tombstone is back and collected again. A key
+    /// that changed meanwhile stays and completes as a failed write.
+    Collect {
+        op: StorageOpId,
+        partition: PartitionId,
+        key: Vec<u8>,
+        digest: u32,
+    },
 }
 
 /// The storage's answer to a [`StorageOp`].
@@ -111,7 +127,13 @@ pub(crate) enum Job {
     Merge {
         origin: Option<Origin>,
         incoming: VersionSet,
+        /// Store nothing if this replica holds nothing of the key: a repair bringing
+        /// only tombstones past their grace period, which every replica collects.
+        skip_if_absent: bool,
     },
+    /// Tombstone collection: forget the key if it holds exactly `expected`, a set of
+    /// tombstones every replica of the key was found to hold.
+    Collect { expected: VersionSet },
     /// Remove a hint: unconditionally (`handed: None`, at its age bound), or only if
     /// it still holds exactly `handed`, what its target acknowledged (a write that
     /// reached the hint after the handoff read keeps it for another round).
@@ -134,7 +156,7 @@ impl Job {
         match self {
             Job::Read { origin } | Job::Coordinate { origin, .. } => Some(*origin),
             Job::Merge { origin, .. } => *origin,
-            Job::DropHint { .. } => None,
+            Job::DropHint { .. } | Job::Collect { .. } => None,
         }
     }
 }
@@ -185,6 +207,8 @@ pub(crate) enum ReplicaEvent {
         refusal: TooLarge,
     },
     Dropped(DropReason),
+    /// A tombstone every replica held was forgotten here (`Job::Collect`).
+    TombstoneCollected,
     /// A write to the hints for `target` is durable; the hint now takes `bytes`.
     HintStored {
         target: NodeId,
@@ -281,6 +305,11 @@ pub(crate) struct Replica {
     actors_retired: u64,
     /// Whether the current actor has drawn a dot yet (an unused one need not retire).
     actor_used: bool,
+    /// The last counter the current actor drew, over all keys. Each draw goes past
+    /// it, so the actor never issues a counter twice, even for a key whose home copy
+    /// no longer shows its dots: a collected tombstone leaves no record, and a client
+    /// may still hold a context naming the dots it had (see `draw_dot`).
+    actor_counter: u64,
     /// Actors of puts coordinated from a hint copy (this node standing in for a down
     /// replica), per key: the actor and the last counter it drew. A hint copy is
     /// removed once handed off, so unlike a home copy it cannot vouch for every dot
@@ -324,6 +353,7 @@ impl Replica {
             epochs,
             actors_retired: 0,
             actor_used: false,
+            actor_counter: 0,
             stand_in_actors: BTreeMap::new(),
             stand_in_key_bytes: 0,
             hint_held: BTreeMap::new(),
@@ -415,9 +445,14 @@ impl Replica {
                 Ok(()) => {
                     let skip = self.config.sabotage.skip_tree_updates
                         && matches!(active.job, Job::Merge { .. });
+                    let collected = matches!(active.job, Job::Collect { .. });
                     if let (Shelf::Home(partition), false) = (key.0, skip) {
                         let tree = self.trees.entry(partition).or_default();
-                        tree.update(&key.1, active.old_digest, Some(active.new_digest));
+                        let new = (!collected).then_some(active.new_digest);
+                        tree.update(&key.1, active.old_digest, new);
+                    }
+                    if collected {
+                        out.push(ReplicaEvent::TombstoneCollected);
                     }
                     if let Shelf::Hints { target } = key.0 {
                         let removed = matches!(active.job, Job::DropHint { .. });
@@ -520,6 +555,7 @@ impl Replica {
             return;
         }
         self.actor_used = false;
+        self.actor_counter = 0;
         self.actor = Actor {
             node: self.config.node,
             epoch: self.epochs.next_epoch(),
@@ -539,7 +575,11 @@ impl Replica {
         context: &VersionVector,
     ) -> Option<Dot> {
         if let Shelf::Home(_) = key.0 {
-            let dot = current.checked_next_dot(self.actor, context)?;
+            let mut dot = current.checked_next_dot(self.actor, context)?;
+            if !self.config.sabotage.dense_counters_after_collection {
+                dot.counter = dot.counter.max(self.actor_counter.checked_add(1)?);
+            }
+            self.actor_counter = self.actor_counter.max(dot.counter);
             self.actor_used = true;
             return Some(dot);
         }
@@ -621,7 +661,13 @@ impl Replica {
             Job::Merge {
                 origin,
                 ref incoming,
+                skip_if_absent,
             } => {
+                if skip_if_absent && current.is_empty() {
+                    out.push(ReplicaEvent::Dropped(DropReason::CollectedTombstone));
+                    self.finish(key, out);
+                    return;
+                }
                 let merged = self.merge(&current, incoming);
                 if let Some(refusal) = self.over_store_limits(&merged) {
                     // Storing less would drop a concurrent write; storing this cannot
@@ -715,6 +761,28 @@ impl Replica {
                     versions: merged.clone(),
                 });
                 self.write(key, job, &merged, Some(dot), (room, read_digest), out);
+            }
+            Job::Collect { ref expected } => {
+                let (Shelf::Home(partition), Some(digest)) = (key.0, read_digest) else {
+                    self.finish(key, out);
+                    return;
+                };
+                let all_tombstones = current.siblings().all(|v| v.value.is_tombstone());
+                if current != *expected || current.is_empty() || !all_tombstones {
+                    // Written since every replica was found to hold the tombstones.
+                    out.push(ReplicaEvent::Dropped(DropReason::TombstoneChanged));
+                    self.finish(key, out);
+                    return;
+                }
+                let op = self.new_op(key);
+                out.push(ReplicaEvent::Storage(StorageOp::Collect {
+                    op,
+                    partition,
+                    key: key.1.clone(),
+                    digest,
+                }));
+                let room = HintRoom::default();
+                self.set_writing(key, op, job, (None, 0, room), (Some(digest), 0));
             }
             Job::DropHint { ref handed } => {
                 let Shelf::Hints { target } = key.0 else {

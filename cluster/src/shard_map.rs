@@ -64,7 +64,9 @@ impl ShardMap {
             | PeerMessage::AeBranches { partition, .. }
             | PeerMessage::AeLeaves { partition, .. }
             | PeerMessage::AeKeys { partition, .. }
-            | PeerMessage::AePull { partition, .. } => Some(self.owner(*partition)),
+            | PeerMessage::AePull { partition, .. }
+            | PeerMessage::TombstonesCheck { partition, .. }
+            | PeerMessage::TombstonesHeld { partition, .. } => Some(self.owner(*partition)),
             PeerMessage::ReadReply { request, .. }
             | PeerMessage::WriteAck { request }
             | PeerMessage::WriteRefused { request, .. }

@@ -241,6 +241,37 @@ impl Harness {
                             .collect();
                         StorageCompletion::Listed { op, keys }
                     }
+                    StorageOp::ListTombstones { op, partition } => {
+                        let keys = disk
+                            .iter()
+                            .filter(|((shelf, _), stored)| {
+                                *shelf == Shelf::Home(partition) && stored.tombstone
+                            })
+                            .map(|((_, key), stored)| {
+                                (key.clone(), merkle::version_digest(&stored.version))
+                            })
+                            .collect();
+                        StorageCompletion::Listed { op, keys }
+                    }
+                    StorageOp::Collect {
+                        op,
+                        partition,
+                        key,
+                        digest,
+                    } => {
+                        let at = (Shelf::Home(partition), key);
+                        let matches = disk.get(&at).is_some_and(|stored| {
+                            stored.tombstone && merkle::version_digest(&stored.version) == digest
+                        });
+                        let result = match matches {
+                            true => {
+                                disk.remove(&at);
+                                Ok(())
+                            }
+                            false => Err(StorageFailure("the tombstone changed".into())),
+                        };
+                        StorageCompletion::Write { op, result }
+                    }
                 };
                 self.nodes
                     .get_mut(&id)

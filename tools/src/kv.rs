@@ -229,6 +229,12 @@ pub fn status(args: StatusArgs) -> ExitCode {
                             "hints_handed_off": s.hints_handed_off,
                             "hints_refused": s.hints_refused,
                             "hints_expired": s.hints_expired,
+                            "partitions_in_sync": s.partitions_in_sync,
+                            "keys_pushed": s.keys_pushed,
+                            "repairs_received": s.repairs_received,
+                            "tombstones": s.tombstones,
+                            "index_bytes": s.index_bytes,
+                            "tombstones_collected": s.tombstones_collected,
                         })).collect::<Vec<_>>(),
                         "hints_pending": hints_pending(n).iter().map(|(target, keys, bytes)| json!({
                             "target": target, "keys": keys, "bytes": bytes,
@@ -304,6 +310,14 @@ pub fn status(args: StatusArgs) -> ExitCode {
                     );
                     if let Some(failure) = &s.store_failure {
                         say!("        store failed (refusing writes until restart): {failure}");
+                    }
+                    if s.partitions_in_sync < s.partitions {
+                        say!(
+                            "        anti-entropy: {} of {} partitions in sync with a peer ({} repairs received)",
+                            s.partitions_in_sync,
+                            s.partitions,
+                            s.repairs_received
+                        );
                     }
                 }
                 for m in n.members.iter().filter(|m| m.node_id != n.node_id) {

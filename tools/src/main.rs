@@ -211,6 +211,11 @@ struct ServerArgs {
     /// partition with one other replica each (default 100; 0: off).
     #[arg(long)]
     anti_entropy_interval_ms: Option<u64>,
+    /// Seconds a tombstone is kept at least before it is collected, once every
+    /// replica of its key holds it (default 14400; 0: never). Must exceed
+    /// --hint-age-max-s plus twice the request timeout.
+    #[arg(long)]
+    tombstone_grace_s: Option<u64>,
 }
 
 fn parse_durability(s: &str) -> Result<Durability, String> {
@@ -290,6 +295,18 @@ fn server(args: ServerArgs) -> anyhow::Result<()> {
     config.anti_entropy_interval_ms = args
         .anti_entropy_interval_ms
         .unwrap_or(config.anti_entropy_interval_ms);
+    config.tombstone_grace_s = args.tombstone_grace_s.unwrap_or(config.tombstone_grace_s);
+    // The server's warnings (a failed fsync, corruption met) and progress lines (a
+    // replica catching up) go to stderr; RUST_LOG chooses more or less.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logging = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    if let Err(err) = logging {
+        eprintln!("ringkv: no log output: {err}");
+    }
     ringkv_server::runtime::run(config)?;
     Ok(())
 }

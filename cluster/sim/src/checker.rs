@@ -247,10 +247,14 @@ pub fn check_reads(history: &History, replicas: &Replicas) -> (Vec<Violation>, R
             }) {
                 counts.checked_near_losses += 1;
             }
-            let shown = get
-                .versions
-                .siblings()
-                .any(|sibling| shows(sibling, put, dot, &puts_of_key, of_key));
+            // A tombstone collected before the read ended, that was or had seen the
+            // put, shows it too: every replica held that tombstone, so the put was
+            // deleted, and its trace went with the tombstone.
+            let shown = collected_having_seen(history, &get.key, dot, Some(get.end))
+                || get
+                    .versions
+                    .siblings()
+                    .any(|sibling| shows(sibling, put, dot, &puts_of_key, of_key));
             if !shown {
                 violations.push(Violation {
                     checker: Checker::AckedWriteReadable,
@@ -318,7 +322,10 @@ pub fn check_final_key(
                     landed_having_seen(q, dot, key, final_set, history, &written)
                 }
         });
-        if !seen_by_a_write && !final_set.contains_dot(dot) {
+        // A tombstone may be collected: what it deleted must still be gone (checked
+        // below).
+        let collected = collected_having_seen(history, key, dot, None);
+        if !seen_by_a_write && !final_set.contains_dot(dot) && !collected {
             violations.push(Violation {
                 checker: Checker::SiblingsSurvive,
                 detail: format!(
@@ -349,6 +356,18 @@ pub fn check_final_key(
 
 /// Whether `q`, a SET or DEL never acked, landed as a version whose past holds `dot`:
 /// in the final set or in any read of its key.
+/// Whether a node collected, before `until` (`None`: ever), a tombstone of `key` that
+/// is `dot` or whose past holds it.
+fn collected_having_seen(history: &History, key: &[u8], dot: Dot, until: Option<Duration>) -> bool {
+    (history.collected.iter())
+        .filter(|c| c.key == key && until.is_none_or(|until| c.at <= until))
+        .any(|c| {
+            c.versions
+                .siblings()
+                .any(|v| v.dot == dot || v.past.contains(dot))
+        })
+}
+
 fn landed_having_seen(
     q: &PutRecord,
     dot: Dot,
@@ -357,11 +376,16 @@ fn landed_having_seen(
     history: &History,
     acked: &BTreeMap<Dot, &PutRecord>,
 ) -> bool {
+    // A collected tombstone was on a disk too.
+    let collected = (history.collected.iter())
+        .filter(|c| c.key == key)
+        .map(|c| &c.versions);
     let reads = history
         .gets
         .iter()
         .filter(|g| g.key == key)
-        .map(|g| &g.versions);
+        .map(|g| &g.versions)
+        .chain(collected);
     q.may_have_landed()
         && std::iter::once(final_set).chain(reads).any(|set| {
             set.siblings().any(|v| {
@@ -391,7 +415,9 @@ pub fn check_node_reads(history: &History, replicas: &Replicas) -> (Vec<Violatio
                 continue;
             }
             checked += 1;
-            if !q.context.contains(dot) {
+            // Deleted, and the tombstone collected, before the node's read ended.
+            let collected = collected_having_seen(history, &q.key, dot, q.end);
+            if !q.context.contains(dot) && !collected {
                 violations.push(node_read_missed(q, put, "its read missed"));
             }
         }

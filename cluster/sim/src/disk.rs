@@ -23,6 +23,10 @@ pub struct Disk {
     /// Keys whose record failed its checksum: they read as lost until rewritten, as
     /// the engine's `Lost` markers do.
     lost: BTreeSet<At>,
+    /// Tombstones collected since the last crash: gone from reads and listings, but
+    /// back after a crash, as the engine's collection is not durable (its record
+    /// stays until compaction can drop it).
+    collected: BTreeMap<At, StoredVersions>,
 }
 
 impl Disk {
@@ -61,6 +65,37 @@ impl Disk {
         self.durable.clear();
         self.lost.clear();
         self.pending.clear();
+        self.collected.clear();
+    }
+
+    /// Forgets the home tombstone `key` if its durable record's version digest is
+    /// `digest` and no write of it is pending; returns the record it forgot.
+    pub fn collect(
+        &mut self,
+        partition: PartitionId,
+        key: &[u8],
+        digest: u32,
+    ) -> Option<StoredVersions> {
+        let at = (Shelf::Home(partition), key.to_vec());
+        let pending = self.pending.iter().any(|(_, _, p, _)| *p == at);
+        match self.durable.get(&at) {
+            Some(stored)
+                if !pending && stored.tombstone && version_digest(&stored.version) == digest =>
+            {
+                let stored = self.durable.remove(&at).expect("matched just above");
+                self.collected.insert(at, stored.clone());
+                Some(stored)
+            }
+            _ => None,
+        }
+    }
+
+    /// Every durable home tombstone of `partition` with its version digest.
+    pub fn home_tombstones(&self, partition: PartitionId) -> Vec<(Vec<u8>, u32)> {
+        (self.durable.iter())
+            .filter(|((shelf, _), stored)| *shelf == Shelf::Home(partition) && stored.tombstone)
+            .map(|((_, key), stored)| (key.clone(), version_digest(&stored.version)))
+            .collect()
     }
 
     /// Queues a write (`None`: a removal); returns whether it is the first pending
@@ -85,6 +120,8 @@ impl Disk {
         let mut hints = Vec::new();
         for (shard, op, at, stored) in self.pending.drain(..) {
             self.lost.remove(&at);
+            // A newer record shadows a collected one for good.
+            self.collected.remove(&at);
             if let (Shelf::Hints { target }, Some(stored)) = (at.0, &stored) {
                 hints.push((target, at.1.clone(), stored.clone()));
             }
@@ -101,6 +138,9 @@ impl Disk {
     pub fn crash(&mut self) -> usize {
         let lost = self.pending.len();
         self.pending.clear();
+        // Collection is not durable: collected tombstones are back.
+        let collected = std::mem::take(&mut self.collected);
+        self.durable.extend(collected);
         lost
     }
 

@@ -76,6 +76,19 @@ pub struct History {
     pub failed_gets: u64,
     /// Stored data lost on a node: writes acknowledged before it may have lost a copy.
     pub losses: Vec<Loss>,
+    /// Whether the nodes collect tombstones: a delete may then read as nothing at all
+    /// (its tombstone gone with what it deleted), which shows it as well.
+    pub tombstones_collected: bool,
+    /// Tombstone sets nodes collected: what was on the disk before.
+    pub collected: Vec<Collected>,
+}
+
+/// A key's tombstones a node collected, and when.
+#[derive(Clone, Debug)]
+pub struct Collected {
+    pub at: Duration,
+    pub key: Vec<u8>,
+    pub versions: VersionSet,
 }
 
 /// Data lost on a node at a moment: one key's record, or (`key: None`) the disk.

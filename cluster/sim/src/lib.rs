@@ -98,6 +98,9 @@ pub struct RunStats {
     pub anti_entropy_rounds: u64,
     /// Keys anti-entropy pushed between replicas.
     pub ae_keys_pushed: u64,
+    /// Tombstones the nodes collected (every replica held them; see the `collect`
+    /// profile).
+    pub tombstones_collected: u64,
     /// (acked put, later acked SET or DEL) pairs whose node read was checked.
     pub node_reads_checked: u64,
     /// Writes the resolver made after healing in tight-limit runs.

@@ -74,6 +74,8 @@ pub struct Settings {
     /// Hint bounds and handoff pace; a quarter of the seeds make the byte bound tiny,
     /// so stand-ins refuse hints.
     pub hints: HintConfig,
+    /// Tombstones are collected once this old and held by every replica (off: never).
+    pub tombstone_grace_ms: Option<u64>,
 }
 
 impl Settings {
@@ -141,6 +143,7 @@ impl Settings {
             false_suspicion_per_mille: 0,
             strict_per_mille: 0,
             hints: HintConfig::default(),
+            tombstone_grace_ms: None,
             shards: (0..nodes)
                 .map(|_| {
                     if sharded {

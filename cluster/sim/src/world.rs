@@ -26,7 +26,7 @@ use ringkv_proto::peer_message::{Incoming, PeerInput, PeerWireError, encode_peer
 use crate::checker::{self, Checker, Violation};
 use crate::dice::Dice;
 use crate::disk::Disk;
-use crate::history::{GetRecord, History, Loss, PutRecord, PutResult};
+use crate::history::{Collected, GetRecord, History, Loss, PutRecord, PutResult};
 use crate::settings::Settings;
 use crate::{Options, RunStats};
 
@@ -186,7 +186,10 @@ impl World {
                 .collect(),
             waiting: BTreeMap::new(),
             next_op: 0,
-            history: History::default(),
+            history: History {
+                tombstones_collected: settings.tombstone_grace_ms.is_some(),
+                ..History::default()
+            },
             phase: Phase::Safety,
             split: None,
             splits: 0,
@@ -242,6 +245,9 @@ impl World {
         self.check_handoff_complete();
         if !self.options.without_anti_entropy && !self.settings.tight_limits() {
             self.converge_by_anti_entropy();
+        }
+        if self.settings.tombstone_grace_ms.is_some() && !self.settings.tight_limits() {
+            self.collect_every_tombstone();
         }
         if self.settings.tight_limits() {
             // Over the store's limits, replicas keep what they hold and refuse merges
@@ -307,7 +313,11 @@ impl World {
                 config.stored_value_max = self.settings.stored_value_max;
                 config.stored_version_max = self.settings.stored_version_max;
                 config.first_sequence = shards.first_sequence(shard);
+                config.shards = shards;
+                config.shard = shard;
                 config.hints = self.settings.hints;
+                config.tombstone_grace =
+                    self.settings.tombstone_grace_ms.map(Duration::from_millis);
                 Node::new(config, self.ring.clone())
             })
             .collect()
@@ -566,6 +576,34 @@ impl World {
                 let latency = self.dice.between(0, self.settings.read_latency_max_ms);
                 self.complete_later(id, shard, latency, StorageCompletion::Listed { op, keys });
             }
+            StorageOp::ListTombstones { op, partition } => {
+                let keys = self.sim_node(id).disk.home_tombstones(partition);
+                let latency = self.dice.between(0, self.settings.read_latency_max_ms);
+                self.complete_later(id, shard, latency, StorageCompletion::Listed { op, keys });
+            }
+            StorageOp::Collect {
+                op,
+                partition,
+                key,
+                digest,
+            } => {
+                let collected = self.sim_node_mut(id).disk.collect(partition, &key, digest);
+                let result = match collected {
+                    Some(stored) => {
+                        self.stats.tombstones_collected += 1;
+                        let set = stored.decode().expect("the simulator stores valid sets");
+                        let at = self.now;
+                        let versions = set;
+                        self.history.collected.push(Collected { at, key, versions });
+                        Ok(())
+                    }
+                    None => Err(ringkv_cluster::StorageFailure(
+                        "the tombstone changed".into(),
+                    )),
+                };
+                let latency = self.dice.between(0, self.settings.read_latency_max_ms);
+                self.complete_later(id, shard, latency, StorageCompletion::Write { op, result });
+            }
             StorageOp::Read { op, shelf, key } => {
                 if self.is_victim(id)
                     && self.dice.chance(self.settings.lost_read_per_mille)
@@ -595,9 +633,10 @@ impl World {
                         stored,
                     } => (op, shelf, key, Some(stored)),
                     StorageOp::Remove { op, shelf, key } => (op, shelf, key, None),
-                    StorageOp::Read { .. } | StorageOp::ListLeaves { .. } => {
-                        unreachable!("matched above")
-                    }
+                    StorageOp::Read { .. }
+                    | StorageOp::ListLeaves { .. }
+                    | StorageOp::ListTombstones { .. }
+                    | StorageOp::Collect { .. } => unreachable!("matched above"),
                 };
                 if self.is_victim(id) && self.dice.chance(self.settings.failed_write_per_mille) {
                     // The engine cuts a failed write back: nothing of it stays.
@@ -688,6 +727,13 @@ impl World {
     }
 
     fn fault_tick(&mut self) {
+        if self.settings.tombstone_grace_ms.is_some() {
+            // Anti-entropy and sweeps run alongside the faults, as in the server.
+            if self.phase == Phase::Safety && !self.options.without_anti_entropy {
+                self.tick_anti_entropy();
+            }
+            self.tick_tombstones();
+        }
         if self.phase != Phase::Safety {
             return;
         }
@@ -901,16 +947,7 @@ impl World {
                 self.stats.anti_entropy_rounds = round;
                 return;
             }
-            let now = self.now;
-            for id in self.nodes.iter().map(|n| n.id).collect::<Vec<_>>() {
-                self.rebuild_stale_trees(id);
-                for shard in 0..self.sim_node(id).shards.shards() {
-                    if let Some(node) = self.live_node(id, shard) {
-                        node.tick_anti_entropy(now);
-                    }
-                    self.drain(id, shard);
-                }
-            }
+            self.tick_anti_entropy();
             // Each round a little later, so an exchange whose answer never came
             // expires (messages no longer drop, but a restart may lose one).
             self.schedule(Duration::from_millis(1), Event::FaultTick);
@@ -920,7 +957,7 @@ impl World {
             .filter_map(|k| {
                 let key = format!("k{k}").into_bytes();
                 let partition = self.ring.partition_of(&key);
-                let sets = self.stored_sets(&key);
+                let sets = self.converging_sets(&key);
                 if sets.windows(2).all(|w| w[0].1 == w[1].1) {
                     return None;
                 }
@@ -949,6 +986,49 @@ impl World {
         });
     }
 
+    /// With faults stopped, lets time pass (sweeps ticking) until no replica holds a
+    /// key of tombstones only: every tombstone is collected once every replica holds
+    /// it (the reads after this, and the final checks, then judge a cluster that
+    /// forgot its deletes).
+    fn collect_every_tombstone(&mut self) {
+        const ROUNDS_MAX: u64 = 300;
+        let grace = self.settings.tombstone_grace_ms.unwrap_or(0);
+        let pace = Duration::from_millis(self.settings.request_timeout_ms.max(grace) / 2);
+        for _ in 0..ROUNDS_MAX {
+            if self.tombstones_left().is_empty() {
+                return;
+            }
+            // Anti-entropy keeps running, as in the server: replicas holding other
+            // tombstones of a key get each other's, then all hold the same.
+            if !self.options.without_anti_entropy {
+                self.tick_anti_entropy();
+            }
+            self.schedule(pace, Event::FaultTick);
+            self.run_until_quiet();
+        }
+        self.violations.push(Violation {
+            checker: Checker::Convergence,
+            detail: format!(
+                "tombstones still held after {ROUNDS_MAX} sweeps with every node up: {:?}",
+                self.tombstones_left()
+            ),
+        });
+    }
+
+    /// (node, key) of every durable home set of tombstones only.
+    fn tombstones_left(&self) -> Vec<(NodeId, String)> {
+        let mut left = Vec::new();
+        for k in 0..self.settings.keys {
+            let key = format!("k{k}").into_bytes();
+            for (id, set) in self.stored_sets(&key) {
+                if !set.is_empty() && set.siblings().all(|v| v.value.is_tombstone()) {
+                    left.push((id, format!("k{k}")));
+                }
+            }
+        }
+        left
+    }
+
     /// Rebuilds the trees a lost record made stale, where no write of the partition
     /// is in flight, as the server does before each exchange.
     fn rebuild_stale_trees(&mut self, id: NodeId) {
@@ -970,7 +1050,7 @@ impl World {
     fn replicas_converged(&self) -> bool {
         (0..self.settings.keys).all(|k| {
             let key = format!("k{k}").into_bytes();
-            let sets = self.stored_sets(&key);
+            let sets = self.converging_sets(&key);
             sets.windows(2).all(|w| w[0].1 == w[1].1)
         })
     }
@@ -1320,7 +1400,7 @@ impl World {
         }
         for k in 0..self.settings.keys {
             let key = format!("k{k}").into_bytes();
-            let replicas = self.stored_sets(&key);
+            let replicas = self.converging_sets(&key);
             checker::check_converged(&key, &replicas, &mut self.violations);
         }
         // In tight-limit runs the resolver's writes superseded everything; the keys'
@@ -1425,6 +1505,52 @@ impl World {
                 &mut self.violations,
             );
         }
+    }
+
+    /// Every live shard starts an anti-entropy exchange (stale trees rebuilt first,
+    /// as the server does).
+    fn tick_anti_entropy(&mut self) {
+        let now = self.now;
+        for id in self.nodes.iter().map(|n| n.id).collect::<Vec<_>>() {
+            self.rebuild_stale_trees(id);
+            for shard in 0..self.sim_node(id).shards.shards() {
+                if let Some(node) = self.live_node(id, shard) {
+                    node.tick_anti_entropy(now);
+                }
+                self.drain(id, shard);
+            }
+        }
+    }
+
+    /// Every live shard's tombstone sweeps, with its node's wall clock.
+    fn tick_tombstones(&mut self) {
+        let now = self.now;
+        for id in self.nodes.iter().map(|n| n.id).collect::<Vec<_>>() {
+            let wall_ms = self.wall_clock_ms(id);
+            for shard in 0..self.sim_node(id).shards.shards() {
+                if let Some(node) = self.live_node(id, shard) {
+                    node.tick_tombstones(now, wall_ms);
+                }
+                self.drain(id, shard);
+            }
+        }
+    }
+
+    /// Each replica's durable set of `key`, for judging convergence: with tombstone
+    /// collection on, a set of tombstones only counts as nothing (both read as
+    /// deleted, and which of the two a replica holds depends on whether it collected
+    /// yet).
+    fn converging_sets(&self, key: &[u8]) -> Vec<(NodeId, VersionSet)> {
+        let collecting = self.settings.tombstone_grace_ms.is_some();
+        (self.stored_sets(key).into_iter())
+            .map(|(id, set)| {
+                let deleted = set.siblings().all(|v| v.value.is_tombstone());
+                match collecting && deleted {
+                    true => (id, VersionSet::new()),
+                    false => (id, set),
+                }
+            })
+            .collect()
     }
 
     /// Each replica's durable set of `key`.

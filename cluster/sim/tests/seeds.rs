@@ -23,7 +23,8 @@ fn run_logged(seed: u64, options: &Options) -> Report {
 
 /// RINGKV_SIM_FAULTS=heavy turns on the crash-heavy fault profile for sweeps and
 /// replays; RINGKV_SIM_FAULTS=loss the data-loss profile; =split (and =split-w1, every
-/// write at W=1) long, detected splits over lossy links.
+/// write at W=1) long, detected splits over lossy links; =collect many deletes with
+/// tombstone collection on.
 fn sweep_options() -> Options {
     let tweak: Option<fn(&mut ringkv_sim::Settings)> =
         match std::env::var("RINGKV_SIM_FAULTS").as_deref() {
@@ -31,6 +32,7 @@ fn sweep_options() -> Options {
             Ok("loss") => Some(data_loss_heavy),
             Ok("split") => Some(split_heavy),
             Ok("split-w1") => Some(split_heavy_w1),
+            Ok("collect") => Some(tombstone_collection),
             _ => None,
         };
     Options {
@@ -249,6 +251,93 @@ fn replay() {
     let report = run_logged(seed, &options);
     println!("{:#?}", report.stats);
     assert!(report.passed());
+}
+
+/// Deletes (a third of the writes, and DEL) with tombstone collection on, under the
+/// seed's faults: the grace period is a few request timeouts, so tombstones are
+/// collected while nodes crash, links drop and split. Requests are strict (no
+/// stand-ins, so no hint outlives a grace this short; the server's grace must exceed
+/// its hint age, checked at start), and clocks agree within the grace.
+fn tombstone_collection(settings: &mut ringkv_sim::Settings) {
+    settings.delete_per_mille = settings.delete_per_mille.max(330);
+    settings.delete_if_present_per_mille = settings.delete_if_present_per_mille.max(100);
+    settings.strict_per_mille = 1000;
+    settings.clock_skew_max_ms = settings.clock_skew_max_ms.min(50);
+    settings.clock_jump_per_mille = 0;
+    // More keys, written less often: a deleted key stays deleted past the grace
+    // period, so tombstones are collected while faults strike and writes go on.
+    settings.keys = settings.keys.max(10);
+    settings.think_max_ms = settings.think_max_ms.max(300);
+    settings.safety_ms = settings.safety_ms.max(5_000);
+    let grace = 2 * settings.request_timeout_ms + 2 * settings.clock_skew_max_ms + 100;
+    settings.tombstone_grace_ms = Some(grace);
+}
+
+/// Seeds of the `collect` profile, in CI.
+const CI_COLLECT_SEEDS: u64 = 150;
+
+#[test]
+fn fixed_seed_batch_passes_with_tombstone_collection() {
+    let options = Options {
+        tweak: Some(tombstone_collection),
+        ..Options::default()
+    };
+    let mut collected = 0;
+    let mut deletes = 0;
+    let failing: Vec<u64> = (0..CI_COLLECT_SEEDS)
+        .filter(|&seed| {
+            let report = run_logged(seed, &options);
+            collected += report.stats.tombstones_collected;
+            deletes += report.stats.deletes_acked;
+            !report.passed()
+        })
+        .collect();
+    println!("{deletes} deletes acked, {collected} tombstones collected");
+    assert!(
+        failing.is_empty(),
+        "failing seeds: {failing:?} (replay with RINGKV_SIM_FAULTS=collect RINGKV_SIM_SEED=<seed>)"
+    );
+    assert!(deletes > 0 && collected > 0, "the batch collected nothing");
+}
+
+/// A replica that collects a tombstone without asking the others lets one that
+/// still holds the deleted value bring it back.
+#[test]
+fn checkers_catch_tombstones_collected_unconfirmed() {
+    let options = Options {
+        sabotage: Sabotage {
+            collect_unconfirmed: true,
+            ..Sabotage::default()
+        },
+        tweak: Some(tombstone_collection),
+        ..Options::default()
+    };
+    let checkers = [Checker::NoResurrection, Checker::AckedWriteReadable];
+    let caught = caught_only_with_sabotage(&options, &checkers, 60);
+    println!("unconfirmed collection caught on seeds {caught:?}");
+    assert!(!caught.is_empty(), "unconfirmed collection never caught");
+}
+
+/// After a collection, a home dot drawn from the key's copy and context alone
+/// repeats one an old context names: a write with that context supersedes it unseen.
+#[test]
+fn checkers_catch_dots_redrawn_after_collection() {
+    let options = Options {
+        sabotage: Sabotage {
+            dense_counters_after_collection: true,
+            ..Sabotage::default()
+        },
+        tweak: Some(tombstone_collection),
+        ..Options::default()
+    };
+    let checkers = [
+        Checker::DuplicateDot,
+        Checker::AckedWriteReadable,
+        Checker::SiblingsSurvive,
+    ];
+    let caught = caught_only_with_sabotage(&options, &checkers, 60);
+    println!("redrawn dots caught on seeds {caught:?}");
+    assert!(!caught.is_empty(), "redrawn dots never caught");
 }
 
 /// Faults that make lost unsynced writes likely: frequent crashes, slow syncs.

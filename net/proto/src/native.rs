@@ -22,7 +22,7 @@ use crate::topology::Topology;
 
 /// The protocol version this build speaks. Once released, a change to any archived type
 /// below bumps it; until then (nothing deployed) variants are only ever appended.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Opens every handshake, so a node can tell a ringkv client from anything else that
 /// connects (an HTTP probe, a Redis client on the wrong port) at the first frame.
@@ -188,6 +188,17 @@ pub struct ShardStatus {
     pub hints_handed_off: u64,
     pub hints_refused: u64,
     pub hints_expired: u64,
+    /// Anti-entropy: of `partitions`, those whose Merkle tree matched a peer's when
+    /// last compared; keys pushed to peers and repairs received from them since start.
+    pub partitions_in_sync: u32,
+    pub keys_pushed: u64,
+    pub repairs_received: u64,
+    /// Tombstones in the index (home partitions), the index's heap bytes, and
+    /// tombstones collected since start (every replica held them; see
+    /// `--tombstone-grace-s`).
+    pub tombstones: u64,
+    pub index_bytes: u64,
+    pub tombstones_collected: u64,
 }
 
 /// Hints pending for one target node.

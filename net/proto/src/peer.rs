@@ -40,7 +40,7 @@ pub struct PeerHello {
 /// The last byte is the peer frame format: 2 since frames carry their archive padded
 /// and aligned (`crate::peer_message`), so a node of the old format is refused at the
 /// handshake instead of misreading frames.
-pub const PEER_MAGIC: u64 = u64::from_le_bytes(*b"ringkvP\x03");
+pub const PEER_MAGIC: u64 = u64::from_le_bytes(*b"ringkvP\x04");
 
 /// Why a peer handshake is refused, or None if the two views agree.
 pub fn check_peer(hello: &PeerHello, ours: &ClusterSpec, version: u16) -> Option<String> {

@@ -162,6 +162,40 @@ pub enum WireMessage {
         partition: u32,
         keys: Vec<Vec<u8>>,
     },
+    TombstonesCheck {
+        partition: u32,
+        sweep: u64,
+        keys: Vec<WireKeyVersions>,
+    },
+    TombstonesHeld {
+        partition: u32,
+        sweep: u64,
+        keys: Vec<Vec<u8>>,
+    },
+}
+
+/// A key with its stored versions.
+#[derive(rkyv::Archive, rkyv::Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct WireKeyVersions {
+    key: Vec<u8>,
+    versions: WireVersions,
+}
+
+fn encode_key_versions(keys: &[(Vec<u8>, VersionSet)]) -> Vec<WireKeyVersions> {
+    keys.iter()
+        .map(|(key, versions)| WireKeyVersions {
+            key: key.clone(),
+            versions: WireVersions::encode(versions),
+        })
+        .collect()
+}
+
+fn decode_key_versions(
+    keys: &rkyv::Archived<Vec<WireKeyVersions>>,
+) -> Result<Vec<(Vec<u8>, VersionSet)>, PeerWireError> {
+    keys.iter()
+        .map(|k| Ok((k.key.to_vec(), k.versions.decode()?)))
+        .collect()
 }
 
 /// One Merkle leaf: its index and value.
@@ -466,6 +500,24 @@ impl From<&PeerMessage> for WireMessage {
                 partition: partition.0,
                 keys: keys.clone(),
             },
+            PeerMessage::TombstonesCheck {
+                partition,
+                sweep,
+                keys,
+            } => WireMessage::TombstonesCheck {
+                partition: partition.0,
+                sweep: *sweep,
+                keys: encode_key_versions(keys),
+            },
+            PeerMessage::TombstonesHeld {
+                partition,
+                sweep,
+                keys,
+            } => WireMessage::TombstonesHeld {
+                partition: partition.0,
+                sweep: *sweep,
+                keys: keys.clone(),
+            },
         }
     }
 }
@@ -613,6 +665,24 @@ impl ArchivedWireMessage {
             },
             ArchivedWireMessage::AePull { partition, keys } => PeerMessage::AePull {
                 partition: PartitionId(partition.to_native()),
+                keys: keys.iter().map(|k| k.to_vec()).collect(),
+            },
+            ArchivedWireMessage::TombstonesCheck {
+                partition,
+                sweep,
+                keys,
+            } => PeerMessage::TombstonesCheck {
+                partition: PartitionId(partition.to_native()),
+                sweep: sweep.to_native(),
+                keys: decode_key_versions(keys)?,
+            },
+            ArchivedWireMessage::TombstonesHeld {
+                partition,
+                sweep,
+                keys,
+            } => PeerMessage::TombstonesHeld {
+                partition: PartitionId(partition.to_native()),
+                sweep: sweep.to_native(),
                 keys: keys.iter().map(|k| k.to_vec()).collect(),
             },
         })
@@ -915,6 +985,19 @@ mod tests {
             PeerMessage::AePull {
                 partition: PartitionId(5),
                 keys: vec![b"k".to_vec()],
+            },
+            PeerMessage::TombstonesCheck {
+                partition: PartitionId(5),
+                sweep: u64::MAX,
+                keys: vec![
+                    (b"k".to_vec(), sample_set()),
+                    (Vec::new(), VersionSet::new()),
+                ],
+            },
+            PeerMessage::TombstonesHeld {
+                partition: PartitionId(5),
+                sweep: 7,
+                keys: vec![b"k".to_vec(), Vec::new()],
             },
         ]
         .into_iter()

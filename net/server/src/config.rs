@@ -65,6 +65,11 @@ pub struct ServerConfig {
     /// Milliseconds between anti-entropy exchanges of each shard (one partition with
     /// one other replica each time; 0: off).
     pub anti_entropy_interval_ms: u64,
+    /// Seconds a tombstone is kept at least; then it is collected once every replica
+    /// of its key holds it (or nothing). 0: never collected. Must exceed
+    /// `hint_age_max_s` plus twice the request timeout, so no hint of a deleted value
+    /// outlives its tombstone.
+    pub tombstone_grace_s: u64,
 }
 
 impl Default for ServerConfig {
@@ -93,6 +98,7 @@ impl Default for ServerConfig {
             handoff_bytes_per_second: 8 << 20,
             handoff_in_flight: 32,
             anti_entropy_interval_ms: 100,
+            tombstone_grace_s: 4 * 3600,
         }
     }
 }
@@ -372,6 +378,7 @@ pub(crate) struct Settings {
     pub shards: usize,
     pub membership: MembershipConfig,
     pub hints: HintConfig,
+    pub tombstone_grace: Option<Duration>,
 }
 
 impl ServerConfig {
@@ -423,7 +430,19 @@ impl ServerConfig {
             handoff_in_flight: self.handoff_in_flight,
             ..HintConfig::default()
         };
+        let tombstone_grace =
+            (self.tombstone_grace_s > 0).then(|| Duration::from_secs(self.tombstone_grace_s));
+        let request_timeout = Duration::from_millis(self.request_timeout_ms);
+        if let Some(grace) = tombstone_grace
+            && grace <= hints.age_max + request_timeout * 2
+        {
+            return Err(invalid(&format!(
+                "tombstone_grace_s = {} must exceed hint_age_max_s = {} plus twice the request timeout ({} ms), or a hint of a deleted value could outlive its tombstone",
+                self.tombstone_grace_s, self.hint_age_max_s, self.request_timeout_ms
+            )));
+        }
         Ok(Settings {
+            tombstone_grace,
             hints,
             membership,
             members,

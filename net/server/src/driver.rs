@@ -59,7 +59,22 @@ pub struct ShardDriver<D: Disk> {
     anti_entropy_at: Cell<Duration>,
     /// The store's corruption count when the trees were last checked against it.
     corruption_seen: Cell<u64>,
+    /// Since when anti-entropy is catching up (exchanges back to back), and when the
+    /// shard last said how far it got.
+    catching_up_since: Cell<Option<Duration>>,
+    progress_said: Cell<Duration>,
+    /// Whether `pump` is running further up the stack.
+    pumping: Cell<bool>,
+    /// When the node's tombstone sweeps were last ticked.
+    tombstones_swept: Cell<Duration>,
 }
+
+/// How often tombstone sweeps are started and moved on (see
+/// `ringkv_cluster::node::tombstones`).
+const TOMBSTONE_TICK: Duration = Duration::from_secs(1);
+
+/// How often a shard that is catching up by anti-entropy says how far it got.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// How often hints their target refused (over its store's limits) are tried again.
 const PARKED_HINT_RETRY: Duration = Duration::from_secs(30);
@@ -93,6 +108,10 @@ impl<D: Disk> ShardDriver<D> {
             anti_entropy_every: Cell::new(None),
             anti_entropy_at: Cell::new(Duration::ZERO),
             corruption_seen: Cell::new(0),
+            catching_up_since: Cell::new(None),
+            progress_said: Cell::new(Duration::ZERO),
+            pumping: Cell::new(false),
+            tombstones_swept: Cell::new(Duration::ZERO),
         });
         let ticker = Rc::downgrade(&driver);
         driver.ticker.spawn(async move {
@@ -136,8 +155,11 @@ impl<D: Disk> ShardDriver<D> {
             let Some(timer) = due else { break };
             self.node.borrow_mut().handle_timer(now, timer);
         }
+        // A replica far behind (back from a long absence, or on a new empty disk)
+        // runs its exchanges back to back, one at a time, until it has caught up.
+        let catching_up = self.node.borrow().anti_entropy_catching_up();
         if let Some(every) = self.anti_entropy_every.get()
-            && now.saturating_sub(self.anti_entropy_at.get()) >= every
+            && (catching_up || now.saturating_sub(self.anti_entropy_at.get()) >= every)
         {
             self.anti_entropy_at.set(now);
             // A stale tree would hide the very differences the exchange looks for. New
@@ -150,12 +172,63 @@ impl<D: Disk> ShardDriver<D> {
             let idle = stale.into_iter().filter(|(_, busy)| !busy).map(|(p, _)| p);
             self.rebuild_trees(idle.collect());
             self.node.borrow_mut().tick_anti_entropy(now);
+            self.say_progress(now);
+        }
+        if now.saturating_sub(self.tombstones_swept.get()) >= TOMBSTONE_TICK {
+            self.tombstones_swept.set(now);
+            self.node.borrow_mut().tick_tombstones(now, wall_clock_ms());
         }
         if now.saturating_sub(self.parked_retried.get()) >= PARKED_HINT_RETRY {
             self.parked_retried.set(now);
             self.node.borrow_mut().retry_parked_hints(now);
         }
         self.pump();
+    }
+
+    /// Says when anti-entropy starts catching up, how far it got every few seconds,
+    /// and when it is done: the progress line of a replica rebuilt from its peers.
+    fn say_progress(&self, now: Duration) {
+        let node = self.node.borrow();
+        let (in_sync, of) = node.anti_entropy_progress();
+        let received = node.stats().repairs_received;
+        let shard = node.shard();
+        match (
+            self.catching_up_since.get(),
+            node.anti_entropy_catching_up(),
+        ) {
+            (None, true) => {
+                self.catching_up_since.set(Some(now));
+                self.progress_said.set(now);
+                tracing::info!(shard, in_sync, of, "anti-entropy: catching up with peers");
+            }
+            (Some(since), true)
+                if now.saturating_sub(self.progress_said.get()) >= PROGRESS_EVERY =>
+            {
+                self.progress_said.set(now);
+                let seconds = now.saturating_sub(since).as_secs();
+                tracing::info!(
+                    shard,
+                    in_sync,
+                    of,
+                    received,
+                    seconds,
+                    "anti-entropy: catching up"
+                );
+            }
+            (Some(since), false) if in_sync == of => {
+                self.catching_up_since.set(None);
+                let seconds = now.saturating_sub(since).as_secs_f64();
+                tracing::info!(
+                    shard,
+                    in_sync,
+                    of,
+                    received,
+                    seconds,
+                    "anti-entropy: caught up"
+                );
+            }
+            _ => {}
+        }
     }
 
     /// Rebuilds the Merkle trees of `partitions` from the store's index (no record is
@@ -252,6 +325,11 @@ impl<D: Disk> ShardDriver<D> {
 
     pub fn node_stats(&self) -> ringkv_cluster::NodeStats {
         self.node.borrow().stats()
+    }
+
+    /// Home partitions whose tree matched a peer's when last compared, of how many.
+    pub fn anti_entropy_progress(&self) -> (usize, usize) {
+        self.node.borrow().anti_entropy_progress()
     }
 
     pub fn hints_pending(&self) -> Vec<ringkv_cluster::HintsPending> {
@@ -373,6 +451,15 @@ impl<D: Disk> ShardDriver<D> {
 
     /// Carries out every action the node has queued.
     fn pump(self: &Rc<Self>) {
+        // glommio runs a spawned task at once, so a storage operation that completes
+        // without waiting (a listing, a cached read) pumps again from inside this
+        // loop; a chain of them (an anti-entropy push of hundreds of cached keys)
+        // would nest once per operation and overflow the stack. The outer loop takes
+        // whatever the inner calls would have.
+        if self.pumping.replace(true) {
+            return;
+        }
+        let _pumping = ClearOnDrop(&self.pumping);
         loop {
             let Some(action) = self.node.borrow_mut().poll_action() else {
                 break;
@@ -453,6 +540,30 @@ impl<D: Disk> ShardDriver<D> {
                     .collect();
                 StorageCompletion::Listed { op, keys }
             }
+            StorageOp::ListTombstones { op, partition } => {
+                let keys = (self.store.partition_keys(partition.0).into_iter())
+                    .filter(|k| k.tombstone)
+                    .map(|k| (k.key, k.version_digest))
+                    .collect();
+                StorageCompletion::Listed { op, keys }
+            }
+            StorageOp::Collect {
+                op,
+                partition,
+                key,
+                digest,
+            } => {
+                let collected = self
+                    .store
+                    .collect_tombstone(partition.0, &key, digest)
+                    .await;
+                let result = match collected {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(StorageFailure("the tombstone changed".into())),
+                    Err(err) => Err(StorageFailure(err.to_string())),
+                };
+                StorageCompletion::Write { op, result }
+            }
             StorageOp::Remove { op, shelf, key } => {
                 // A durable marker (a tombstone with no version), then forgotten from
                 // the index; after a restart the marker reads as absent and is
@@ -475,6 +586,15 @@ impl<D: Disk> ShardDriver<D> {
         let now = self.now();
         self.node.borrow_mut().handle_storage(now, completion);
         self.pump();
+    }
+}
+
+/// Clears a flag when dropped, also while unwinding.
+struct ClearOnDrop<'a>(&'a Cell<bool>);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.set(false);
     }
 }
 

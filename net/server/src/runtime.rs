@@ -415,8 +415,11 @@ fn node_config(config: &Settings, shards: ShardMap, shard: usize) -> NodeConfig 
     // Ids stay unique across the node's shards, so a peer's reply is routed back to
     // the one shard that asked.
     node_config.first_sequence = shards.first_sequence(shard);
+    node_config.shards = shards;
+    node_config.shard = shard;
     node_config.quorum = config.quorum;
     node_config.hints = config.hints;
+    node_config.tombstone_grace = config.tombstone_grace;
     node_config
 }
 

@@ -9,8 +9,8 @@ use futures_channel::oneshot;
 use glommio::channels::channel_mesh::Senders;
 use glommio::channels::shared_channel::ConnectedReceiver;
 use ringkv_cluster::{
-    ClientError, GetOutcome, GetRequest, GossipMessage, NodeId, PartitionId, PeerMessage,
-    PutOutcome, PutRequest, Quorum, Ring, ShardMap, Shelf,
+    ClientError, GetOutcome, GetRequest, GossipMessage, NodeId, PeerMessage, PutOutcome,
+    PutRequest, Quorum, Ring, ShardMap, Shelf,
 };
 use ringkv_engine::disk::DmaDisk;
 use ringkv_proto::{HintReport, MemberReport, ShardStatus};
@@ -247,7 +247,7 @@ impl Shard {
 
     /// Live (not deleted) keys on every shard of this node.
     pub async fn count_keys(&self) -> Result<u64, ServerError> {
-        let mut total = self.local_key_count();
+        let mut total = self.local_key_count().0;
         for peer in (0..self.map.shards()).filter(|&p| p != self.id) {
             let (reply, answer) = oneshot::channel();
             if !self.hop(peer, Hop::CountKeys { reply }).await {
@@ -293,20 +293,20 @@ impl Shard {
         let store = self.driver.store();
         let (stats, usage) = (store.stats(), store.usage());
         let node = self.driver.node_stats();
-        // Partitions this node holds a replica of, and of those, the ones this shard
-        // owns (partition p belongs to shard p % count).
-        let me = self.driver.node_id();
-        let owned = (0..self.ring.partition_count())
-            .filter(|&p| self.map.owner(PartitionId(p)) == self.id)
-            .filter(|&p| {
-                let replicas = self.ring.preference_list(PartitionId(p), self.quorum.n());
-                replicas.contains(&me)
-            })
-            .count();
+        // Partitions this node holds a replica of that this shard owns, and of those,
+        // the ones anti-entropy last found equal to a peer's.
+        let (in_sync, owned) = self.driver.anti_entropy_progress();
+        let (keys, tombstones) = self.local_key_count();
         ShardStatus {
             shard: self.id as u32,
             partitions: owned as u32,
-            keys: self.local_key_count(),
+            partitions_in_sync: in_sync as u32,
+            keys_pushed: node.anti_entropy.keys_pushed,
+            repairs_received: node.repairs_received,
+            keys,
+            tombstones,
+            index_bytes: usage.index_bytes as u64,
+            tombstones_collected: node.tombstones.collected,
             disk_bytes: usage.record_bytes,
             reads: self.reads.get(),
             writes: self.writes.get(),
@@ -331,21 +331,23 @@ impl Shard {
         }
     }
 
-    fn local_key_count(&self) -> u64 {
+    /// Live keys and tombstones of home partitions (hints held for other nodes are
+    /// not this node's keys).
+    fn local_key_count(&self) -> (u64, u64) {
         let store = self.driver.store();
-        let partitions = store.partitions();
-        // Home partitions only: hints held for other nodes are not this node's keys.
-        partitions
-            .into_iter()
-            .filter(|&p| matches!(Shelf::from_store_partition(p), Shelf::Home(_)))
-            .map(|p| {
-                store
-                    .partition_keys(p)
-                    .iter()
-                    .filter(|k| !k.tombstone)
-                    .count() as u64
-            })
-            .sum()
+        let home = (store.partitions().into_iter())
+            .filter(|&p| matches!(Shelf::from_store_partition(p), Shelf::Home(_)));
+        let (mut keys, mut tombstones) = (0, 0);
+        for partition in home {
+            for key in store.partition_keys(partition) {
+                if key.tombstone {
+                    tombstones += 1;
+                } else {
+                    keys += 1;
+                }
+            }
+        }
+        (keys, tombstones)
     }
 
     /// Serves hops from one peer shard until it closes its end of the mesh. Requests
@@ -356,7 +358,7 @@ impl Shard {
             match hop {
                 Hop::Get { request, reply } => self.driver.start_get(request, reply),
                 Hop::Put { request, reply } => self.driver.start_put(request, reply),
-                Hop::CountKeys { reply } => drop(reply.send(self.local_key_count())),
+                Hop::CountKeys { reply } => drop(reply.send(self.local_key_count().0)),
                 Hop::Status { reply } => drop(reply.send(self.local_status())),
                 Hop::Members { reply } => drop(reply.send(self.local_members())),
                 Hop::Peer { from, message } => self.driver.handle_peer(from, message),

@@ -35,7 +35,11 @@ use crate::request::{
     PutRequest, Supersedes, Written,
 };
 use crate::ring::{NodeId, PartitionId, Ring};
+use crate::shard_map::ShardMap;
 use crate::version::{Value, VersionSet};
+
+pub mod tombstones;
+use tombstones::{PeerCheck, Sweep, TombstoneStats};
 
 /// Settings of one node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,10 +69,19 @@ pub struct NodeConfig {
     pub key_max: usize,
     /// Bounds and pace of the hints this node holds for down replicas.
     pub hints: HintConfig,
+    /// Tombstones older than this, held alike by every replica of their key, are
+    /// collected (see `tombstones`); never when `None`. Must exceed the hint age
+    /// bound (`hints.age_max`) with room to spare, or a hint of a deleted value could
+    /// outlive the tombstone that deleted it.
+    pub tombstone_grace: Option<Duration>,
     /// Where this node's request sequence numbers start. A driver that runs several
     /// state machines as one node (one per core) gives each its own range, so request
     /// ids stay unique per node and replies can be told apart.
     pub first_sequence: u64,
+    /// The node's shards and which one this state machine is: it serves (and
+    /// exchanges Merkle trees for) only the partitions `shards` gives `shard`.
+    pub shards: ShardMap,
+    pub shard: usize,
     /// Deliberate bugs, for proving the simulator's checkers; all off in production.
     pub sabotage: Sabotage,
 }
@@ -85,7 +98,10 @@ impl NodeConfig {
             stored_version_max: usize::MAX,
             key_max: usize::MAX,
             hints: HintConfig::default(),
+            tombstone_grace: None,
             first_sequence: 0,
+            shards: ShardMap::new(1).expect("one shard is always a valid count"),
+            shard: 0,
             sabotage: Sabotage::default(),
         }
     }
@@ -124,6 +140,13 @@ pub struct Sabotage {
     /// Leave the partition's Merkle tree alone when a replica merge (not a put made
     /// here) is written: the tree drifts from what the store holds.
     pub skip_tree_updates: bool,
+    /// Draw a home dot one past what the key's copy and context show, as if nothing
+    /// were ever collected: after a tombstone is collected, a blind put redraws a dot
+    /// an old context still claims, and a write with that context supersedes it unseen.
+    pub dense_counters_after_collection: bool,
+    /// Collect a tombstone once old enough, without asking the other replicas: one
+    /// that still holds the deleted value brings it back.
+    pub collect_unconfirmed: bool,
 }
 
 /// Which timer fired.
@@ -187,6 +210,14 @@ pub enum DropReason {
     UnknownHintTarget,
     /// A key longer than any store keeps (`NodeConfig::key_max`), from a peer.
     KeyTooLong,
+    /// A repair of tombstones past their grace period for a key this replica holds
+    /// nothing of: nothing here to delete, and every replica collects them.
+    CollectedTombstone,
+    /// A tombstone to collect that was written meanwhile (it stays).
+    TombstoneChanged,
+    /// A tombstone check beyond what this node answers at once (`SWEEP_KEYS_MAX`
+    /// keys, `PEER_CHECKS_MAX` checks); the sweeper asks again later.
+    TombstoneCheckRefused,
 }
 
 /// Counters a driver can export.
@@ -194,12 +225,15 @@ pub enum DropReason {
 pub struct NodeStats {
     pub drops: BTreeMap<DropReason, u64>,
     pub repairs_sent: u64,
+    /// Repairs peers sent this node (read repair and anti-entropy pushes).
+    pub repairs_received: u64,
     /// Actors given up after a storage failure or a lost record (see `Actor`).
     pub actors_retired: u64,
     /// Puts this node held no replica of and forwarded to one that does.
     pub forwarded: u64,
     pub hints: HintStats,
     pub anti_entropy: AntiEntropyStats,
+    pub tombstones: TombstoneStats,
 }
 
 /// One node: coordinator for the requests it receives, replica for the keys it holds.
@@ -234,10 +268,33 @@ pub struct Node {
     exchange_cursor: Option<PartitionId>,
     /// Per partition, how many exchanges it had: its replicas are taken in turn.
     exchange_turns: BTreeMap<PartitionId, usize>,
+    /// The ring partitions this state machine holds a home replica of (its shard's
+    /// share of this node's), in order: what anti-entropy walks.
+    home: Vec<PartitionId>,
+    /// Home partitions whose tree matched a peer's when last compared (but for a few
+    /// leaves: writes in flight), and whether the last exchange this node started
+    /// found more different (then the driver runs exchanges back to back: a node
+    /// catching up, such as one with a new empty disk).
+    in_sync: BTreeSet<PartitionId>,
+    catching_up: bool,
+    /// Whether the last exchange started was for a partition not (yet) in sync.
+    behind: bool,
     listings: BTreeMap<StorageOpId, Listing>,
     next_listing: u64,
     pushes: BTreeMap<RequestId, Push>,
     ae_stats: AntiEntropyStats,
+    /// Tombstone collection: the latest wall clock the driver gave (Unix ms), open
+    /// sweeps and the partition the last one took, peers' checks being answered, and
+    /// which sweep or check each local read is for.
+    wall_ms: u64,
+    sweeps: BTreeMap<u64, Sweep>,
+    sweep_cursor: usize,
+    sweep_turns: BTreeMap<PartitionId, usize>,
+    next_sweep: u64,
+    peer_checks: BTreeMap<u64, PeerCheck>,
+    sweep_of_read: BTreeMap<RequestId, u64>,
+    check_of_read: BTreeMap<RequestId, u64>,
+    tombstone_stats: TombstoneStats,
     next_sequence: u64,
     actions: VecDeque<Action>,
     /// Messages this node sent itself, delivered before the handler returns.
@@ -267,6 +324,7 @@ impl Node {
             },
             epochs,
         );
+        let home = home_partitions(&config, &ring);
         Node {
             config,
             boot_epoch,
@@ -286,10 +344,23 @@ impl Node {
             exchange: None,
             exchange_cursor: None,
             exchange_turns: BTreeMap::new(),
+            home,
+            in_sync: BTreeSet::new(),
+            catching_up: false,
+            behind: false,
             listings: BTreeMap::new(),
             next_listing: u64::MAX,
             pushes: BTreeMap::new(),
             ae_stats: AntiEntropyStats::default(),
+            wall_ms: 0,
+            sweeps: BTreeMap::new(),
+            sweep_cursor: 0,
+            sweep_turns: BTreeMap::new(),
+            next_sweep: 0,
+            peer_checks: BTreeMap::new(),
+            sweep_of_read: BTreeMap::new(),
+            check_of_read: BTreeMap::new(),
+            tombstone_stats: TombstoneStats::default(),
             next_sequence: config.first_sequence,
             actions: VecDeque::new(),
             local_inbox: VecDeque::new(),
@@ -301,13 +372,37 @@ impl Node {
         self.config.node
     }
 
+    /// Which of its node's shards this state machine is.
+    pub fn shard(&self) -> usize {
+        self.config.shard
+    }
+
     pub fn ring(&self) -> &Ring {
         &self.ring
     }
 
     /// Adopts a newer ring (from gossip or an admin change).
     pub fn set_ring(&mut self, ring: Ring) {
+        self.home = home_partitions(&self.config, &ring);
+        self.in_sync.retain(|p| self.home.binary_search(p).is_ok());
         self.ring = ring;
+    }
+
+    /// The ring partitions this state machine holds a home replica of.
+    pub fn home_partitions(&self) -> &[PartitionId] {
+        &self.home
+    }
+
+    /// How many home partitions matched a peer's tree when last compared, of how many.
+    pub fn anti_entropy_progress(&self) -> (usize, usize) {
+        (self.in_sync.len(), self.home.len())
+    }
+
+    /// Whether this node is behind its peers: its last exchange found many leaves
+    /// different, or some partition has not matched a peer since the start. The
+    /// driver then starts exchanges back to back instead of one per interval.
+    pub fn anti_entropy_catching_up(&self) -> bool {
+        self.catching_up || self.behind
     }
 
     /// What the failure detector believes; unreachable replicas are not asked, and a
@@ -343,6 +438,7 @@ impl Node {
             actors_retired: self.replica.actors_retired(),
             hints: self.hints.stats,
             anti_entropy: self.ae_stats,
+            tombstones: self.tombstone_stats,
             ..self.stats.clone()
         }
     }
@@ -441,6 +537,7 @@ impl Node {
         client: ClientToken,
         request: PutRequest,
     ) {
+        self.wall_ms = self.wall_ms.max(wall_ms);
         let PutRequest {
             key,
             value,
@@ -778,6 +875,7 @@ impl Node {
                     let job = Job::Merge {
                         origin,
                         incoming: versions,
+                        skip_if_absent: false,
                     };
                     let shelf = self.shelf_for(partition, hint_for);
                     self.submit(now, key, shelf, job);
@@ -793,8 +891,10 @@ impl Node {
                 versions,
             } => {
                 if self.check_partition(partition, &key) {
+                    self.stats.repairs_received += 1;
                     let job = Job::Merge {
                         origin: None,
+                        skip_if_absent: self.is_collectable(&versions),
                         incoming: versions,
                     };
                     self.submit(now, key, Shelf::Home(partition), job);
@@ -825,6 +925,14 @@ impl Node {
             }
             PeerMessage::ForwardReply { request, reply } => {
                 self.on_forward_reply(from, request, reply)
+            }
+            PeerMessage::TombstonesCheck {
+                partition,
+                sweep,
+                keys,
+            } => self.on_tombstones_check(now, from, partition, sweep, keys),
+            PeerMessage::TombstonesHeld { sweep, keys, .. } => {
+                self.on_tombstones_held(now, from, sweep, keys)
             }
             PeerMessage::AeBranches {
                 partition,
@@ -864,20 +972,23 @@ impl Node {
             }
             self.ae_stats.timed_out += 1;
             self.exchange = None;
+            self.catching_up = false;
         }
-        use std::ops::Bound::{Excluded, Unbounded};
-        let partitions: Vec<PartitionId> = match self.exchange_cursor {
-            Some(cursor) => self
-                .replica
-                .tree_partitions()
-                .range((Excluded(cursor), Unbounded))
-                .chain(self.replica.tree_partitions().range(..=cursor))
-                .map(|(&p, _)| p)
-                .collect(),
-            None => self.replica.tree_partitions().keys().copied().collect(),
+        // Every home partition, tree or none: a replica with an empty disk has no tree
+        // yet and must still ask its peers for what it lacks.
+        let start = match self.exchange_cursor {
+            Some(cursor) => self.home.partition_point(|&p| p <= cursor),
+            None => 0,
         };
+        // Partitions not yet in sync first (a node catching up), then all in turn.
+        let home = self.home.len();
+        let order = (0..home).map(|i| self.home[(start + i) % home]);
+        let behind = order.clone().filter(|p| !self.in_sync.contains(p));
+        let order: Vec<PartitionId> = behind.chain(order).collect();
+        // Stays false when no partition has a reachable peer: nothing to catch up with.
+        self.behind = false;
         let n = self.config.quorum.n();
-        for partition in partitions {
+        for partition in order {
             let peers: Vec<NodeId> = self
                 .ring
                 .preference_list(partition, n)
@@ -890,6 +1001,7 @@ impl Node {
             let turn = self.exchange_turns.entry(partition).or_default();
             let peer = peers[*turn % peers.len()];
             *turn += 1;
+            self.behind = !self.in_sync.contains(&partition);
             self.exchange_cursor = Some(partition);
             self.ae_stats.exchanges += 1;
             self.exchange = Some(Exchange {
@@ -918,6 +1030,9 @@ impl Node {
             return;
         }
         let tree = self.replica.tree(partition).cloned().unwrap_or_default();
+        if tree.branches() == branches {
+            self.in_sync.insert(partition);
+        }
         let mut leaves = Vec::new();
         for (branch, theirs) in branches.iter().enumerate() {
             if tree.branches()[branch] != *theirs {
@@ -949,6 +1064,13 @@ impl Node {
             })
             .map(|&(leaf, _)| leaf)
             .collect();
+        // A few differing leaves are writes in flight; more, a replica behind.
+        self.catching_up = differing.len() > anti_entropy::CATCH_UP_LEAVES;
+        if self.catching_up {
+            self.in_sync.remove(&partition);
+        } else {
+            self.in_sync.insert(partition);
+        }
         // From a rotating offset, so leaves that stay different (a merge the store's
         // limits refuse) never keep the others from their turn.
         let turn = self.exchange_turns.get(&partition).copied().unwrap_or(0);
@@ -1012,6 +1134,7 @@ impl Node {
             return;
         };
         match listing {
+            Listing::Tombstones { sweep } => self.on_tombstones_listed(now, sweep, ours),
             Listing::ForPeer {
                 peer,
                 partition,
@@ -1279,6 +1402,11 @@ impl Node {
     fn on_read_reply(&mut self, now: Duration, from: NodeId, id: RequestId, versions: VersionSet) {
         if from == self.config.node && self.handoffs.contains_key(&id) {
             self.send_handoff(now, id, versions);
+            return;
+        }
+        let me = from == self.config.node;
+        if me && (self.sweep_of_read.contains_key(&id) || self.check_of_read.contains_key(&id)) {
+            self.on_tombstone_read(now, id, versions);
             return;
         }
         if from == self.config.node
@@ -1709,6 +1837,7 @@ impl Node {
                     self.send(origin.node, message);
                 }
                 ReplicaEvent::Dropped(reason) => self.count(reason),
+                ReplicaEvent::TombstoneCollected => self.tombstone_stats.collected += 1,
                 ReplicaEvent::HintStored { target, key, bytes } => {
                     self.hints.stored(target, &key, bytes, now);
                     self.hints.stats.stored += 1;
@@ -1836,6 +1965,16 @@ struct Coordinate {
     value: Value,
     mode: crate::version::ConflictMode,
     wall_ms: u64,
+}
+
+/// The ring partitions `config`'s shard holds a home replica of, in order.
+fn home_partitions(config: &NodeConfig, ring: &Ring) -> Vec<PartitionId> {
+    let n = config.quorum.n();
+    (0..ring.partition_count())
+        .map(PartitionId)
+        .filter(|&p| config.shards.owner(p) == config.shard)
+        .filter(|&p| ring.preference_list(p, n).contains(&config.node))
+        .collect()
 }
 
 fn too_large_error(too_large: TooLarge) -> ClientError {

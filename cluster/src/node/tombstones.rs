@@ -1,0 +1,461 @@
+//! Tombstone collection, the node's part: when a replica may forget a tombstone.
+//!
+//! A delete writes a tombstone, a version like any other, so it supersedes exactly
+//! what its client saw. Kept forever, tombstones grow disk and index without bound
+//! under deletes; collected too early, they let the deleted value come back from a
+//! replica that never saw the delete (Cassandra's gc_grace resurrections). Each
+//! replica collects its own tombstones of a key only when
+//!
+//! 1. every version of the key it holds is a tombstone written more than the grace
+//!    period ago (`NodeConfig::tombstone_grace`, longer than the hint window: no hint
+//!    of an older value is left on a stand-in to hand back), and
+//! 2. every other home replica of the key, asked twice at least `settle` apart, holds
+//!    exactly the same tombstones or nothing at all. A replica holding nothing has
+//!    nothing to bring back; one holding anything else (the old value, a later
+//!    write) blocks it. The second answer comes after every message sent before the
+//!    first has landed or been dropped as stale, so no older value still in flight
+//!    can arrive after it.
+//!
+//! Then the key is forgotten if it still holds exactly those tombstones (a job on the
+//! key's queue, so a write that came meanwhile keeps it). Each replica decides for
+//! itself, so a tombstone that came back with a restart (collection is not durable)
+//! is collected again by the replica that holds it, with the others answering
+//! "nothing here". A repair bringing only tombstones past their grace to a key a
+//! replica holds nothing of is dropped: there is nothing there to delete.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use super::{DropReason, Node};
+use crate::anti_entropy::Listing;
+use crate::hints::Shelf;
+use crate::message::{PeerMessage, RequestId};
+use crate::replica::{Job, StorageOp, StorageOpId};
+use crate::ring::{NodeId, PartitionId};
+use crate::version::VersionSet;
+
+/// Tombstones one sweep reads and asks about (and one check answers about).
+pub const SWEEP_KEYS_MAX: usize = 256;
+/// Sweeps open at once, each over one partition.
+pub const SWEEPS_MAX: usize = 8;
+/// Checks from peers this node answers at once.
+pub const PEER_CHECKS_MAX: usize = 16;
+
+/// Counters over the node's life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TombstoneStats {
+    /// Sweeps started (one partition each), and those given up at their deadline.
+    pub sweeps: u64,
+    pub sweeps_timed_out: u64,
+    /// Tombstones past their grace that every other replica confirmed twice.
+    pub confirmed: u64,
+    /// Tombstones forgotten here.
+    pub collected: u64,
+}
+
+/// One sweep over a partition's tombstones, started by this node.
+#[derive(Debug)]
+pub(crate) struct Sweep {
+    partition: PartitionId,
+    /// The other home replicas, each of which must confirm.
+    peers: Vec<NodeId>,
+    stage: Stage,
+    /// Given up after this (a lost answer, a read that failed).
+    deadline: Duration,
+}
+
+#[derive(Debug)]
+enum Stage {
+    Listing,
+    /// Reading the listed tombstones here: what each holds, and its age.
+    Reading {
+        reads: BTreeMap<RequestId, Vec<u8>>,
+        old: Vec<(Vec<u8>, VersionSet)>,
+    },
+    /// Asking the peers (round 1 or 2): which of `keys` each holds the same or not.
+    Checking {
+        round: u8,
+        keys: Vec<(Vec<u8>, VersionSet)>,
+        waiting: BTreeSet<NodeId>,
+        confirmations: BTreeMap<Vec<u8>, usize>,
+    },
+    /// Round 1 confirmed `keys`; round 2 asks again after `until`.
+    Settling {
+        until: Duration,
+        keys: Vec<(Vec<u8>, VersionSet)>,
+    },
+}
+
+/// A peer's check this node is answering: the local reads still out.
+#[derive(Debug)]
+pub(crate) struct PeerCheck {
+    from: NodeId,
+    partition: PartitionId,
+    sweep: u64,
+    reads: BTreeMap<RequestId, (Vec<u8>, VersionSet)>,
+    held: Vec<Vec<u8>>,
+    deadline: Duration,
+}
+
+impl Node {
+    /// Starts tombstone sweeps (the driver calls this every second or so, with the
+    /// wall clock), and moves settled ones to their second round. Nothing when
+    /// collection is off (`tombstone_grace` unset).
+    pub fn tick_tombstones(&mut self, now: Duration, wall_ms: u64) {
+        self.wall_ms = self.wall_ms.max(wall_ms);
+        if self.config.tombstone_grace.is_none() {
+            return;
+        }
+        let expired: Vec<u64> = (self.sweeps.iter())
+            .filter(|(_, s)| s.deadline <= now)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in expired {
+            self.sweeps.remove(&id);
+            self.tombstone_stats.sweeps_timed_out += 1;
+        }
+        self.peer_checks.retain(|_, c| c.deadline > now);
+        // Reads that never answered (a failed read) belong to nothing any more.
+        let (sweeps, checks) = (&self.sweeps, &self.peer_checks);
+        self.sweep_of_read
+            .retain(|_, sweep| sweeps.contains_key(sweep));
+        self.check_of_read
+            .retain(|_, check| checks.contains_key(check));
+        let settled: Vec<u64> = (self.sweeps.iter())
+            .filter(|(_, s)| matches!(s.stage, Stage::Settling { until, .. } if until <= now))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in settled {
+            let sweep = self.sweeps.get_mut(&id).expect("listed just above");
+            let Stage::Settling { keys, .. } = std::mem::replace(&mut sweep.stage, Stage::Listing)
+            else {
+                unreachable!("filtered on the stage");
+            };
+            self.ask_peers(now, id, 2, keys);
+        }
+        self.start_sweeps(now);
+        self.flush_local(now);
+    }
+
+    /// Opens sweeps over the next home partitions whose replicas all answer.
+    fn start_sweeps(&mut self, now: Duration) {
+        let n = self.config.quorum.n();
+        let home = self.home.len();
+        let mut looked = 0;
+        while self.sweeps.len() < SWEEPS_MAX && looked < home {
+            looked += 1;
+            self.sweep_cursor = (self.sweep_cursor + 1) % home;
+            let partition = self.home[self.sweep_cursor];
+            if self.sweeps.values().any(|s| s.partition == partition) {
+                continue;
+            }
+            let peers: Vec<NodeId> = (self.ring.preference_list(partition, n).into_iter())
+                .filter(|&p| p != self.config.node)
+                .collect();
+            if peers.iter().any(|p| self.unreachable.contains(p)) {
+                continue;
+            }
+            let id = self.next_sweep;
+            self.next_sweep += 1;
+            self.tombstone_stats.sweeps += 1;
+            let deadline = now + self.settle() * 2 + self.config.request_timeout * 4;
+            let sweep = Sweep {
+                partition,
+                peers,
+                stage: Stage::Listing,
+                deadline,
+            };
+            self.sweeps.insert(id, sweep);
+            let op = StorageOpId(self.next_listing);
+            self.next_listing -= 1;
+            self.listings.insert(op, Listing::Tombstones { sweep: id });
+            let list = StorageOp::ListTombstones { op, partition };
+            self.actions.push_back(super::Action::Storage(list));
+        }
+    }
+
+    /// How long round 1's answers must be outlived before round 2: every message
+    /// sent before them is delivered or dropped as stale by then.
+    fn settle(&self) -> Duration {
+        self.config.request_timeout * 3
+    }
+
+    /// The partition's tombstones (from the index): read up to `SWEEP_KEYS_MAX`.
+    pub(super) fn on_tombstones_listed(
+        &mut self,
+        now: Duration,
+        sweep_id: u64,
+        keys: Vec<(Vec<u8>, u32)>,
+    ) {
+        let Some(sweep) = self.sweeps.get(&sweep_id) else {
+            return;
+        };
+        let partition = sweep.partition;
+        if keys.is_empty() {
+            self.sweeps.remove(&sweep_id);
+            return;
+        }
+        // From a rotating offset, so tombstones that stay (too young, a peer that
+        // holds something else) never keep the rest from their turn.
+        let turn = self.sweep_turns.entry(partition).or_default();
+        let start = (*turn * SWEEP_KEYS_MAX) % keys.len();
+        *turn += 1;
+        let chosen: Vec<Vec<u8>> = (keys[start..].iter().chain(&keys[..start]))
+            .take(SWEEP_KEYS_MAX)
+            .map(|(key, _)| key.clone())
+            .collect();
+        let mut reads = BTreeMap::new();
+        for key in chosen {
+            let id = self.new_request_id();
+            reads.insert(id, key.clone());
+            self.sweep_of_read.insert(id, sweep_id);
+            let origin = self.local_origin(id);
+            self.submit(now, key, Shelf::Home(partition), Job::Read { origin });
+        }
+        if let Some(sweep) = self.sweeps.get_mut(&sweep_id) {
+            sweep.stage = Stage::Reading {
+                reads,
+                old: Vec::new(),
+            };
+        }
+    }
+
+    /// A local read for a sweep or for a peer's check; false if it was neither.
+    pub(super) fn on_tombstone_read(
+        &mut self,
+        now: Duration,
+        id: RequestId,
+        versions: VersionSet,
+    ) -> bool {
+        if let Some(check_id) = self.check_of_read.remove(&id) {
+            self.on_check_read(check_id, id, versions);
+            return true;
+        }
+        let Some(sweep_id) = self.sweep_of_read.remove(&id) else {
+            return false;
+        };
+        let grace_ms = self.grace_ms();
+        let Some(sweep) = self.sweeps.get_mut(&sweep_id) else {
+            return true;
+        };
+        let Stage::Reading { reads, old } = &mut sweep.stage else {
+            return true;
+        };
+        let Some(key) = reads.remove(&id) else {
+            return true;
+        };
+        if past_grace(&versions, self.wall_ms, grace_ms) {
+            old.push((key, versions));
+        }
+        if !reads.is_empty() {
+            return true;
+        }
+        let old = std::mem::take(old);
+        if old.is_empty() {
+            self.sweeps.remove(&sweep_id);
+        } else if self.config.sabotage.collect_unconfirmed {
+            let partition = sweep.partition;
+            self.sweeps.remove(&sweep_id);
+            self.collect(now, partition, old);
+        } else {
+            self.ask_peers(now, sweep_id, 1, old);
+        }
+        true
+    }
+
+    /// Asks every other replica which of `keys` it holds the same or not at all.
+    fn ask_peers(
+        &mut self,
+        now: Duration,
+        sweep_id: u64,
+        round: u8,
+        keys: Vec<(Vec<u8>, VersionSet)>,
+    ) {
+        let Some(sweep) = self.sweeps.get_mut(&sweep_id) else {
+            return;
+        };
+        if sweep.peers.is_empty() || keys.is_empty() {
+            let partition = sweep.partition;
+            self.sweeps.remove(&sweep_id);
+            self.collect(now, partition, keys);
+            return;
+        }
+        let partition = sweep.partition;
+        let peers = sweep.peers.clone();
+        sweep.stage = Stage::Checking {
+            round,
+            keys: keys.clone(),
+            waiting: peers.iter().copied().collect(),
+            confirmations: BTreeMap::new(),
+        };
+        for peer in peers {
+            let message = PeerMessage::TombstonesCheck {
+                partition,
+                sweep: sweep_id,
+                keys: keys.clone(),
+            };
+            self.send(peer, message);
+        }
+    }
+
+    /// A peer's answer to a check of ours.
+    pub(super) fn on_tombstones_held(
+        &mut self,
+        now: Duration,
+        from: NodeId,
+        sweep_id: u64,
+        held: Vec<Vec<u8>>,
+    ) {
+        let settle = self.settle();
+        let Some(sweep) = self.sweeps.get_mut(&sweep_id) else {
+            self.count(DropReason::LateResponse);
+            return;
+        };
+        let Stage::Checking {
+            round,
+            keys,
+            waiting,
+            confirmations,
+        } = &mut sweep.stage
+        else {
+            self.count(DropReason::LateResponse);
+            return;
+        };
+        if !waiting.remove(&from) {
+            self.count(DropReason::UnexpectedSender);
+            return;
+        }
+        let asked: BTreeSet<&[u8]> = keys.iter().map(|(k, _)| k.as_slice()).collect();
+        let held: BTreeSet<Vec<u8>> = held.into_iter().collect();
+        for key in held.into_iter().filter(|k| asked.contains(k.as_slice())) {
+            *confirmations.entry(key).or_default() += 1;
+        }
+        if !waiting.is_empty() {
+            return;
+        }
+        let peers = sweep.peers.len();
+        let confirmed: Vec<(Vec<u8>, VersionSet)> = std::mem::take(keys)
+            .into_iter()
+            .filter(|(k, _)| confirmations.get(k) == Some(&peers))
+            .collect();
+        let (round, partition) = (*round, sweep.partition);
+        if confirmed.is_empty() {
+            self.sweeps.remove(&sweep_id);
+        } else if round == 1 {
+            sweep.stage = Stage::Settling {
+                until: now + settle,
+                keys: confirmed,
+            };
+        } else {
+            self.sweeps.remove(&sweep_id);
+            self.tombstone_stats.confirmed += confirmed.len() as u64;
+            self.collect(now, partition, confirmed);
+        }
+    }
+
+    /// Forgets each key here if it still holds exactly the tombstones confirmed.
+    fn collect(&mut self, now: Duration, partition: PartitionId, keys: Vec<(Vec<u8>, VersionSet)>) {
+        for (key, expected) in keys {
+            self.submit(now, key, Shelf::Home(partition), Job::Collect { expected });
+        }
+    }
+
+    /// A peer asks which of `keys` this node holds the same or not at all: read each.
+    pub(super) fn on_tombstones_check(
+        &mut self,
+        now: Duration,
+        from: NodeId,
+        partition: PartitionId,
+        sweep: u64,
+        keys: Vec<(Vec<u8>, VersionSet)>,
+    ) {
+        if !self.is_co_replica(from, partition) {
+            self.count(DropReason::WrongPartition);
+            return;
+        }
+        if keys.len() > SWEEP_KEYS_MAX || self.peer_checks.len() >= PEER_CHECKS_MAX {
+            self.count(DropReason::TombstoneCheckRefused);
+            return;
+        }
+        let check_id = self.next_sweep;
+        self.next_sweep += 1;
+        let mut reads = BTreeMap::new();
+        for (key, expected) in keys {
+            if key.len() > self.config.key_max || self.ring.partition_of(&key) != partition {
+                continue;
+            }
+            let id = self.new_request_id();
+            reads.insert(id, (key.clone(), expected));
+            self.check_of_read.insert(id, check_id);
+            let origin = self.local_origin(id);
+            self.submit(now, key, Shelf::Home(partition), Job::Read { origin });
+        }
+        let check = PeerCheck {
+            from,
+            partition,
+            sweep,
+            reads,
+            held: Vec::new(),
+            deadline: now + self.config.request_timeout * 4,
+        };
+        self.peer_checks.insert(check_id, check);
+        self.answer_check_if_done(check_id);
+    }
+
+    fn on_check_read(&mut self, check_id: u64, id: RequestId, versions: VersionSet) {
+        let Some(check) = self.peer_checks.get_mut(&check_id) else {
+            return;
+        };
+        if let Some((key, expected)) = check.reads.remove(&id)
+            && (versions.is_empty() || versions == expected)
+        {
+            check.held.push(key);
+        }
+        self.answer_check_if_done(check_id);
+    }
+
+    fn answer_check_if_done(&mut self, check_id: u64) {
+        if !self
+            .peer_checks
+            .get(&check_id)
+            .is_some_and(|c| c.reads.is_empty())
+        {
+            return;
+        }
+        let check = self
+            .peer_checks
+            .remove(&check_id)
+            .expect("looked up just above");
+        let message = PeerMessage::TombstonesHeld {
+            partition: check.partition,
+            sweep: check.sweep,
+            keys: check.held,
+        };
+        self.send(check.from, message);
+    }
+
+    /// Whether a repair of `versions` may be dropped where the key is absent (see
+    /// the module doc).
+    pub(super) fn is_collectable(&self, versions: &VersionSet) -> bool {
+        self.config.tombstone_grace.is_some() && past_grace(versions, self.wall_ms, self.grace_ms())
+    }
+
+    fn grace_ms(&self) -> u64 {
+        let grace = self.config.tombstone_grace.unwrap_or(Duration::MAX);
+        u64::try_from(grace.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Counters over the node's life.
+    pub fn tombstone_stats(&self) -> TombstoneStats {
+        self.tombstone_stats
+    }
+}
+
+/// Whether `versions` holds only tombstones, all written more than `grace_ms` before
+/// `wall_ms` (stamps are hybrid logical clocks, never behind the writer's wall clock).
+fn past_grace(versions: &VersionSet, wall_ms: u64, grace_ms: u64) -> bool {
+    !versions.is_empty()
+        && versions
+            .siblings()
+            .all(|v| v.value.is_tombstone() && v.written_at_ms.saturating_add(grace_ms) <= wall_ms)
+}
