@@ -7,6 +7,7 @@
 #
 #   benches/rebuild.sh [keys]        (default 1000000)
 #
+# PUSH_RATE sets --anti-entropy-pushes-per-second (default 2000; 0: no limit).
 # Optional second argument: seconds of foreground load (`ringkv bench`, YCSB A, W=2 R=2)
 # run through node 1 while node 3 is rebuilt, to see p99 during the exchanges.
 set -euo pipefail
@@ -26,6 +27,7 @@ start() {
   mkdir -p "$work/node-$id"
   ${WRAP:-} $ringkv server --node-id "$id" --shards 1 --partitions "${PARTITIONS:-1024}" --replicas 3 \
     --listen "127.0.0.1:185${id}0" --resp "127.0.0.1:184${id}0" --peers "$peers" \
+    --anti-entropy-pushes-per-second "${PUSH_RATE:-2000}" \
     --data-dir "$work/node-$id" >"$work/node-$id.out" 2>>"$work/node-$id.err" &
   pids[$id]=$!
   for _ in $(seq 300); do grep -q "server ready" "$work/node-$id.out" 2>/dev/null && return; sleep 0.1; done
@@ -38,6 +40,11 @@ echo "$(date -u '+%F %H:%M') UTC, $(nproc) cores; writing $keys keys at W=3"
 $ringkv bench --addr 127.0.0.1:18510 --workload w --keys "$keys" --seconds 1 --w 3 --connections 50 \
   >"$work/load.out" 2>"$work/load.err" || { tail -5 "$work/load.err" >&2; exit 1; }
 tail -3 "$work/load.out"
+if [ "$load_seconds" -gt 0 ]; then
+  echo "== the same foreground load through node 1 with every replica in sync (baseline)"
+  $ringkv bench --addr 127.0.0.1:18510 --workload a --keys "$keys" --seconds "$load_seconds" \
+    --r 2 --w 2 --connections 20 --no-preload 2>/dev/null
+fi
 kill -9 "${pids[3]}"; wait "${pids[3]}" 2>/dev/null || true
 rm -rf "$work/node-3"
 : >"$work/node-3.err"
@@ -59,7 +66,7 @@ print(sum(s["keys"] for s in three), sum(s["partitions_in_sync"] for s in three)
 ' "$status" 2>/dev/null || echo "0 0 0")
   read -r have in_sync partitions <<<"$line"
   if [ "$partitions" -gt 0 ] && [ "$in_sync" -eq "$partitions" ] && [ "$have" -ge "$keys" ]; then break; fi
-  sleep 0.5
+  sleep 2
 done
 end=$(date +%s.%N)
 if [ -n "${pids[bench]:-}" ]; then wait "${pids[bench]}" || true; unset 'pids[bench]'; fi

@@ -27,6 +27,8 @@ pub const PUSHES_MAX: usize = 256;
 /// that was down, or lost its disk) rather than writes in flight: the node then runs
 /// its exchanges back to back instead of one per interval, until it has caught up.
 pub const CATCH_UP_LEAVES: usize = 4;
+/// Catching up stops after this long without a key moved either way.
+pub const CATCH_UP_IDLE: Duration = Duration::from_secs(5);
 
 /// The exchange this node started and waits on.
 #[derive(Clone, Debug)]
@@ -81,6 +83,36 @@ pub struct AntiEntropyStats {
     pub pushes_deferred: u64,
 }
 
+/// Most key bytes one `AeKeys` lists; past it, whole leaves are left for a later
+/// exchange (a partition of long keys would otherwise exceed the frame limit).
+pub const KEY_BYTES_PER_ROUND: usize = 4 << 20;
+
+/// The leaves of `leaves` (in order) whose keys fit `KEY_BYTES_PER_ROUND` together,
+/// with those keys; at least the first leaf, whatever it holds.
+pub fn within_budget(
+    leaves: Vec<u32>,
+    keys: Vec<(Vec<u8>, u32)>,
+) -> (Vec<u32>, Vec<(Vec<u8>, u32)>) {
+    use std::collections::BTreeMap;
+    let mut by_leaf: BTreeMap<u32, Vec<(Vec<u8>, u32)>> = BTreeMap::new();
+    for (key, digest) in keys {
+        let leaf = crate::merkle::leaf_of(&key) as u32;
+        by_leaf.entry(leaf).or_default().push((key, digest));
+    }
+    let (mut kept_leaves, mut kept_keys, mut bytes) = (Vec::new(), Vec::new(), 0);
+    for leaf in leaves {
+        let of_leaf = by_leaf.remove(&leaf).unwrap_or_default();
+        let size: usize = of_leaf.iter().map(|(k, _)| k.len() + 8).sum();
+        if !kept_leaves.is_empty() && bytes + size > KEY_BYTES_PER_ROUND {
+            break;
+        }
+        bytes += size;
+        kept_leaves.push(leaf);
+        kept_keys.extend(of_leaf);
+    }
+    (kept_leaves, kept_keys)
+}
+
 /// Which keys of two listings need pushing: those `ours` has that `theirs` lacks or
 /// holds with another digest (pushed to the peer), and those `theirs` has that `ours`
 /// lacks or holds differently (pulled from it). Both listings in any order.
@@ -104,6 +136,36 @@ pub fn compare(ours: &[(Vec<u8>, u32)], theirs: &[(Vec<u8>, u32)]) -> (Vec<Vec<u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_listing_over_the_budget_keeps_whole_leaves_only() {
+        let key = |i: u32| format!("key-{i}").into_bytes().repeat(2_000);
+        let keys: Vec<(Vec<u8>, u32)> = (0..1_000).map(|i| (key(i), i)).collect();
+        let mut leaves: Vec<u32> = keys
+            .iter()
+            .map(|(k, _)| crate::merkle::leaf_of(k) as u32)
+            .collect();
+        leaves.sort_unstable();
+        leaves.dedup();
+        let (kept, listed) = within_budget(leaves.clone(), keys.clone());
+        assert!(
+            kept.len() < leaves.len(),
+            "12 MB of keys must not fit 4 MiB"
+        );
+        let bytes: usize = listed.iter().map(|(k, _)| k.len() + 8).sum();
+        assert!(bytes <= KEY_BYTES_PER_ROUND);
+        // Every key of a kept leaf is listed, none of a leaf left out.
+        for (k, _) in &keys {
+            let leaf = crate::merkle::leaf_of(k) as u32;
+            assert_eq!(kept.contains(&leaf), listed.iter().any(|(l, _)| l == k));
+        }
+        let small: Vec<(Vec<u8>, u32)> = (0..10).map(|i| (vec![i as u8], i)).collect();
+        let all: Vec<u32> = small
+            .iter()
+            .map(|(k, _)| crate::merkle::leaf_of(k) as u32)
+            .collect();
+        assert_eq!(within_budget(all.clone(), small.clone()).1.len(), 10);
+    }
 
     #[test]
     fn compare_pushes_what_the_peer_lacks_and_pulls_what_we_lack() {

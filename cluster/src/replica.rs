@@ -10,7 +10,7 @@
 //! same dot. Jobs on different keys run side by side, so the engine still batches
 //! their flushes (group commit).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::clock::{Actor, Dot, EpochSource, VersionVector};
 use crate::codec::{self, StoredVersions};
@@ -209,6 +209,10 @@ pub(crate) enum ReplicaEvent {
     Dropped(DropReason),
     /// A tombstone every replica held was forgotten here (`Job::Collect`).
     TombstoneCollected,
+    /// A home copy of only tombstones was written (durably) in `partition`.
+    TombstoneWritten {
+        partition: PartitionId,
+    },
     /// A write to the hints for `target` is durable; the hint now takes `bytes`.
     HintStored {
         target: NodeId,
@@ -261,6 +265,8 @@ struct Active {
     /// the partition's Merkle tree).
     old_digest: Option<u32>,
     new_digest: u32,
+    /// Whether the record written holds only tombstones.
+    writes_tombstone: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,6 +294,8 @@ fn record_bytes(key: &[u8], set: &VersionSet) -> u64 {
 /// Keys whose stand-in actors are remembered (the map costs memory only while this
 /// node coordinates for down replicas).
 const STAND_IN_KEYS_MAX: usize = 100_000;
+/// Lost home keys remembered one by one (see `Replica::lost_keys`).
+const LOST_KEYS_MAX: usize = 4_096;
 const STAND_IN_KEY_BYTES_MAX: usize = 16 << 20;
 
 /// A key on one shelf: the unit jobs queue on. (A node may hold a key at home and as
@@ -305,6 +313,11 @@ pub(crate) struct Replica {
     actors_retired: u64,
     /// Whether the current actor has drawn a dot yet (an unused one need not retire).
     actor_used: bool,
+    /// Home keys read back lost (a record that failed its checksum) and not written
+    /// since: their newest record may be the damaged one, so this replica never
+    /// vouches that it holds nothing of them. Past `LOST_KEYS_MAX`, every key.
+    lost_keys: BTreeSet<ShelfKey>,
+    lost_keys_overflow: bool,
     /// The last counter the current actor drew, over all keys. Each draw goes past
     /// it, so the actor never issues a counter twice, even for a key whose home copy
     /// no longer shows its dots: a collected tombstone leaves no record, and a client
@@ -353,6 +366,8 @@ impl Replica {
             epochs,
             actors_retired: 0,
             actor_used: false,
+            lost_keys: BTreeSet::new(),
+            lost_keys_overflow: false,
             actor_counter: 0,
             stand_in_actors: BTreeMap::new(),
             stand_in_key_bytes: 0,
@@ -415,6 +430,11 @@ impl Replica {
                 };
                 if let (Ok(StoredRead::Lost), Shelf::Home(partition)) = (&result, key.0) {
                     self.stale_trees.insert(partition);
+                    if self.lost_keys.len() < LOST_KEYS_MAX {
+                        self.lost_keys.insert(key.clone());
+                    } else {
+                        self.lost_keys_overflow = true;
+                    }
                 }
                 let stored = match result {
                     Ok(StoredRead::Found(stored)) => match stored.decode() {
@@ -446,6 +466,9 @@ impl Replica {
                     let skip = self.config.sabotage.skip_tree_updates
                         && matches!(active.job, Job::Merge { .. });
                     let collected = matches!(active.job, Job::Collect { .. });
+                    if !collected {
+                        self.lost_keys.remove(key);
+                    }
                     if let (Shelf::Home(partition), false) = (key.0, skip) {
                         let tree = self.trees.entry(partition).or_default();
                         let new = (!collected).then_some(active.new_digest);
@@ -453,6 +476,11 @@ impl Replica {
                     }
                     if collected {
                         out.push(ReplicaEvent::TombstoneCollected);
+                    }
+                    // Once durable: a sweep's listing taken before this write must
+                    // not mark the partition free of tombstones after it.
+                    if let (true, Shelf::Home(partition)) = (active.writes_tombstone, key.0) {
+                        out.push(ReplicaEvent::TombstoneWritten { partition });
                     }
                     if let Shelf::Hints { target } = key.0 {
                         let removed = matches!(active.job, Job::DropHint { .. });
@@ -489,7 +517,12 @@ impl Replica {
                     if let Shelf::Hints { target } = key.0 {
                         self.settle_hint(target, &active, None);
                     }
-                    self.abandon(key, active.job, DropReason::StorageWriteFailed, out)
+                    // A collection the store declined: the key changed under it.
+                    let reason = match active.job {
+                        Job::Collect { .. } => DropReason::TombstoneChanged,
+                        _ => DropReason::StorageWriteFailed,
+                    };
+                    self.abandon(key, active.job, reason, out)
                 }
             },
             (_, stage) => {
@@ -575,6 +608,14 @@ impl Replica {
         context: &VersionVector,
     ) -> Option<Dot> {
         if let Shelf::Home(_) = key.0 {
+            // A context naming a counter this actor never drew is forged: drawing past
+            // it would let that context (and the version made from it) claim, and
+            // supersede, dots this actor has yet to issue for other writes.
+            if context.counter(self.actor) > self.actor_counter
+                && !self.config.sabotage.dense_counters_after_collection
+            {
+                return None;
+            }
             let mut dot = current.checked_next_dot(self.actor, context)?;
             if !self.config.sabotage.dense_counters_after_collection {
                 dot.counter = dot.counter.max(self.actor_counter.checked_add(1)?);
@@ -663,7 +704,10 @@ impl Replica {
                 ref incoming,
                 skip_if_absent,
             } => {
-                if skip_if_absent && current.is_empty() {
+                // A key read back lost takes the tombstones: holding them again is
+                // what lets this replica vouch for the key (see `lost_keys`).
+                let lost = self.lost_keys_overflow || self.lost_keys.contains(key);
+                if skip_if_absent && current.is_empty() && !lost {
                     out.push(ReplicaEvent::Dropped(DropReason::CollectedTombstone));
                     self.finish(key, out);
                     return;
@@ -868,6 +912,7 @@ impl Replica {
     ) {
         let op = self.new_op(key);
         let stored = StoredVersions::encode(merged);
+        let tombstone = stored.tombstone;
         let bytes = hint_bytes(&key.1, stored.version.len(), stored.value.len());
         let digests = (old_digest, version_digest(&stored.version));
         out.push(ReplicaEvent::Storage(StorageOp::Write {
@@ -882,6 +927,9 @@ impl Replica {
             out.push(ReplicaEvent::Durable { origin });
         }
         self.set_writing(key, op, job, (made, bytes, room), digests);
+        if let Some(active) = self.keys.get_mut(key).and_then(|q| q.active.as_mut()) {
+            active.writes_tombstone = tombstone;
+        }
     }
 
     fn set_writing(
@@ -903,6 +951,7 @@ impl Replica {
             reserved: room.reserved,
             old_digest,
             new_digest,
+            writes_tombstone: false,
         });
     }
 
@@ -950,6 +999,15 @@ impl Replica {
 
     /// The Merkle tree of home partition `partition` (None: nothing written or
     /// rebuilt there yet).
+    /// Whether `key` of home partition `partition` read back lost since it was last
+    /// written here (see `lost_keys`).
+    pub fn read_lost(&self, partition: PartitionId, key: &[u8]) -> bool {
+        self.lost_keys_overflow
+            || self
+                .lost_keys
+                .contains(&(Shelf::Home(partition), key.to_vec()))
+    }
+
     pub fn tree(&self, partition: PartitionId) -> Option<&MerkleTree> {
         self.trees.get(&partition)
     }
@@ -1065,6 +1123,7 @@ impl Replica {
             reserved: 0,
             old_digest: None,
             new_digest: 0,
+            writes_tombstone: false,
         });
     }
 

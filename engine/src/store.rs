@@ -552,6 +552,24 @@ impl<D: Disk> Store<D> {
             .collect()
     }
 
+    /// How many keys of `partition` hold a value and how many a tombstone (lost ones
+    /// left out), counted in place: for status, without copying a key.
+    pub fn partition_counts(&self, partition: u32) -> (u64, u64) {
+        let inner = self.inner.borrow();
+        let Some(index) = inner.index.partition(partition) else {
+            return (0, 0);
+        };
+        let (mut values, mut tombstones) = (0, 0);
+        for (_, entry) in index.iter().filter(|(_, entry)| !entry.lost) {
+            if entry.tombstone {
+                tombstones += 1;
+            } else {
+                values += 1;
+            }
+        }
+        (values, tombstones)
+    }
+
     /// Calls `visit` with every live record (values and tombstones) of `partition`, for
     /// anti-entropy and handoff. Walks that partition's index only, never a whole segment;
     /// keys written after the walk starts may or may not be visited. Stops at the first

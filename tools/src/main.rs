@@ -216,6 +216,10 @@ struct ServerArgs {
     /// --hint-age-max-s plus twice the request timeout.
     #[arg(long)]
     tombstone_grace_s: Option<u64>,
+    /// Most keys each shard's anti-entropy pushes to peers per second (default 2000;
+    /// 0: no limit): the pace of a replica's catch-up against foreground latency.
+    #[arg(long)]
+    anti_entropy_pushes_per_second: Option<u64>,
 }
 
 fn parse_durability(s: &str) -> Result<Durability, String> {
@@ -296,6 +300,9 @@ fn server(args: ServerArgs) -> anyhow::Result<()> {
         .anti_entropy_interval_ms
         .unwrap_or(config.anti_entropy_interval_ms);
     config.tombstone_grace_s = args.tombstone_grace_s.unwrap_or(config.tombstone_grace_s);
+    config.anti_entropy_pushes_per_second = args
+        .anti_entropy_pushes_per_second
+        .unwrap_or(config.anti_entropy_pushes_per_second);
     // The server's warnings (a failed fsync, corruption met) and progress lines (a
     // replica catching up) go to stderr; RUST_LOG chooses more or less.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -250,7 +250,7 @@ pub fn check_reads(history: &History, replicas: &Replicas) -> (Vec<Violation>, R
             // A tombstone collected before the read ended, that was or had seen the
             // put, shows it too: every replica held that tombstone, so the put was
             // deleted, and its trace went with the tombstone.
-            let shown = collected_having_seen(history, &get.key, dot, Some(get.end))
+            let shown = collected_having_seen(history, put, dot, Some(get.end))
                 || get
                     .versions
                     .siblings()
@@ -324,7 +324,7 @@ pub fn check_final_key(
         });
         // A tombstone may be collected: what it deleted must still be gone (checked
         // below).
-        let collected = collected_having_seen(history, key, dot, None);
+        let collected = collected_having_seen(history, put, dot, None);
         if !seen_by_a_write && !final_set.contains_dot(dot) && !collected {
             violations.push(Violation {
                 checker: Checker::SiblingsSurvive,
@@ -354,20 +354,32 @@ pub fn check_final_key(
     }
 }
 
-/// Whether `q`, a SET or DEL never acked, landed as a version whose past holds `dot`:
-/// in the final set or in any read of its key.
-/// Whether a node collected, before `until` (`None`: ever), a tombstone of `key` that
-/// is `dot` or whose past holds it.
-fn collected_having_seen(history: &History, key: &[u8], dot: Dot, until: Option<Duration>) -> bool {
+/// Whether a node collected, before `until` (`None`: ever), a tombstone of `put`'s
+/// key that is `put` (under `dot`) or whose past holds `dot`, made by a put that
+/// had not ended when `put` started (one that ended before cannot have seen it; a
+/// reused dot would otherwise be excused).
+fn collected_having_seen(
+    history: &History,
+    put: &PutRecord,
+    dot: Dot,
+    until: Option<Duration>,
+) -> bool {
+    let made_after = |tombstone: Dot| {
+        (history.puts.iter())
+            .filter(|p| p.key == put.key && p.acked_dot() == Some(tombstone))
+            .all(|p| p.end.is_none_or(|end| end >= put.start))
+    };
     (history.collected.iter())
-        .filter(|c| c.key == key && until.is_none_or(|until| c.at <= until))
+        .filter(|c| c.key == put.key && until.is_none_or(|until| c.at <= until))
         .any(|c| {
             c.versions
                 .siblings()
-                .any(|v| v.dot == dot || v.past.contains(dot))
+                .any(|v| (v.dot == dot || v.past.contains(dot)) && made_after(v.dot))
         })
 }
 
+/// Whether `q`, a SET or DEL never acked, landed as a version whose past holds `dot`:
+/// in the final set or in any read of its key.
 fn landed_having_seen(
     q: &PutRecord,
     dot: Dot,
@@ -416,7 +428,7 @@ pub fn check_node_reads(history: &History, replicas: &Replicas) -> (Vec<Violatio
             }
             checked += 1;
             // Deleted, and the tombstone collected, before the node's read ended.
-            let collected = collected_having_seen(history, &q.key, dot, q.end);
+            let collected = collected_having_seen(history, put, dot, q.end);
             if !q.context.contains(dot) && !collected {
                 violations.push(node_read_missed(q, put, "its read missed"));
             }

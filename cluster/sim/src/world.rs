@@ -1006,6 +1006,18 @@ impl World {
             self.schedule(pace, Event::FaultTick);
             self.run_until_quiet();
         }
+        if std::env::var("DBG").is_ok() {
+            for sim in &self.nodes {
+                for shard in sim.node.iter().flatten() {
+                    eprintln!(
+                        "DBG {:?} {:?} drops {:?}",
+                        sim.id,
+                        shard.tombstone_stats(),
+                        shard.stats().drops
+                    );
+                }
+            }
+        }
         self.violations.push(Violation {
             checker: Checker::Convergence,
             detail: format!(

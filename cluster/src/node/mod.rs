@@ -74,6 +74,9 @@ pub struct NodeConfig {
     /// bound (`hints.age_max`) with room to spare, or a hint of a deleted value could
     /// outlive the tombstone that deleted it.
     pub tombstone_grace: Option<Duration>,
+    /// Most keys anti-entropy pushes to peers per second (0: no limit), so a replica
+    /// catching up (a replaced disk) does not take the foreground's share.
+    pub anti_entropy_pushes_per_second: u64,
     /// Where this node's request sequence numbers start. A driver that runs several
     /// state machines as one node (one per core) gives each its own range, so request
     /// ids stay unique per node and replies can be told apart.
@@ -99,6 +102,7 @@ impl NodeConfig {
             key_max: usize::MAX,
             hints: HintConfig::default(),
             tombstone_grace: None,
+            anti_entropy_pushes_per_second: 0,
             first_sequence: 0,
             shards: ShardMap::new(1).expect("one shard is always a valid count"),
             shard: 0,
@@ -279,9 +283,14 @@ pub struct Node {
     catching_up: bool,
     /// Whether the last exchange started was for a partition not (yet) in sync.
     behind: bool,
+    /// When a key last moved by anti-entropy (pushed, or a repair received); the
+    /// first tick if none did yet.
+    ae_progress_at: Option<Duration>,
     listings: BTreeMap<StorageOpId, Listing>,
     next_listing: u64,
     pushes: BTreeMap<RequestId, Push>,
+    /// Paces pushes (`anti_entropy_pushes_per_second`); made at the first push.
+    push_throttle: Option<Throttle>,
     ae_stats: AntiEntropyStats,
     /// Tombstone collection: the latest wall clock the driver gave (Unix ms), open
     /// sweeps and the partition the last one took, peers' checks being answered, and
@@ -295,6 +304,12 @@ pub struct Node {
     sweep_of_read: BTreeMap<RequestId, u64>,
     check_of_read: BTreeMap<RequestId, u64>,
     tombstone_stats: TombstoneStats,
+    /// Home partitions whose last listing found no tombstone and none written since:
+    /// sweeps skip them rather than walk their index again.
+    no_tombstones: BTreeSet<PartitionId>,
+    /// Tombstone writes completed per partition, so a listing taken before one (and
+    /// answered after it) does not mark the partition empty.
+    tombstones_written: BTreeMap<PartitionId, u64>,
     next_sequence: u64,
     actions: VecDeque<Action>,
     /// Messages this node sent itself, delivered before the handler returns.
@@ -348,19 +363,24 @@ impl Node {
             in_sync: BTreeSet::new(),
             catching_up: false,
             behind: false,
+            ae_progress_at: None,
             listings: BTreeMap::new(),
             next_listing: u64::MAX,
             pushes: BTreeMap::new(),
+            push_throttle: None,
             ae_stats: AntiEntropyStats::default(),
             wall_ms: 0,
             sweeps: BTreeMap::new(),
             sweep_cursor: 0,
             sweep_turns: BTreeMap::new(),
-            next_sweep: 0,
+            // Sweep and check ids of one life never match another's answers.
+            next_sweep: boot_epoch,
             peer_checks: BTreeMap::new(),
             sweep_of_read: BTreeMap::new(),
             check_of_read: BTreeMap::new(),
             tombstone_stats: TombstoneStats::default(),
+            no_tombstones: BTreeSet::new(),
+            tombstones_written: BTreeMap::new(),
             next_sequence: config.first_sequence,
             actions: VecDeque::new(),
             local_inbox: VecDeque::new(),
@@ -401,8 +421,16 @@ impl Node {
     /// Whether this node is behind its peers: its last exchange found many leaves
     /// different, or some partition has not matched a peer since the start. The
     /// driver then starts exchanges back to back instead of one per interval.
-    pub fn anti_entropy_catching_up(&self) -> bool {
-        self.catching_up || self.behind
+    pub fn anti_entropy_catching_up(&self, now: Duration) -> bool {
+        (self.catching_up || self.behind) && self.ae_progressing(now)
+    }
+
+    /// Whether anti-entropy moved a key either way lately (or the node just started):
+    /// partitions that stay different without progress (a merge the store refuses,
+    /// tombstones a peer keeps) must not hold the node in catch-up for good.
+    fn ae_progressing(&self, now: Duration) -> bool {
+        self.ae_progress_at
+            .is_none_or(|at| now.saturating_sub(at) < anti_entropy::CATCH_UP_IDLE)
     }
 
     /// What the failure detector believes; unreachable replicas are not asked, and a
@@ -537,7 +565,7 @@ impl Node {
         client: ClientToken,
         request: PutRequest,
     ) {
-        self.wall_ms = self.wall_ms.max(wall_ms);
+        self.wall_ms = wall_ms;
         let PutRequest {
             key,
             value,
@@ -892,6 +920,7 @@ impl Node {
             } => {
                 if self.check_partition(partition, &key) {
                     self.stats.repairs_received += 1;
+                    self.ae_progress_at = Some(now);
                     let job = Job::Merge {
                         origin: None,
                         skip_if_absent: self.is_collectable(&versions),
@@ -931,9 +960,11 @@ impl Node {
                 sweep,
                 keys,
             } => self.on_tombstones_check(now, from, partition, sweep, keys),
-            PeerMessage::TombstonesHeld { sweep, keys, .. } => {
-                self.on_tombstones_held(now, from, sweep, keys)
-            }
+            PeerMessage::TombstonesHeld {
+                partition,
+                sweep,
+                keys,
+            } => self.on_tombstones_held(now, from, partition, sweep, keys),
             PeerMessage::AeBranches {
                 partition,
                 branches,
@@ -945,7 +976,7 @@ impl Node {
                 partition,
                 leaves,
                 keys,
-            } => self.on_ae_keys(from, partition, leaves, keys),
+            } => self.on_ae_keys(now, from, partition, leaves, keys),
             PeerMessage::AePull { partition, keys } => {
                 if !self.is_co_replica(from, partition) {
                     self.count(DropReason::WrongPartition);
@@ -974,16 +1005,27 @@ impl Node {
             self.exchange = None;
             self.catching_up = false;
         }
+        // Out of push budget: whatever this exchange found would wait anyway.
+        if let Some(throttle) = &mut self.push_throttle
+            && !throttle.ready(now)
+        {
+            return;
+        }
         // Every home partition, tree or none: a replica with an empty disk has no tree
         // yet and must still ask its peers for what it lacks.
         let start = match self.exchange_cursor {
             Some(cursor) => self.home.partition_point(|&p| p <= cursor),
             None => 0,
         };
-        // Partitions not yet in sync first (a node catching up), then all in turn.
+        // Partitions not yet in sync first while that makes progress (a node
+        // catching up), then all in turn.
+        self.ae_progress_at.get_or_insert(now);
         let home = self.home.len();
         let order = (0..home).map(|i| self.home[(start + i) % home]);
-        let behind = order.clone().filter(|p| !self.in_sync.contains(p));
+        let progressing = self.ae_progressing(now);
+        let behind = order
+            .clone()
+            .filter(|p| progressing && !self.in_sync.contains(p));
         let order: Vec<PartitionId> = behind.chain(order).collect();
         // Stays false when no partition has a reachable peer: nothing to catch up with.
         self.behind = false;
@@ -1021,6 +1063,8 @@ impl Node {
             self.flush_local(now);
             return;
         }
+        // No partition has a reachable peer: nothing to catch up with.
+        self.catching_up = false;
     }
 
     /// Step 2: answer with our leaves under the branches that differ from theirs.
@@ -1096,6 +1140,7 @@ impl Node {
     /// Step 4 (the peer's side): list our keys of the same leaves to compare.
     fn on_ae_keys(
         &mut self,
+        now: Duration,
         from: NodeId,
         partition: PartitionId,
         leaves: Vec<u32>,
@@ -1106,6 +1151,13 @@ impl Node {
             && self.is_co_replica(from, partition);
         if !sound {
             self.count(DropReason::WrongPartition);
+            return;
+        }
+        // Out of push budget: listing now would only find keys it cannot push.
+        if let Some(throttle) = &mut self.push_throttle
+            && !throttle.ready(now)
+        {
+            self.ae_stats.pushes_deferred += 1;
             return;
         }
         let listing = Listing::Compare {
@@ -1140,10 +1192,11 @@ impl Node {
                 partition,
                 leaves,
             } => {
+                let (leaves, keys) = anti_entropy::within_budget(leaves, ours);
                 let message = PeerMessage::AeKeys {
                     partition,
                     leaves,
-                    keys: ours,
+                    keys,
                 };
                 self.send(peer, message);
             }
@@ -1152,10 +1205,12 @@ impl Node {
                 partition,
                 theirs,
             } => {
-                let (push, pull) = anti_entropy::compare(&ours, &theirs);
+                let (push, mut pull) = anti_entropy::compare(&ours, &theirs);
                 for key in push {
                     self.start_push(now, peer, partition, key);
                 }
+                // The peer pushes at most this many at once; the rest shows again.
+                pull.truncate(anti_entropy::PUSHES_MAX);
                 if !pull.is_empty() {
                     self.send(
                         peer,
@@ -1172,10 +1227,15 @@ impl Node {
     /// Reads `key` here to send it to `to` as a repair.
     fn start_push(&mut self, now: Duration, to: NodeId, partition: PartitionId, key: Vec<u8>) {
         // Pushes in flight are bounded; what is left out shows again next exchange.
-        if self.pushes.len() >= anti_entropy::PUSHES_MAX {
+        let rate = self.config.anti_entropy_pushes_per_second;
+        let throttle = self
+            .push_throttle
+            .get_or_insert_with(|| Throttle::new(rate, now));
+        if self.pushes.len() >= anti_entropy::PUSHES_MAX || !throttle.ready(now) {
             self.ae_stats.pushes_deferred += 1;
             return;
         }
+        throttle.spend(1);
         let id = self.new_request_id();
         let push = Push {
             to,
@@ -1414,6 +1474,7 @@ impl Node {
         {
             if !versions.is_empty() {
                 self.ae_stats.keys_pushed += 1;
+                self.ae_progress_at = Some(now);
                 let message = PeerMessage::Repair {
                     partition: push.partition,
                     key: push.key,
@@ -1731,7 +1792,17 @@ impl Node {
             self.hints.removed(handoff.target, &handoff.key);
             return;
         }
-        if handoff.expire {
+        // Past its age by the stamps it holds (a hint's ledger age restarts with its
+        // holder, which may have been down for hours): never handed off, or it could
+        // outlive a tombstone of what it holds and bring a deleted value back.
+        let age_max_ms = u64::try_from(self.config.hints.age_max.as_millis()).unwrap_or(u64::MAX);
+        let newest_ms = versions
+            .siblings()
+            .map(|v| v.written_at_ms)
+            .max()
+            .unwrap_or(0);
+        let too_old = newest_ms.saturating_add(age_max_ms) <= self.wall_ms;
+        if handoff.expire || too_old {
             let handoff = self.handoffs.remove(&id).expect("looked up just above");
             self.hints.stats.expired += 1;
             let job = Job::DropHint {
@@ -1838,6 +1909,10 @@ impl Node {
                 }
                 ReplicaEvent::Dropped(reason) => self.count(reason),
                 ReplicaEvent::TombstoneCollected => self.tombstone_stats.collected += 1,
+                ReplicaEvent::TombstoneWritten { partition } => {
+                    self.no_tombstones.remove(&partition);
+                    *self.tombstones_written.entry(partition).or_default() += 1;
+                }
                 ReplicaEvent::HintStored { target, key, bytes } => {
                     self.hints.stored(target, &key, bytes, now);
                     self.hints.stats.stored += 1;

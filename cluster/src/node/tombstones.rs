@@ -59,6 +59,8 @@ pub(crate) struct Sweep {
     partition: PartitionId,
     /// The other home replicas, each of which must confirm.
     peers: Vec<NodeId>,
+    /// The partition's tombstone writes when it was listed.
+    written: u64,
     stage: Stage,
     /// Given up after this (a lost answer, a read that failed).
     deadline: Duration,
@@ -102,7 +104,13 @@ impl Node {
     /// wall clock), and moves settled ones to their second round. Nothing when
     /// collection is off (`tombstone_grace` unset).
     pub fn tick_tombstones(&mut self, now: Duration, wall_ms: u64) {
-        self.wall_ms = self.wall_ms.max(wall_ms);
+        // The reading as it is, not the largest seen: one bad reading must not make
+        // every tombstone look old for the rest of the node's life.
+        self.wall_ms = wall_ms;
+        self.peer_checks.retain(|_, c| c.deadline > now);
+        let checks = &self.peer_checks;
+        self.check_of_read
+            .retain(|_, check| checks.contains_key(check));
         if self.config.tombstone_grace.is_none() {
             return;
         }
@@ -114,13 +122,10 @@ impl Node {
             self.sweeps.remove(&id);
             self.tombstone_stats.sweeps_timed_out += 1;
         }
-        self.peer_checks.retain(|_, c| c.deadline > now);
         // Reads that never answered (a failed read) belong to nothing any more.
-        let (sweeps, checks) = (&self.sweeps, &self.peer_checks);
+        let sweeps = &self.sweeps;
         self.sweep_of_read
             .retain(|_, sweep| sweeps.contains_key(sweep));
-        self.check_of_read
-            .retain(|_, check| checks.contains_key(check));
         let settled: Vec<u64> = (self.sweeps.iter())
             .filter(|(_, s)| matches!(s.stage, Stage::Settling { until, .. } if until <= now))
             .map(|(&id, _)| id)
@@ -146,7 +151,8 @@ impl Node {
             looked += 1;
             self.sweep_cursor = (self.sweep_cursor + 1) % home;
             let partition = self.home[self.sweep_cursor];
-            if self.sweeps.values().any(|s| s.partition == partition) {
+            let busy = self.sweeps.values().any(|s| s.partition == partition);
+            if busy || self.no_tombstones.contains(&partition) {
                 continue;
             }
             let peers: Vec<NodeId> = (self.ring.preference_list(partition, n).into_iter())
@@ -156,12 +162,18 @@ impl Node {
                 continue;
             }
             let id = self.next_sweep;
-            self.next_sweep += 1;
+            self.next_sweep = self.next_sweep.wrapping_add(1);
             self.tombstone_stats.sweeps += 1;
             let deadline = now + self.settle() * 2 + self.config.request_timeout * 4;
+            let written = self
+                .tombstones_written
+                .get(&partition)
+                .copied()
+                .unwrap_or(0);
             let sweep = Sweep {
                 partition,
                 peers,
+                written,
                 stage: Stage::Listing,
                 deadline,
             };
@@ -175,9 +187,14 @@ impl Node {
     }
 
     /// How long round 1's answers must be outlived before round 2: every message
-    /// sent before them is delivered or dropped as stale by then.
+    /// sent before them is delivered or dropped as stale by then. Peer links drop
+    /// frames older than the request timeout before sending; bytes already in a
+    /// socket can take longer (retransmissions, a paused receiver), so a quarter of
+    /// the grace, up to a minute, and never under three request timeouts.
     fn settle(&self) -> Duration {
-        self.config.request_timeout * 3
+        let grace = self.config.tombstone_grace.unwrap_or_default();
+        let floor = self.config.request_timeout * 3;
+        (grace / 4).min(Duration::from_secs(60)).max(floor)
     }
 
     /// The partition's tombstones (from the index): read up to `SWEEP_KEYS_MAX`.
@@ -192,6 +209,14 @@ impl Node {
         };
         let partition = sweep.partition;
         if keys.is_empty() {
+            let written = self
+                .tombstones_written
+                .get(&partition)
+                .copied()
+                .unwrap_or(0);
+            if written == sweep.written {
+                self.no_tombstones.insert(partition);
+            }
             self.sweeps.remove(&sweep_id);
             return;
         }
@@ -271,9 +296,14 @@ impl Node {
         round: u8,
         keys: Vec<(Vec<u8>, VersionSet)>,
     ) {
-        let Some(sweep) = self.sweeps.get_mut(&sweep_id) else {
+        // Each round goes under a fresh id, so a late or duplicated answer to an
+        // earlier round never counts for this one.
+        let Some(sweep) = self.sweeps.remove(&sweep_id) else {
             return;
         };
+        let sweep_id = self.next_sweep;
+        self.next_sweep = self.next_sweep.wrapping_add(1);
+        let sweep = self.sweeps.entry(sweep_id).or_insert(sweep);
         if sweep.peers.is_empty() || keys.is_empty() {
             let partition = sweep.partition;
             self.sweeps.remove(&sweep_id);
@@ -303,11 +333,13 @@ impl Node {
         &mut self,
         now: Duration,
         from: NodeId,
+        partition: PartitionId,
         sweep_id: u64,
         held: Vec<Vec<u8>>,
     ) {
         let settle = self.settle();
-        let Some(sweep) = self.sweeps.get_mut(&sweep_id) else {
+        let sweep = self.sweeps.get_mut(&sweep_id);
+        let Some(sweep) = sweep.filter(|s| s.partition == partition) else {
             self.count(DropReason::LateResponse);
             return;
         };
@@ -378,7 +410,7 @@ impl Node {
             return;
         }
         let check_id = self.next_sweep;
-        self.next_sweep += 1;
+        self.next_sweep = self.next_sweep.wrapping_add(1);
         let mut reads = BTreeMap::new();
         for (key, expected) in keys {
             if key.len() > self.config.key_max || self.ring.partition_of(&key) != partition {
@@ -403,12 +435,26 @@ impl Node {
     }
 
     fn on_check_read(&mut self, check_id: u64, id: RequestId, versions: VersionSet) {
+        // Nothing here counts only for a key not read back lost (its newest record
+        // may be the damaged one); the same
+        // tombstones count only if past the grace on this node's clock too (when it
+        // collects at all), so one node's fast clock cannot collect alone.
+        let old_enough = match self.config.tombstone_grace {
+            Some(_) => past_grace(&versions, self.wall_ms, self.grace_ms()),
+            None => true,
+        };
         let Some(check) = self.peer_checks.get_mut(&check_id) else {
             return;
         };
-        if let Some((key, expected)) = check.reads.remove(&id)
-            && (versions.is_empty() || versions == expected)
-        {
+        let Some((key, expected)) = check.reads.remove(&id) else {
+            return self.answer_check_if_done(check_id);
+        };
+        let absent_ok = !self.replica.read_lost(check.partition, &key);
+        let check = self
+            .peer_checks
+            .get_mut(&check_id)
+            .expect("looked up just above");
+        if (versions.is_empty() && absent_ok) || (versions == expected && old_enough) {
             check.held.push(key);
         }
         self.answer_check_if_done(check_id);

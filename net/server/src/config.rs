@@ -70,6 +70,8 @@ pub struct ServerConfig {
     /// `hint_age_max_s` plus twice the request timeout, so no hint of a deleted value
     /// outlives its tombstone.
     pub tombstone_grace_s: u64,
+    /// Most keys each shard's anti-entropy pushes to peers per second (0: no limit).
+    pub anti_entropy_pushes_per_second: u64,
 }
 
 impl Default for ServerConfig {
@@ -99,6 +101,7 @@ impl Default for ServerConfig {
             handoff_in_flight: 32,
             anti_entropy_interval_ms: 100,
             tombstone_grace_s: 4 * 3600,
+            anti_entropy_pushes_per_second: 2_000,
         }
     }
 }

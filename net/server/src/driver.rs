@@ -156,10 +156,13 @@ impl<D: Disk> ShardDriver<D> {
             self.node.borrow_mut().handle_timer(now, timer);
         }
         // A replica far behind (back from a long absence, or on a new empty disk)
-        // runs its exchanges back to back, one at a time, until it has caught up.
-        let catching_up = self.node.borrow().anti_entropy_catching_up();
+        // runs its exchanges five times as often, one at a time, until it has
+        // caught up; its peers' push budget (`anti_entropy_pushes_per_second`)
+        // bounds what that costs them.
+        let catching_up = self.node.borrow().anti_entropy_catching_up(now);
         if let Some(every) = self.anti_entropy_every.get()
-            && (catching_up || now.saturating_sub(self.anti_entropy_at.get()) >= every)
+            && now.saturating_sub(self.anti_entropy_at.get())
+                >= if catching_up { every / 5 } else { every }
         {
             self.anti_entropy_at.set(now);
             // A stale tree would hide the very differences the exchange looks for. New
@@ -194,7 +197,7 @@ impl<D: Disk> ShardDriver<D> {
         let shard = node.shard();
         match (
             self.catching_up_since.get(),
-            node.anti_entropy_catching_up(),
+            node.anti_entropy_catching_up(now),
         ) {
             (None, true) => {
                 self.catching_up_since.set(Some(now));

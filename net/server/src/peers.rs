@@ -177,8 +177,11 @@ impl Peers {
             return false;
         };
         let mut bytes = Vec::new();
+        if let Err(err) = encode_peer_message(self.shard, message, &mut bytes) {
+            tracing::warn!(%err, ?to, "a peer message that cannot be encoded is dropped");
+            return false;
+        }
         let sent = link.queued.get() < LINK_QUEUE
-            && encode_peer_message(self.shard, message, &mut bytes).is_ok()
             && link.queue.unbounded_send((Instant::now(), bytes)).is_ok();
         if sent {
             link.queued.set(link.queued.get() + 1);
@@ -268,6 +271,11 @@ impl Peers {
         // block the link forever: the write fails, the link reconnects, and a peer that
         // cannot finish a handshake is reported unreachable.
         stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+        // Bytes the kernel could not deliver within a few seconds kill the link
+        // rather than arrive minutes later (TCP retransmits for ~15 min by default):
+        // a frame older than the request timeout is dropped before sending, and
+        // tombstone collection waits out only a bounded delay (its settle time).
+        set_user_timeout(&stream, Duration::from_secs(5));
         let hello = Request {
             id: 1,
             op: Op::PeerHello(PeerHello {
@@ -397,5 +405,18 @@ pub async fn serve(
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
             Err(e) => return Err(e.into()),
         }
+    }
+}
+
+/// TCP_USER_TIMEOUT on a peer connection: how long sent bytes may stay unacknowledged
+/// before the kernel gives the connection up. Best effort: a failure is logged.
+fn set_user_timeout(stream: &TcpStream, timeout: Duration) {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    // SAFETY: the descriptor is the stream's open socket, borrowed only for this
+    // call, while `stream` (which owns it) is alive.
+    #[allow(unsafe_code)]
+    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    if let Err(err) = socket2::SockRef::from(&fd).set_tcp_user_timeout(Some(timeout)) {
+        tracing::warn!(%err, "cannot set TCP_USER_TIMEOUT on a peer link");
     }
 }

@@ -420,6 +420,7 @@ fn node_config(config: &Settings, shards: ShardMap, shard: usize) -> NodeConfig 
     node_config.quorum = config.quorum;
     node_config.hints = config.hints;
     node_config.tombstone_grace = config.tombstone_grace;
+    node_config.anti_entropy_pushes_per_second = config.anti_entropy_pushes_per_second;
     node_config
 }
 

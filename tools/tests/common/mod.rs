@@ -119,6 +119,8 @@ pub struct Cluster {
     shards: Vec<usize>,
     /// Each node's (uid, gid) when it runs as its own unix user (see `partition`).
     users: Option<Vec<(u32, u32)>>,
+    /// Flags every server gets besides the harness's own.
+    extra_args: Vec<String>,
 }
 
 /// Ports per node: native and up to three shard ports, then the same for RESP.
@@ -131,16 +133,21 @@ impl Cluster {
 
     /// One node per entry, with that many shards (at most 3).
     pub fn start_with_shards(shards: &[usize]) -> Cluster {
-        Cluster::start_inner(shards, None)
+        Cluster::start_inner(shards, None, &[])
+    }
+
+    /// `size` one-shard nodes, each server also given `args`.
+    pub fn start_with_args(size: usize, args: &[&str]) -> Cluster {
+        Cluster::start_inner(&vec![1; size], None, args)
     }
 
     /// `size` one-shard nodes, node i running as unix user `users[i - 1]` (uid, gid),
     /// so nftables can tell their connections apart on loopback.
     pub fn start_as_users(users: &[(u32, u32)]) -> Cluster {
-        Cluster::start_inner(&vec![1; users.len()], Some(users.to_vec()))
+        Cluster::start_inner(&vec![1; users.len()], Some(users.to_vec()), &[])
     }
 
-    fn start_inner(shards: &[usize], users: Option<Vec<(u32, u32)>>) -> Cluster {
+    fn start_inner(shards: &[usize], users: Option<Vec<(u32, u32)>>, args: &[&str]) -> Cluster {
         let size = shards.len();
         let base = free_ports_n(NODE_PORTS * size as u16);
         let dirs: Vec<_> = (0..size).map(|_| tempdir()).collect();
@@ -156,6 +163,7 @@ impl Cluster {
             dirs,
             shards: shards.to_vec(),
             users,
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
         };
         let children: Vec<_> = (1..=size).map(|id| cluster.spawn(id)).collect();
         for (id, child) in (1..=size).zip(children) {
@@ -260,6 +268,7 @@ impl Cluster {
             .args(["--peers", &peers.join(",")])
             .arg("--data-dir")
             .arg(self.dirs[id - 1].path())
+            .args(&self.extra_args)
             .stdout(Stdio::piped())
             .spawn()
             .expect("ringkv server starts")

@@ -339,13 +339,9 @@ impl Shard {
             .filter(|&p| matches!(Shelf::from_store_partition(p), Shelf::Home(_)));
         let (mut keys, mut tombstones) = (0, 0);
         for partition in home {
-            for key in store.partition_keys(partition) {
-                if key.tombstone {
-                    tombstones += 1;
-                } else {
-                    keys += 1;
-                }
-            }
+            let (values, deleted) = store.partition_counts(partition);
+            keys += values;
+            tombstones += deleted;
         }
         (keys, tombstones)
     }
