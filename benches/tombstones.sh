@@ -38,7 +38,8 @@ label = sys.argv[1]
 for n in json.load(sys.stdin)["nodes"]:
     s = n["shards"]
     t = lambda f: sum(x[f] for x in s)
-    print(f"{label:<22} node {n[\"node_id\"]}: keys {t(\"keys\"):>8}  tombstones {t(\"tombstones\"):>8}  index {t(\"index_bytes\")/1e6:7.2f} MB  disk {t(\"disk_bytes\")/1e6:7.2f} MB  collected {t(\"tombstones_collected\"):>8}")
+    row = (label, n["node_id"], t("keys"), t("tombstones"), t("index_bytes") / 1e6, t("disk_bytes") / 1e6, t("tombstones_collected"))
+    print("%-22s node %d: keys %8d  tombstones %8d  index %7.2f MB  disk %7.2f MB  collected %8d" % row)
 ' "$1"
 }
 tombstones_left() {

@@ -220,7 +220,7 @@ pub enum DropReason {
     /// A tombstone to collect that was written meanwhile (it stays).
     TombstoneChanged,
     /// A tombstone check beyond what this node answers at once (`SWEEP_KEYS_MAX`
-    /// keys, `PEER_CHECKS_MAX` checks); the sweeper asks again later.
+    /// keys, `PEER_CHECK_KEYS_MAX` in all); the sweeper asks again later.
     TombstoneCheckRefused,
 }
 

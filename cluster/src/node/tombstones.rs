@@ -35,11 +35,14 @@ use crate::ring::{NodeId, PartitionId};
 use crate::version::VersionSet;
 
 /// Tombstones one sweep reads and asks about (and one check answers about).
-pub const SWEEP_KEYS_MAX: usize = 256;
-/// Sweeps open at once, each over one partition.
-pub const SWEEPS_MAX: usize = 8;
-/// Checks from peers this node answers at once.
-pub const PEER_CHECKS_MAX: usize = 16;
+pub const SWEEP_KEYS_MAX: usize = 1024;
+/// Sweeps open at once, each over one partition: a sweep lasts at least the settle
+/// time (up to a minute), so this bounds collection at SWEEPS_MAX * SWEEP_KEYS_MAX
+/// per settle time and shard.
+pub const SWEEPS_MAX: usize = 64;
+/// Keys of peers' checks this node reads at once (a check past it is refused and
+/// asked again by a later sweep).
+pub const PEER_CHECK_KEYS_MAX: usize = 16 * 1024;
 
 /// Counters over the node's life.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -405,7 +408,8 @@ impl Node {
             self.count(DropReason::WrongPartition);
             return;
         }
-        if keys.len() > SWEEP_KEYS_MAX || self.peer_checks.len() >= PEER_CHECKS_MAX {
+        let reading: usize = self.peer_checks.values().map(|c| c.reads.len()).sum();
+        if keys.len() > SWEEP_KEYS_MAX || reading + keys.len() > PEER_CHECK_KEYS_MAX {
             self.count(DropReason::TombstoneCheckRefused);
             return;
         }
