@@ -209,6 +209,8 @@ pub(crate) enum ReplicaEvent {
     Dropped(DropReason),
     /// A tombstone every replica held was forgotten here (`Job::Collect`).
     TombstoneCollected,
+    /// A repair (a merge nobody waits on) changed the stored versions, durably.
+    Repaired,
     /// A home copy of only tombstones was written (durably) in `partition`.
     TombstoneWritten {
         partition: PartitionId,
@@ -430,11 +432,7 @@ impl Replica {
                 };
                 if let (Ok(StoredRead::Lost), Shelf::Home(partition)) = (&result, key.0) {
                     self.stale_trees.insert(partition);
-                    if self.lost_keys.len() < LOST_KEYS_MAX {
-                        self.lost_keys.insert(key.clone());
-                    } else {
-                        self.lost_keys_overflow = true;
-                    }
+                    self.remember_lost(key);
                 }
                 let stored = match result {
                     Ok(StoredRead::Found(stored)) => match stored.decode() {
@@ -443,6 +441,7 @@ impl Replica {
                             // Unreadable bytes are a record missing here: the other
                             // replicas and read repair restore it.
                             out.push(ReplicaEvent::Dropped(DropReason::CorruptStoredVersions));
+                            self.remember_lost(key);
                             self.retire_actor_for(key.0);
                             Some(VersionSet::new())
                         }
@@ -481,6 +480,9 @@ impl Replica {
                     // not mark the partition free of tombstones after it.
                     if let (true, Shelf::Home(partition)) = (active.writes_tombstone, key.0) {
                         out.push(ReplicaEvent::TombstoneWritten { partition });
+                    }
+                    if let Job::Merge { origin: None, .. } = active.job {
+                        out.push(ReplicaEvent::Repaired);
                     }
                     if let Shelf::Hints { target } = key.0 {
                         let removed = matches!(active.job, Job::DropHint { .. });
@@ -608,14 +610,6 @@ impl Replica {
         context: &VersionVector,
     ) -> Option<Dot> {
         if let Shelf::Home(_) = key.0 {
-            // A context naming a counter this actor never drew is forged: drawing past
-            // it would let that context (and the version made from it) claim, and
-            // supersede, dots this actor has yet to issue for other writes.
-            if context.counter(self.actor) > self.actor_counter
-                && !self.config.sabotage.dense_counters_after_collection
-            {
-                return None;
-            }
             let mut dot = current.checked_next_dot(self.actor, context)?;
             if !self.config.sabotage.dense_counters_after_collection {
                 dot.counter = dot.counter.max(self.actor_counter.checked_add(1)?);
@@ -757,6 +751,19 @@ impl Replica {
                 let mut context = context.clone();
                 if supersede_local {
                     context.join(&current.context());
+                }
+                // A context naming a home counter this actor never drew is forged:
+                // drawing past it would let that context (and the version made from
+                // it) claim, and supersede, dots the actor has yet to issue. Refused;
+                // the actor stays (a client cannot make it retire at will).
+                let forged = matches!(key.0, Shelf::Home(_))
+                    && context.counter(self.actor) > self.actor_counter
+                    && !self.config.sabotage.dense_counters_after_collection;
+                if forged {
+                    let refusal = Refusal::CounterExhausted;
+                    out.push(ReplicaEvent::Refused { origin, refusal });
+                    self.finish(key, out);
+                    return;
                 }
                 let Some(dot) = self.draw_dot(key, &current, &context) else {
                     // A context forged to claim this actor's counter at its maximum:
@@ -999,6 +1006,18 @@ impl Replica {
 
     /// The Merkle tree of home partition `partition` (None: nothing written or
     /// rebuilt there yet).
+    /// Remembers a home key read back lost or undecodable (see `lost_keys`).
+    fn remember_lost(&mut self, key: &ShelfKey) {
+        if !matches!(key.0, Shelf::Home(_)) {
+            return;
+        }
+        if self.lost_keys.len() < LOST_KEYS_MAX {
+            self.lost_keys.insert(key.clone());
+        } else {
+            self.lost_keys_overflow = true;
+        }
+    }
+
     /// Whether `key` of home partition `partition` read back lost since it was last
     /// written here (see `lost_keys`).
     pub fn read_lost(&self, partition: PartitionId, key: &[u8]) -> bool {

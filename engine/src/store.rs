@@ -552,6 +552,23 @@ impl<D: Disk> Store<D> {
             .collect()
     }
 
+    /// Every tombstone of `partition` with its version digest (lost ones left out),
+    /// copying no other key: what tombstone collection sweeps.
+    pub fn partition_tombstones(&self, partition: u32) -> Vec<KeySummary> {
+        let inner = self.inner.borrow();
+        let Some(index) = inner.index.partition(partition) else {
+            return Vec::new();
+        };
+        (index.iter())
+            .filter(|(_, entry)| entry.tombstone && !entry.lost)
+            .map(|(key, entry)| KeySummary {
+                key: key.to_vec(),
+                version_digest: inner.digest(&entry),
+                tombstone: true,
+            })
+            .collect()
+    }
+
     /// How many keys of `partition` hold a value and how many a tombstone (lost ones
     /// left out), counted in place: for status, without copying a key.
     pub fn partition_counts(&self, partition: u32) -> (u64, u64) {

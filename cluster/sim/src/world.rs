@@ -318,7 +318,16 @@ impl World {
                 config.hints = self.settings.hints;
                 config.tombstone_grace =
                     self.settings.tombstone_grace_ms.map(Duration::from_millis);
-                Node::new(config, self.ring.clone())
+                // The simulated network delivers within its delay bound, or never.
+                config.message_delay_max = Duration::from_millis(self.settings.delay_max_ms);
+                let mut node = Node::new(config, self.ring.clone());
+                // At the first boot the node's skew is not drawn yet: true time.
+                let wall_ms = match self.nodes.get(id.0 as usize - 1) {
+                    Some(_) => self.wall_clock_ms(id),
+                    None => WALL_CLOCK_START_MS + self.now.as_millis() as u64,
+                };
+                node.set_wall_clock(wall_ms);
+                node
             })
             .collect()
     }
@@ -1005,18 +1014,6 @@ impl World {
             }
             self.schedule(pace, Event::FaultTick);
             self.run_until_quiet();
-        }
-        if std::env::var("DBG").is_ok() {
-            for sim in &self.nodes {
-                for shard in sim.node.iter().flatten() {
-                    eprintln!(
-                        "DBG {:?} {:?} drops {:?}",
-                        sim.id,
-                        shard.tombstone_stats(),
-                        shard.stats().drops
-                    );
-                }
-            }
         }
         self.violations.push(Violation {
             checker: Checker::Convergence,

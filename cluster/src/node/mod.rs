@@ -77,6 +77,10 @@ pub struct NodeConfig {
     /// Most keys anti-entropy pushes to peers per second (0: no limit), so a replica
     /// catching up (a replaced disk) does not take the foreground's share.
     pub anti_entropy_pushes_per_second: u64,
+    /// The longest a peer message may take to arrive once sent (the transport's
+    /// bound: the server's peer sockets give up after TCP_USER_TIMEOUT). Tombstone
+    /// collection waits it out between its two rounds.
+    pub message_delay_max: Duration,
     /// Where this node's request sequence numbers start. A driver that runs several
     /// state machines as one node (one per core) gives each its own range, so request
     /// ids stay unique per node and replies can be told apart.
@@ -103,6 +107,7 @@ impl NodeConfig {
             hints: HintConfig::default(),
             tombstone_grace: None,
             anti_entropy_pushes_per_second: 0,
+            message_delay_max: Duration::from_secs(10),
             first_sequence: 0,
             shards: ShardMap::new(1).expect("one shard is always a valid count"),
             shard: 0,
@@ -283,8 +288,8 @@ pub struct Node {
     catching_up: bool,
     /// Whether the last exchange started was for a partition not (yet) in sync.
     behind: bool,
-    /// When a key last moved by anti-entropy (pushed, or a repair received); the
-    /// first tick if none did yet.
+    /// When a repair last changed what this node holds; the first tick if none did
+    /// yet.
     ae_progress_at: Option<Duration>,
     listings: BTreeMap<StorageOpId, Listing>,
     next_listing: u64,
@@ -310,6 +315,9 @@ pub struct Node {
     /// Tombstone writes completed per partition, so a listing taken before one (and
     /// answered after it) does not mark the partition empty.
     tombstones_written: BTreeMap<PartitionId, u64>,
+    /// When each partition may be swept again (once per settle time; later while its
+    /// tombstones are all younger than the grace).
+    sweep_not_before: BTreeMap<PartitionId, Duration>,
     next_sequence: u64,
     actions: VecDeque<Action>,
     /// Messages this node sent itself, delivered before the handler returns.
@@ -381,6 +389,7 @@ impl Node {
             tombstone_stats: TombstoneStats::default(),
             no_tombstones: BTreeSet::new(),
             tombstones_written: BTreeMap::new(),
+            sweep_not_before: BTreeMap::new(),
             next_sequence: config.first_sequence,
             actions: VecDeque::new(),
             local_inbox: VecDeque::new(),
@@ -399,6 +408,13 @@ impl Node {
 
     pub fn ring(&self) -> &Ring {
         &self.ring
+    }
+
+    /// The wall clock (Unix ms), before anything else: a hint restored at start is
+    /// judged too old to hand off by it (see `send_handoff`). Puts and ticks keep it
+    /// current afterwards.
+    pub fn set_wall_clock(&mut self, wall_ms: u64) {
+        self.wall_ms = wall_ms;
     }
 
     /// Adopts a newer ring (from gossip or an admin change).
@@ -425,7 +441,7 @@ impl Node {
         (self.catching_up || self.behind) && self.ae_progressing(now)
     }
 
-    /// Whether anti-entropy moved a key either way lately (or the node just started):
+    /// Whether a repair changed something here lately (or the node just started):
     /// partitions that stay different without progress (a merge the store refuses,
     /// tombstones a peer keeps) must not hold the node in catch-up for good.
     fn ae_progressing(&self, now: Duration) -> bool {
@@ -920,7 +936,6 @@ impl Node {
             } => {
                 if self.check_partition(partition, &key) {
                     self.stats.repairs_received += 1;
-                    self.ae_progress_at = Some(now);
                     let job = Job::Merge {
                         origin: None,
                         skip_if_absent: self.is_collectable(&versions),
@@ -1474,7 +1489,6 @@ impl Node {
         {
             if !versions.is_empty() {
                 self.ae_stats.keys_pushed += 1;
-                self.ae_progress_at = Some(now);
                 let message = PeerMessage::Repair {
                     partition: push.partition,
                     key: push.key,
@@ -1909,6 +1923,9 @@ impl Node {
                 }
                 ReplicaEvent::Dropped(reason) => self.count(reason),
                 ReplicaEvent::TombstoneCollected => self.tombstone_stats.collected += 1,
+                // A repair that changed what this replica holds: anti-entropy (or read
+                // repair) is bringing it up to date.
+                ReplicaEvent::Repaired => self.ae_progress_at = Some(now),
                 ReplicaEvent::TombstoneWritten { partition } => {
                     self.no_tombstones.remove(&partition);
                     *self.tombstones_written.entry(partition).or_default() += 1;

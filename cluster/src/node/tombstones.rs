@@ -40,6 +40,8 @@ pub const SWEEP_KEYS_MAX: usize = 1024;
 /// time (up to a minute), so this bounds collection at SWEEPS_MAX * SWEEP_KEYS_MAX
 /// per settle time and shard.
 pub const SWEEPS_MAX: usize = 64;
+/// About the most bytes of keys and versions one check carries.
+pub const CHECK_BYTES_MAX: usize = 4 << 20;
 /// Keys of peers' checks this node reads at once (a check past it is refused and
 /// asked again by a later sweep).
 pub const PEER_CHECK_KEYS_MAX: usize = 16 * 1024;
@@ -76,6 +78,10 @@ enum Stage {
     Reading {
         reads: BTreeMap<RequestId, Vec<u8>>,
         old: Vec<(Vec<u8>, VersionSet)>,
+        /// Bytes `old` would take in a check (about), and when the first tombstone
+        /// read that is not yet past its grace will be (Unix ms).
+        old_bytes: usize,
+        next_due_ms: Option<u64>,
     },
     /// Asking the peers (round 1 or 2): which of `keys` each holds the same or not.
     Checking {
@@ -155,9 +161,15 @@ impl Node {
             self.sweep_cursor = (self.sweep_cursor + 1) % home;
             let partition = self.home[self.sweep_cursor];
             let busy = self.sweeps.values().any(|s| s.partition == partition);
-            if busy || self.no_tombstones.contains(&partition) {
+            let resting = self
+                .sweep_not_before
+                .get(&partition)
+                .is_some_and(|&at| now < at);
+            if busy || resting || self.no_tombstones.contains(&partition) {
                 continue;
             }
+            // Once per settle time at most; longer when its tombstones are young.
+            self.sweep_not_before.insert(partition, now + self.settle());
             let peers: Vec<NodeId> = (self.ring.preference_list(partition, n).into_iter())
                 .filter(|&p| p != self.config.node)
                 .collect();
@@ -196,7 +208,7 @@ impl Node {
     /// the grace, up to a minute, and never under three request timeouts.
     fn settle(&self) -> Duration {
         let grace = self.config.tombstone_grace.unwrap_or_default();
-        let floor = self.config.request_timeout * 3;
+        let floor = self.config.request_timeout * 3 + self.config.message_delay_max;
         (grace / 4).min(Duration::from_secs(60)).max(floor)
     }
 
@@ -244,6 +256,8 @@ impl Node {
             sweep.stage = Stage::Reading {
                 reads,
                 old: Vec::new(),
+                old_bytes: 0,
+                next_due_ms: None,
             };
         }
     }
@@ -266,20 +280,45 @@ impl Node {
         let Some(sweep) = self.sweeps.get_mut(&sweep_id) else {
             return true;
         };
-        let Stage::Reading { reads, old } = &mut sweep.stage else {
+        let Stage::Reading {
+            reads,
+            old,
+            old_bytes,
+            next_due_ms,
+        } = &mut sweep.stage
+        else {
             return true;
         };
         let Some(key) = reads.remove(&id) else {
             return true;
         };
+        // About what the key and its versions take in a check; past the budget the
+        // rest waits for a later sweep (a check must fit a peer frame).
+        let size = key.len() + 256 * versions.len();
         if past_grace(&versions, self.wall_ms, grace_ms) {
-            old.push((key, versions));
+            if *old_bytes + size <= CHECK_BYTES_MAX {
+                *old_bytes += size;
+                old.push((key, versions));
+            }
+        } else if versions.siblings().all(|v| v.value.is_tombstone()) {
+            let newest = versions
+                .siblings()
+                .map(|v| v.written_at_ms)
+                .max()
+                .unwrap_or(0);
+            let due = newest.saturating_add(grace_ms);
+            *next_due_ms = Some(next_due_ms.map_or(due, |d| d.min(due)));
         }
         if !reads.is_empty() {
             return true;
         }
         let old = std::mem::take(old);
         if old.is_empty() {
+            // Nothing old enough: the partition rests until its first tombstone is.
+            let wait_ms = next_due_ms.map_or(0, |due| due.saturating_sub(self.wall_ms));
+            let partition = sweep.partition;
+            let rest = Duration::from_millis(wait_ms).max(self.settle());
+            self.sweep_not_before.insert(partition, now + rest);
             self.sweeps.remove(&sweep_id);
         } else if self.config.sabotage.collect_unconfirmed {
             let partition = sweep.partition;
@@ -410,7 +449,16 @@ impl Node {
         }
         let reading: usize = self.peer_checks.values().map(|c| c.reads.len()).sum();
         if keys.len() > SWEEP_KEYS_MAX || reading + keys.len() > PEER_CHECK_KEYS_MAX {
+            // Answered "none held", so the sweeper ends the round now rather than at
+            // its deadline, and asks again after its partition rests.
             self.count(DropReason::TombstoneCheckRefused);
+            let keys = Vec::new();
+            let answer = PeerMessage::TombstonesHeld {
+                partition,
+                sweep,
+                keys,
+            };
+            self.send(from, answer);
             return;
         }
         let check_id = self.next_sweep;

@@ -544,8 +544,7 @@ impl<D: Disk> ShardDriver<D> {
                 StorageCompletion::Listed { op, keys }
             }
             StorageOp::ListTombstones { op, partition } => {
-                let keys = (self.store.partition_keys(partition.0).into_iter())
-                    .filter(|k| k.tombstone)
+                let keys = (self.store.partition_tombstones(partition.0).into_iter())
                     .map(|k| (k.key, k.version_digest))
                     .collect();
                 StorageCompletion::Listed { op, keys }
@@ -610,7 +609,7 @@ fn is_removal(record: &ringkv_engine::Record) -> bool {
 /// The wall clock in Unix milliseconds, which seeds version stamps (the node makes a
 /// hybrid logical clock of it). A clock set before 1970 reads as 0; the stamps still
 /// grow along causality.
-fn wall_clock_ms() -> u64 {
+pub(crate) fn wall_clock_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |since| since.as_millis() as u64)

@@ -275,7 +275,7 @@ impl Peers {
         // rather than arrive minutes later (TCP retransmits for ~15 min by default):
         // a frame older than the request timeout is dropped before sending, and
         // tombstone collection waits out only a bounded delay (its settle time).
-        set_user_timeout(&stream, Duration::from_secs(5));
+        set_user_timeout(&stream, PEER_USER_TIMEOUT);
         let hello = Request {
             id: 1,
             op: Op::PeerHello(PeerHello {
@@ -407,6 +407,11 @@ pub async fn serve(
         }
     }
 }
+
+/// How long bytes sent to a peer may stay unacknowledged before its link is given up
+/// (TCP_USER_TIMEOUT): the bound on a peer message's delay that tombstone collection
+/// waits out (`NodeConfig::message_delay_max`).
+pub(crate) const PEER_USER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// TCP_USER_TIMEOUT on a peer connection: how long sent bytes may stay unacknowledged
 /// before the kernel gives the connection up. Best effort: a failure is logged.

@@ -317,7 +317,8 @@ async fn serve_shard(
     let store = StoreTasks::start(store)?;
 
     let shards = ShardMap::new(senders.nr_consumers())?;
-    let node = Node::new(node_config(config, shards, id), ring.clone());
+    let mut node = Node::new(node_config(config, shards, id), ring.clone());
+    node.set_wall_clock(crate::driver::wall_clock_ms());
     let driver = ShardDriver::new(node, store.store.clone());
     let hints = driver.restore_hints().await;
     driver.rebuild_trees(driver.home_partitions());
@@ -421,6 +422,7 @@ fn node_config(config: &Settings, shards: ShardMap, shard: usize) -> NodeConfig 
     node_config.hints = config.hints;
     node_config.tombstone_grace = config.tombstone_grace;
     node_config.anti_entropy_pushes_per_second = config.anti_entropy_pushes_per_second;
+    node_config.message_delay_max = crate::peers::PEER_USER_TIMEOUT;
     node_config
 }
 
