@@ -18,6 +18,15 @@ fn ring(size: u32) -> Ring {
     Ring::new(64, &members).expect("a valid ring")
 }
 
+/// The status of each shard of node `id`, as `c` sees it (none if it did not answer).
+fn shards_of(c: &Client, id: u32) -> Vec<ringkv_client::ShardStatus> {
+    (c.status_each().unwrap().into_iter())
+        .filter(|(node, _)| *node == id)
+        .filter_map(|(_, status)| status.ok())
+        .flat_map(|n| n.shards)
+        .collect()
+}
+
 /// Waits until every running node's failure detector takes `node` for down (before
 /// that, a write may still be sent to it and lost with it, and no stand-in takes it:
 /// only read repair or anti-entropy would bring that one back).
@@ -217,16 +226,7 @@ fn a_replica_that_missed_writes_converges_by_anti_entropy_without_reads() {
     );
     cluster.restart(3);
     let restarted = Instant::now();
-    let keys_on_3 = |c: &Client| -> u64 {
-        c.status_each()
-            .unwrap()
-            .into_iter()
-            .filter(|(id, _)| *id == 3)
-            .filter_map(|(_, s)| s.ok())
-            .flat_map(|n| n.shards)
-            .map(|s| s.keys)
-            .sum()
-    };
+    let keys_on_3 = |c: &Client| -> u64 { shards_of(c, 3).iter().map(|s| s.keys).sum() };
     let mut caught_up = None;
     while restarted.elapsed() < Duration::from_secs(90) {
         if keys_on_3(&writer) >= acked.len() as u64 {
@@ -285,14 +285,7 @@ fn a_replica_with_an_empty_disk_is_rebuilt_by_anti_entropy() {
     let restarted = Instant::now();
     // (keys, partitions in sync, partitions) on node 3.
     let progress = |c: &Client| -> (u64, u32, u32) {
-        let shards: Vec<_> = c
-            .status_each()
-            .unwrap()
-            .into_iter()
-            .filter(|(id, _)| *id == 3)
-            .filter_map(|(_, s)| s.ok())
-            .flat_map(|n| n.shards)
-            .collect();
+        let shards = shards_of(c, 3);
         let keys = shards.iter().map(|s| s.keys).sum();
         let in_sync = shards.iter().map(|s| s.partitions_in_sync).sum();
         (keys, in_sync, shards.iter().map(|s| s.partitions).sum())
