@@ -67,7 +67,12 @@ pub(crate) struct PutCoordination {
     pub partition: PartitionId,
     /// The reachable replicas asked to store the write, this node among them.
     pub replicas: Vec<NodeId>,
+    /// W: acks each group needs.
     pub required: usize,
+    /// The replica sets that must each reach W (two while the key's partition moves
+    /// to new replicas, see `crate::view`). A stand-in's ack counts for the replica
+    /// it stands in for.
+    pub groups: Vec<Vec<NodeId>>,
     pub deadline: Duration,
     /// Set once the local replica made the version.
     pub dot: Option<Dot>,
@@ -92,12 +97,14 @@ impl PutCoordination {
         deadline: Duration,
     ) -> Self {
         assert!(required >= 1 && required <= replicas.len());
+        let groups = vec![replicas.clone()];
         PutCoordination {
             client,
             key,
             partition,
             replicas,
             required,
+            groups,
             deadline,
             dot: None,
             superseded: VersionVector::new(),
@@ -117,11 +124,32 @@ impl PutCoordination {
         if self.acked.contains(&from) || !self.refused.insert(from) {
             return Answer::Duplicate;
         }
-        if self.replicas.len() - self.refused.len() < self.required {
+        let refused = self.represented(&self.refused);
+        let hopeless = self
+            .groups
+            .iter()
+            .any(|group| group.iter().filter(|n| !refused.contains(n)).count() < self.required);
+        if hopeless {
             Answer::QuorumReached
         } else {
             Answer::Counted
         }
+    }
+
+    /// The replicas a set of answering nodes stands for (a stand-in for its target).
+    fn represented(&self, nodes: &BTreeSet<NodeId>) -> BTreeSet<NodeId> {
+        nodes
+            .iter()
+            .map(|n| self.hint_for.get(n).copied().unwrap_or(*n))
+            .collect()
+    }
+
+    /// Whether every group has W acks.
+    fn reached(&self) -> bool {
+        let acked = self.represented(&self.acked);
+        self.groups
+            .iter()
+            .all(|group| group.iter().filter(|n| acked.contains(n)).count() >= self.required)
     }
 
     /// A durable ack from `from`.
@@ -132,7 +160,7 @@ impl PutCoordination {
         if self.refused.contains(&from) || !self.acked.insert(from) {
             return Answer::Duplicate;
         }
-        if self.acked.len() == self.required {
+        if self.reached() {
             Answer::QuorumReached
         } else {
             Answer::Counted
@@ -153,10 +181,7 @@ impl PutCoordination {
 
     /// Invariants while the put is still open (it is removed once it replies).
     pub fn assert_invariants(&self) {
-        assert!(
-            self.acked.len() < self.required,
-            "an open put is below quorum"
-        );
+        assert!(!self.reached(), "an open put is below quorum");
         assert!(self.acked.iter().all(|n| self.replicas.contains(n)));
         assert!(self.acked.is_disjoint(&self.refused));
         if !self.acked.is_empty() {

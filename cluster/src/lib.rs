@@ -18,6 +18,9 @@
 //! - [`membership`] and [`phi`]: gossip membership and phi-accrual failure detection.
 //! - [`hints`]: sloppy quorum's stand-ins and the hints they hold for handoff.
 //! - [`shard_map`]: which of a node's shards owns a partition or a reply.
+//! - [`view`] and [`keeper`]: membership changes (join, leave, replace): the ring a
+//!   node routes by while partitions move, and the node's keeper that proposes
+//!   changes, spreads views and says when streaming may start.
 //!
 //! The wire form of peer messages lives with the other formats, in `ringkv-proto`.
 
@@ -26,6 +29,7 @@ pub mod clock;
 pub mod codec;
 mod coordinator;
 pub mod hints;
+pub mod keeper;
 pub mod membership;
 pub mod merkle;
 pub mod message;
@@ -37,10 +41,12 @@ pub mod request;
 pub mod ring;
 pub mod shard_map;
 pub mod version;
+pub mod view;
 
 pub use clock::{Actor, ClockEntry, Dot, EpochSource, VersionVector};
 pub use codec::{Context, DecodeError, StoredVersions};
 pub use hints::{HintConfig, HintStats, HintsPending, Shelf};
+pub use keeper::{KeeperConfig, RingKeeper};
 pub use membership::{
     GossipMessage, MemberAddress, MemberState, MemberStatus, MemberView, Membership,
     MembershipConfig, MembershipEvent,
@@ -56,3 +62,4 @@ pub use request::{
 pub use ring::{Member, NodeId, PartitionId, Ring, RingError, ZoneId};
 pub use shard_map::{ShardCountError, ShardMap};
 pub use version::{ConflictMode, Value, Version, VersionSet};
+pub use view::{RingChange, RingView, ViewError};

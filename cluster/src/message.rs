@@ -116,6 +116,13 @@ pub enum PeerMessage {
         sweep: u64,
         keys: Vec<Vec<u8>>,
     },
+    /// A source of a moving partition to a new replica (`crate::node::transfers`):
+    /// every key I held is durable with you, and (if I leave the partition's list) I
+    /// no longer serve it. `fingerprint` names the membership change.
+    TransferDone {
+        partition: PartitionId,
+        fingerprint: u64,
+    },
 }
 
 /// A client's put as the forwarding node resolved it: its context already decoded

@@ -65,6 +65,12 @@ pub enum StorageOp {
         op: StorageOpId,
         partition: PartitionId,
     },
+    /// Forget every key of home partition `partition`, durably (it moved to other
+    /// nodes); completes as a write.
+    DropPartition {
+        op: StorageOpId,
+        partition: PartitionId,
+    },
     /// Forget `key` of home partition `partition` if it still is the tombstone whose
     /// version digest is `digest` (tombstone collection: every replica holds it).
     /// Not durable: after a restart the tombstone is back and collected again. A key
@@ -1039,6 +1045,12 @@ impl Replica {
     /// Replaces a partition's tree with one rebuilt from the store's index (at start,
     /// or for a stale tree). Only while no write of the partition is in flight here:
     /// one completing later would apply its change on top of a tree that has it.
+    /// Forgets a partition that moved to other nodes (its keys are being dropped).
+    pub fn forget_partition(&mut self, partition: PartitionId) {
+        self.trees.remove(&partition);
+        self.stale_trees.remove(&partition);
+    }
+
     pub fn set_tree(&mut self, partition: PartitionId, tree: MerkleTree) {
         self.stale_trees.remove(&partition);
         self.trees.insert(partition, tree);

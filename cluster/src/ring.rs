@@ -69,6 +69,8 @@ pub enum RingError {
     UnknownMember(NodeId),
     #[error("node id {0} is above the largest allowed, {NODE_ID_MAX}")]
     NodeIdTooLarge(u32),
+    #[error("unbalanced ring: nodes hold between {min} and {max} partitions")]
+    Unbalanced { min: usize, max: usize },
 }
 
 /// The largest node id: hint shelves number their store partitions after their target
@@ -176,6 +178,64 @@ impl Ring {
         }
         next.assert_invariants();
         Ok(next)
+    }
+
+    /// The ring after `with` takes over every partition of `dead` (a node lost for
+    /// good): preference lists change by that one substitution, so only the dead
+    /// node's share of the data moves, to the newcomer.
+    pub fn with_replacement(&self, dead: NodeId, with: Member) -> Result<Ring, RingError> {
+        if !self.members.contains_key(&dead) {
+            return Err(RingError::UnknownMember(dead));
+        }
+        if self.members.contains_key(&with.node) {
+            return Err(RingError::DuplicateMember(with.node));
+        }
+        if with.node.0 > NODE_ID_MAX {
+            return Err(RingError::NodeIdTooLarge(with.node.0));
+        }
+        let mut next = self.clone();
+        next.members.remove(&dead);
+        next.members.insert(with.node, with);
+        next.epoch += 1;
+        for owner in next.owners.iter_mut().filter(|o| **o == dead) {
+            *owner = with.node;
+        }
+        next.assert_invariants();
+        Ok(next)
+    }
+
+    /// A ring as another node sent it (see [`Ring::owners`]), checked: a peer's bytes
+    /// never make a ring that breaks the invariants.
+    pub fn from_parts(
+        members: &[Member],
+        owners: Vec<NodeId>,
+        epoch: u64,
+    ) -> Result<Ring, RingError> {
+        let partitions = u32::try_from(owners.len()).unwrap_or(u32::MAX);
+        let partition_bits = partition_bits(partitions)?;
+        let members = member_map(members)?;
+        if let Some(stranger) = owners.iter().find(|o| !members.contains_key(o)) {
+            return Err(RingError::UnknownMember(*stranger));
+        }
+        let ring = Ring {
+            partition_bits,
+            owners,
+            members,
+            epoch,
+        };
+        let load = ring.load();
+        let min = load.values().copied().min().unwrap_or(0);
+        let max = load.values().copied().max().unwrap_or(0);
+        if max - min > 1 {
+            return Err(RingError::Unbalanced { min, max });
+        }
+        Ok(ring)
+    }
+
+    /// The owner of every partition, in partition order (with [`Ring::members`] and
+    /// [`Ring::epoch`], what [`Ring::from_parts`] rebuilds the ring from).
+    pub fn owners(&self) -> &[NodeId] {
+        &self.owners
     }
 
     pub fn partition_count(&self) -> u32 {

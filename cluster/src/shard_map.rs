@@ -66,7 +66,8 @@ impl ShardMap {
             | PeerMessage::AeKeys { partition, .. }
             | PeerMessage::AePull { partition, .. }
             | PeerMessage::TombstonesCheck { partition, .. }
-            | PeerMessage::TombstonesHeld { partition, .. } => Some(self.owner(*partition)),
+            | PeerMessage::TombstonesHeld { partition, .. }
+            | PeerMessage::TransferDone { partition, .. } => Some(self.owner(*partition)),
             PeerMessage::ReadReply { request, .. }
             | PeerMessage::WriteAck { request }
             | PeerMessage::WriteRefused { request, .. }

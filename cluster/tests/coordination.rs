@@ -187,6 +187,8 @@ impl Harness {
                     "one reply per request"
                 );
             }
+            // The rings here never change (the simulator runs membership changes).
+            Action::Moved { partition, .. } => panic!("{partition:?} moved on a fixed ring"),
             Action::Storage(op) => {
                 self.storage_ops += 1;
                 let disk = self.disks.get_mut(&id).unwrap();
@@ -222,6 +224,10 @@ impl Harness {
                     }
                     StorageOp::Remove { op, shelf, key } => {
                         disk.remove(&(shelf, key));
+                        StorageCompletion::Write { op, result: Ok(()) }
+                    }
+                    StorageOp::DropPartition { op, partition } => {
+                        disk.retain(|(shelf, _), _| *shelf != Shelf::Home(partition));
                         StorageCompletion::Write { op, result: Ok(()) }
                     }
                     StorageOp::ListLeaves {

@@ -90,6 +90,15 @@ impl Disk {
         }
     }
 
+    /// Forgets every home record of `partition`, pending or durable (it moved to
+    /// other nodes), durably at once: the engine's drop is one durable marker.
+    pub fn drop_partition(&mut self, partition: PartitionId) {
+        let home = Shelf::Home(partition);
+        self.durable.retain(|(shelf, _), _| *shelf != home);
+        self.lost.retain(|(shelf, _)| *shelf != home);
+        self.collected.retain(|(shelf, _), _| *shelf != home);
+    }
+
     /// Every durable home tombstone of `partition` with its version digest.
     pub fn home_tombstones(&self, partition: PartitionId) -> Vec<(Vec<u8>, u32)> {
         (self.durable.iter())

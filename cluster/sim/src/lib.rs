@@ -113,6 +113,14 @@ pub struct RunStats {
     pub reads_checked_near_losses: u64,
     /// Peer input the nodes dropped, by reason.
     pub drops: BTreeMap<String, u64>,
+    /// Membership changes proposed, partitions moved to new replicas (and keys
+    /// streamed there), partitions dropped after moving away, and the ring epoch the
+    /// run ended on.
+    pub membership_changes: u64,
+    pub partitions_moved: u64,
+    pub transfer_keys_sent: u64,
+    pub partitions_dropped: u64,
+    pub final_ring_epoch: u64,
 }
 
 /// The result of one run.

@@ -76,6 +76,24 @@ pub struct Settings {
     pub hints: HintConfig,
     /// Tombstones are collected once this old and held by every replica (off: never).
     pub tombstone_grace_ms: Option<u64>,
+    /// A membership change during the safety phase, if any: a node joins (node
+    /// `nodes + 1`, which has an entry in `shards`), a member leaves, or a member dies
+    /// for good and node `nodes + 1` replaces it.
+    pub membership: Option<MembershipChange>,
+}
+
+/// The change a run makes, and when (ms into the safety phase).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MembershipChange {
+    pub kind: ChangeKind,
+    pub at_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    Join,
+    Leave,
+    Replace,
 }
 
 impl Settings {
@@ -144,6 +162,7 @@ impl Settings {
             strict_per_mille: 0,
             hints: HintConfig::default(),
             tombstone_grace_ms: None,
+            membership: None,
             shards: (0..nodes)
                 .map(|_| {
                     if sharded {

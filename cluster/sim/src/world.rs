@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use ringkv_cluster::merkle;
 use ringkv_cluster::{
-    Action, ClientError, ClientReply, ClientToken, GetRequest, Member, Node, NodeConfig, NodeId,
-    PartitionId, PeerMessage, PutOutcome, PutRequest, Quorum, Ring, ShardMap, StorageCompletion,
-    StorageOp, Supersedes, TimerId, VersionSet,
+    Action, ClientError, ClientReply, ClientToken, GetRequest, KeeperConfig, Member, Node,
+    NodeConfig, NodeId, PartitionId, PeerMessage, PutOutcome, PutRequest, Quorum, Ring, RingChange,
+    RingKeeper, RingView, ShardMap, StorageCompletion, StorageOp, Supersedes, TimerId, VersionSet,
 };
 use xxhash_rust::xxh3::Xxh3;
 
@@ -27,7 +27,7 @@ use crate::checker::{self, Checker, Violation};
 use crate::dice::Dice;
 use crate::disk::Disk;
 use crate::history::{Collected, GetRecord, History, Loss, PutRecord, PutResult};
-use crate::settings::Settings;
+use crate::settings::{ChangeKind, Settings};
 use crate::{Options, RunStats};
 
 /// How often the fault injector considers a crash or a network split.
@@ -38,6 +38,9 @@ const WALL_CLOCK_START_MS: u64 = 1_800_000_000_000;
 const CLOCK_JUMP_MAX_MS: u64 = 10_000;
 /// A run that has not quiesced after this many events is stuck (a liveness bug).
 const EVENTS_MAX: u64 = 3_000_000;
+/// How often ring keepers and partition transfers are ticked while a membership
+/// change has work left (the server ticks them as often).
+const KEEPER_TICK: Duration = Duration::from_millis(100);
 
 #[derive(Debug)]
 enum Event {
@@ -88,6 +91,17 @@ enum Event {
         node: NodeId,
     },
     StopFaults,
+    /// The run's membership change is proposed (see `Settings::membership`).
+    MembershipChange,
+    /// Ring keepers push their views, and shards run their transfers.
+    KeeperTick,
+    /// A ring view from one node's keeper to another's, over the faulty network.
+    DeliverView {
+        from: NodeId,
+        to: NodeId,
+        incarnation: u32,
+        view: RingView,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,6 +123,12 @@ struct SimNode {
     /// How far this node's wall clock is from true time (either way); it survives
     /// restarts, as a machine's clock does.
     skew_ms: i64,
+    /// The node's ring keeper while it is up, and the view it stored (which survives
+    /// crashes; `None` for a node not started yet: it joins later).
+    keeper: Option<RingKeeper>,
+    stored_view: Option<RingView>,
+    /// Dead for good (a replaced node): never restarted.
+    retired: bool,
 }
 
 /// A hint a stand-in made durable: the versions (by dot) its target is owed.
@@ -163,6 +183,8 @@ pub struct World {
     suspicions: BTreeSet<(NodeId, NodeId)>,
     /// Every hint made durable on a stand-in, for the handoff check.
     hinted: Vec<Hinted>,
+    /// Whether a keeper tick is scheduled.
+    keeper_ticking: bool,
     hasher: Xxh3,
     pub stats: RunStats,
     pub violations: Vec<Violation>,
@@ -196,6 +218,7 @@ impl World {
             split_detected: false,
             suspicions: BTreeSet::new(),
             hinted: Vec::new(),
+            keeper_ticking: false,
             hasher: Xxh3::new(),
             stats: RunStats::default(),
             violations: Vec::new(),
@@ -208,24 +231,41 @@ impl World {
             settings,
         };
         world.hasher.update(&seed.to_le_bytes());
-        for member in members {
+        // A node that joins later (or replaces a dead one) exists from the start, down
+        // and without a view, until its change is proposed.
+        let newcomer = world
+            .settings
+            .membership
+            .filter(|m| m.kind != ChangeKind::Leave)
+            .map(|_| Member::new(NodeId(world.settings.nodes as u32 + 1)));
+        for member in members.into_iter().chain(newcomer) {
             let shard_count = world.settings.shards[member.node.0 as usize - 1];
             if shard_count > 1 {
                 world.stats.multi_shard_nodes += 1;
             }
             let shards = ShardMap::new(shard_count).expect("1 to 3 shards");
-            let node = world.boot(member.node, shards);
+            let starts = world.ring.is_member(member.node);
+            let view = starts.then(|| RingView::stable(world.ring.clone(), world.n));
             let skew_max = world.settings.clock_skew_max_ms;
             let skew_ms = world.dice.between(0, 2 * skew_max) as i64 - skew_max as i64;
             world.nodes.push(SimNode {
                 id: member.node,
                 incarnation: 0,
-                node: Some(node),
+                node: None,
                 shards,
                 disk: Disk::default(),
                 sync_scheduled: false,
                 skew_ms,
+                keeper: None,
+                stored_view: view,
+                retired: false,
             });
+            if starts {
+                world.start_node(member.node);
+            }
+        }
+        if let Some(change) = world.settings.membership {
+            world.schedule(Duration::from_millis(change.at_ms), Event::MembershipChange);
         }
         for client in 0..world.settings.clients {
             let wake = world.dice.between(0, 20);
@@ -301,9 +341,29 @@ impl World {
         self.hasher.digest()
     }
 
+    /// A node starting from its stored view: its shards and its ring keeper.
+    fn start_node(&mut self, id: NodeId) {
+        let shards = self.sim_node(id).shards;
+        let view = self
+            .sim_node(id)
+            .stored_view
+            .clone()
+            .expect("started nodes have a view");
+        let node = self.boot(id, shards, &view);
+        let config = KeeperConfig {
+            push_interval: Duration::from_millis(200),
+            // Writes coordinated under the old ring end within a request timeout.
+            settle: Duration::from_millis(self.settings.request_timeout_ms * 2),
+        };
+        let sim = self.sim_node_mut(id);
+        sim.node = Some(node);
+        sim.keeper = Some(RingKeeper::new(id, view, config));
+        self.ensure_keeper_ticks();
+    }
+
     /// A node starting: its shards, each with a fresh epoch seed every time, as the
     /// server draws one from the OS for every shard on every start.
-    fn boot(&mut self, id: NodeId, shards: ShardMap) -> Vec<Node> {
+    fn boot(&mut self, id: NodeId, shards: ShardMap, view: &RingView) -> Vec<Node> {
         (0..shards.shards())
             .map(|shard| {
                 let mut config = NodeConfig::new(id, self.dice.bits());
@@ -320,12 +380,8 @@ impl World {
                     self.settings.tombstone_grace_ms.map(Duration::from_millis);
                 // The simulated network delivers within its delay bound, or never.
                 config.message_delay_max = Duration::from_millis(self.settings.delay_max_ms);
-                let mut node = Node::new(config, self.ring.clone());
-                // At the first boot the node's skew is not drawn yet: true time.
-                let wall_ms = match self.nodes.get(id.0 as usize - 1) {
-                    Some(_) => self.wall_clock_ms(id),
-                    None => WALL_CLOCK_START_MS + self.now.as_millis() as u64,
-                };
+                let mut node = Node::with_view(config, view.clone());
+                let wall_ms = self.wall_clock_ms(id);
                 node.set_wall_clock(wall_ms);
                 node
             })
@@ -480,14 +536,228 @@ impl World {
                 let down: Vec<NodeId> = self
                     .nodes
                     .iter()
-                    .filter(|n| n.node.is_none())
+                    .filter(|n| n.node.is_none() && !n.retired && n.stored_view.is_some())
                     .map(|n| n.id)
                     .collect();
                 for node in down {
                     self.restart(node);
                 }
             }
+            Event::MembershipChange => self.propose_change(),
+            Event::KeeperTick => self.keeper_tick(),
+            Event::DeliverView {
+                from,
+                to,
+                incarnation,
+                view,
+            } => {
+                if !self.is_current(to, incarnation) {
+                    self.stats.messages_to_dead_incarnations += 1;
+                    return;
+                }
+                let now = self.now;
+                if let Some(keeper) = self.sim_node_mut(to).keeper.as_mut() {
+                    keeper.handle(now, from, view);
+                }
+                self.flush_keeper(to);
+            }
         }
+    }
+
+    /// The run's membership change, proposed at a random live member (a joining or
+    /// replacing node starts with that member's view, as `--join` fetches it).
+    fn propose_change(&mut self) {
+        let Some(plan) = self.settings.membership else {
+            return;
+        };
+        let members: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|n| {
+                n.keeper
+                    .as_ref()
+                    .is_some_and(|k| k.view().ring().is_member(n.id))
+            })
+            .map(|n| n.id)
+            .collect();
+        let stable = |w: &World, id: NodeId| {
+            w.sim_node(id)
+                .keeper
+                .as_ref()
+                .is_some_and(|k| k.view().is_stable())
+        };
+        let members: Vec<NodeId> = members.into_iter().filter(|&id| stable(self, id)).collect();
+        if members.is_empty() || (plan.kind == ChangeKind::Replace && members.len() < 2) {
+            // Nobody to ask right now: try again shortly.
+            self.schedule(KEEPER_TICK, Event::MembershipChange);
+            return;
+        }
+        let at = members[self.dice.index(members.len())];
+        let newcomer = NodeId(self.settings.nodes as u32 + 1);
+        let ring = self
+            .sim_node(at)
+            .keeper
+            .as_ref()
+            .expect("live")
+            .view()
+            .ring()
+            .clone();
+        let ring_members: Vec<NodeId> = ring.members().map(|m| m.node).collect();
+        let change = match plan.kind {
+            ChangeKind::Join => RingChange::Join(Member::new(newcomer)),
+            ChangeKind::Leave => {
+                RingChange::Leave(ring_members[self.dice.index(ring_members.len())])
+            }
+            ChangeKind::Replace => {
+                let others: Vec<NodeId> =
+                    ring_members.iter().copied().filter(|&n| n != at).collect();
+                let dead = others[self.dice.index(others.len())];
+                self.retire(dead);
+                RingChange::Replace {
+                    dead,
+                    with: Member::new(newcomer),
+                }
+            }
+        };
+        let now = self.now;
+        let proposed = (self.sim_node_mut(at).keeper.as_mut())
+            .expect("live")
+            .propose(now, change);
+        if let Err(error) = proposed {
+            panic!("{at:?} refused {change:?}: {error}");
+        }
+        self.stats.membership_changes += 1;
+        self.flush_keeper(at);
+        if plan.kind != ChangeKind::Leave {
+            let view = self.sim_node(at).stored_view.clone();
+            self.sim_node_mut(newcomer).stored_view = view;
+            self.restart(newcomer);
+        }
+        self.ensure_keeper_ticks();
+    }
+
+    /// A node dies for good (it is then replaced): its disk is gone.
+    fn retire(&mut self, id: NodeId) {
+        if self.sim_node(id).node.is_some() {
+            self.crash(id);
+        }
+        let sim = self.sim_node_mut(id);
+        sim.retired = true;
+        sim.disk.wipe();
+        self.history.losses.push(Loss {
+            at: self.now,
+            node: id,
+            key: None,
+        });
+        self.refresh_reachability();
+    }
+
+    /// Ticks every live keeper and every live shard's transfers.
+    fn keeper_tick(&mut self) {
+        self.keeper_ticking = false;
+        let now = self.now;
+        for id in self.nodes.iter().map(|n| n.id).collect::<Vec<_>>() {
+            let Some(keeper) = self.sim_node_mut(id).keeper.as_mut() else {
+                continue;
+            };
+            keeper.tick(now);
+            let allowed = keeper.transfers_allowed(now);
+            self.flush_keeper(id);
+            for shard in 0..self.sim_node(id).shards.shards() {
+                if let Some(node) = self.live_node(id, shard) {
+                    node.tick_transfers(now, allowed);
+                }
+                self.drain(id, shard);
+            }
+        }
+        self.ensure_keeper_ticks();
+    }
+
+    /// Schedules the next keeper tick while membership work is left: a change in
+    /// progress, views that differ, partitions to drop.
+    fn ensure_keeper_ticks(&mut self) {
+        if self.keeper_ticking {
+            return;
+        }
+        let live: Vec<&SimNode> = self.nodes.iter().filter(|n| n.node.is_some()).collect();
+        let views: Vec<&RingView> = live
+            .iter()
+            .filter_map(|n| n.keeper.as_ref().map(|k| k.view()))
+            .collect();
+        let changing = views.iter().any(|v| !v.is_stable());
+        let differing = views.windows(2).any(|w| w[0] != w[1]);
+        let busy = live
+            .iter()
+            .flat_map(|n| n.node.iter().flatten())
+            .any(Node::transfers_busy);
+        let proposing = self.settings.membership.is_some() && self.stats.membership_changes == 0;
+        if changing || differing || busy || (proposing && self.phase == Phase::Safety) {
+            self.keeper_ticking = true;
+            self.schedule(KEEPER_TICK, Event::KeeperTick);
+        }
+    }
+
+    /// Stores a keeper's new view and hands it to the node's shards, then sends what
+    /// the keeper has to send.
+    fn flush_keeper(&mut self, id: NodeId) {
+        loop {
+            let now = self.now;
+            let sim = self.sim_node_mut(id);
+            let Some(keeper) = sim.keeper.as_mut() else {
+                return;
+            };
+            if let Some(view) = keeper.take_changed() {
+                sim.stored_view = Some(view.clone());
+                for shard in sim.node.iter_mut().flatten() {
+                    shard.set_view(now, view.clone());
+                }
+                for shard in 0..self.sim_node(id).shards.shards() {
+                    self.drain(id, shard);
+                }
+                continue;
+            }
+            let Some((to, view)) = keeper.poll_send() else {
+                return;
+            };
+            self.send_view(id, to, view);
+        }
+    }
+
+    /// A ring view over the network: dropped across a split or by chance, like any
+    /// message during the safety phase.
+    fn send_view(&mut self, from: NodeId, to: NodeId, view: RingView) {
+        self.stats.messages_sent += 1;
+        let Some(target) = self.nodes.get(to.0 as usize - 1) else {
+            return;
+        };
+        let incarnation = target.incarnation;
+        if self.phase == Phase::Safety {
+            let split = self
+                .split
+                .as_ref()
+                .is_some_and(|side| side.contains(&from) != side.contains(&to));
+            if split || self.dice.chance(self.settings.drop_per_mille) {
+                self.stats.messages_dropped += 1;
+                return;
+            }
+        }
+        let delay = self.delay();
+        let deliver = Event::DeliverView {
+            from,
+            to,
+            incarnation,
+            view,
+        };
+        self.schedule(delay, deliver);
+    }
+
+    /// A shard received a partition in full: its node's keeper spreads the news.
+    fn keeper_moved(&mut self, id: NodeId, partition: PartitionId, fingerprint: u64) {
+        let now = self.now;
+        if let Some(keeper) = self.sim_node_mut(id).keeper.as_mut() {
+            keeper.partition_moved(now, partition, fingerprint);
+        }
+        self.flush_keeper(id);
     }
 
     /// Carries out every action a node's shard has queued.
@@ -517,6 +787,10 @@ impl World {
                     );
                 }
                 Action::Reply { client, reply } => self.reply(client, reply),
+                Action::Moved {
+                    partition,
+                    fingerprint,
+                } => self.keeper_moved(id, partition, fingerprint),
             }
         }
     }
@@ -613,6 +887,13 @@ impl World {
                 let latency = self.dice.between(0, self.settings.read_latency_max_ms);
                 self.complete_later(id, shard, latency, StorageCompletion::Write { op, result });
             }
+            StorageOp::DropPartition { op, partition } => {
+                self.sim_node_mut(id).disk.drop_partition(partition);
+                self.stats.partitions_dropped += 1;
+                let latency = self.dice.between(0, self.settings.read_latency_max_ms);
+                let completion = StorageCompletion::Write { op, result: Ok(()) };
+                self.complete_later(id, shard, latency, completion);
+            }
             StorageOp::Read { op, shelf, key } => {
                 if self.is_victim(id)
                     && self.dice.chance(self.settings.lost_read_per_mille)
@@ -643,6 +924,7 @@ impl World {
                     } => (op, shelf, key, Some(stored)),
                     StorageOp::Remove { op, shelf, key } => (op, shelf, key, None),
                     StorageOp::Read { .. }
+                    | StorageOp::DropPartition { .. }
                     | StorageOp::ListLeaves { .. }
                     | StorageOp::ListTombstones { .. }
                     | StorageOp::Collect { .. } => unreachable!("matched above"),
@@ -808,6 +1090,7 @@ impl World {
             self.count_node_stats(&shard.stats());
         }
         let sim = self.sim_node_mut(id);
+        sim.keeper = None;
         sim.sync_scheduled = false;
         let lost = sim.disk.crash();
         if wipe {
@@ -827,12 +1110,19 @@ impl World {
     }
 
     fn restart(&mut self, id: NodeId) {
-        if self.sim_node(id).node.is_some() {
+        let sim = self.sim_node(id);
+        if sim.node.is_some() || sim.retired || sim.stored_view.is_none() {
             return;
         }
-        let incarnation = self.sim_node(id).incarnation + 1;
-        let shards = self.sim_node(id).shards;
-        let mut node = self.boot(id, shards);
+        let incarnation = sim.incarnation + 1;
+        let shards = sim.shards;
+        self.sim_node_mut(id).incarnation = incarnation;
+        self.start_node(id);
+        let mut node = self
+            .sim_node_mut(id)
+            .node
+            .take()
+            .expect("started just above");
         // The hints survive in the store: the server lists them before serving, and
         // rebuilds every partition's Merkle tree from its index.
         Self::rebuild_trees(&self.sim_node(id).disk, &shards, &mut node, None);
@@ -841,9 +1131,7 @@ impl World {
             let shard = shards.owner(self.ring.partition_of(&key));
             node[shard].restore_hint(now, target, key, bytes);
         }
-        let sim = self.sim_node_mut(id);
-        sim.incarnation = incarnation;
-        sim.node = Some(node);
+        self.sim_node_mut(id).node = Some(node);
         self.refresh_reachability();
     }
 
@@ -1077,6 +1365,8 @@ impl World {
     }
 
     fn count_node_stats(&mut self, stats: &ringkv_cluster::NodeStats) {
+        self.stats.transfer_keys_sent += stats.transfers.keys_sent;
+        self.stats.partitions_moved += stats.transfers.partitions_received;
         self.stats.actors_retired += stats.actors_retired;
         self.stats.forwarded += stats.forwarded;
         self.stats.hints_stored += stats.hints.stored;
@@ -1379,7 +1669,12 @@ impl World {
 
     fn check_final_state(&mut self) {
         let mut all_stats = Vec::new();
+        self.check_views_converged();
         for sim in &self.nodes {
+            let never_started = sim.stored_view.is_none();
+            if sim.retired || never_started {
+                continue;
+            }
             let Some(shards) = &sim.node else {
                 self.violations.push(Violation {
                     checker: Checker::Convergence,
@@ -1416,6 +1711,40 @@ impl World {
         // sets were checked before it wrote (see `run`).
         if !self.settings.tight_limits() {
             self.check_final_keys(false);
+        }
+    }
+
+    /// Invariant 5: once the world is quiet, every live node holds the same view, with
+    /// no change left in progress, and the run's change (if any) happened.
+    fn check_views_converged(&mut self) {
+        let views: Vec<(NodeId, &RingView)> = (self.nodes.iter())
+            .filter_map(|n| Some((n.id, n.keeper.as_ref()?.view())))
+            .collect();
+        let mut problems = Vec::new();
+        if let Some((first, view)) = views.first() {
+            if !view.is_stable() {
+                problems.push(format!("{first:?} still moves to epoch {}", view.epoch()));
+            }
+            for (id, other) in &views[1..] {
+                if other != view {
+                    problems.push(format!(
+                        "{id:?} holds epoch {} (stable: {}), {first:?} epoch {}",
+                        other.epoch(),
+                        other.is_stable(),
+                        view.epoch()
+                    ));
+                }
+            }
+            if self.settings.membership.is_some() && view.epoch() == 0 {
+                problems.push("the membership change never happened".into());
+            }
+            self.stats.final_ring_epoch = view.epoch();
+        }
+        for detail in problems {
+            self.violations.push(Violation {
+                checker: Checker::Convergence,
+                detail: format!("ring views: {detail}"),
+            });
         }
     }
 
@@ -1465,10 +1794,22 @@ impl World {
             if victim == Some(hint.holder) || victim == Some(hint.target) {
                 continue;
             }
-            let home = match self.sim_node(hint.target).disk.durable_home(&hint.key) {
-                Some(stored) => stored.decode().expect("the simulator stores valid sets"),
-                None => VersionSet::new(),
+            // A target that no longer holds the key (a membership change moved it)
+            // has its hints handed to the key's replicas instead.
+            let replicas = self.final_ring().preference_list_for_key(&hint.key, self.n);
+            let holders = if replicas.contains(&hint.target) {
+                vec![hint.target]
+            } else {
+                replicas
             };
+            let home = holders.iter().fold(VersionSet::new(), |acc, &holder| {
+                match self.sim_node(holder).disk.durable_home(&hint.key) {
+                    Some(stored) => {
+                        acc.sync(&stored.decode().expect("the simulator stores valid sets"))
+                    }
+                    None => acc,
+                }
+            });
             let covered = home.context();
             for dot in &hint.dots {
                 checked += 1;
@@ -1562,9 +1903,17 @@ impl World {
             .collect()
     }
 
-    /// Each replica's durable set of `key`.
+    /// The ring the run ended with: the live nodes' (the checks hold them to one).
+    fn final_ring(&self) -> &Ring {
+        self.nodes
+            .iter()
+            .find_map(|n| n.keeper.as_ref().map(|k| k.view().ring()))
+            .unwrap_or(&self.ring)
+    }
+
+    /// Each replica's durable set of `key`, on its replicas of the final ring.
     fn stored_sets(&self, key: &[u8]) -> Vec<(NodeId, VersionSet)> {
-        self.ring
+        self.final_ring()
             .preference_list_for_key(key, self.n)
             .into_iter()
             .map(|id| {
@@ -1581,7 +1930,13 @@ impl World {
         (0..self.settings.keys)
             .map(|k| {
                 let key = format!("k{k}").into_bytes();
-                let nodes = self.ring.preference_list_for_key(&key, self.n);
+                // Both rings' replicas: a loss on either may have taken a copy.
+                let mut nodes = self.ring.preference_list_for_key(&key, self.n);
+                for node in self.final_ring().preference_list_for_key(&key, self.n) {
+                    if !nodes.contains(&node) {
+                        nodes.push(node);
+                    }
+                }
                 (key, nodes)
             })
             .collect()

@@ -24,7 +24,7 @@ fn run_logged(seed: u64, options: &Options) -> Report {
 /// RINGKV_SIM_FAULTS=heavy turns on the crash-heavy fault profile for sweeps and
 /// replays; RINGKV_SIM_FAULTS=loss the data-loss profile; =split (and =split-w1, every
 /// write at W=1) long, detected splits over lossy links; =collect many deletes with
-/// tombstone collection on.
+/// tombstone collection on; =membership a node joining, leaving or replacing a dead one.
 fn sweep_options() -> Options {
     let tweak: Option<fn(&mut ringkv_sim::Settings)> =
         match std::env::var("RINGKV_SIM_FAULTS").as_deref() {
@@ -33,6 +33,7 @@ fn sweep_options() -> Options {
             Ok("split") => Some(split_heavy),
             Ok("split-w1") => Some(split_heavy_w1),
             Ok("collect") => Some(tombstone_collection),
+            Ok("membership") => Some(membership_change),
             _ => None,
         };
     Options {
@@ -632,4 +633,100 @@ fn checkers_catch_stamps_that_trust_skewed_clocks() {
     let caught = caught_only_with_sabotage(&sabotaged, &[Checker::StampsFollowCausality], 20);
     println!("wall-clock stamps caught on seeds {caught:?}");
     assert!(caught.len() >= 3, "caught only on {caught:?}");
+}
+
+/// A membership change under the seed's faults, a fifth into the safety phase: a node
+/// joins, a member leaves, or a member dies for good and a new node replaces it (which
+/// one by the seed). Partitions stream while nodes crash, links drop and split, and
+/// the checkers hold the run to every acked write, converged replicas on the final
+/// ring, and one ring view everywhere. No other node loses data (the replaced one
+/// does, for good).
+fn membership_change(settings: &mut ringkv_sim::Settings) {
+    use ringkv_sim::settings::{ChangeKind, MembershipChange};
+    let kind = [ChangeKind::Join, ChangeKind::Leave, ChangeKind::Replace]
+        [(settings.safety_ms % 3) as usize];
+    if kind == ChangeKind::Leave {
+        // N = 3 replicas need three members after the leave.
+        settings.nodes = settings.nodes.max(4);
+    }
+    settings.loss_victim = None;
+    settings.keys = settings.keys.max(12);
+    settings.safety_ms = settings.safety_ms.max(4_000);
+    settings.membership = Some(MembershipChange {
+        kind,
+        at_ms: settings.safety_ms / 5,
+    });
+    // The newcomer's shards.
+    while settings.shards.len() < settings.nodes + 1 {
+        settings.shards.push(settings.shards[0]);
+    }
+}
+
+/// Seeds of the `membership` profile, in CI.
+const CI_MEMBERSHIP_SEEDS: u64 = 150;
+
+#[test]
+fn fixed_seed_batch_passes_with_membership_changes() {
+    let options = Options {
+        tweak: Some(membership_change),
+        ..Options::default()
+    };
+    let (mut changes, mut moved, mut keys, mut acked) = (0, 0, 0, 0);
+    let failing: Vec<u64> = (0..CI_MEMBERSHIP_SEEDS)
+        .filter(|&seed| {
+            let report = run_logged(seed, &options);
+            changes += report.stats.membership_changes;
+            moved += report.stats.partitions_moved;
+            keys += report.stats.transfer_keys_sent;
+            acked += report.stats.puts_acked;
+            !report.passed()
+        })
+        .collect();
+    println!(
+        "{changes} membership changes, {moved} partitions moved, {keys} keys streamed, {acked} puts acked"
+    );
+    assert!(
+        failing.is_empty(),
+        "failing seeds: {failing:?} (replay with RINGKV_SIM_FAULTS=membership RINGKV_SIM_SEED=<seed>)"
+    );
+    assert_eq!(changes, CI_MEMBERSHIP_SEEDS, "every run makes its change");
+    assert!(
+        moved > 0 && keys > 0 && acked > 0,
+        "the batch moved nothing"
+    );
+}
+
+/// Sources that stream nothing: the new replicas serve reads without the writes
+/// acknowledged before the change.
+#[test]
+fn checkers_catch_partitions_moved_without_their_data() {
+    let caught = caught_with_membership(ringkv_sim::Sabotage {
+        stream_nothing: true,
+        ..Default::default()
+    });
+    println!("moves without data caught on seeds {caught:?}");
+    assert!(!caught.is_empty(), "moves without data never caught");
+}
+
+/// Writes to the old replicas alone while partitions move: a write acked by replicas
+/// that then leave the partition is missed once it moved.
+#[test]
+fn checkers_catch_writes_that_skip_the_new_replicas() {
+    let caught = caught_with_membership(ringkv_sim::Sabotage {
+        old_ring_writes_only: true,
+        ..Default::default()
+    });
+    println!("old-ring-only writes caught on seeds {caught:?}");
+    assert!(!caught.is_empty(), "old-ring-only writes never caught");
+}
+
+fn caught_with_membership(sabotage: ringkv_sim::Sabotage) -> Vec<u64> {
+    let options = Options {
+        sabotage,
+        tweak: Some(membership_change),
+        ..Options::default()
+    };
+    (0..60)
+        .filter(|&seed| !run(seed, &options).passed())
+        .collect()
 }

@@ -37,9 +37,12 @@ use crate::request::{
 use crate::ring::{NodeId, PartitionId, Ring};
 use crate::shard_map::ShardMap;
 use crate::version::{Value, VersionSet};
+use crate::view::RingView;
 
 pub mod tombstones;
+pub mod transfers;
 use tombstones::{PeerCheck, Sweep, TombstoneStats};
+use transfers::{TransferStats, Transfers};
 
 /// Settings of one node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +80,9 @@ pub struct NodeConfig {
     /// Most keys anti-entropy pushes to peers per second (0: no limit), so a replica
     /// catching up (a replaced disk) does not take the foreground's share.
     pub anti_entropy_pushes_per_second: u64,
+    /// Most keys a shard streams to new replicas per second during a membership
+    /// change (0: no limit), so moves do not take the foreground's share.
+    pub transfer_keys_per_second: u64,
     /// The longest a peer message may take to arrive once sent (the transport's
     /// bound: the server's peer sockets give up after TCP_USER_TIMEOUT). Tombstone
     /// collection waits it out between its two rounds.
@@ -107,6 +113,7 @@ impl NodeConfig {
             hints: HintConfig::default(),
             tombstone_grace: None,
             anti_entropy_pushes_per_second: 0,
+            transfer_keys_per_second: 0,
             message_delay_max: Duration::from_secs(10),
             first_sequence: 0,
             shards: ShardMap::new(1).expect("one shard is always a valid count"),
@@ -156,6 +163,12 @@ pub struct Sabotage {
     /// Collect a tombstone once old enough, without asking the other replicas: one
     /// that still holds the deleted value brings it back.
     pub collect_unconfirmed: bool,
+    /// Stream no key of a moving partition (its transfer ends at once): the new
+    /// replicas serve reads without the writes acknowledged before the change.
+    pub stream_nothing: bool,
+    /// Write only to the old ring's replicas while a partition moves (no joint
+    /// quorum): once it moved, a write acked by replicas that left it is missed.
+    pub old_ring_writes_only: bool,
 }
 
 /// Which timer fired.
@@ -183,6 +196,13 @@ pub enum Action {
     Reply {
         client: ClientToken,
         reply: ClientReply,
+    },
+    /// This node now holds everything of `partition` its sources had, under the
+    /// membership change named `fingerprint`: tell the node's ring keeper
+    /// ([`crate::keeper::RingKeeper::partition_moved`]).
+    Moved {
+        partition: PartitionId,
+        fingerprint: u64,
     },
 }
 
@@ -227,6 +247,11 @@ pub enum DropReason {
     /// A tombstone check beyond what this node answers at once (`SWEEP_KEYS_MAX`
     /// keys, `PEER_CHECK_KEYS_MAX` in all); the sweeper asks again later.
     TombstoneCheckRefused,
+    /// A request for a partition this node holds no replica of under its ring view
+    /// (the sender's view is older or newer, or this node handed the partition over).
+    NotServing,
+    /// A transfer message that does not match the membership change in progress here.
+    StaleTransfer,
 }
 
 /// Counters a driver can export.
@@ -243,6 +268,7 @@ pub struct NodeStats {
     pub hints: HintStats,
     pub anti_entropy: AntiEntropyStats,
     pub tombstones: TombstoneStats,
+    pub transfers: TransferStats,
 }
 
 /// One node: coordinator for the requests it receives, replica for the keys it holds.
@@ -253,7 +279,10 @@ pub struct Node {
     boot_epoch: u64,
     /// After a coordinated put's local write failed, puts are refused until then.
     coordination_paused_until: Option<Duration>,
-    ring: Ring,
+    /// The ring, and the membership change moving in, if any.
+    view: RingView,
+    /// Partitions streaming to new replicas, or from old ones (`transfers`).
+    transfers: Transfers,
     unreachable: BTreeSet<NodeId>,
     replica: Replica,
     puts: BTreeMap<RequestId, PutCoordination>,
@@ -327,6 +356,12 @@ pub struct Node {
 
 impl Node {
     pub fn new(config: NodeConfig, ring: Ring) -> Self {
+        let view = RingView::stable(ring, config.quorum.n());
+        Node::with_view(config, view)
+    }
+
+    /// A node starting with a change in progress (a view kept across a restart).
+    pub fn with_view(config: NodeConfig, view: RingView) -> Self {
         // The sabotage seeds every start alike, as a stored incarnation that was lost
         // would be: each start draws the epochs the previous one drew.
         let seed = if config.sabotage.reuse_actor {
@@ -347,12 +382,13 @@ impl Node {
             },
             epochs,
         );
-        let home = home_partitions(&config, &ring);
+        let home = home_partitions(&config, &view);
         Node {
             config,
             boot_epoch,
             coordination_paused_until: None,
-            ring,
+            transfers: Transfers::new(view.fingerprint()),
+            view,
             unreachable: BTreeSet::new(),
             replica,
             puts: BTreeMap::new(),
@@ -406,8 +442,13 @@ impl Node {
         self.config.shard
     }
 
+    /// The ring in force (the old one while a change moves in).
     pub fn ring(&self) -> &Ring {
-        &self.ring
+        self.view.ring()
+    }
+
+    pub fn view(&self) -> &RingView {
+        &self.view
     }
 
     /// The wall clock (Unix ms), before anything else: a hint restored at start is
@@ -417,11 +458,12 @@ impl Node {
         self.wall_ms = wall_ms;
     }
 
-    /// Adopts a newer ring (from gossip or an admin change).
-    pub fn set_ring(&mut self, ring: Ring) {
-        self.home = home_partitions(&self.config, &ring);
+    /// Adopts a newer ring view (from the node's ring keeper).
+    pub fn set_view(&mut self, now: Duration, view: RingView) {
+        let before = std::mem::replace(&mut self.view, view);
+        self.home = home_partitions(&self.config, &self.view);
         self.in_sync.retain(|p| self.home.binary_search(p).is_ok());
-        self.ring = ring;
+        self.transfers_view_changed(now, &before);
     }
 
     /// The ring partitions this state machine holds a home replica of.
@@ -483,6 +525,7 @@ impl Node {
             hints: self.hints.stats,
             anti_entropy: self.ae_stats,
             tombstones: self.tombstone_stats,
+            transfers: self.transfers.stats,
             ..self.stats.clone()
         }
     }
@@ -530,7 +573,7 @@ impl Node {
     /// the first request): handed off like any other once its target is seen up. Its
     /// age counts from `now`.
     pub fn restore_hint(&mut self, now: Duration, target: NodeId, key: Vec<u8>, bytes: u64) {
-        if target == self.config.node || !self.ring.is_member(target) {
+        if target == self.config.node || !self.view.is_member(target) {
             return;
         }
         self.hints.stored(target, &key, bytes, now);
@@ -557,6 +600,7 @@ impl Node {
             + self.handoffs.len()
             + self.listings.len()
             + self.pushes.len()
+            + self.transfers.open_work()
             + self.replica.busy_keys()
     }
 
@@ -616,8 +660,9 @@ impl Node {
         strict: bool,
         then: Option<ThenPut>,
     ) {
-        let partition = self.ring.partition_of(&key);
-        let placements = self.placements(partition, quorum.n(), strict);
+        let partition = self.view.ring().partition_of(&key);
+        let home = self.view.read_replicas(partition, quorum.n());
+        let placements = self.placements(partition, &home, strict);
         let asked: Vec<NodeId> = placements.iter().map(|p| p.node).collect();
         if asked.len() < quorum.r() {
             let error = ClientError::Unavailable {
@@ -671,15 +716,15 @@ impl Node {
         } else {
             context
         };
-        let partition = self.ring.partition_of(&put.key);
-        let placements = self.placements(partition, put.quorum.n(), put.strict);
+        let partition = self.view.ring().partition_of(&put.key);
+        let placements = self.write_placements(partition, put.quorum.n(), put.strict);
         if !placements.iter().any(|p| p.node == self.config.node) {
             match requester {
                 Requester::Client(client) => self.forward(now, client, partition, put),
                 // Rings or views disagree; forwarding on could loop.
                 Requester::Forwarder { .. } => {
                     let error = ClientError::NotReplica {
-                        replicas: self.ring.preference_list(partition, put.quorum.n()),
+                        replicas: self.view.read_replicas(partition, put.quorum.n()),
                     };
                     self.reply(requester, ClientReply::Put(Err(error)));
                 }
@@ -706,7 +751,8 @@ impl Node {
         } else {
             quorum.w()
         };
-        if let Some(error) = self.cannot_write(now, placements.len(), required) {
+        let groups = self.write_groups(partition, quorum.n());
+        if let Some(error) = self.cannot_write(now, &groups, &placements, required) {
             self.reply(requester, ClientReply::Put(Err(error)));
             return;
         }
@@ -731,6 +777,7 @@ impl Node {
             key,
             partition,
             placements,
+            groups,
             required: quorum.w(),
             read_stand_ins: 0,
             context,
@@ -747,9 +794,21 @@ impl Node {
     fn cannot_write(
         &self,
         now: Duration,
-        reachable: usize,
+        groups: &[Vec<NodeId>],
+        placements: &[Placement],
         required: usize,
     ) -> Option<ClientError> {
+        // Each group (two while the partition moves) needs `required` of its replicas
+        // asked, in person or through a stand-in.
+        let asked: BTreeSet<NodeId> = placements
+            .iter()
+            .map(|p| p.hint_for.unwrap_or(p.node))
+            .collect();
+        let reachable = groups
+            .iter()
+            .map(|group| group.iter().filter(|n| asked.contains(n)).count())
+            .min()
+            .unwrap_or(0);
         if reachable < required {
             return Some(ClientError::Unavailable {
                 required,
@@ -789,6 +848,7 @@ impl Node {
             key,
             partition,
             placements,
+            groups,
             required,
             read_stand_ins,
             context,
@@ -810,6 +870,7 @@ impl Node {
             deadline,
         );
         coordination.read_stand_ins = read_stand_ins;
+        coordination.groups = groups;
         coordination.hint_for = placements
             .iter()
             .filter_map(|p| Some((p.node, p.hint_for?)))
@@ -838,7 +899,7 @@ impl Node {
     ) {
         let required = put.quorum.w();
         let Some(to) = self
-            .placements(partition, put.quorum.n(), put.strict)
+            .write_placements(partition, put.quorum.n(), put.strict)
             .first()
             .map(|p| p.node)
         else {
@@ -892,7 +953,10 @@ impl Node {
                 key,
                 hint_for,
             } => {
-                if self.check_partition(partition, &key) && self.check_hint_target(hint_for) {
+                if self.check_partition(partition, &key)
+                    && self.check_hint_target(hint_for)
+                    && self.check_serving(partition, hint_for)
+                {
                     let origin = Origin {
                         node: from,
                         request,
@@ -911,7 +975,10 @@ impl Node {
                 versions,
                 hint_for,
             } => {
-                if self.check_partition(partition, &key) && self.check_hint_target(hint_for) {
+                if self.check_partition(partition, &key)
+                    && self.check_hint_target(hint_for)
+                    && self.check_serving(partition, hint_for)
+                {
                     let origin = Some(Origin {
                         node: from,
                         request,
@@ -926,6 +993,10 @@ impl Node {
                 }
             }
             PeerMessage::WriteAck { request } => self.on_write_ack(now, from, request),
+            PeerMessage::TransferDone {
+                partition,
+                fingerprint,
+            } => self.on_transfer_done(from, partition, fingerprint),
             PeerMessage::WriteRefused { request, refusal } => {
                 self.on_write_refused(now, from, request, refusal)
             }
@@ -934,7 +1005,7 @@ impl Node {
                 key,
                 versions,
             } => {
-                if self.check_partition(partition, &key) {
+                if self.check_partition(partition, &key) && self.check_serving(partition, None) {
                     self.stats.repairs_received += 1;
                     let job = Job::Merge {
                         origin: None,
@@ -949,14 +1020,14 @@ impl Node {
                 partition,
                 put,
             } => {
-                if self.ring.partition_of(&put.key) != partition {
+                if self.view.ring().partition_of(&put.key) != partition {
                     // Rings disagree: say so rather than let the forwarder time out.
                     self.count(DropReason::WrongPartition);
                     let requester = Requester::Forwarder {
                         node: from,
                         request,
                     };
-                    let replicas = self.ring.preference_list_for_key(&put.key, put.quorum.n());
+                    let replicas = self.view.read_replicas(partition, put.quorum.n());
                     let error = ClientError::NotReplica { replicas };
                     self.reply(requester, ClientReply::Put(Err(error)));
                 } else if self.take_forward(now, from, request) {
@@ -1046,9 +1117,12 @@ impl Node {
         self.behind = false;
         let n = self.config.quorum.n();
         for partition in order {
+            if self.transfers.handed_over(partition) {
+                continue;
+            }
             let peers: Vec<NodeId> = self
-                .ring
-                .preference_list(partition, n)
+                .view
+                .read_replicas(partition, n)
                 .into_iter()
                 .filter(|&p| p != self.config.node && !self.unreachable.contains(&p))
                 .collect();
@@ -1266,10 +1340,12 @@ impl Node {
     /// Whether this node and `peer` are both home replicas of `partition` (a ring
     /// partition: hint shelves are never exchanged).
     fn is_co_replica(&self, peer: NodeId, partition: PartitionId) -> bool {
-        if partition.0 >= self.ring.partition_count() {
+        if partition.0 >= self.view.ring().partition_count()
+            || self.transfers.handed_over(partition)
+        {
             return false;
         }
-        let replicas = self.ring.preference_list(partition, self.config.quorum.n());
+        let replicas = self.view.read_replicas(partition, self.config.quorum.n());
         replicas.contains(&self.config.node) && replicas.contains(&peer)
     }
 
@@ -1308,6 +1384,11 @@ impl Node {
             let handoff = self.handoffs.remove(&id).expect("looked up just above");
             self.hints.release(handoff.target, &handoff.key);
             self.arm_handoff(now + self.config.hints.retry_interval);
+            self.flush_local(now);
+            return;
+        }
+        if self.transfers.owns_request(id) {
+            self.on_transfer_timer(now, id);
             self.flush_local(now);
             return;
         }
@@ -1357,8 +1438,18 @@ impl Node {
 
     pub fn handle_storage(&mut self, now: Duration, completion: StorageCompletion) {
         if let StorageCompletion::Listed { op, keys } = completion {
-            self.on_listed(now, op, keys);
+            if self.transfers.owns_listing(op) {
+                self.on_transfer_listed(now, op, keys);
+            } else {
+                self.on_listed(now, op, keys);
+            }
             self.flush_local(now);
+            return;
+        }
+        if let StorageCompletion::Write { op, result } = &completion
+            && self.transfers.owns_drop(*op)
+        {
+            self.on_partition_dropped(*op, result.is_ok());
             return;
         }
         let mut events = Vec::new();
@@ -1394,8 +1485,7 @@ impl Node {
     /// and unless `strict`, for each unreachable one the next reachable node along
     /// the ring (Dynamo §4.6), standing in for it. This node does not stand in where
     /// its hints for that replica are full.
-    fn placements(&self, partition: PartitionId, n: usize, strict: bool) -> Vec<Placement> {
-        let home = self.ring.preference_list(partition, n);
+    fn placements(&self, partition: PartitionId, home: &[NodeId], strict: bool) -> Vec<Placement> {
         let mut placements: Vec<Placement> = home
             .iter()
             .filter(|node| !self.unreachable.contains(node))
@@ -1412,9 +1502,8 @@ impl Node {
             .copied()
             .filter(|node| self.unreachable.contains(node));
         let mut target = down.next();
-        let walk = self
-            .ring
-            .preference_list(partition, self.ring.member_count());
+        let ring = self.view.ring();
+        let walk = ring.preference_list(partition, ring.member_count());
         for node in walk.into_iter().skip(home.len()) {
             let Some(for_node) = target else {
                 break;
@@ -1435,6 +1524,48 @@ impl Node {
         placements
     }
 
+    /// The nodes a write of `partition` asks: the replicas of every write group (both
+    /// rings' while the partition moves), with stand-ins for the unreachable ones.
+    fn write_placements(&self, partition: PartitionId, n: usize, strict: bool) -> Vec<Placement> {
+        let mut home: Vec<NodeId> = Vec::new();
+        for node in self.write_groups(partition, n).into_iter().flatten() {
+            if !home.contains(&node) {
+                home.push(node);
+            }
+        }
+        self.placements(partition, &home, strict)
+    }
+
+    /// The replica sets a write of `partition` must reach W in (see `RingView`).
+    fn write_groups(&self, partition: PartitionId, n: usize) -> Vec<Vec<NodeId>> {
+        let mut groups = self.view.write_groups(partition, n);
+        if self.config.sabotage.old_ring_writes_only {
+            groups.truncate(1);
+        }
+        groups
+    }
+
+    /// Whether this node serves `partition` under its view (a hint for another node
+    /// is kept whatever the partition). A request it does not serve is dropped: a
+    /// replica that handed a partition over must not answer for it, or a reader on
+    /// an older view could count it while it misses newer writes.
+    fn check_serving(&mut self, partition: PartitionId, hint_for: Option<NodeId>) -> bool {
+        if hint_for.is_some_and(|t| t != self.config.node) {
+            return true;
+        }
+        if self.serves(partition) {
+            return true;
+        }
+        self.count(DropReason::NotServing);
+        false
+    }
+
+    fn serves(&self, partition: PartitionId) -> bool {
+        self.view
+            .serves(self.config.node, partition, self.config.quorum.n())
+            && !self.transfers.handed_over(partition)
+    }
+
     /// Where this node keeps its own copy of a request's key: at home, or among the
     /// hints for the replica it stands in for.
     fn shelf_of(&self, placements: &[Placement], partition: PartitionId) -> Shelf {
@@ -1453,7 +1584,7 @@ impl Node {
     /// Hints are only kept for ring members: a target no ring holds would never come
     /// back for them, and each would get its own byte bound.
     fn check_hint_target(&mut self, hint_for: Option<NodeId>) -> bool {
-        if hint_for.is_none_or(|target| self.ring.is_member(target)) {
+        if hint_for.is_none_or(|target| self.view.is_member(target)) {
             return true;
         }
         self.count(DropReason::UnknownHintTarget);
@@ -1467,7 +1598,7 @@ impl Node {
             self.count(DropReason::KeyTooLong);
             return false;
         }
-        if self.ring.partition_of(key) == partition {
+        if self.view.ring().partition_of(key) == partition {
             return true;
         }
         self.count(DropReason::WrongPartition);
@@ -1482,6 +1613,10 @@ impl Node {
         let me = from == self.config.node;
         if me && (self.sweep_of_read.contains_key(&id) || self.check_of_read.contains_key(&id)) {
             self.on_tombstone_read(now, id, versions);
+            return;
+        }
+        if me && self.transfers.owns_request(id) {
+            self.on_transfer_read(now, id, versions);
             return;
         }
         if from == self.config.node
@@ -1550,15 +1685,16 @@ impl Node {
             return;
         }
         // What held when the read started may not hold now.
-        let placements = self.placements(partition, then.quorum.n(), then.strict);
+        let placements = self.write_placements(partition, then.quorum.n(), then.strict);
         if !placements.iter().any(|p| p.node == self.config.node) {
             let error = ClientError::NotReplica {
-                replicas: self.ring.preference_list(partition, then.quorum.n()),
+                replicas: self.view.read_replicas(partition, then.quorum.n()),
             };
             self.reply(requester, ClientReply::Put(Err(error)));
             return;
         }
-        if let Some(error) = self.cannot_write(now, placements.len(), then.quorum.w()) {
+        let groups = self.write_groups(partition, then.quorum.n());
+        if let Some(error) = self.cannot_write(now, &groups, &placements, then.quorum.w()) {
             self.reply(requester, ClientReply::Put(Err(error)));
             return;
         }
@@ -1572,6 +1708,7 @@ impl Node {
             key,
             partition,
             placements,
+            groups,
             required: then.quorum.w(),
             read_stand_ins,
             context,
@@ -1635,8 +1772,16 @@ impl Node {
     }
 
     fn on_write_ack(&mut self, now: Duration, from: NodeId, id: RequestId) {
-        if self.handoffs.get(&id).is_some_and(|h| h.target == from) {
+        if self
+            .handoffs
+            .get(&id)
+            .is_some_and(|h| h.sent_to == Some(from))
+        {
             self.on_handoff_ack(now, id);
+            return;
+        }
+        if self.transfers.owns_request(id) {
+            self.on_transfer_ack(now, from, id, true);
             return;
         }
         let Some(put) = self.puts.get_mut(&id) else {
@@ -1670,7 +1815,15 @@ impl Node {
     /// the quorum, the client hears why (not a timeout): the write may stand on the
     /// replicas that did store it, as a write that timed out may.
     fn on_write_refused(&mut self, now: Duration, from: NodeId, id: RequestId, refusal: TooLarge) {
-        if self.handoffs.get(&id).is_some_and(|h| h.target == from) {
+        if self.transfers.owns_request(id) {
+            self.on_transfer_ack(now, from, id, false);
+            return;
+        }
+        if self
+            .handoffs
+            .get(&id)
+            .is_some_and(|h| h.sent_to == Some(from))
+        {
             // The target cannot merge it (its store's limits); it stays a hint, and
             // read repair or a client's resolution settles the key.
             let handoff = self.handoffs.remove(&id).expect("looked up just above");
@@ -1756,9 +1909,11 @@ impl Node {
             .get_or_insert_with(|| Throttle::new(rate, now));
         let mut ready = throttle.ready(now);
         while ready && self.handoffs.len() < config.handoff_in_flight {
-            let unreachable = &self.unreachable;
-            let Some((target, key, bytes)) = self.hints.take_next(|t| !unreachable.contains(&t))
-            else {
+            let (unreachable, view) = (&self.unreachable, &self.view);
+            // A target that left the ring is not waited for: its hints go to the
+            // key's replicas now (see `send_handoff`).
+            let ready_target = |t: NodeId| !unreachable.contains(&t) || !view.is_member(t);
+            let Some((target, key, bytes)) = self.hints.take_next(ready_target) else {
                 break;
             };
             let throttle = self.throttle.as_mut().expect("made above");
@@ -1787,6 +1942,7 @@ impl Node {
             target,
             key: key.clone(),
             sent: None,
+            sent_to: None,
             deadline,
             expire,
         };
@@ -1828,9 +1984,26 @@ impl Node {
             self.submit(now, handoff.key, shelf, job);
             return;
         }
-        handoff.sent = Some(versions.clone());
         let (target, key) = (handoff.target, handoff.key.clone());
-        let partition = self.ring.partition_of(&key);
+        let partition = self.view.ring().partition_of(&key);
+        // The hint's target may no longer hold the key (a membership change moved
+        // its partition, or the target left): the key's replicas take it instead.
+        let n = self.config.quorum.n();
+        let destination = if self.view.serves(target, partition, n) {
+            Some(target)
+        } else {
+            (self.view.read_replicas(partition, n).into_iter())
+                .find(|r| !self.unreachable.contains(r))
+        };
+        let Some(destination) = destination else {
+            let handoff = self.handoffs.remove(&id).expect("looked up just above");
+            self.hints.release(handoff.target, &handoff.key);
+            self.arm_handoff(now + self.config.hints.retry_interval);
+            return;
+        };
+        let handoff = self.handoffs.get_mut(&id).expect("looked up just above");
+        handoff.sent = Some(versions.clone());
+        handoff.sent_to = Some(destination);
         let message = PeerMessage::Write {
             request: id,
             partition,
@@ -1838,7 +2011,7 @@ impl Node {
             versions,
             hint_for: None,
         };
-        self.send(target, message);
+        self.send(destination, message);
         if self.config.sabotage.drop_hints_unacked {
             self.handoffs.remove(&id);
             self.hints.stats.handed_off += 1;
@@ -2049,6 +2222,8 @@ struct Coordinate {
     key: Vec<u8>,
     partition: PartitionId,
     placements: Vec<Placement>,
+    /// The replica sets that must each reach `required` acks.
+    groups: Vec<Vec<NodeId>>,
     required: usize,
     /// Stand-ins among the answers of the read before this write (SET, DEL).
     read_stand_ins: u32,
@@ -2059,13 +2234,13 @@ struct Coordinate {
     wall_ms: u64,
 }
 
-/// The ring partitions `config`'s shard holds a home replica of, in order.
-fn home_partitions(config: &NodeConfig, ring: &Ring) -> Vec<PartitionId> {
+/// The ring partitions `config`'s shard answers reads of, in order.
+fn home_partitions(config: &NodeConfig, view: &RingView) -> Vec<PartitionId> {
     let n = config.quorum.n();
-    (0..ring.partition_count())
+    (0..view.ring().partition_count())
         .map(PartitionId)
         .filter(|&p| config.shards.owner(p) == config.shard)
-        .filter(|&p| ring.preference_list(p, n).contains(&config.node))
+        .filter(|&p| view.read_replicas(p, n).contains(&config.node))
         .collect()
 }
 
@@ -2087,8 +2262,10 @@ fn too_large_error(too_large: TooLarge) -> ClientError {
 struct Handoff {
     target: NodeId,
     key: Vec<u8>,
-    /// What was read from the hint and sent (None while the local read runs).
+    /// What was read from the hint and sent (None while the local read runs), and to
+    /// whom: the target, or a replica of the key if the target no longer holds it.
     sent: Option<VersionSet>,
+    sent_to: Option<NodeId>,
     deadline: Duration,
     /// Read to remove it at its age bound, not to send it.
     expire: bool,

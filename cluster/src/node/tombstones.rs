@@ -123,6 +123,12 @@ impl Node {
         if self.config.tombstone_grace.is_none() {
             return;
         }
+        // While a membership change moves partitions, "every replica" is a moving
+        // set: sweeps wait for the change to end (their answers are dropped).
+        if !self.view.is_stable() {
+            self.sweeps.clear();
+            return;
+        }
         let expired: Vec<u64> = (self.sweeps.iter())
             .filter(|(_, s)| s.deadline <= now)
             .map(|(&id, _)| id)
@@ -170,7 +176,7 @@ impl Node {
             }
             // Once per settle time at most; longer when its tombstones are young.
             self.sweep_not_before.insert(partition, now + self.settle());
-            let peers: Vec<NodeId> = (self.ring.preference_list(partition, n).into_iter())
+            let peers: Vec<NodeId> = (self.view.read_replicas(partition, n).into_iter())
                 .filter(|&p| p != self.config.node)
                 .collect();
             if peers.iter().any(|p| self.unreachable.contains(p)) {
@@ -448,7 +454,9 @@ impl Node {
             return;
         }
         let reading: usize = self.peer_checks.values().map(|c| c.reads.len()).sum();
-        if keys.len() > SWEEP_KEYS_MAX || reading + keys.len() > PEER_CHECK_KEYS_MAX {
+        let too_many = keys.len() > SWEEP_KEYS_MAX || reading + keys.len() > PEER_CHECK_KEYS_MAX;
+        // During a membership change nothing is confirmed (see `tick_tombstones`).
+        if too_many || !self.view.is_stable() {
             // Answered "none held", so the sweeper ends the round now rather than at
             // its deadline, and asks again after its partition rests.
             self.count(DropReason::TombstoneCheckRefused);
@@ -465,7 +473,7 @@ impl Node {
         self.next_sweep = self.next_sweep.wrapping_add(1);
         let mut reads = BTreeMap::new();
         for (key, expected) in keys {
-            if key.len() > self.config.key_max || self.ring.partition_of(&key) != partition {
+            if key.len() > self.config.key_max || self.view.ring().partition_of(&key) != partition {
                 continue;
             }
             let id = self.new_request_id();

@@ -172,6 +172,10 @@ pub enum WireMessage {
         sweep: u64,
         keys: Vec<Vec<u8>>,
     },
+    TransferDone {
+        partition: u32,
+        fingerprint: u64,
+    },
 }
 
 /// A key with its stored versions.
@@ -518,6 +522,13 @@ impl From<&PeerMessage> for WireMessage {
                 sweep: *sweep,
                 keys: keys.clone(),
             },
+            PeerMessage::TransferDone {
+                partition,
+                fingerprint,
+            } => WireMessage::TransferDone {
+                partition: partition.0,
+                fingerprint: *fingerprint,
+            },
         }
     }
 }
@@ -684,6 +695,13 @@ impl ArchivedWireMessage {
                 partition: PartitionId(partition.to_native()),
                 sweep: sweep.to_native(),
                 keys: keys.iter().map(|k| k.to_vec()).collect(),
+            },
+            ArchivedWireMessage::TransferDone {
+                partition,
+                fingerprint,
+            } => PeerMessage::TransferDone {
+                partition: PartitionId(partition.to_native()),
+                fingerprint: fingerprint.to_native(),
             },
         })
     }
@@ -998,6 +1016,10 @@ mod tests {
                 partition: PartitionId(5),
                 sweep: 7,
                 keys: vec![b"k".to_vec(), Vec::new()],
+            },
+            PeerMessage::TransferDone {
+                partition: PartitionId(5),
+                fingerprint: u64::MAX,
             },
         ]
         .into_iter()

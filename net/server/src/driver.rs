@@ -67,6 +67,9 @@ pub struct ShardDriver<D: Disk> {
     pumping: Cell<bool>,
     /// When the node's tombstone sweeps were last ticked.
     tombstones_swept: Cell<Duration>,
+    /// Partitions this shard received in full during a membership change, for the
+    /// node's ring keeper (`take_moved`).
+    moved: RefCell<Vec<(PartitionId, u64)>>,
 }
 
 /// How often tombstone sweeps are started and moved on (see
@@ -112,6 +115,7 @@ impl<D: Disk> ShardDriver<D> {
             progress_said: Cell::new(Duration::ZERO),
             pumping: Cell::new(false),
             tombstones_swept: Cell::new(Duration::ZERO),
+            moved: RefCell::new(Vec::new()),
         });
         let ticker = Rc::downgrade(&driver);
         driver.ticker.spawn(async move {
@@ -483,6 +487,10 @@ impl<D: Disk> ShardDriver<D> {
                     Some(peers) => peers.send(to, &message),
                     None => tracing::warn!(?to, "no peer transport: message dropped"),
                 },
+                Action::Moved {
+                    partition,
+                    fingerprint,
+                } => self.moved.borrow_mut().push((partition, fingerprint)),
             }
         }
     }
@@ -565,6 +573,16 @@ impl<D: Disk> ShardDriver<D> {
                     Err(err) => Err(StorageFailure(err.to_string())),
                 };
                 StorageCompletion::Write { op, result }
+            }
+            StorageOp::DropPartition { op, partition } => {
+                let dropped = self.store.drop_partition(partition.0).await;
+                if dropped.is_ok() {
+                    tracing::info!(partition = partition.0, "partition moved away: dropped");
+                }
+                StorageCompletion::Write {
+                    op,
+                    result: dropped.map_err(|e| StorageFailure(e.to_string())),
+                }
             }
             StorageOp::Remove { op, shelf, key } => {
                 // A durable marker (a tombstone with no version), then forgotten from
