@@ -21,7 +21,9 @@ use ringkv_cluster::{
 };
 use xxhash_rust::xxh3::Xxh3;
 
-use ringkv_proto::peer_message::{Incoming, PeerInput, PeerWireError, encode_peer_message};
+use ringkv_proto::peer_message::{
+    Incoming, PeerInput, PeerWireError, encode_peer_message, encode_ring_view,
+};
 
 use crate::checker::{self, Checker, Violation};
 use crate::dice::Dice;
@@ -95,12 +97,13 @@ enum Event {
     MembershipChange,
     /// Ring keepers push their views, and shards run their transfers.
     KeeperTick,
-    /// A ring view from one node's keeper to another's, over the faulty network.
+    /// A ring view from one node's keeper to another's, over the faulty network, in
+    /// its wire form (decoded on arrival as a server would).
     DeliverView {
         from: NodeId,
         to: NodeId,
         incarnation: u32,
-        view: RingView,
+        bytes: Vec<u8>,
     },
 }
 
@@ -425,6 +428,9 @@ impl World {
             // Debug-formatting the bytes would be slow; hash them raw.
             Event::Deliver {
                 from, to, bytes, ..
+            }
+            | Event::DeliverView {
+                from, to, bytes, ..
             } => {
                 let header = format!("{:?} deliver {from:?}->{to:?} ", self.now);
                 self.hasher.update(header.as_bytes());
@@ -549,12 +555,16 @@ impl World {
                 from,
                 to,
                 incarnation,
-                view,
+                bytes,
             } => {
                 if !self.is_current(to, incarnation) {
                     self.stats.messages_to_dead_incarnations += 1;
                     return;
                 }
+                let view = match PeerInput::new(&bytes).next_message() {
+                    Ok(Some(Incoming::Ring(view))) => view,
+                    other => panic!("{from:?} -> {to:?}: not a ring view: {other:?}"),
+                };
                 let now = self.now;
                 if let Some(keeper) = self.sim_node_mut(to).keeper.as_mut() {
                     keeper.handle(now, from, view);
@@ -741,12 +751,14 @@ impl World {
                 return;
             }
         }
+        let mut bytes = Vec::new();
+        encode_ring_view(&view, &mut bytes).expect("views fit a frame");
         let delay = self.delay();
         let deliver = Event::DeliverView {
             from,
             to,
             incarnation,
-            view,
+            bytes,
         };
         self.schedule(delay, deliver);
     }
@@ -1967,7 +1979,9 @@ impl World {
 fn decode_as_received(frame: &[u8]) -> Result<PeerMessage, PeerWireError> {
     match PeerInput::new(frame).next_message()? {
         Some(Incoming::Message { message, .. }) => Ok(message),
-        Some(Incoming::Gossip(_)) => Err(PeerWireError::Archive("gossip, not modelled".into())),
+        Some(Incoming::Gossip(_) | Incoming::Ring(_)) => {
+            Err(PeerWireError::Archive("not a replication message".into()))
+        }
         None => Err(PeerWireError::Archive("an incomplete frame".into())),
     }
 }

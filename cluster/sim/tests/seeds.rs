@@ -650,6 +650,11 @@ fn membership_change(settings: &mut ringkv_sim::Settings) {
         settings.nodes = settings.nodes.max(4);
     }
     settings.loss_victim = None;
+    // Store limits low enough to refuse merges make a new replica refuse streamed
+    // keys too (counted, not retried): not this profile's subject.
+    settings.siblings_max = 100;
+    settings.stored_value_max = usize::MAX;
+    settings.stored_version_max = usize::MAX;
     settings.keys = settings.keys.max(12);
     settings.safety_ms = settings.safety_ms.max(4_000);
     settings.membership = Some(MembershipChange {

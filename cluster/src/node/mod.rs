@@ -362,6 +362,12 @@ impl Node {
 
     /// A node starting with a change in progress (a view kept across a restart).
     pub fn with_view(config: NodeConfig, view: RingView) -> Self {
+        let mut node = Node::starting(config, view);
+        node.assume_handed_over();
+        node
+    }
+
+    fn starting(config: NodeConfig, view: RingView) -> Self {
         // The sabotage seeds every start alike, as a stored incarnation that was lost
         // would be: each start draws the epochs the previous one drew.
         let seed = if config.sabotage.reuse_actor {

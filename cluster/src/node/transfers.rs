@@ -147,6 +147,20 @@ impl Node {
             || self.transfers.streams.values().any(|s| !s.finished())
     }
 
+    /// At start, every partition this node leaves under the change in progress counts
+    /// as handed over: whether it was before the restart is not stored, and serving it
+    /// again would let a reader on an older view count this node while it misses
+    /// writes the new replicas acknowledged. (Its writes reach W among the others, and
+    /// it still streams the partition from its store.)
+    pub(super) fn assume_handed_over(&mut self) {
+        let me = self.config.node;
+        let leaving: Vec<PartitionId> = (self.view.pending())
+            .filter(|&p| self.config.shards.owner(p) == self.config.shard)
+            .filter(|&p| self.view.lost(p).contains(&me))
+            .collect();
+        self.transfers.handed_over.extend(leaving);
+    }
+
     /// Runs this shard's part of the change in progress (the driver calls this every
     /// 100 ms or so): streams start once `allowed` (the ring keeper's word that every
     /// member holds the change and it has settled), and partitions moved away are

@@ -16,6 +16,7 @@ pub mod native;
 pub mod peer;
 pub mod peer_gossip;
 pub mod peer_message;
+pub mod peer_ring;
 pub mod resp;
 pub mod topology;
 

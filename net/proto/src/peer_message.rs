@@ -22,14 +22,15 @@ use ringkv_cluster::codec::{Context, DecodeError, StoredVersions, decode_version
 use ringkv_cluster::ring::NODE_ID_MAX;
 use ringkv_cluster::{
     Actor, ClientError, ConflictMode, Dot, ForwardedPut, GossipMessage, InvalidArgument, NodeId,
-    PartitionId, PeerMessage, PutOutcome, Quorum, QuorumError, RequestId, Supersedes, TooLarge,
-    VersionSet, Written,
+    PartitionId, PeerMessage, PutOutcome, Quorum, QuorumError, RequestId, RingView, Supersedes,
+    TooLarge, VersionSet, Written,
 };
 use rkyv::rancor;
 use thiserror::Error;
 
 use crate::frame::{FrameError, MAX_FRAME};
 use crate::peer_gossip::WireGossip;
+use crate::peer_ring::WireView;
 
 /// Bytes before every peer frame's archive: its length (u32 LE), then zeroes.
 pub const PEER_HEADER_LEN: usize = 16;
@@ -62,6 +63,9 @@ pub enum PeerWireError {
     /// The archive is sound but carries an invalid version set or context.
     #[error("invalid version set: {0}")]
     Versions(#[from] DecodeError),
+    /// A ring view whose ring or change does not hold together.
+    #[error("invalid ring view: {0}")]
+    Ring(String),
 }
 
 /// What flows on a peer connection after the handshake.
@@ -76,6 +80,9 @@ pub enum PeerFrame {
     },
     /// Membership gossip for the receiving node's membership (`ringkv_cluster::Membership`).
     Gossip { message: WireGossip },
+    /// The sender's ring view, for the receiving node's ring keeper
+    /// (`ringkv_cluster::RingKeeper`).
+    Ring { view: WireView },
 }
 
 /// What one peer frame carries, decoded.
@@ -86,6 +93,7 @@ pub enum Incoming {
         message: PeerMessage,
     },
     Gossip(GossipMessage),
+    Ring(RingView),
 }
 
 /// The archived form of a [`PeerMessage`].
@@ -272,6 +280,14 @@ pub fn encode_gossip(message: &GossipMessage, out: &mut Vec<u8>) -> Result<(), F
     encode_frame(&frame, out)
 }
 
+/// Appends a ring view to `out` as one padded peer frame.
+pub fn encode_ring_view(view: &RingView, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    let frame = PeerFrame::Ring {
+        view: WireView::from(view),
+    };
+    encode_frame(&frame, out)
+}
+
 fn encode_frame(frame: &PeerFrame, out: &mut Vec<u8>) -> Result<(), FrameError> {
     // Serialising plain integers and byte vectors into memory cannot fail.
     let archive = rkyv::to_bytes::<rancor::Error>(frame)
@@ -377,6 +393,7 @@ pub fn decode_peer_message(archive: &[u8]) -> Result<Incoming, PeerWireError> {
             message: message.to_message()?,
         },
         ArchivedPeerFrame::Gossip { message } => Incoming::Gossip(message.to_message()?),
+        ArchivedPeerFrame::Ring { view } => Incoming::Ring(view.to_view()?),
     })
 }
 
@@ -1147,8 +1164,53 @@ mod tests {
                 from_shard,
                 message,
             } => (from_shard, message),
-            Incoming::Gossip(gossip) => panic!("expected a replication message, got {gossip:?}"),
+            other => panic!("expected a replication message, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn ring_views_round_trip_and_bad_ones_are_refused() {
+        use ringkv_cluster::{Member, Ring, RingChange, ZoneId};
+        let members = [
+            Member::in_zone(NodeId(1), ZoneId(7)),
+            Member::new(NodeId(2)),
+            Member::new(NodeId(3)),
+        ];
+        let stable = RingView::stable(Ring::new(64, &members).unwrap(), 3);
+        let joining = stable
+            .start(RingChange::Join(Member::in_zone(NodeId(9), ZoneId(7))))
+            .unwrap();
+        let mut half_moved = joining.clone();
+        let first = half_moved.pending().next().unwrap();
+        half_moved.mark_moved(first, joining.fingerprint());
+        let leaving = stable.start(RingChange::Leave(NodeId(2)));
+        let replacing = stable
+            .start(RingChange::Replace {
+                dead: NodeId(3),
+                with: Member::new(NodeId(4)),
+            })
+            .unwrap();
+        for view in [stable.clone(), joining, half_moved, replacing]
+            .into_iter()
+            .chain(leaving.ok())
+        {
+            let mut wire = Vec::new();
+            encode_ring_view(&view, &mut wire).unwrap();
+            assert_eq!(decode_incoming(&wire).unwrap(), Incoming::Ring(view));
+        }
+        // A view whose owners name a stranger, or whose change cannot apply, is refused.
+        let mut wire_view = WireView::from(&stable);
+        let bad = |view: &WireView| {
+            let frame = PeerFrame::Ring { view: view.clone() };
+            let mut wire = Vec::new();
+            encode_frame(&frame, &mut wire).unwrap();
+            decode_incoming(&wire)
+        };
+        let original = wire_view.clone();
+        wire_view = WireView::stranger_owner(wire_view);
+        assert!(matches!(bad(&wire_view), Err(PeerWireError::Ring(_))));
+        let joins_twice = WireView::joining_member(original, 1);
+        assert!(matches!(bad(&joins_twice), Err(PeerWireError::Ring(_))));
     }
 
     #[test]

@@ -392,6 +392,11 @@ pub async fn serve(
                     }
                 }
                 Some(Incoming::Gossip(message)) => shard.gossip(from, message).await,
+                // The server's membership is still static (`--peers`): no ring keeper
+                // runs here yet, and no node of this version sends views.
+                Some(Incoming::Ring(view)) => {
+                    tracing::debug!(node = from.0, epoch = view.epoch(), "ring view ignored");
+                }
             }
         }
         if shard.is_stopping() {
