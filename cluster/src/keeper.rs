@@ -115,7 +115,7 @@ impl RingKeeper {
 
     /// A peer's view: merged, and answered with this node's when they differ.
     pub fn handle(&mut self, now: Duration, from: NodeId, theirs: RingView) {
-        if from == self.me {
+        if from == self.me || !self.view.same_cluster(&theirs) {
             return;
         }
         self.reported.insert(from, Reported::of(&theirs));
@@ -123,7 +123,10 @@ impl RingKeeper {
         if merged.merge(&theirs) {
             self.adopt(now, merged);
         }
-        if self.view != theirs {
+        // Answered only if this view teaches the sender something: two views that
+        // cannot merge must not bounce for ever.
+        let mut taught = theirs;
+        if taught.merge(&self.view) {
             self.sends.push_back((from, self.view.clone()));
         }
         self.check_agreement(now);

@@ -69,6 +69,8 @@ pub enum RingError {
     UnknownMember(NodeId),
     #[error("node id {0} is above the largest allowed, {NODE_ID_MAX}")]
     NodeIdTooLarge(u32),
+    #[error("the ring epoch cannot grow further")]
+    EpochExhausted,
     #[error("unbalanced ring: nodes hold between {min} and {max} partitions")]
     Unbalanced { min: usize, max: usize },
 }
@@ -135,7 +137,7 @@ impl Ring {
         }
         let mut next = self.clone();
         next.members.insert(member.node, member);
-        next.epoch += 1;
+        next.epoch = next.epoch.checked_add(1).ok_or(RingError::EpochExhausted)?;
         let share = partitions as usize / next.members.len();
         let mut held = next.holdings();
         held.insert(member.node, BTreeSet::new());
@@ -166,7 +168,7 @@ impl Ring {
         let partitions = self.partition_count();
         let mut next = self.clone();
         next.members.remove(&node);
-        next.epoch += 1;
+        next.epoch = next.epoch.checked_add(1).ok_or(RingError::EpochExhausted)?;
         let mut held = self.holdings();
         let orphans = held.remove(&node).unwrap_or_default();
         for orphan in orphans {
@@ -196,7 +198,7 @@ impl Ring {
         let mut next = self.clone();
         next.members.remove(&dead);
         next.members.insert(with.node, with);
-        next.epoch += 1;
+        next.epoch = next.epoch.checked_add(1).ok_or(RingError::EpochExhausted)?;
         for owner in next.owners.iter_mut().filter(|o| **o == dead) {
             *owner = with.node;
         }

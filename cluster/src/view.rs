@@ -290,9 +290,7 @@ impl RingView {
     /// Takes whatever `other` knows that this view does not; true if anything changed.
     /// Views of another cluster (other N or partition count) are ignored.
     pub fn merge(&mut self, other: &RingView) -> bool {
-        let same_cluster = other.replicas == self.replicas
-            && other.ring.partition_count() == self.ring.partition_count();
-        if !same_cluster {
+        if !self.same_cluster(other) {
             return false;
         }
         let rank = |v: &RingView| (v.epoch(), v.is_stable(), v.fingerprint());
@@ -313,6 +311,12 @@ impl RingView {
             }
             _ => false,
         }
+    }
+
+    /// Whether `other` is a view of the same cluster (same N and partition count).
+    pub fn same_cluster(&self, other: &RingView) -> bool {
+        other.replicas == self.replicas
+            && other.ring.partition_count() == self.ring.partition_count()
     }
 
     fn lists(&self, partition: PartitionId) -> (Vec<NodeId>, Vec<NodeId>) {

@@ -37,7 +37,7 @@ use crate::request::{
 use crate::ring::{NodeId, PartitionId, Ring};
 use crate::shard_map::ShardMap;
 use crate::version::{Value, VersionSet};
-use crate::view::RingView;
+use crate::view::{RingChange, RingView};
 
 pub mod tombstones;
 pub mod transfers;
@@ -579,7 +579,8 @@ impl Node {
     /// the first request): handed off like any other once its target is seen up. Its
     /// age counts from `now`.
     pub fn restore_hint(&mut self, now: Duration, target: NodeId, key: Vec<u8>, bytes: u64) {
-        if target == self.config.node || !self.view.is_member(target) {
+        // A hint for a node that left is kept too: it goes to the key's replicas.
+        if target == self.config.node {
             return;
         }
         self.hints.stored(target, &key, bytes, now);
@@ -947,6 +948,14 @@ impl Node {
     }
 
     pub fn handle_message(&mut self, now: Duration, from: NodeId, message: PeerMessage) {
+        // A node being replaced is taken for dead: if it is not (cut off, not
+        // crashed), nothing it says (answers, acks, requests) is counted.
+        if let Some(RingChange::Replace { dead, .. }) = self.view.change()
+            && dead == from
+        {
+            self.count(DropReason::NotServing);
+            return;
+        }
         self.dispatch(now, from, message);
         self.flush_local(now);
     }
@@ -961,7 +970,7 @@ impl Node {
             } => {
                 if self.check_partition(partition, &key)
                     && self.check_hint_target(hint_for)
-                    && self.check_serving(partition, hint_for)
+                    && self.check_serving(partition, hint_for, true)
                 {
                     let origin = Origin {
                         node: from,
@@ -983,7 +992,7 @@ impl Node {
             } => {
                 if self.check_partition(partition, &key)
                     && self.check_hint_target(hint_for)
-                    && self.check_serving(partition, hint_for)
+                    && self.check_serving(partition, hint_for, false)
                 {
                     let origin = Some(Origin {
                         node: from,
@@ -1011,7 +1020,9 @@ impl Node {
                 key,
                 versions,
             } => {
-                if self.check_partition(partition, &key) && self.check_serving(partition, None) {
+                if self.check_partition(partition, &key)
+                    && self.check_serving(partition, None, false)
+                {
                     self.stats.repairs_received += 1;
                     let job = Job::Merge {
                         origin: None,
@@ -1510,11 +1521,12 @@ impl Node {
         let mut target = down.next();
         let ring = self.view.ring();
         let walk = ring.preference_list(partition, ring.member_count());
-        for node in walk.into_iter().skip(home.len()) {
+        for node in walk {
             let Some(for_node) = target else {
                 break;
             };
-            if self.unreachable.contains(&node) {
+            // A home node (of either ring, while a partition moves) is no stand-in.
+            if home.contains(&node) || self.unreachable.contains(&node) {
                 continue;
             }
             let full = node == self.config.node && !self.replica.hint_room_left(for_node);
@@ -1555,21 +1567,39 @@ impl Node {
     /// is kept whatever the partition). A request it does not serve is dropped: a
     /// replica that handed a partition over must not answer for it, or a reader on
     /// an older view could count it while it misses newer writes.
-    fn check_serving(&mut self, partition: PartitionId, hint_for: Option<NodeId>) -> bool {
+    fn check_serving(
+        &mut self,
+        partition: PartitionId,
+        hint_for: Option<NodeId>,
+        read: bool,
+    ) -> bool {
         if hint_for.is_some_and(|t| t != self.config.node) {
             return true;
         }
-        if self.serves(partition) {
+        if self.serves(partition, read) {
             return true;
         }
         self.count(DropReason::NotServing);
         false
     }
 
-    fn serves(&self, partition: PartitionId) -> bool {
-        self.view
-            .serves(self.config.node, partition, self.config.quorum.n())
+    /// Whether this node answers for `partition` (`read`: reads; else writes and
+    /// repairs). Not once it handed the partition over or it moved away; not for
+    /// reads while it is a new replica still receiving the partition (a reader on an
+    /// older view must not count it); never as a node being replaced (it is taken
+    /// for dead: one that comes back must not answer).
+    fn serves(&self, partition: PartitionId, read: bool) -> bool {
+        let me = self.config.node;
+        if let Some(RingChange::Replace { dead, .. }) = self.view.change()
+            && dead == me
+        {
+            return false;
+        }
+        let receiving =
+            self.view.is_pending(partition) && self.view.gained(partition).contains(&me);
+        self.view.serves(me, partition, self.config.quorum.n())
             && !self.transfers.handed_over(partition)
+            && !(read && receiving)
     }
 
     /// Where this node keeps its own copy of a request's key: at home, or among the
@@ -1995,11 +2025,15 @@ impl Node {
         // The hint's target may no longer hold the key (a membership change moved
         // its partition, or the target left): the key's replicas take it instead.
         let n = self.config.quorum.n();
-        let destination = if self.view.serves(target, partition, n) {
+        let reachable = |r: &NodeId| !self.unreachable.contains(r);
+        let destination = if self.view.lost(partition).contains(&target) {
+            // Leaving the partition (its stream may have passed this key already):
+            // the replica that takes its place gets the hint.
+            self.view.gained(partition).into_iter().find(reachable)
+        } else if self.view.serves(target, partition, n) {
             Some(target)
         } else {
-            (self.view.read_replicas(partition, n).into_iter())
-                .find(|r| !self.unreachable.contains(r))
+            (self.view.read_replicas(partition, n).into_iter()).find(reachable)
         };
         let Some(destination) = destination else {
             let handoff = self.handoffs.remove(&id).expect("looked up just above");
