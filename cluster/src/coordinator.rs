@@ -93,11 +93,11 @@ impl PutCoordination {
         key: Vec<u8>,
         partition: PartitionId,
         replicas: Vec<NodeId>,
+        groups: Vec<Vec<NodeId>>,
         required: usize,
         deadline: Duration,
     ) -> Self {
         assert!(required >= 1 && required <= replicas.len());
-        let groups = vec![replicas.clone()];
         PutCoordination {
             client,
             key,
@@ -313,6 +313,7 @@ mod tests {
             b"k".to_vec(),
             PartitionId(0),
             nodes(&[1, 2, 3]),
+            vec![nodes(&[1, 2, 3])],
             2,
             Duration::from_secs(1),
         );

@@ -580,23 +580,14 @@ impl World {
         let Some(plan) = self.settings.membership else {
             return;
         };
-        let members: Vec<NodeId> = self
-            .nodes
-            .iter()
+        // Live members with no change in progress.
+        let members: Vec<NodeId> = (self.nodes.iter())
             .filter(|n| {
-                n.keeper
-                    .as_ref()
-                    .is_some_and(|k| k.view().ring().is_member(n.id))
+                let view = n.keeper.as_ref().map(RingKeeper::view);
+                view.is_some_and(|v| v.is_stable() && v.ring().is_member(n.id))
             })
             .map(|n| n.id)
             .collect();
-        let stable = |w: &World, id: NodeId| {
-            w.sim_node(id)
-                .keeper
-                .as_ref()
-                .is_some_and(|k| k.view().is_stable())
-        };
-        let members: Vec<NodeId> = members.into_iter().filter(|&id| stable(self, id)).collect();
         if members.is_empty() || (plan.kind == ChangeKind::Replace && members.len() < 2) {
             // Nobody to ask right now: try again shortly.
             self.schedule(KEEPER_TICK, Event::MembershipChange);
@@ -741,15 +732,8 @@ impl World {
             return;
         };
         let incarnation = target.incarnation;
-        if self.phase == Phase::Safety {
-            let split = self
-                .split
-                .as_ref()
-                .is_some_and(|side| side.contains(&from) != side.contains(&to));
-            if split || self.dice.chance(self.settings.drop_per_mille) {
-                self.stats.messages_dropped += 1;
-                return;
-            }
+        if self.lost_in_network(from, to) {
+            return;
         }
         let mut bytes = Vec::new();
         encode_ring_view(&view, &mut bytes).expect("views fit a frame");
@@ -813,25 +797,18 @@ impl World {
         // The sender's shard is not modelled (replies route by request id).
         encode_peer_message(0, &message, &mut bytes).expect("messages fit a frame");
         let incarnation = self.sim_node(to).incarnation;
-        if self.phase == Phase::Safety {
-            let split = self
-                .split
-                .as_ref()
-                .is_some_and(|side| side.contains(&from) != side.contains(&to));
-            if split || self.dice.chance(self.settings.drop_per_mille) {
-                self.stats.messages_dropped += 1;
-                return;
-            }
-            if self.dice.chance(self.settings.duplicate_per_mille) {
-                let delay = self.delay();
-                let copy = Event::Deliver {
-                    from,
-                    to,
-                    incarnation,
-                    bytes: bytes.clone(),
-                };
-                self.schedule(delay, copy);
-            }
+        if self.lost_in_network(from, to) {
+            return;
+        }
+        if self.phase == Phase::Safety && self.dice.chance(self.settings.duplicate_per_mille) {
+            let delay = self.delay();
+            let copy = Event::Deliver {
+                from,
+                to,
+                incarnation,
+                bytes: bytes.clone(),
+            };
+            self.schedule(delay, copy);
         }
         let delay = self.delay();
         let deliver = Event::Deliver {
@@ -841,6 +818,23 @@ impl World {
             bytes,
         };
         self.schedule(delay, deliver);
+    }
+
+    /// Whether a message from `from` to `to` is lost now: across a split, or by
+    /// chance, while faults strike (counted).
+    fn lost_in_network(&mut self, from: NodeId, to: NodeId) -> bool {
+        if self.phase != Phase::Safety {
+            return false;
+        }
+        let split = self
+            .split
+            .as_ref()
+            .is_some_and(|side| side.contains(&from) != side.contains(&to));
+        let lost = split || self.dice.chance(self.settings.drop_per_mille);
+        if lost {
+            self.stats.messages_dropped += 1;
+        }
+        lost
     }
 
     fn delay(&mut self) -> Duration {

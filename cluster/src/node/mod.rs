@@ -309,6 +309,9 @@ pub struct Node {
     /// The ring partitions this state machine holds a home replica of (its shard's
     /// share of this node's), in order: what anti-entropy walks.
     home: Vec<PartitionId>,
+    /// The ring partitions this state machine takes writes of: its home ones and,
+    /// while partitions move here, those too (see `serves`).
+    writable: Vec<PartitionId>,
     /// Home partitions whose tree matched a peer's when last compared (but for a few
     /// leaves: writes in flight), and whether the last exchange this node started
     /// found more different (then the driver runs exchanges back to back: a node
@@ -389,6 +392,7 @@ impl Node {
             epochs,
         );
         let home = home_partitions(&config, &view);
+        let writable = writable_partitions(&config, &view);
         Node {
             config,
             boot_epoch,
@@ -410,6 +414,7 @@ impl Node {
             exchange_cursor: None,
             exchange_turns: BTreeMap::new(),
             home,
+            writable,
             in_sync: BTreeSet::new(),
             catching_up: false,
             behind: false,
@@ -468,6 +473,7 @@ impl Node {
     pub fn set_view(&mut self, now: Duration, view: RingView) {
         let before = std::mem::replace(&mut self.view, view);
         self.home = home_partitions(&self.config, &self.view);
+        self.writable = writable_partitions(&self.config, &self.view);
         self.in_sync.retain(|p| self.home.binary_search(p).is_ok());
         self.transfers_view_changed(now, &before);
     }
@@ -873,11 +879,11 @@ impl Node {
             key.clone(),
             partition,
             replicas,
+            groups,
             required,
             deadline,
         );
         coordination.read_stand_ins = read_stand_ins;
-        coordination.groups = groups;
         coordination.hint_for = placements
             .iter()
             .filter_map(|p| Some((p.node, p.hint_for?)))
@@ -1586,20 +1592,18 @@ impl Node {
     /// Whether this node answers for `partition` (`read`: reads; else writes and
     /// repairs). Not once it handed the partition over or it moved away; not for
     /// reads while it is a new replica still receiving the partition (a reader on an
-    /// older view must not count it); never as a node being replaced (it is taken
-    /// for dead: one that comes back must not answer).
+    /// older view must not count it: `home` holds the partitions it reads, the old
+    /// replicas' until a partition moved); never as a node being replaced (it is
+    /// taken for dead: one that comes back must not answer). On every replica
+    /// request, so it only looks up lists made when the view changed.
     fn serves(&self, partition: PartitionId, read: bool) -> bool {
-        let me = self.config.node;
         if let Some(RingChange::Replace { dead, .. }) = self.view.change()
-            && dead == me
+            && dead == self.config.node
         {
             return false;
         }
-        let receiving =
-            self.view.is_pending(partition) && self.view.gained(partition).contains(&me);
-        self.view.serves(me, partition, self.config.quorum.n())
-            && !self.transfers.handed_over(partition)
-            && !(read && receiving)
+        let served = if read { &self.home } else { &self.writable };
+        served.binary_search(&partition).is_ok() && !self.transfers.handed_over(partition)
     }
 
     /// Where this node keeps its own copy of a request's key: at home, or among the
@@ -1808,11 +1812,7 @@ impl Node {
     }
 
     fn on_write_ack(&mut self, now: Duration, from: NodeId, id: RequestId) {
-        if self
-            .handoffs
-            .get(&id)
-            .is_some_and(|h| h.sent_to == Some(from))
-        {
+        if self.answers_handoff(id, from) {
             self.on_handoff_ack(now, id);
             return;
         }
@@ -1855,11 +1855,7 @@ impl Node {
             self.on_transfer_ack(now, from, id, false);
             return;
         }
-        if self
-            .handoffs
-            .get(&id)
-            .is_some_and(|h| h.sent_to == Some(from))
-        {
+        if self.answers_handoff(id, from) {
             // The target cannot merge it (its store's limits); it stays a hint, and
             // read repair or a client's resolution settles the key.
             let handoff = self.handoffs.remove(&id).expect("looked up just above");
@@ -2058,6 +2054,13 @@ impl Node {
             let job = Job::DropHint { handed: None };
             self.submit(now, key, Shelf::Hints { target }, job);
         }
+    }
+
+    /// Whether `from`'s answer to `id` is for a handoff this node sent it.
+    fn answers_handoff(&self, id: RequestId, from: NodeId) -> bool {
+        self.handoffs
+            .get(&id)
+            .is_some_and(|h| h.sent_to == Some(from))
     }
 
     /// The target holds the hint durably: remove it here, unless a newer write
@@ -2277,10 +2280,26 @@ struct Coordinate {
 /// The ring partitions `config`'s shard answers reads of, in order.
 fn home_partitions(config: &NodeConfig, view: &RingView) -> Vec<PartitionId> {
     let n = config.quorum.n();
+    shard_partitions(config, view, |p| {
+        view.read_replicas(p, n).contains(&config.node)
+    })
+}
+
+/// The ring partitions `config`'s shard takes writes of, in order.
+fn writable_partitions(config: &NodeConfig, view: &RingView) -> Vec<PartitionId> {
+    let n = config.quorum.n();
+    shard_partitions(config, view, |p| view.serves(config.node, p, n))
+}
+
+fn shard_partitions(
+    config: &NodeConfig,
+    view: &RingView,
+    keep: impl Fn(PartitionId) -> bool,
+) -> Vec<PartitionId> {
     (0..view.ring().partition_count())
         .map(PartitionId)
         .filter(|&p| config.shards.owner(p) == config.shard)
-        .filter(|&p| view.read_replicas(p, n).contains(&config.node))
+        .filter(|&p| keep(p))
         .collect()
 }
 

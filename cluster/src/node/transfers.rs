@@ -83,7 +83,7 @@ struct KeyInFlight {
 }
 
 /// A node's transfers for the change in progress.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(super) struct Transfers {
     /// The change these transfers belong to (0: none).
     fingerprint: u64,
@@ -105,16 +105,13 @@ impl Transfers {
     pub fn new(fingerprint: u64) -> Transfers {
         Transfers {
             fingerprint,
-            streams: BTreeMap::new(),
-            handed_over: BTreeSet::new(),
-            received: BTreeMap::new(),
-            keys: BTreeMap::new(),
-            listings: BTreeMap::new(),
-            drops_due: Vec::new(),
-            drops: BTreeMap::new(),
-            throttle: None,
-            stats: TransferStats::default(),
+            ..Transfers::default()
         }
+    }
+
+    /// Streams not finished yet.
+    fn running(&self) -> usize {
+        self.streams.values().filter(|s| !s.finished()).count()
     }
 
     pub fn handed_over(&self, partition: PartitionId) -> bool {
@@ -136,6 +133,27 @@ impl Transfers {
     pub fn open_work(&self) -> usize {
         self.keys.len() + self.listings.len() + self.drops.len()
     }
+
+    /// Forgets everything of the previous change (its answers are dropped as not
+    /// owned); drops still due and the counters stay.
+    fn restart(&mut self, fingerprint: u64) {
+        self.fingerprint = fingerprint;
+        self.streams.clear();
+        self.handed_over.clear();
+        self.received.clear();
+        self.keys.clear();
+        self.listings.clear();
+        self.throttle = None;
+    }
+
+    /// Takes a key off its stream's window (answered or timed out): the stream, if
+    /// it still runs, and the key.
+    fn take_key(&mut self, id: RequestId) -> Option<(&mut Stream, KeyInFlight)> {
+        let key = self.keys.remove(&id)?;
+        let stream = self.streams.get_mut(&(key.partition, key.target))?;
+        stream.in_flight -= 1;
+        Some((stream, key))
+    }
 }
 
 impl Node {
@@ -144,7 +162,7 @@ impl Node {
     pub fn transfers_busy(&self) -> bool {
         !self.transfers.drops_due.is_empty()
             || !self.transfers.drops.is_empty()
-            || self.transfers.streams.values().any(|s| !s.finished())
+            || self.transfers.running() > 0
     }
 
     /// At start, every partition this node leaves under the change in progress counts
@@ -175,12 +193,7 @@ impl Node {
                 self.pump_stream(now, partition, target);
             }
         }
-        self.transfers.stats.streams = self
-            .transfers
-            .streams
-            .values()
-            .filter(|s| !s.finished())
-            .count() as u64;
+        self.transfers.stats.streams = self.transfers.running() as u64;
         self.flush_local(now);
     }
 
@@ -188,12 +201,7 @@ impl Node {
     /// `STREAMS_MAX` unfinished at once.
     fn start_streams(&mut self) {
         let me = self.config.node;
-        let mut running = self
-            .transfers
-            .streams
-            .values()
-            .filter(|s| !s.finished())
-            .count();
+        let mut running = self.transfers.running();
         let pending: Vec<PartitionId> = self
             .view
             .pending()
@@ -392,24 +400,18 @@ impl Node {
             self.arm(id, deadline);
             return;
         }
-        let in_flight = self.transfers.keys.remove(&id).expect("looked up above");
-        let key = (in_flight.partition, in_flight.target);
-        if let Some(stream) = self.transfers.streams.get_mut(&key) {
-            stream.in_flight -= 1;
-            stream.queued.push_front(in_flight.key);
+        if let Some((stream, key)) = self.transfers.take_key(id) {
+            stream.queued.push_front(key.key);
+            let (partition, target) = (key.partition, key.target);
+            self.pump_stream(now, partition, target);
         }
-        self.pump_stream(now, key.0, key.1);
     }
 
     fn finish_key(&mut self, now: Duration, id: RequestId) {
-        let Some(in_flight) = self.transfers.keys.remove(&id) else {
-            return;
-        };
-        let key = (in_flight.partition, in_flight.target);
-        if let Some(stream) = self.transfers.streams.get_mut(&key) {
-            stream.in_flight -= 1;
+        if let Some((_, key)) = self.transfers.take_key(id) {
+            let (partition, target) = (key.partition, key.target);
+            self.pump_stream(now, partition, target);
         }
-        self.pump_stream(now, key.0, key.1);
     }
 
     /// A source finished streaming `partition` here.
@@ -447,13 +449,7 @@ impl Node {
     pub(super) fn transfers_view_changed(&mut self, now: Duration, before: &crate::view::RingView) {
         let fingerprint = self.view.fingerprint();
         if fingerprint != self.transfers.fingerprint {
-            let stats = self.transfers.stats;
-            let drops_due = std::mem::take(&mut self.transfers.drops_due);
-            let drops = std::mem::take(&mut self.transfers.drops);
-            self.transfers = super::Transfers::new(fingerprint);
-            self.transfers.stats = stats;
-            self.transfers.drops_due = drops_due;
-            self.transfers.drops = drops;
+            self.transfers.restart(fingerprint);
         }
         let (me, n) = (self.config.node, self.config.quorum.n());
         let due = now + self.config.request_timeout * 3;
