@@ -188,6 +188,9 @@ pub struct World {
     hinted: Vec<Hinted>,
     /// Whether a keeper tick is scheduled.
     keeper_ticking: bool,
+    /// What each node retired for good held durably (at home or as hints) when it
+    /// died, per key.
+    retired_held: Vec<(NodeId, Vec<u8>, ringkv_cluster::VersionVector)>,
     hasher: Xxh3,
     pub stats: RunStats,
     pub violations: Vec<Violation>,
@@ -222,6 +225,7 @@ impl World {
             suspicions: BTreeSet::new(),
             hinted: Vec::new(),
             keeper_ticking: false,
+            retired_held: Vec::new(),
             hasher: Xxh3::new(),
             stats: RunStats::default(),
             violations: Vec::new(),
@@ -641,6 +645,22 @@ impl World {
     fn retire(&mut self, id: NodeId) {
         if self.sim_node(id).node.is_some() {
             self.crash(id);
+        }
+        // What its disk held goes with it (a W=1 write lives on one node): a hint
+        // already handed to it, and the hints it held for others.
+        for k in 0..self.settings.keys {
+            let key = format!("k{k}").into_bytes();
+            let disk = &self.sim_node(id).disk;
+            let stored = disk.durable_home(&key).into_iter();
+            let held = stored.chain(disk.durable_hints(&key)).fold(
+                ringkv_cluster::VersionVector::new(),
+                |mut held, stored| {
+                    let set = stored.decode().expect("the simulator stores valid sets");
+                    held.join(&set.context());
+                    held
+                },
+            );
+            self.retired_held.push((id, key, held));
         }
         let sim = self.sim_node_mut(id);
         sim.retired = true;
@@ -1137,7 +1157,15 @@ impl World {
             let shard = shards.owner(self.ring.partition_of(&key));
             node[shard].restore_hint(now, target, key, bytes);
         }
+        // Partitions that moved away before the crash let their drop happen.
+        let stored: BTreeSet<PartitionId> = (self.sim_node(id).disk.home_digests().into_iter())
+            .map(|(p, _, _)| p)
+            .collect();
+        for shard in node.iter_mut() {
+            shard.drop_unserved(now, stored.iter().copied());
+        }
         self.sim_node_mut(id).node = Some(node);
+        self.ensure_keeper_ticks();
         self.refresh_reachability();
     }
 
@@ -1676,6 +1704,7 @@ impl World {
     fn check_final_state(&mut self) {
         let mut all_stats = Vec::new();
         self.check_views_converged();
+        self.check_partitions_dropped();
         for sim in &self.nodes {
             let never_started = sim.stored_view.is_none();
             if sim.retired || never_started {
@@ -1717,6 +1746,28 @@ impl World {
         // sets were checked before it wrote (see `run`).
         if !self.settings.tight_limits() {
             self.check_final_keys(false);
+        }
+    }
+
+    /// Once the world is quiet, no live node keeps home records of a partition it
+    /// does not replicate on the final ring: what moved away was dropped.
+    fn check_partitions_dropped(&mut self) {
+        let ring = self.final_ring().clone();
+        let mut problems = Vec::new();
+        for sim in self.nodes.iter().filter(|n| n.node.is_some()) {
+            let kept: BTreeSet<PartitionId> = (sim.disk.home_digests().into_iter())
+                .map(|(p, _, _)| p)
+                .filter(|&p| !ring.preference_list(p, self.n).contains(&sim.id))
+                .collect();
+            if !kept.is_empty() {
+                problems.push(format!("{:?} still holds {kept:?}", sim.id));
+            }
+        }
+        for detail in problems {
+            self.violations.push(Violation {
+                checker: Checker::Convergence,
+                detail: format!("partitions not dropped after moving away: {detail}"),
+            });
         }
     }
 
@@ -1817,9 +1868,18 @@ impl World {
                 }
             });
             let covered = home.context();
+            // A hint on a node that died for good, or already handed to one, died
+            // with it.
+            let died_with = |dot: &ringkv_cluster::Dot| {
+                (self.retired_held.iter()).any(|(node, key, held)| {
+                    (*node == hint.target || *node == hint.holder)
+                        && *key == hint.key
+                        && held.contains(*dot)
+                })
+            };
             for dot in &hint.dots {
                 checked += 1;
-                if !covered.contains(*dot) {
+                if !covered.contains(*dot) && !died_with(dot) {
                     self.violations.push(Violation {
                         checker: Checker::Handoff,
                         detail: format!(

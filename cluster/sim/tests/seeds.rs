@@ -725,6 +725,17 @@ fn checkers_catch_writes_that_skip_the_new_replicas() {
     assert!(!caught.is_empty(), "old-ring-only writes never caught");
 }
 
+/// Partitions that moved away are never dropped: the final check finds their copies.
+#[test]
+fn checkers_catch_partitions_kept_after_moving_away() {
+    let caught = caught_with_membership(ringkv_sim::Sabotage {
+        keep_moved_partitions: true,
+        ..Default::default()
+    });
+    println!("kept partitions caught on seeds {caught:?}");
+    assert!(!caught.is_empty(), "kept partitions never caught");
+}
+
 fn caught_with_membership(sabotage: ringkv_sim::Sabotage) -> Vec<u64> {
     let options = Options {
         sabotage,

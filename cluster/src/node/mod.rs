@@ -169,6 +169,8 @@ pub struct Sabotage {
     /// Write only to the old ring's replicas while a partition moves (no joint
     /// quorum): once it moved, a write acked by replicas that left it is missed.
     pub old_ring_writes_only: bool,
+    /// Never drop a partition that moved away: its stale copy stays on disk.
+    pub keep_moved_partitions: bool,
 }
 
 /// Which timer fired.
@@ -1472,7 +1474,7 @@ impl Node {
         if let StorageCompletion::Write { op, result } = &completion
             && self.transfers.owns_drop(*op)
         {
-            self.on_partition_dropped(*op, result.is_ok());
+            self.on_partition_dropped(now, *op, result.is_ok());
             return;
         }
         let mut events = Vec::new();

@@ -471,7 +471,7 @@ impl Node {
         self.transfers.drops_due = later;
         for (_, partition) in due {
             // A later change may have made this node a replica again.
-            if self.view.serves(me, partition, n) {
+            if self.view.serves(me, partition, n) || self.config.sabotage.keep_moved_partitions {
                 continue;
             }
             let op = StorageOpId(self.next_listing);
@@ -483,10 +483,32 @@ impl Node {
         }
     }
 
-    pub(super) fn on_partition_dropped(&mut self, op: StorageOpId, ok: bool) {
-        self.transfers.drops.remove(&op);
+    pub(super) fn on_partition_dropped(&mut self, now: Duration, op: StorageOpId, ok: bool) {
+        let Some(partition) = self.transfers.drops.remove(&op) else {
+            return;
+        };
         if ok {
             self.transfers.stats.partitions_dropped += 1;
+        } else {
+            // Tried again: left on disk, it could meet a later change that makes this
+            // node a replica again, with values whose deletes were collected since.
+            let again = now + self.config.request_timeout;
+            self.transfers.drops_due.push((again, partition));
+        }
+    }
+
+    /// At start, the ring partitions the store holds data of (`stored`): those this
+    /// node does not serve under its view moved away before it could drop them (the
+    /// drops still due are not stored), and are dropped now.
+    pub fn drop_unserved(&mut self, now: Duration, stored: impl IntoIterator<Item = PartitionId>) {
+        let (me, n) = (self.config.node, self.config.quorum.n());
+        let count = self.view.ring().partition_count();
+        for partition in stored {
+            let mine =
+                partition.0 < count && self.config.shards.owner(partition) == self.config.shard;
+            if mine && !self.view.serves(me, partition, n) {
+                self.transfers.drops_due.push((now, partition));
+            }
         }
     }
 }
