@@ -651,7 +651,8 @@ fn membership_change(settings: &mut ringkv_sim::Settings) {
     }
     settings.loss_victim = None;
     // Store limits low enough to refuse merges make a new replica refuse streamed
-    // keys too (counted, not retried): not this profile's subject.
+    // keys too: the change then waits for a client to resolve the siblings, which the
+    // run does only once the world is quiet. Not this profile's subject.
     settings.siblings_max = 100;
     settings.stored_value_max = usize::MAX;
     settings.stored_version_max = usize::MAX;

@@ -33,6 +33,8 @@ pub const STREAM_WINDOW: usize = 64;
 const LEAVES_PER_LISTING: usize = 64;
 /// How often a finished source repeats `TransferDone` until the partition moved.
 const DONE_RESEND: Duration = Duration::from_secs(1);
+/// How long a key the new replica refused waits before it is sent again.
+const REFUSED_RETRY: Duration = Duration::from_secs(5);
 
 /// Counters of partition transfers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -41,7 +43,8 @@ pub struct TransferStats {
     /// and values).
     pub keys_sent: u64,
     pub bytes_sent: u64,
-    /// Keys a new replica refused (over its store's limits).
+    /// Refusals of a streamed key by a new replica (over its store's limits); the
+    /// key goes again every few seconds and the partition waits for it.
     pub keys_refused: u64,
     /// Partitions this shard finished streaming, and received in full.
     pub partitions_sent: u64,
@@ -60,6 +63,9 @@ struct Stream {
     listing: bool,
     queued: VecDeque<Vec<u8>>,
     in_flight: usize,
+    /// Keys the new replica refused (its merge was over its store's limits), and
+    /// when each goes again.
+    refused: VecDeque<(Duration, Vec<u8>)>,
     /// When `TransferDone` was last sent (once every key is acked).
     done_sent_at: Option<Duration>,
 }
@@ -70,6 +76,7 @@ impl Stream {
             && !self.listing
             && self.queued.is_empty()
             && self.in_flight == 0
+            && self.refused.is_empty()
     }
 }
 
@@ -239,6 +246,12 @@ impl Node {
             }
             return;
         }
+        while let Some(&(at, _)) = stream.refused.front()
+            && at <= now
+        {
+            let (_, key) = stream.refused.pop_front().expect("looked at just above");
+            stream.queued.push_back(key);
+        }
         if !stream.listing && stream.queued.is_empty() && stream.in_flight == 0 {
             let first = stream.next_leaf;
             let last = (first + LEAVES_PER_LISTING).min(crate::merkle::LEAVES);
@@ -382,9 +395,15 @@ impl Node {
         if stored {
             self.transfers.stats.keys_sent += 1;
         } else {
-            // Over the new replica's store limits (configured lower than here): it
-            // cannot take the key from anyone; the change must not wait on it for ever.
+            // Over the new replica's store limits (its own writes meanwhile made the
+            // merged siblings too large): the partition must not move without the key,
+            // or the source drops the only copies of its siblings. It goes again later;
+            // like a parked hint, it waits for a client to resolve the siblings.
             self.transfers.stats.keys_refused += 1;
+            if let Some((stream, key)) = self.transfers.take_key(id) {
+                stream.refused.push_back((now + REFUSED_RETRY, key.key));
+            }
+            return;
         }
         self.finish_key(now, id);
     }

@@ -130,17 +130,20 @@ pub fn open(
         ));
     }
     layout.incarnation += 1;
-    write_durably(dir, &path, &layout).map_err(io)?;
+    let text = toml::to_string(&layout).map_err(|e| io(std::io::Error::other(e)))?;
+    write_durably(dir, &path, text.as_bytes()).map_err(io)?;
     Ok(layout)
 }
 
-/// Writes through a temporary file, fsyncs it, renames it over the old one and fsyncs
-/// the directory, so a crash leaves the old layout or the new one, never half of one.
-fn write_durably(dir: &Path, path: &Path, layout: &NodeLayout) -> std::io::Result<()> {
-    let text = toml::to_string(layout).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension("toml.tmp");
+/// Writes `bytes` to `path` in `dir` through a temporary file, fsyncs it, renames it
+/// over the old one and fsyncs the directory, so a crash leaves the old file or the
+/// new one, never half of one.
+pub(crate) fn write_durably(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(text.as_bytes())?;
+    file.write_all(bytes)?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)?;
     std::fs::File::open(dir)?.sync_all()

@@ -21,6 +21,8 @@ mod layout;
 mod listener;
 mod membership;
 mod peers;
+#[allow(dead_code)] // Used once the server runs a ring keeper (issue 13).
+mod ring_file;
 pub mod runtime;
 mod shard;
 mod tasks;
