@@ -91,6 +91,9 @@ fn exposed(
             // A write acked by stand-ins had copies off the key's replicas too.
             && (of_key.contains(&loss.node) || put.stand_ins > 0)
             && loss.key.as_ref().is_none_or(|key| *key == put.key)
+            // A dead node answers nothing: W - 1 copies of the write survive it, and
+            // the replacement streams them from the survivors.
+            && (!loss.retired || put.quorum.w() < 2 || put.stand_ins > 0)
     })
 }
 

@@ -97,4 +97,7 @@ pub struct Loss {
     pub at: Duration,
     pub node: NodeId,
     pub key: Option<Vec<u8>>,
+    /// The node died for good (it is replaced): it never answers again, so only
+    /// writes it may have held the one copy of are exposed (W = 1, or stand-ins).
+    pub retired: bool,
 }

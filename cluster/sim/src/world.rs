@@ -669,6 +669,7 @@ impl World {
             at: self.now,
             node: id,
             key: None,
+            retired: true,
         });
         self.refresh_reachability();
     }
@@ -930,6 +931,7 @@ impl World {
                         at: self.now,
                         node: id,
                         key: Some(key.clone()),
+                        retired: false,
                     });
                 }
                 let stored = self.sim_node(id).disk.read(shelf, &key);
@@ -1126,6 +1128,7 @@ impl World {
                 at: self.now,
                 node: id,
                 key: None,
+                retired: false,
             });
         }
         self.stats.lost_pending_writes += lost as u64;
