@@ -235,7 +235,21 @@ pub fn status(args: StatusArgs) -> ExitCode {
                             "tombstones": s.tombstones,
                             "index_bytes": s.index_bytes,
                             "tombstones_collected": s.tombstones_collected,
+                            "transfer_keys_sent": s.transfer_keys_sent,
+                            "transfer_bytes_sent": s.transfer_bytes_sent,
+                            "partitions_sent": s.partitions_sent,
+                            "partitions_received": s.partitions_received,
+                            "partitions_dropped": s.partitions_dropped,
+                            "streams": s.streams,
                         })).collect::<Vec<_>>(),
+                        "ring": json!({
+                            "epoch": n.ring.epoch,
+                            "members": n.ring.members,
+                            "change": n.ring.change,
+                            "pending": n.ring.pending,
+                            "waiting_for": n.ring.waiting_for,
+                            "streaming": n.ring.streaming,
+                        }),
                         "hints_pending": hints_pending(n).iter().map(|(target, keys, bytes)| json!({
                             "target": target, "keys": keys, "bytes": bytes,
                         })).collect::<Vec<_>>(),
@@ -319,6 +333,41 @@ pub fn status(args: StatusArgs) -> ExitCode {
                             s.repairs_received
                         );
                     }
+                }
+                say!(
+                    "  ring: epoch {}, members {:?}{}",
+                    n.ring.epoch,
+                    n.ring.members,
+                    n.ring
+                        .change
+                        .as_ref()
+                        .map_or(String::new(), |change| format!(
+                            "; {change} in progress: {} partition(s) to move, {}",
+                            n.ring.pending,
+                            if n.ring.streaming {
+                                "streaming".to_string()
+                            } else {
+                                format!("waiting for nodes {:?} to hold it", n.ring.waiting_for)
+                            }
+                        ))
+                );
+                let sum =
+                    |f: fn(&ringkv_client::ShardStatus) -> u64| n.shards.iter().map(f).sum::<u64>();
+                let (keys, bytes) = (
+                    sum(|s| s.transfer_keys_sent),
+                    sum(|s| s.transfer_bytes_sent),
+                );
+                if keys > 0
+                    || sum(|s| s.partitions_received) > 0
+                    || sum(|s| u64::from(s.streams)) > 0
+                {
+                    say!(
+                        "  transfers: {keys} key(s), {bytes} bytes streamed out; partitions sent {}, received {}, dropped {}; {} stream(s) running",
+                        sum(|s| s.partitions_sent),
+                        sum(|s| s.partitions_received),
+                        sum(|s| s.partitions_dropped),
+                        sum(|s| u64::from(s.streams))
+                    );
                 }
                 for m in n.members.iter().filter(|m| m.node_id != n.node_id) {
                     say!(

@@ -1,5 +1,6 @@
 //! The `ringkv` binary. It parses arguments and calls the libraries; nothing more.
 
+mod admin;
 mod kv;
 mod local_cluster;
 
@@ -33,7 +34,7 @@ enum Command {
     Cluster(local_cluster::ClusterArgs),
     /// Run a node: one executor per core, native protocol on --listen, Redis protocol
     /// on --resp (the default when no command is given).
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Read a key: its value, or every sibling and the context to resolve them.
     /// Exit 0 found, 1 absent, 3 unreachable, 4 timeout, 5 refused, 6 other.
     Get(kv::GetArgs),
@@ -46,6 +47,10 @@ enum Command {
     /// Load a running node or cluster and print ops/s and latency percentiles;
     /// `ringkv bench engine` measures the storage engine alone.
     Bench(BenchCommand),
+    /// Membership changes: a node leaves (handing its partitions off first), or a new
+    /// node replaces a dead one. A node joins with `ringkv server --join`.
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
 }
 
 #[derive(Args)]
@@ -220,6 +225,18 @@ struct ServerArgs {
     /// 0: no limit): the pace of a replica's catch-up against foreground latency.
     #[arg(long)]
     anti_entropy_pushes_per_second: Option<u64>,
+    /// Join a running cluster through this member's native address (HOST:PORT): the
+    /// node is added to the ring and its partitions stream to it. Only for a node
+    /// with no ring stored yet; later starts follow the stored ring.
+    #[arg(long)]
+    join: Option<String>,
+    /// With --join: take over every partition of this dead node (gone for good).
+    #[arg(long, requires = "join")]
+    replace: Option<u32>,
+    /// Most keys each shard streams to new replicas per second during a membership
+    /// change (default 20000; 0: no limit).
+    #[arg(long)]
+    transfer_keys_per_second: Option<u64>,
 }
 
 fn parse_durability(s: &str) -> Result<Durability, String> {
@@ -256,11 +273,12 @@ fn dispatch() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
         None => done(local_cluster::run(local_cluster::ClusterArgs::default())),
         Some(Command::Cluster(args)) => done(local_cluster::run(args)),
-        Some(Command::Server(args)) => done(server(args)),
+        Some(Command::Server(args)) => done(server(*args)),
         Some(Command::Get(args)) => Ok(kv::get(args)),
         Some(Command::Put(args)) => Ok(kv::put(args)),
         Some(Command::Del(args)) => Ok(kv::del(args)),
         Some(Command::Status(args)) => Ok(kv::status(args)),
+        Some(Command::Admin(command)) => done(admin::run(command)),
         Some(Command::Bench(BenchCommand {
             which: Some(Bench::Engine(args)),
             ..
@@ -303,6 +321,11 @@ fn server(args: ServerArgs) -> anyhow::Result<()> {
     config.anti_entropy_pushes_per_second = args
         .anti_entropy_pushes_per_second
         .unwrap_or(config.anti_entropy_pushes_per_second);
+    config.join = args.join.or(config.join);
+    config.replace = args.replace.or(config.replace);
+    config.transfer_keys_per_second = args
+        .transfer_keys_per_second
+        .unwrap_or(config.transfer_keys_per_second);
     // The server's warnings (a failed fsync, corruption met) and progress lines (a
     // replica catching up) go to stderr; RUST_LOG chooses more or less.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

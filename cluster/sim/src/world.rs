@@ -566,7 +566,7 @@ impl World {
                     return;
                 }
                 let view = match PeerInput::new(&bytes).next_message() {
-                    Ok(Some(Incoming::Ring(view))) => view,
+                    Ok(Some(Incoming::Ring(view, _))) => view,
                     other => panic!("{from:?} -> {to:?}: not a ring view: {other:?}"),
                 };
                 let now = self.now;
@@ -757,7 +757,7 @@ impl World {
             return;
         }
         let mut bytes = Vec::new();
-        encode_ring_view(&view, &mut bytes).expect("views fit a frame");
+        encode_ring_view(&view, &[], &mut bytes).expect("views fit a frame");
         let delay = self.delay();
         let deliver = Event::DeliverView {
             from,
@@ -2036,7 +2036,7 @@ impl World {
 fn decode_as_received(frame: &[u8]) -> Result<PeerMessage, PeerWireError> {
     match PeerInput::new(frame).next_message()? {
         Some(Incoming::Message { message, .. }) => Ok(message),
-        Some(Incoming::Gossip(_) | Incoming::Ring(_)) => {
+        Some(Incoming::Gossip(_) | Incoming::Ring(..)) => {
             Err(PeerWireError::Archive("not a replication message".into()))
         }
         None => Err(PeerWireError::Archive("an incomplete frame".into())),

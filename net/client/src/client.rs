@@ -344,7 +344,9 @@ impl AsyncClient {
     /// Every node's status, or why that node did not give it (a paused or dead node
     /// must not hide the others' views of it), by node id.
     pub async fn status_each(&self) -> Result<StatusEach, Error> {
-        let topology = self.router.topology().await?;
+        // Fetched afresh: an operator asking after a membership change sees the nodes
+        // the ring has now.
+        let topology = self.router.refresh().await?;
         let wait = self.router.config.request_timeout;
         let mut all = Vec::new();
         for node in &topology.nodes {

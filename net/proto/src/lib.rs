@@ -23,6 +23,7 @@ pub mod topology;
 pub use frame::{FrameError, MAX_FRAME};
 pub use native::{
     Body, DecodeError, ErrorReply, Found, HintReport, MemberReport, NodeStatus, Op,
-    PROTOCOL_VERSION, Put, Request, Response, ShardStatus, Welcome, WriteContext,
+    PROTOCOL_VERSION, Put, Request, Response, RingChangeRequest, RingReport, ShardStatus, Welcome,
+    WriteContext,
 };
 pub use topology::{NodeAddress, Topology, partition_of};

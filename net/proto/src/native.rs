@@ -77,6 +77,30 @@ pub enum Op {
     /// Instead of `Hello`, from another node: the connection becomes a peer link
     /// ([`crate::peer`]).
     PeerHello(crate::peer::PeerHello),
+    /// An operator's or a joining node's membership change, started at this node;
+    /// answered by [`Body::RingView`] with the view that holds it, or an error when
+    /// refused (another change is in progress, or the change cannot apply).
+    ChangeRing(RingChangeRequest),
+    /// This node's ring view, answered by [`Body::RingView`].
+    RingView,
+}
+
+/// A membership change asked of a node ([`Op::ChangeRing`]).
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum RingChangeRequest {
+    /// Node `node_id`, reached at `native`, joins. Asked again once it is part of the
+    /// change (or of the ring), it is answered with the view: a joiner that crashed
+    /// before storing the answer asks again.
+    Join { node_id: u32, native: String },
+    /// Node `node_id` hands its partitions off and leaves the ring.
+    Leave { node_id: u32 },
+    /// Node `node_id`, reached at `native`, takes over every partition of `dead`,
+    /// which is gone for good (its data is rebuilt from the other replicas).
+    Replace {
+        dead: u32,
+        node_id: u32,
+        native: String,
+    },
 }
 
 /// A write of one key.
@@ -125,6 +149,10 @@ pub enum Body {
     Status(NodeStatus),
     /// The answer to an accepted `PeerHello`: how to reach the accepting node.
     PeerWelcome(crate::topology::NodeAddress),
+    /// A ring view and its members' native addresses, as one peer frame
+    /// (`crate::peer_message::encode_ring_view`; decode it with
+    /// `crate::peer_message::PeerInput`, which checks it).
+    RingView(Vec<u8>),
 }
 
 /// One node's answer to [`Op::Status`].
@@ -137,6 +165,27 @@ pub struct NodeStatus {
     /// How this node sees every member (itself included), from its gossip membership;
     /// empty for a single node.
     pub members: Vec<MemberReport>,
+    /// The ring view this node holds.
+    pub ring: RingReport,
+}
+
+/// A node's ring view, for operators: the ring in force and the change moving in.
+#[derive(
+    rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq, Default,
+)]
+pub struct RingReport {
+    pub epoch: u64,
+    /// The ring's members (the ring in force).
+    pub members: Vec<u32>,
+    /// The change in progress, if any (`join 4`, `leave 2`, `replace 3 with 5`).
+    pub change: Option<String>,
+    /// Partitions of the change still to move.
+    pub pending: u32,
+    /// Members that have not reported holding the change yet (streaming waits for
+    /// them).
+    pub waiting_for: Vec<u32>,
+    /// Whether this node's shards may stream partitions now.
+    pub streaming: bool,
 }
 
 /// One member in a node's membership view.
@@ -199,6 +248,15 @@ pub struct ShardStatus {
     pub tombstones: u64,
     pub index_bytes: u64,
     pub tombstones_collected: u64,
+    /// Membership changes since start: keys and bytes this shard streamed to new
+    /// replicas, partitions it finished sending and receiving, and partitions it
+    /// dropped after they moved away; streams running now.
+    pub transfer_keys_sent: u64,
+    pub transfer_bytes_sent: u64,
+    pub partitions_sent: u64,
+    pub partitions_received: u64,
+    pub partitions_dropped: u64,
+    pub streams: u32,
 }
 
 /// Hints pending for one target node.

@@ -1,14 +1,16 @@
 //! Node-to-node frames. A peer connection starts like a client's, on a shard's own
 //! native port, but its first request is [`Op::PeerHello`](crate::Op::PeerHello)
 //! carrying the sender's view of the cluster; the node answers
-//! [`Body::PeerWelcome`](crate::Body::PeerWelcome) only if that view is identical to its
-//! own (same partitions, replicas and members with the same addresses), and from then
+//! [`Body::PeerWelcome`](crate::Body::PeerWelcome) only if the two agree on the shape of
+//! the data (partitions and replicas) and the sender is a member it knows of (members
+//! come and go: the ring view, not the handshake, says who they are), and from then
 //! on the connection carries [`PeerFrame`](crate::peer_message::PeerFrame)s one way, from the connecting shard to the
 //! accepting node. Each shard keeps one such connection to each other node (on the
 //! node's shared native port); the accepting shard passes each frame to the shard it
 //! is for. Replies travel on the connections the other way round.
 
-/// The static membership every node must agree on.
+/// The sender's cluster: its shape, which every node must share, and the members it
+/// knew when its links started (for the operator reading a refusal).
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct ClusterSpec {
     pub partitions: u32,
@@ -40,10 +42,15 @@ pub struct PeerHello {
 /// The last byte is the peer frame format: 2 since frames carry their archive padded
 /// and aligned (`crate::peer_message`), so a node of the old format is refused at the
 /// handshake instead of misreading frames.
-pub const PEER_MAGIC: u64 = u64::from_le_bytes(*b"ringkvP\x04");
+pub const PEER_MAGIC: u64 = u64::from_le_bytes(*b"ringkvP\x05");
 
 /// Why a peer handshake is refused, or None if the two views agree.
-pub fn check_peer(hello: &PeerHello, ours: &ClusterSpec, version: u16) -> Option<String> {
+pub fn check_peer(
+    hello: &PeerHello,
+    ours: &ClusterSpec,
+    version: u16,
+    is_member: impl Fn(u32) -> bool,
+) -> Option<String> {
     if hello.magic != PEER_MAGIC {
         return Some("not a ringkv peer handshake (bad magic)".into());
     }
@@ -53,13 +60,17 @@ pub fn check_peer(hello: &PeerHello, ours: &ClusterSpec, version: u16) -> Option
             hello.version
         ));
     }
-    if !ours.members.iter().any(|m| m.node_id == hello.from_node) {
-        return Some(format!("node {} is not a member here", hello.from_node));
-    }
-    if hello.cluster != *ours {
+    if !is_member(hello.from_node) {
         return Some(format!(
-            "cluster views differ: peer node {} has {:?}, this node has {:?}",
-            hello.from_node, hello.cluster, ours
+            "node {} is not a member here (join it with `ringkv server --join`)",
+            hello.from_node
+        ));
+    }
+    let (theirs, ours) = (&hello.cluster, ours);
+    if (theirs.partitions, theirs.replicas) != (ours.partitions, ours.replicas) {
+        return Some(format!(
+            "cluster shapes differ: peer node {} has {} partitions and N={}, this node {} and N={}",
+            hello.from_node, theirs.partitions, theirs.replicas, ours.partitions, ours.replicas
         ));
     }
     None
@@ -97,15 +108,24 @@ mod tests {
             from_node,
             from_shard: 0,
         };
+        let members = |node: u32| node <= 2;
+        let check = |h: &PeerHello, version| check_peer(h, &ours, version, members);
+        assert_eq!(check(&hello(ours.clone(), 2), PROTOCOL_VERSION), None);
+        // Member lists may differ (one side knows of a join first); the shape may not.
         assert_eq!(
-            check_peer(&hello(ours.clone(), 2), &ours, PROTOCOL_VERSION),
+            check(&hello(spec("127.0.0.1:9999"), 2), PROTOCOL_VERSION),
             None
         );
-        let moved = check_peer(&hello(spec("127.0.0.1:9999"), 2), &ours, PROTOCOL_VERSION);
-        assert!(moved.unwrap().contains("differ"));
-        let stranger = check_peer(&hello(ours.clone(), 9), &ours, PROTOCOL_VERSION);
+        let mut reshaped = ours.clone();
+        reshaped.partitions *= 2;
+        let reshaped = check(&hello(reshaped, 2), PROTOCOL_VERSION);
+        assert!(reshaped.unwrap().contains("shapes differ"));
+        let mut fewer = ours.clone();
+        fewer.replicas = 2;
+        assert!(check(&hello(fewer, 2), PROTOCOL_VERSION).is_some());
+        let stranger = check(&hello(ours.clone(), 9), PROTOCOL_VERSION);
         assert!(stranger.unwrap().contains("not a member"));
-        let old = check_peer(&hello(ours.clone(), 2), &ours, PROTOCOL_VERSION + 1);
+        let old = check(&hello(ours.clone(), 2), PROTOCOL_VERSION + 1);
         assert!(old.unwrap().contains("version"));
     }
 }

@@ -18,6 +18,7 @@
 
 use std::ops::Range;
 
+use crate::peer::MemberSpec;
 use ringkv_cluster::codec::{Context, DecodeError, StoredVersions, decode_version_set};
 use ringkv_cluster::ring::NODE_ID_MAX;
 use ringkv_cluster::{
@@ -81,8 +82,12 @@ pub enum PeerFrame {
     /// Membership gossip for the receiving node's membership (`ringkv_cluster::Membership`).
     Gossip { message: WireGossip },
     /// The sender's ring view, for the receiving node's ring keeper
-    /// (`ringkv_cluster::RingKeeper`).
-    Ring { view: WireView },
+    /// (`ringkv_cluster::RingKeeper`), with the native addresses it knows of the
+    /// view's members: a node that learns of a new member learns how to reach it.
+    Ring {
+        view: WireView,
+        addresses: Vec<MemberSpec>,
+    },
 }
 
 /// What one peer frame carries, decoded.
@@ -93,7 +98,8 @@ pub enum Incoming {
         message: PeerMessage,
     },
     Gossip(GossipMessage),
-    Ring(RingView),
+    /// A ring view and the members' native addresses the sender knows.
+    Ring(RingView, Vec<MemberSpec>),
 }
 
 /// The archived form of a [`PeerMessage`].
@@ -280,10 +286,15 @@ pub fn encode_gossip(message: &GossipMessage, out: &mut Vec<u8>) -> Result<(), F
     encode_frame(&frame, out)
 }
 
-/// Appends a ring view to `out` as one padded peer frame.
-pub fn encode_ring_view(view: &RingView, out: &mut Vec<u8>) -> Result<(), FrameError> {
+/// Appends a ring view and the members' addresses to `out` as one padded peer frame.
+pub fn encode_ring_view(
+    view: &RingView,
+    addresses: &[MemberSpec],
+    out: &mut Vec<u8>,
+) -> Result<(), FrameError> {
     let frame = PeerFrame::Ring {
         view: WireView::from(view),
+        addresses: addresses.to_vec(),
     };
     encode_frame(&frame, out)
 }
@@ -393,7 +404,16 @@ pub fn decode_peer_message(archive: &[u8]) -> Result<Incoming, PeerWireError> {
             message: message.to_message()?,
         },
         ArchivedPeerFrame::Gossip { message } => Incoming::Gossip(message.to_message()?),
-        ArchivedPeerFrame::Ring { view } => Incoming::Ring(view.to_view()?),
+        ArchivedPeerFrame::Ring { view, addresses } => {
+            let addresses = addresses
+                .iter()
+                .map(|a| MemberSpec {
+                    node_id: a.node_id.to_native(),
+                    native: a.native.as_str().to_owned(),
+                })
+                .collect();
+            Incoming::Ring(view.to_view()?, addresses)
+        }
     })
 }
 
@@ -1195,13 +1215,23 @@ mod tests {
             .chain(leaving.ok())
         {
             let mut wire = Vec::new();
-            encode_ring_view(&view, &mut wire).unwrap();
-            assert_eq!(decode_incoming(&wire).unwrap(), Incoming::Ring(view));
+            let addresses = vec![MemberSpec {
+                node_id: 9,
+                native: "127.0.0.1:7540".into(),
+            }];
+            encode_ring_view(&view, &addresses, &mut wire).unwrap();
+            assert_eq!(
+                decode_incoming(&wire).unwrap(),
+                Incoming::Ring(view, addresses)
+            );
         }
         // A view whose owners name a stranger, or whose change cannot apply, is refused.
         let mut wire_view = WireView::from(&stable);
         let bad = |view: &WireView| {
-            let frame = PeerFrame::Ring { view: view.clone() };
+            let frame = PeerFrame::Ring {
+                view: view.clone(),
+                addresses: Vec::new(),
+            };
             let mut wire = Vec::new();
             encode_frame(&frame, &mut wire).unwrap();
             decode_incoming(&wire)

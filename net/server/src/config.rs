@@ -72,6 +72,15 @@ pub struct ServerConfig {
     pub tombstone_grace_s: u64,
     /// Most keys each shard's anti-entropy pushes to peers per second (0: no limit).
     pub anti_entropy_pushes_per_second: u64,
+    /// A running member's native address: a node with no ring view stored yet asks it
+    /// to join the cluster (or, with `replace`, to take over a dead node's partitions)
+    /// and starts from the view it answers. Ignored once a view is stored.
+    pub join: Option<String>,
+    /// With `join`: the id of the dead node this one replaces.
+    pub replace: Option<u32>,
+    /// Most keys each shard streams to new replicas per second during a membership
+    /// change (0: no limit).
+    pub transfer_keys_per_second: u64,
 }
 
 impl Default for ServerConfig {
@@ -102,6 +111,9 @@ impl Default for ServerConfig {
             anti_entropy_interval_ms: 100,
             tombstone_grace_s: 4 * 3600,
             anti_entropy_pushes_per_second: 2_000,
+            join: None,
+            replace: None,
+            transfer_keys_per_second: 20_000,
         }
     }
 }

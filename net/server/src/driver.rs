@@ -330,6 +330,39 @@ impl<D: Disk> ShardDriver<D> {
         self.node.borrow().id()
     }
 
+    /// Adopts the ring view the node's keeper published.
+    pub fn set_view(self: &Rc<Self>, view: ringkv_cluster::RingView) {
+        let now = self.now();
+        self.node.borrow_mut().set_view(now, view);
+        self.pump();
+    }
+
+    pub fn view(&self) -> ringkv_cluster::RingView {
+        self.node.borrow().view().clone()
+    }
+
+    /// Starts and moves on partition streams (while `streaming`) and due drops.
+    pub fn tick_transfers(self: &Rc<Self>, streaming: bool) {
+        let now = self.now();
+        self.node.borrow_mut().tick_transfers(now, streaming);
+        self.pump();
+    }
+
+    /// Partitions received in full since the last call, for the node's ring keeper.
+    pub fn take_moved(&self) -> Vec<(PartitionId, u64)> {
+        std::mem::take(&mut *self.moved.borrow_mut())
+    }
+
+    /// Drops what the store holds of partitions the view does not give this shard:
+    /// only at the start of a node whose view was stored (a partition moved away
+    /// before a crash, its drop not done yet).
+    pub fn drop_unserved(self: &Rc<Self>) {
+        let now = self.now();
+        let stored = self.home_partitions();
+        self.node.borrow_mut().drop_unserved(now, stored);
+        self.pump();
+    }
+
     pub fn node_stats(&self) -> ringkv_cluster::NodeStats {
         self.node.borrow().stats()
     }

@@ -8,6 +8,9 @@
 //! - `shard`: a request's way to the shard that owns its key (at most one hop over the
 //!   channel mesh), with `ShardMap` from ringkv-cluster deciding which shard that is;
 //! - `peers`: the links to other nodes, which carry peer messages;
+//! - `membership` (gossip, failure detection) and `ring_keeper` (the ring view and its
+//!   changes), both on shard 0; `ring_file` stores the view; [`ring_change`] asks a
+//!   member for a change (`--join`, `ringkv admin`);
 //! - [`driver`]: what the state machine asks for (storage, timers, replies, sends),
 //!   carried out; the same state machine the simulator drives in tests;
 //! - [`runtime`]: starting and stopping the shards, from a [`config`].
@@ -21,8 +24,9 @@ mod layout;
 mod listener;
 mod membership;
 mod peers;
-#[allow(dead_code)] // Used once the server runs a ring keeper (issue 13).
+pub mod ring_change;
 mod ring_file;
+mod ring_keeper;
 pub mod runtime;
 mod shard;
 mod tasks;

@@ -17,11 +17,13 @@ use futures_channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use futures_util::StreamExt;
 use glommio::net::TcpStream;
-use ringkv_cluster::{NodeId, PeerMessage};
+use ringkv_cluster::{NodeId, PeerMessage, RingView};
 use ringkv_proto::frame::next_frame;
 use ringkv_proto::native::{decode_response, encode_request};
-use ringkv_proto::peer::{ClusterSpec, PEER_MAGIC, PeerHello};
-use ringkv_proto::peer_message::{Incoming, PeerInput, encode_gossip, encode_peer_message};
+use ringkv_proto::peer::{ClusterSpec, MemberSpec, PEER_MAGIC, PeerHello};
+use ringkv_proto::peer_message::{
+    Incoming, PeerInput, encode_gossip, encode_peer_message, encode_ring_view,
+};
 use ringkv_proto::{Body, NodeAddress, Op, PROTOCOL_VERSION, Request};
 use rkyv::util::AlignedVec;
 
@@ -99,7 +101,9 @@ pub struct Peers {
     me: NodeId,
     shard: u16,
     spec: ClusterSpec,
-    links: HashMap<NodeId, Link>,
+    /// Links to every member the ring view names (more are added as nodes join).
+    links: RefCell<HashMap<NodeId, Link>>,
+    stale_after: Duration,
     /// How each node said it is reached (learned at handshakes), for clients' topology.
     learned: RefCell<HashMap<u32, NodeAddress>>,
     /// Nodes whose link cannot connect right now.
@@ -117,51 +121,57 @@ impl Peers {
         spec: ClusterSpec,
         stale_after: Duration,
     ) -> Rc<Peers> {
-        let mut links = HashMap::new();
-        let mut receivers = Vec::new();
-        for member in spec.members.iter().filter(|m| m.node_id != me.0) {
-            let (queue, frames) = unbounded();
-            let queued = Rc::new(Cell::new(0));
-            links.insert(
-                NodeId(member.node_id),
-                Link {
-                    queue,
-                    queued: queued.clone(),
-                },
-            );
-            receivers.push((
-                member.node_id,
-                member.native.clone(),
-                Queue {
-                    frames,
-                    queued,
-                    stale_after,
-                },
-            ));
-        }
+        let members = spec.members.clone();
         let peers = Rc::new(Peers {
             me,
             shard: shard.id as u16,
             spec,
-            links,
+            links: RefCell::new(HashMap::new()),
+            stale_after,
             learned: RefCell::new(HashMap::new()),
             down: RefCell::new(std::collections::HashSet::new()),
             running: TaskGroup::new(),
         });
-        for (node, addr, receiver) in receivers {
-            let (link, shard) = (peers.clone(), shard.clone());
-            peers
-                .running
-                .spawn(async move { link.run_link(&shard, node, addr, receiver).await });
+        for member in members {
+            peers.add_link(shard, member.node_id, member.native);
         }
         peers
+    }
+
+    /// Starts a link to `node` at `native`, unless there is one (or it is this node,
+    /// or the node is stopping).
+    pub fn add_link(self: &Rc<Self>, shard: &Rc<Shard>, node: u32, native: String) {
+        if node == self.me.0 || shard.is_stopping() {
+            return;
+        }
+        let mut links = self.links.borrow_mut();
+        if links.contains_key(&NodeId(node)) {
+            return;
+        }
+        let (queue, frames) = unbounded();
+        let queued = Rc::new(Cell::new(0));
+        links.insert(
+            NodeId(node),
+            Link {
+                queue,
+                queued: queued.clone(),
+            },
+        );
+        let receiver = Queue {
+            frames,
+            queued,
+            stale_after: self.stale_after,
+        };
+        let (link, shard) = (self.clone(), shard.clone());
+        self.running
+            .spawn(async move { link.run_link(&shard, node, native, receiver).await });
     }
 
     /// Ends every link of a stopping shard: what is queued is still written, nothing
     /// more is taken, and a link that is down or breaks does not reconnect. Returns
     /// once every link task has ended (a write or a connect in progress times out).
     pub async fn close(&self) {
-        for link in self.links.values() {
+        for link in self.links.borrow().values() {
             link.queue.close_channel();
         }
         self.running.ended().await;
@@ -173,20 +183,35 @@ impl Peers {
     }
 
     fn push(&self, to: NodeId, message: &PeerMessage) -> bool {
-        let Some(link) = self.links.get(&to) else {
-            return false;
-        };
         let mut bytes = Vec::new();
         if let Err(err) = encode_peer_message(self.shard, message, &mut bytes) {
             tracing::warn!(%err, ?to, "a peer message that cannot be encoded is dropped");
             return false;
         }
+        self.queue(to, bytes)
+    }
+
+    /// Queues one encoded frame for `to`; false if it has no link or its queue is full.
+    fn queue(&self, to: NodeId, bytes: Vec<u8>) -> bool {
+        let links = self.links.borrow();
+        let Some(link) = links.get(&to) else {
+            return false;
+        };
         let sent = link.queued.get() < LINK_QUEUE
             && link.queue.unbounded_send((Instant::now(), bytes)).is_ok();
         if sent {
             link.queued.set(link.queued.get() + 1);
         }
         sent
+    }
+
+    /// Sends the node's ring view, and the addresses it knows, to node `to`.
+    pub fn send_ring(&self, to: NodeId, view: &RingView, addresses: &[MemberSpec]) {
+        let mut bytes = Vec::new();
+        match encode_ring_view(view, addresses, &mut bytes) {
+            Ok(()) => drop(self.queue(to, bytes)),
+            Err(err) => tracing::warn!(%err, ?to, "a ring view that cannot be encoded"),
+        }
     }
 
     async fn run_link(&self, shard: &Rc<Shard>, node: u32, addr: String, mut queue: Queue) {
@@ -345,15 +370,9 @@ impl Peers {
     /// Sends a gossip message to node `to` (dropped, like any message, when its link's
     /// queue is full).
     pub fn send_gossip(&self, to: NodeId, message: &ringkv_cluster::GossipMessage) {
-        let Some(link) = self.links.get(&to) else {
-            return;
-        };
         let mut bytes = Vec::new();
-        if link.queued.get() < LINK_QUEUE
-            && encode_gossip(message, &mut bytes).is_ok()
-            && link.queue.unbounded_send((Instant::now(), bytes)).is_ok()
-        {
-            link.queued.set(link.queued.get() + 1);
+        if encode_gossip(message, &mut bytes).is_ok() {
+            self.queue(to, bytes);
         }
     }
 }
@@ -392,10 +411,8 @@ pub async fn serve(
                     }
                 }
                 Some(Incoming::Gossip(message)) => shard.gossip(from, message).await,
-                // The server's membership is still static (`--peers`): no ring keeper
-                // runs here yet, and no node of this version sends views.
-                Some(Incoming::Ring(view)) => {
-                    tracing::debug!(node = from.0, epoch = view.epoch(), "ring view ignored");
+                Some(Incoming::Ring(view, addresses)) => {
+                    shard.ring_view(from, view, addresses).await
                 }
             }
         }

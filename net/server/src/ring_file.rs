@@ -13,6 +13,7 @@
 use std::path::{Path, PathBuf};
 
 use ringkv_cluster::RingView;
+use ringkv_proto::peer::MemberSpec;
 use ringkv_proto::peer_message::{Incoming, PeerInput, encode_ring_view};
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -31,11 +32,11 @@ pub enum RingFileError {
     Damaged { path: PathBuf, why: String },
 }
 
-/// Stores `view` durably in `dir`.
-pub fn store(dir: &Path, view: &RingView) -> Result<(), RingFileError> {
+/// Stores `view` and the members' native addresses durably in `dir`.
+pub fn store(dir: &Path, view: &RingView, addresses: &[MemberSpec]) -> Result<(), RingFileError> {
     let path = dir.join(FILE);
     let mut frame = Vec::new();
-    encode_ring_view(view, &mut frame).map_err(|e| RingFileError::Damaged {
+    encode_ring_view(view, addresses, &mut frame).map_err(|e| RingFileError::Damaged {
         path: path.clone(),
         why: format!("the view does not fit a frame: {e}"),
     })?;
@@ -49,8 +50,8 @@ pub fn store(dir: &Path, view: &RingView) -> Result<(), RingFileError> {
     })
 }
 
-/// The view stored in `dir`, or `None` if none was ever stored.
-pub fn load(dir: &Path) -> Result<Option<RingView>, RingFileError> {
+/// The view and addresses stored in `dir`, or `None` if none was ever stored.
+pub fn load(dir: &Path) -> Result<Option<(RingView, Vec<MemberSpec>)>, RingFileError> {
     let path = dir.join(FILE);
     let bytes = match std::fs::read(&path) {
         Ok(bytes) => bytes,
@@ -70,7 +71,7 @@ pub fn load(dir: &Path) -> Result<Option<RingView>, RingFileError> {
         return Err(damaged("checksum mismatch".into()));
     }
     match PeerInput::new(frame).next_message() {
-        Ok(Some(Incoming::Ring(view))) => Ok(Some(view)),
+        Ok(Some(Incoming::Ring(view, addresses))) => Ok(Some((view, addresses))),
         Ok(_) => Err(damaged("no ring view in it".into())),
         Err(e) => Err(damaged(e.to_string())),
     }
@@ -94,18 +95,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(load(dir.path()).unwrap().is_none());
         let mut view = joining();
-        store(dir.path(), &view).unwrap();
-        assert_eq!(load(dir.path()).unwrap(), Some(view.clone()));
+        let addresses = vec![MemberSpec {
+            node_id: 4,
+            native: "127.0.0.1:7540".into(),
+        }];
+        store(dir.path(), &view, &addresses).unwrap();
+        assert_eq!(
+            load(dir.path()).unwrap(),
+            Some((view.clone(), addresses.clone()))
+        );
         let first = view.pending().next().unwrap();
         view.mark_moved(first, view.fingerprint());
-        store(dir.path(), &view).unwrap();
-        assert_eq!(load(dir.path()).unwrap(), Some(view));
+        store(dir.path(), &view, &[]).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), Some((view, Vec::new())));
     }
 
     #[test]
     fn a_damaged_or_truncated_file_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        store(dir.path(), &joining()).unwrap();
+        store(dir.path(), &joining(), &[]).unwrap();
         let path = dir.path().join(FILE);
         let good = std::fs::read(&path).unwrap();
         let mut flipped = good.clone();

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use glommio::channels::channel_mesh::{Full, MeshBuilder};
 use glommio::net::TcpListener;
 use glommio::{Latency, LocalExecutorPoolBuilder, PoolPlacement, Shares, Task};
-use ringkv_cluster::{Member, Node, NodeConfig, NodeId, PartitionId, Ring, ShardMap};
+use ringkv_cluster::{
+    KeeperConfig, Member, Node, NodeConfig, NodeId, Quorum, Ring, RingView, ShardMap,
+};
 use ringkv_engine::disk::DmaDisk;
 use ringkv_engine::{Store, StoreConfig};
 
@@ -30,6 +32,10 @@ use ringkv_proto::peer::{ClusterSpec, MemberSpec};
 
 use crate::membership::MembershipDriver;
 use crate::peers::Peers;
+use crate::ring_change;
+use crate::ring_file;
+use crate::ring_keeper::{KeeperDriver, Published, RingBoard};
+use ringkv_proto::RingChangeRequest;
 
 /// Why a node could not start; each is one clear line for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +63,10 @@ pub enum StartError {
     AddressInUse(std::net::SocketAddr, String),
     #[error("shard {shard} failed: {source}")]
     Shard { shard: usize, source: ShardError },
+    #[error(transparent)]
+    RingFile(#[from] crate::ring_file::RingFileError),
+    #[error("the ring: {0}")]
+    Ring(String),
 }
 
 /// Why one shard could not start, or did not stop cleanly.
@@ -124,7 +134,7 @@ pub fn run(config: ServerConfig) -> Result<(), StartError> {
 
 /// Runs the node until `stop` is set.
 pub fn run_until(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), StartError> {
-    let config = config.settings()?;
+    let mut config = config.settings()?;
     check_io_uring()?;
     check_locked_memory()?;
     raise_open_file_limit();
@@ -132,6 +142,9 @@ pub fn run_until(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), Star
     check_addresses_free(&config)?;
     let _lock = layout::lock(&config.data_dir)?;
     let layout = layout::open(&config.data_dir, config.node_id, config.partitions, shards)?;
+    let start = starting_ring(&mut config)?;
+    let board = RingBoard::new(start.published);
+    let stored_view = start.stored;
     let mesh = MeshBuilder::<Hop, _>::full(shards, 1024);
     let meshes = Arc::new(ShardMeshes::new(&mesh, shards));
     let listening = Arc::new(AtomicUsize::new(0));
@@ -141,16 +154,19 @@ pub fn run_until(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), Star
     let handles = LocalExecutorPoolBuilder::new(PoolPlacement::MaxSpread(shards, None))
         .spin_before_park(spin)
         .on_all_shards(move || {
-            let (config, layout, mesh, stop, listening) = (
+            let (config, layout, mesh, stop, listening, board) = (
                 config.clone(),
                 layout.clone(),
                 meshes.take(),
                 stop.clone(),
                 listening.clone(),
+                board.clone(),
             );
             let attendance = Attendance::new(barrier.clone(), stop.clone());
             async move {
-                let result = run_shard(&config, &layout, mesh, &stop, &listening, attendance).await;
+                let start = ShardStart { board, stored_view };
+                let result =
+                    run_shard(&config, &layout, mesh, &stop, &listening, attendance, start).await;
                 // One shard failing stops the node: a node missing a shard would refuse
                 // every key that shard owns.
                 if result.is_err() {
@@ -281,11 +297,21 @@ async fn run_shard(
     config: &Settings,
     layout: &NodeLayout,
     mesh: MeshBuilder<Hop, Full>,
-    stop: &AtomicBool,
+    stop: &Arc<AtomicBool>,
     listening: &AtomicUsize,
     mut attendance: Attendance,
+    start: ShardStart,
 ) -> Result<(), ShardError> {
-    let result = serve_shard(config, layout, mesh, stop, listening, &mut attendance).await;
+    let result = serve_shard(
+        config,
+        layout,
+        mesh,
+        stop,
+        listening,
+        &mut attendance,
+        start,
+    )
+    .await;
     // Everything the shard used is dropped by now. glommio closes a dropped file, and
     // cancels a dropped socket's poll, by queueing the request for its next trip to the
     // kernel: make that trip before the executor exits, or the files stay open (in a
@@ -299,9 +325,10 @@ async fn serve_shard(
     config: &Settings,
     layout: &NodeLayout,
     mesh: MeshBuilder<Hop, Full>,
-    stop: &AtomicBool,
+    stop: &Arc<AtomicBool>,
     listening: &AtomicUsize,
     attendance: &mut Attendance,
+    start: ShardStart,
 ) -> Result<(), ShardError> {
     // What can fail comes before any task starts, so a failure has nothing to stop.
     let (senders, mut hops) = mesh
@@ -310,18 +337,22 @@ async fn serve_shard(
         .map_err(|e| ShardError::Mesh(e.to_string()))?;
     let id = senders.peer_id();
     let node_id = NodeId(config.node_id);
-    let members = &config.members;
-    let ring_members: Vec<Member> = members.iter().map(|(id, _)| Member::new(*id)).collect();
-    let ring = Ring::new(config.partitions, &ring_members)?;
+    let view = start.board.current().view;
+    let ring = view.ring().clone();
     let store = open_store(config, id).await?;
     let store = StoreTasks::start(store)?;
 
     let shards = ShardMap::new(senders.nr_consumers())?;
-    let mut node = Node::new(node_config(config, shards, id), ring.clone());
+    let mut node = Node::with_view(node_config(config, shards, id), view);
     node.set_wall_clock(crate::driver::wall_clock_ms());
     let driver = ShardDriver::new(node, store.store.clone());
     let hints = driver.restore_hints().await;
     driver.rebuild_trees(driver.home_partitions());
+    if start.stored_view {
+        // What moved away before a crash, its drop not done yet (a view built from
+        // --peers at a first start is no ground to drop anything on).
+        driver.drop_unserved();
+    }
     let every = config.anti_entropy_interval_ms;
     driver.set_anti_entropy_interval((every > 0).then(|| Duration::from_millis(every)));
     if hints > 0 {
@@ -334,6 +365,7 @@ async fn serve_shard(
         config.max_inflight_per_shard,
         config.max_value_bytes,
         config.quorum,
+        start.board.clone(),
     );
     let serve_loops = hops
         .streams()
@@ -345,22 +377,33 @@ async fn serve_shard(
         config.max_pipeline,
     ));
     let cluster = cluster_spec(config);
-    if members.len() > 1 {
-        let stale_after = config.request_timeout;
-        shard.set_peers(Peers::start(node_id, &shard, cluster.clone(), stale_after));
-        if id == 0 {
-            let incarnation = u64::from(layout.incarnation);
-            shard.set_membership(MembershipDriver::start(&shard, config, incarnation));
-        }
+    // Peers, gossip and the ring keeper run even on a node alone: another may join it.
+    let stale_after = config.request_timeout;
+    shard.set_peers(Peers::start(node_id, &shard, cluster.clone(), stale_after));
+    if id == 0 {
+        let incarnation = u64::from(layout.incarnation);
+        shard.set_membership(MembershipDriver::start(&shard, config, incarnation));
+        let keeper_config = KeeperConfig {
+            push_interval: Duration::from_secs(1),
+            // Writes coordinated under the old ring end within a request timeout;
+            // the shards take up to `follow_ring`'s 50 ms to adopt a view.
+            settle: config.request_timeout * 2 + Duration::from_secs(1),
+        };
+        let data_dir = config.data_dir.clone();
+        let keeper = KeeperDriver::start(
+            &shard,
+            start.board.clone(),
+            data_dir,
+            keeper_config,
+            stop.clone(),
+        );
+        shard.set_keeper(keeper);
     }
+    let follower = glommio::spawn_local(shard.clone().follow_ring(1));
     let info = Rc::new(NodeInfo {
         me: own_address(config),
         incarnation: layout.incarnation,
         cluster,
-        epoch: ring.epoch(),
-        owners: (0..ring.partition_count())
-            .map(|p| ring.owner(PartitionId(p)).0)
-            .collect(),
     });
     let mut listeners = Listeners::default();
     let bound = listeners.start(config, id, &shard, &connections, &info);
@@ -379,6 +422,7 @@ async fn serve_shard(
         connections,
         listeners,
         serve_loops,
+        follower,
         store,
     };
     let stopped = running.stop(attendance).await;
@@ -423,7 +467,127 @@ fn node_config(config: &Settings, shards: ShardMap, shard: usize) -> NodeConfig 
     node_config.tombstone_grace = config.tombstone_grace;
     node_config.anti_entropy_pushes_per_second = config.anti_entropy_pushes_per_second;
     node_config.message_delay_max = crate::peers::PEER_USER_TIMEOUT;
+    node_config.transfer_keys_per_second = config.transfer_keys_per_second;
     node_config
+}
+
+/// What every shard starts from: the node's ring board, and whether its view was
+/// stored before this start (see `ShardDriver::drop_unserved`).
+struct ShardStart {
+    board: Arc<RingBoard>,
+    stored_view: bool,
+}
+
+/// The node's ring view at start.
+struct RingStart {
+    published: Published,
+    /// Whether the view was stored before this start (or handed over by a member the
+    /// node joined through), rather than built from `--peers`.
+    stored: bool,
+}
+
+/// The view the node starts from: the one it stored; else the one the member it
+/// joins through answers; else the ring of `--peers` (stored now, so later starts
+/// follow the ring's changes whatever `--peers` says). The quorum's N and the member
+/// list are then the view's.
+fn starting_ring(config: &mut Settings) -> Result<RingStart, StartError> {
+    let me = config.node_id;
+    let (view, addresses, stored) = match ring_file::load(&config.data_dir)? {
+        Some((view, addresses)) => (view, addresses, true),
+        None => match config.join.clone() {
+            Some(seed) => {
+                let (view, addresses) = join_through(config, &seed)?;
+                (view, addresses, true)
+            }
+            None => {
+                let members: Vec<Member> = config
+                    .members
+                    .iter()
+                    .map(|(id, _)| Member::new(*id))
+                    .collect();
+                let ring = Ring::new(config.partitions, &members)
+                    .map_err(|e| StartError::Ring(e.to_string()))?;
+                (RingView::stable(ring, config.quorum.n()), Vec::new(), false)
+            }
+        },
+    };
+    if view.ring().partition_count() != config.partitions {
+        return Err(StartError::Ring(format!(
+            "the stored ring has {} partitions, the configuration {}",
+            view.ring().partition_count(),
+            config.partitions
+        )));
+    }
+    let mut book: std::collections::BTreeMap<u32, String> = addresses
+        .into_iter()
+        .map(|a| (a.node_id, a.native))
+        .collect();
+    for (node, addr) in &config.members {
+        book.entry(node.0).or_insert_with(|| addr.to_string());
+    }
+    book.insert(me, config.listen.to_string());
+    if !view.is_member(NodeId(me)) {
+        tracing::warn!(
+            node = me,
+            "this node is not a member of its ring (it left, or was replaced): it serves no partition"
+        );
+    }
+    let n = view.replicas();
+    let majority = n / 2 + 1;
+    config.quorum =
+        Quorum::new(n, majority, majority).map_err(|e| StartError::Ring(e.to_string()))?;
+    config.members = view
+        .members()
+        .into_iter()
+        .chain(std::iter::once(NodeId(me)))
+        .filter_map(|node| Some((node, book.get(&node.0)?.parse().ok()?)))
+        .collect();
+    config.members.sort();
+    config.members.dedup();
+    let published = Published {
+        view,
+        addresses: book,
+    };
+    ring_file::store(&config.data_dir, &published.view, &published.address_list())?;
+    Ok(RingStart { published, stored })
+}
+
+/// Asks the member at `seed` to add this node (or to have it replace a dead one);
+/// retries while the member cannot be reached, for a while.
+fn join_through(
+    config: &Settings,
+    seed: &str,
+) -> Result<(RingView, Vec<ringkv_proto::peer::MemberSpec>), StartError> {
+    let (node_id, native) = (config.node_id, config.listen.to_string());
+    let request = match config.replace {
+        Some(dead) => RingChangeRequest::Replace {
+            dead,
+            node_id,
+            native,
+        },
+        None => RingChangeRequest::Join { node_id, native },
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match ring_change::change(seed, request.clone(), Duration::from_secs(5)) {
+            Ok(ring_change::Answer {
+                view, addresses, ..
+            }) => {
+                println!(
+                    "ringkv server: joined through {seed}: ring epoch {}, change {}",
+                    view.epoch(),
+                    view.change()
+                        .map_or_else(|| "none".into(), |c| ring_change::describe(&c))
+                );
+                return Ok((view, addresses));
+            }
+            Err(ring_change::AskError::Unreachable { why, .. }) if Instant::now() < deadline => {
+                tracing::warn!(seed, %why, "cannot reach the member to join through; retrying");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => return Err(StartError::Ring(format!("cannot join: {e}"))),
+        }
+    }
 }
 
 /// 64 bits from the OS's randomness. `RandomState` keys its hasher with getrandom
@@ -571,6 +735,8 @@ struct Running {
     listeners: Listeners,
     /// One loop per other shard, serving the hops it sends.
     serve_loops: Vec<Task<()>>,
+    /// Follows the ring views the keeper publishes (`Shard::follow_ring`).
+    follower: Task<()>,
     store: StoreTasks,
 }
 
@@ -584,6 +750,7 @@ impl Running {
             connections,
             listeners,
             serve_loops,
+            follower,
             store,
         } = self;
         // Clients: no new ones; open ones finish what they started (at most the drain
@@ -600,6 +767,10 @@ impl Running {
         if let Some(membership) = shard.membership() {
             membership.stop().await;
         }
+        if let Some(keeper) = shard.keeper() {
+            keeper.stop().await;
+        }
+        follower.await;
         connections.ended().await;
         attendance.reach(Stage::NothingIncoming).await;
 

@@ -121,6 +121,8 @@ pub struct Cluster {
     users: Option<Vec<(u32, u32)>>,
     /// Flags every server gets besides the harness's own.
     extra_args: Vec<String>,
+    /// Nodes added by `join`, and the member each joined through.
+    joined_through: std::collections::BTreeMap<usize, usize>,
 }
 
 /// Ports per node: native and up to three shard ports, then the same for RESP.
@@ -149,7 +151,8 @@ impl Cluster {
 
     fn start_inner(shards: &[usize], users: Option<Vec<(u32, u32)>>, args: &[&str]) -> Cluster {
         let size = shards.len();
-        let base = free_ports_n(NODE_PORTS * size as u16);
+        // Room for two more nodes to join.
+        let base = free_ports_n(NODE_PORTS * (size as u16 + 2));
         let dirs: Vec<_> = (0..size).map(|_| tempdir()).collect();
         if let Some(users) = &users {
             for (dir, (uid, gid)) in dirs.iter().zip(users) {
@@ -164,6 +167,7 @@ impl Cluster {
             shards: shards.to_vec(),
             users,
             extra_args: args.iter().map(|a| a.to_string()).collect(),
+            joined_through: Default::default(),
         };
         let children: Vec<_> = (1..=size).map(|id| cluster.spawn(id)).collect();
         for (id, child) in (1..=size).zip(children) {
@@ -244,10 +248,29 @@ impl Cluster {
         self.base + NODE_PORTS * (id as u16 - 1) + NODE_PORTS / 2
     }
 
+    /// Starts one more node (one shard) that joins the cluster through member
+    /// `through`; returns its id once it is ready.
+    pub fn join(&mut self, through: usize) -> usize {
+        let id = self.size() + 1;
+        assert!(id <= self.nodes.len() + 2, "ports for two joiners only");
+        self.dirs.push(tempdir());
+        self.shards.push(1);
+        self.joined_through.insert(id, through);
+        let child = self.spawn(id);
+        let server = self.ready(id, child);
+        self.nodes.push(Some(server));
+        id
+    }
+
     fn spawn(&self, id: usize) -> Child {
         let peers: Vec<String> = (1..=self.size())
+            .filter(|k| !self.joined_through.contains_key(k))
             .map(|k| format!("{k}@{}", self.native(k)))
             .collect();
+        let membership = match self.joined_through.get(&id) {
+            Some(&through) => ["--join".to_string(), self.native(through)],
+            None => ["--peers".to_string(), peers.join(",")],
+        };
         let mut command = match &self.users {
             Some(users) => {
                 let (uid, gid) = users[id - 1];
@@ -265,7 +288,7 @@ impl Cluster {
             .args(["--partitions", "64", "--replicas", "3"])
             .args(["--listen", &self.native(id)])
             .args(["--resp", &format!("127.0.0.1:{}", self.resp_port(id))])
-            .args(["--peers", &peers.join(",")])
+            .args(membership)
             .arg("--data-dir")
             .arg(self.dirs[id - 1].path())
             .args(&self.extra_args)

@@ -31,30 +31,35 @@ pub struct NodeInfo {
     pub me: NodeAddress,
     pub incarnation: u32,
     pub cluster: ClusterSpec,
-    pub epoch: u64,
-    /// For each partition, the node that coordinates it (first of its preference list).
-    pub owners: Vec<u32>,
 }
 
 impl NodeInfo {
     /// The topology a client routes by: every member, with the addresses each one gave
     /// at its last handshake with this shard (just its native address before that).
+    /// The members and owners are the ring view's now: a client that refreshes its map
+    /// after a membership change routes by the new ring.
     fn topology(&self, shard: &Shard) -> Topology {
         let peers = shard.peers();
-        let nodes = self
-            .cluster
-            .members
-            .iter()
-            .map(|m| {
-                if m.node_id == self.me.node_id {
+        let published = shard.board.current();
+        let ring = published.view.ring();
+        let nodes = published
+            .view
+            .members()
+            .into_iter()
+            .map(|node| {
+                if node.0 == self.me.node_id {
                     return self.me.clone();
                 }
                 peers
                     .as_ref()
-                    .and_then(|p| p.learned(m.node_id))
+                    .and_then(|p| p.learned(node.0))
                     .unwrap_or_else(|| NodeAddress {
-                        node_id: m.node_id,
-                        native: m.native.clone(),
+                        node_id: node.0,
+                        native: published
+                            .addresses
+                            .get(&node.0)
+                            .cloned()
+                            .unwrap_or_default(),
                         resp: String::new(),
                         shard_native: Vec::new(),
                     })
@@ -62,10 +67,10 @@ impl NodeInfo {
             .collect();
         Topology {
             node_id: self.me.node_id,
-            epoch: self.epoch,
+            epoch: ring.epoch(),
             partitions: self.cluster.partitions,
             nodes,
-            owners: self.owners.clone(),
+            owners: ring.owners().iter().map(|o| o.0).collect(),
         }
     }
 }
@@ -231,7 +236,8 @@ fn encode(id: u64, body: Body, out: &mut Vec<u8>) {
 /// The answer to the first request, which must be a client's or a peer's handshake.
 fn welcome(first: &Request, shard: &Shard, info: &NodeInfo) -> Body {
     if let Op::PeerHello(hello) = &first.op {
-        return match check_peer(hello, &info.cluster, PROTOCOL_VERSION) {
+        let known = |node| shard.board.knows(node);
+        return match check_peer(hello, &info.cluster, PROTOCOL_VERSION, known) {
             None => Body::PeerWelcome(info.me.clone()),
             Some(message) => Body::Error(ErrorReply::InvalidArgument { message }),
         };
@@ -263,7 +269,7 @@ fn welcome(first: &Request, shard: &Shard, info: &NodeInfo) -> Body {
 fn touch(request: &Request) -> Touch<'_> {
     match &request.op {
         Op::Get { key, .. } | Op::Delete { key, .. } | Op::Put(Put { key, .. }) => Touch::Key(key),
-        Op::Ping | Op::Topology | Op::Status => Touch::Nothing,
+        Op::Ping | Op::Topology | Op::Status | Op::RingView | Op::ChangeRing(_) => Touch::Nothing,
         Op::Hello { .. } | Op::PeerHello(_) | Op::MultiGet { .. } | Op::MultiPut(_) => Touch::Alone,
     }
 }
@@ -277,14 +283,24 @@ async fn execute(shard: &Shard, info: &NodeInfo, request: &Request) -> Body {
     match &request.op {
         Op::Ping => Body::Pong,
         Op::Topology => Body::Topology(info.topology(shard)),
-        Op::Status => match (shard.status().await, shard.members().await) {
-            (Ok(shards), Ok(members)) => Body::Status(NodeStatus {
+        Op::Status => match (
+            shard.status().await,
+            shard.members().await,
+            shard.ring_report().await,
+        ) {
+            (Ok(shards), Ok(members), Ok(ring)) => Body::Status(NodeStatus {
                 node_id: info.me.node_id,
                 incarnation: info.incarnation,
                 shards,
                 members,
+                ring,
             }),
-            (Err(e), _) | (_, Err(e)) => Body::Error(ops::error_reply(e)),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => Body::Error(ops::error_reply(e)),
+        },
+        Op::RingView => Body::RingView(shard.board.current().encode()),
+        Op::ChangeRing(request) => match shard.change_ring(request.clone()).await {
+            Ok(frame) => Body::RingView(frame),
+            Err(message) => Body::Error(ErrorReply::InvalidArgument { message }),
         },
         Op::Hello { .. } | Op::PeerHello(_) => Body::Error(ErrorReply::InvalidArgument {
             message: "a handshake is only allowed once, as the first request".into(),

@@ -8,10 +8,12 @@
 //! under load, and cost a task per batch.
 
 use futures_channel::oneshot;
+use ringkv_cluster::RingView;
 use ringkv_cluster::{
     ClientError, GetOutcome, GetRequest, GossipMessage, NodeId, PeerMessage, PutOutcome, PutRequest,
 };
-use ringkv_proto::{MemberReport, ShardStatus};
+use ringkv_proto::peer::MemberSpec;
+use ringkv_proto::{MemberReport, RingChangeRequest, RingReport, ShardStatus};
 
 /// One request or message for another shard of this node.
 pub enum Hop {
@@ -48,5 +50,21 @@ pub enum Hop {
     /// every heartbeat interval, so a lost update heals at the next one).
     Suspected {
         nodes: Vec<NodeId>,
+    },
+    /// A peer's ring view, for the node's ring keeper on shard 0.
+    Ring {
+        from: NodeId,
+        view: RingView,
+        addresses: Vec<MemberSpec>,
+    },
+    /// A membership change asked of this node, for its ring keeper on shard 0:
+    /// answered with the stored view (as a ring frame) or why it was refused.
+    ChangeRing {
+        request: RingChangeRequest,
+        reply: oneshot::Sender<Result<Vec<u8>, String>>,
+    },
+    /// The ring view as the keeper on shard 0 holds it.
+    RingReport {
+        reply: oneshot::Sender<RingReport>,
     },
 }

@@ -17,7 +17,13 @@ use ringkv_proto::{HintReport, MemberReport, ShardStatus};
 
 use crate::driver::ShardDriver;
 use crate::membership::MembershipDriver;
+use crate::ring_keeper::{KeeperDriver, RingBoard};
 pub use hops::Hop;
+use ringkv_cluster::RingView;
+use ringkv_proto::peer::MemberSpec;
+use ringkv_proto::{RingChangeRequest, RingReport};
+use std::sync::Arc;
+use std::time::Duration;
 
 mod hops;
 use crate::peers::Peers;
@@ -52,6 +58,10 @@ pub struct Shard {
     peers: RefCell<Option<Rc<Peers>>>,
     /// The node's gossip membership, on shard 0 only.
     membership: RefCell<Option<Rc<MembershipDriver>>>,
+    /// The node's ring keeper, on shard 0 only, and the board its views are
+    /// published on, which every shard follows.
+    keeper: RefCell<Option<Rc<KeeperDriver>>>,
+    pub board: Arc<RingBoard>,
     stopping: Cell<bool>,
     /// Largest value a put may carry (the store's limit).
     pub max_value_bytes: usize,
@@ -74,6 +84,7 @@ impl Shard {
         max_inflight: usize,
         max_value_bytes: usize,
         quorum: Quorum,
+        board: Arc<RingBoard>,
     ) -> Rc<Shard> {
         Rc::new(Shard {
             id: mesh.peer_id(),
@@ -89,6 +100,8 @@ impl Shard {
             quorum,
             peers: RefCell::new(None),
             membership: RefCell::new(None),
+            keeper: RefCell::new(None),
+            board,
             stopping: Cell::new(false),
             max_value_bytes,
         })
@@ -171,6 +184,91 @@ impl Shard {
             // goes again at the next heartbeat interval, so a full queue only delays it.
             let nodes = nodes.to_vec();
             let _ = mesh.try_send_to(other, Hop::Suspected { nodes });
+        }
+    }
+
+    /// A peer's ring view, for the node's ring keeper on shard 0.
+    pub async fn ring_view(&self, from: NodeId, view: RingView, addresses: Vec<MemberSpec>) {
+        if self.id == 0 {
+            if let Some(keeper) = self.keeper() {
+                keeper.handle(from, view, addresses);
+            }
+        } else {
+            let hop = Hop::Ring {
+                from,
+                view,
+                addresses,
+            };
+            self.hop(0, hop).await;
+        }
+    }
+
+    /// Starts a membership change at the node's ring keeper (shard 0); the stored view
+    /// that holds it, as a ring frame, or why it was refused.
+    pub async fn change_ring(&self, request: RingChangeRequest) -> Result<Vec<u8>, String> {
+        if self.id == 0 {
+            return self.local_change(request);
+        }
+        let (reply, answer) = oneshot::channel();
+        if !self.hop(0, Hop::ChangeRing { request, reply }).await {
+            return Err("shutting down".into());
+        }
+        answer.await.map_err(|_| "shutting down".to_string())?
+    }
+
+    fn local_change(&self, request: RingChangeRequest) -> Result<Vec<u8>, String> {
+        match self.keeper() {
+            Some(keeper) => keeper.change(request).map_err(|e| e.to_string()),
+            None => Err("this node runs no ring keeper".into()),
+        }
+    }
+
+    /// The ring view as the node's keeper (shard 0) holds it.
+    pub async fn ring_report(&self) -> Result<RingReport, ServerError> {
+        if self.id == 0 {
+            return Ok(self.local_ring_report());
+        }
+        let (reply, answer) = oneshot::channel();
+        if !self.hop(0, Hop::RingReport { reply }).await {
+            return Err(ServerError::ShuttingDown);
+        }
+        answer.await.map_err(|_| ServerError::ShuttingDown)
+    }
+
+    fn local_ring_report(&self) -> RingReport {
+        self.keeper().map(|k| k.report()).unwrap_or_default()
+    }
+
+    pub fn set_keeper(&self, keeper: Rc<KeeperDriver>) {
+        *self.keeper.borrow_mut() = Some(keeper);
+    }
+
+    pub fn keeper(&self) -> Option<Rc<KeeperDriver>> {
+        self.keeper.borrow().clone()
+    }
+
+    /// Follows the ring views the keeper publishes until the node stops: each new one
+    /// goes to this shard's state machine, and its new members get peer links. Ticks
+    /// the shard's partition transfers and reports what it received in full.
+    pub async fn follow_ring(self: Rc<Self>, mut seen: u64) {
+        const EVERY: Duration = Duration::from_millis(50);
+        while !self.is_stopping() {
+            if let Some((generation, published)) = self.board.newer_than(seen) {
+                seen = generation;
+                if let Some(peers) = self.peers() {
+                    for node in published.view.members() {
+                        if let Some(native) = published.addresses.get(&node.0) {
+                            peers.add_link(&self, node.0, native.clone());
+                        }
+                    }
+                }
+                if published.view != self.driver.view() {
+                    self.driver.set_view(published.view);
+                }
+            }
+            self.driver.tick_transfers(self.board.streaming());
+            self.board.report_moved(self.driver.take_moved());
+            glommio::timer::sleep(EVERY).await;
         }
     }
 
@@ -328,6 +426,12 @@ impl Shard {
             hints_handed_off: node.hints.handed_off,
             hints_refused: node.hints.refused,
             hints_expired: node.hints.expired,
+            transfer_keys_sent: node.transfers.keys_sent,
+            transfer_bytes_sent: node.transfers.bytes_sent,
+            partitions_sent: node.transfers.partitions_sent,
+            partitions_received: node.transfers.partitions_received,
+            partitions_dropped: node.transfers.partitions_dropped,
+            streams: node.transfers.streams as u32,
         }
     }
 
@@ -360,6 +464,17 @@ impl Shard {
                 Hop::Peer { from, message } => self.driver.handle_peer(from, message),
                 Hop::Gossip { from, message } => self.take_gossip(from, message),
                 Hop::Suspected { nodes } => self.driver.set_suspected(&nodes),
+                Hop::Ring {
+                    from,
+                    view,
+                    addresses,
+                } => {
+                    if let Some(keeper) = self.keeper() {
+                        keeper.handle(from, view, addresses);
+                    }
+                }
+                Hop::ChangeRing { request, reply } => drop(reply.send(self.local_change(request))),
+                Hop::RingReport { reply } => drop(reply.send(self.local_ring_report())),
             }
             // A busy neighbour must not starve this shard's own connections and timers.
             glommio::yield_if_needed().await;
