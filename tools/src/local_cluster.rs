@@ -41,6 +41,11 @@ pub struct ClusterArgs {
     /// sync (default), none, or interval(<ms>).
     #[arg(long)]
     pub durability: Option<String>,
+    /// Grow a running cluster of --nodes nodes: start this many more (nodes
+    /// --nodes+1 onwards), each joining through node 1; their partitions stream to
+    /// them while the cluster serves. Run it in a second terminal.
+    #[arg(long, default_value_t = 0)]
+    pub add: usize,
 }
 
 impl Default for ClusterArgs {
@@ -54,6 +59,7 @@ impl Default for ClusterArgs {
             partitions: 1024,
             replicas: 3,
             durability: None,
+            add: 0,
         }
     }
 }
@@ -74,7 +80,8 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
         u16::try_from(base as u32 + (k as u32 - 1) * span).context("ports run past 65535")
     };
     let mut addresses = Vec::new();
-    for k in 1..=args.nodes {
+    let first = if args.add > 0 { args.nodes + 1 } else { 1 };
+    for k in first..args.nodes + 1 + args.add {
         let native = format!("127.0.0.1:{}", port(args.base_port, k)?);
         let resp = format!("127.0.0.1:{}", port(args.resp_port, k)?);
         addresses.push((k, native, resp));
@@ -99,8 +106,13 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
             .args(["--shards", &args.shards.to_string()])
             .args(["--partitions", &args.partitions.to_string()])
             .args(["--replicas", &args.replicas.to_string()])
-            .args(["--peers", &peers.join(",")])
             .stdout(Stdio::piped());
+        if args.add > 0 {
+            let through = format!("127.0.0.1:{}", args.base_port);
+            command.args(["--join", &through]);
+        } else {
+            command.args(["--peers", &peers.join(",")]);
+        }
         if let Some(durability) = &args.durability {
             command.args(["--durability", durability]);
         }
@@ -114,8 +126,10 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
             child,
         });
     }
-    let outcome = wait_ready(&mut members, &stop)
-        .and_then(|()| wait_connected(&members, args.replicas.min(args.nodes), &stop));
+    let outcome = wait_ready(&mut members, &stop).and_then(|()| {
+        let replicas = args.replicas.min(args.nodes + args.add);
+        wait_connected(&members, replicas, &stop)
+    });
     if outcome.is_ok() {
         for m in &members {
             println!("node {} native={} resp={}", m.id, m.native, m.resp);

@@ -296,28 +296,32 @@ fn bad_peers_are_dropped_and_the_cluster_keeps_serving() {
             .ok()
             .map(|r| r.body)
     };
-    // A node that claims another membership, and one that speaks a future version.
+    // A node whose data has another shape, a stranger, and one that speaks a future
+    // version. (Member lists may differ: the ring view says who the members are.)
     let wrong = ClusterSpec {
-        partitions: 64,
+        partitions: 128,
         replicas: 3,
         members: vec![MemberSpec {
             node_id: 2,
             native: "127.0.0.1:1".into(),
         }],
     };
-    let hello = |cluster: ClusterSpec, version| Request {
+    let hello = |cluster: ClusterSpec, version, from_node| Request {
         id: 1,
         op: Op::PeerHello(PeerHello {
             magic: PEER_MAGIC,
             version,
             cluster,
-            from_node: 2,
+            from_node,
             from_shard: 0,
         }),
     };
+    let mut stranger = wrong.clone();
+    stranger.partitions = 64;
     for (request, why) in [
-        (hello(wrong.clone(), PROTOCOL_VERSION), "differ"),
-        (hello(wrong, PROTOCOL_VERSION + 1), "version"),
+        (hello(wrong.clone(), PROTOCOL_VERSION, 2), "shapes differ"),
+        (hello(stranger, PROTOCOL_VERSION, 9), "not a member"),
+        (hello(wrong, PROTOCOL_VERSION + 1, 2), "version"),
     ] {
         match exchange(&request) {
             Some(Body::Error(e)) => assert!(e.to_string().contains(why), "{e}"),

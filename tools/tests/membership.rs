@@ -110,8 +110,13 @@ fn a_cluster_grows_from_three_to_four_and_back_to_three_under_writes() {
         w: Some(3),
         ..WriteOptions::default()
     };
+    // RINGKV_MEMBERSHIP_KEYS scales the run up for the figures in docs/benchmarks.md.
+    let keys: u32 = std::env::var("RINGKV_MEMBERSHIP_KEYS")
+        .ok()
+        .and_then(|k| k.parse().ok())
+        .unwrap_or(3000);
     let mut preload = Written::default();
-    for i in 0..3000u32 {
+    for i in 0..keys {
         let key = format!("m-{i}");
         c.put_with(key.as_bytes(), &i.to_le_bytes(), PutMode::Latest, all)
             .expect("preload");
