@@ -350,14 +350,27 @@ impl AsyncClient {
         let wait = self.router.config.request_timeout;
         let mut all = Vec::new();
         for node in &topology.nodes {
-            let status = match self.router.call(&node.native, Op::Status, wait).await {
-                Ok(Body::Status(status)) => Ok(status),
-                Ok(other) => Err(failure(other)),
-                Err(e) => Err(e),
-            };
-            all.push((node.node_id, status));
+            all.push((node.node_id, self.status_of(&node.native, wait).await));
+        }
+        // A seed the ring no longer names (a node that left, still running) is asked
+        // too: an operator pointing at it sees what it still holds.
+        let listed = |addr: &String| topology.nodes.iter().any(|n| &n.native == addr);
+        for seed in self.router.config.seeds.iter().filter(|s| !listed(s)) {
+            if let Ok(status) = self.status_of(seed, wait).await
+                && !all.iter().any(|(id, _)| *id == status.node_id)
+            {
+                all.push((status.node_id, Ok(status)));
+            }
         }
         Ok(all)
+    }
+
+    async fn status_of(&self, addr: &str, wait: Duration) -> Result<NodeStatus, Error> {
+        match self.router.call(addr, Op::Status, wait).await {
+            Ok(Body::Status(status)) => Ok(status),
+            Ok(other) => Err(failure(other)),
+            Err(e) => Err(e),
+        }
     }
 
     /// The partition map this client routes by, fetched afresh.

@@ -42,9 +42,11 @@ impl NodeInfo {
         let peers = shard.peers();
         let published = shard.board.current();
         let ring = published.view.ring();
-        let nodes = published
-            .view
-            .members()
+        // The answering node is listed even once it left the ring: it still answers
+        // (status, and requests it forwards) until it is stopped.
+        let mut members = published.view.members();
+        members.insert(ringkv_cluster::NodeId(self.me.node_id));
+        let nodes = members
             .into_iter()
             .map(|node| {
                 if node.0 == self.me.node_id {
