@@ -128,6 +128,9 @@ impl Ring {
         if self.members.contains_key(&member.node) {
             return Err(RingError::DuplicateMember(member.node));
         }
+        if member.node.0 > NODE_ID_MAX {
+            return Err(RingError::NodeIdTooLarge(member.node.0));
+        }
         let partitions = self.partition_count();
         if self.members.len() + 1 > partitions as usize {
             return Err(RingError::TooManyMembers {
@@ -519,6 +522,20 @@ mod tests {
             Ring::new(2, &nodes(&[1, 2, 3])),
             Err(RingError::TooManyMembers { .. })
         ));
+    }
+
+    #[test]
+    fn a_joiner_or_replacement_with_an_id_past_the_largest_is_refused() {
+        let ring = Ring::new(8, &nodes(&[1, 2])).unwrap();
+        let huge = Member::new(NodeId(NODE_ID_MAX + 1));
+        assert_eq!(
+            ring.with_member(huge).unwrap_err(),
+            RingError::NodeIdTooLarge(NODE_ID_MAX + 1)
+        );
+        assert_eq!(
+            ring.with_replacement(NodeId(2), huge).unwrap_err(),
+            RingError::NodeIdTooLarge(NODE_ID_MAX + 1)
+        );
     }
 
     #[test]

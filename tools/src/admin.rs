@@ -93,15 +93,20 @@ fn replace(args: ReplaceArgs) -> anyhow::Result<()> {
     let (id, native) = (args.with.split_once('@'))
         .and_then(|(id, addr)| Some((id.parse::<u32>().ok()?, addr.to_owned())))
         .with_context(|| format!("--with '{}' is not id@host:port", args.with))?;
+    let partitions = ring_change::view(&args.addr, ASK_WAIT)?
+        .view
+        .ring()
+        .partition_count();
     let request = RingChangeRequest::Replace {
         dead: args.dead,
         node_id: id,
         native: native.clone(),
+        partitions,
     };
     print_view(&ring_change::change(&args.addr, request, ASK_WAIT)?);
     println!(
-        "now start node {id}: ringkv server --node-id {id} --listen {native} --join {}",
-        args.addr
+        "now start node {id}: ringkv server --node-id {id} --listen {native} --partitions {partitions} --join {} --replace {}",
+        args.addr, args.dead
     );
     Ok(())
 }

@@ -298,7 +298,11 @@ fn bad_peers_are_dropped_and_the_cluster_keeps_serving() {
     };
     // A node whose data has another shape, a stranger, and one that speaks a future
     // version. (Member lists may differ: the ring view says who the members are.)
+    let id = ringkv_server::ring_change::view(&addr, Duration::from_secs(5))
+        .expect("the node's ring view")
+        .cluster;
     let wrong = ClusterSpec {
+        id,
         partitions: 128,
         replicas: 3,
         members: vec![MemberSpec {
@@ -318,7 +322,10 @@ fn bad_peers_are_dropped_and_the_cluster_keeps_serving() {
     };
     let mut stranger = wrong.clone();
     stranger.partitions = 64;
+    let mut foreign = stranger.clone();
+    foreign.id ^= 1;
     for (request, why) in [
+        (hello(foreign, PROTOCOL_VERSION, 2), "another cluster"),
         (hello(wrong.clone(), PROTOCOL_VERSION, 2), "shapes differ"),
         (hello(stranger, PROTOCOL_VERSION, 9), "not a member"),
         (hello(wrong, PROTOCOL_VERSION + 1, 2), "version"),

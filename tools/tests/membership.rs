@@ -132,7 +132,9 @@ fn write_until(
 
 #[test]
 fn a_cluster_grows_from_three_to_four_and_back_to_three_under_writes() {
-    let mut cluster = Cluster::start(3);
+    // Anti-entropy off: what a new replica holds came by stream or by a write, so the
+    // counts below prove the streams (and not a later repair) put every key in place.
+    let mut cluster = Cluster::start_with_args(3, &["--anti-entropy-interval-ms", "0"]);
     let c = cluster.client(&[1, 2, 3]);
     let all = WriteOptions {
         w: Some(3),
@@ -184,6 +186,11 @@ fn a_cluster_grows_from_three_to_four_and_back_to_three_under_writes() {
         sent as f64 <= 1.1 * ideal as f64,
         "{sent} keys streamed to node 4, more than 1.1x the ideal {ideal}"
     );
+    // Most of it came by stream: the preload alone is most of node 4's share.
+    assert!(
+        sent as f64 >= 0.5 * ideal as f64,
+        "only {sent} keys streamed to node 4 for an ideal of {ideal}"
+    );
 
     let held_by_two = totals(&c)[&2].keys;
     let new_before = new_keys.load(Ordering::SeqCst);
@@ -223,6 +230,10 @@ fn a_cluster_grows_from_three_to_four_and_back_to_three_under_writes() {
     assert!(
         sent_leaving as f64 <= 1.1 * ideal as f64,
         "{sent_leaving} keys streamed when node 2 left, more than 1.1x the ideal {ideal}"
+    );
+    assert!(
+        sent_leaving as f64 >= 0.5 * ideal as f64,
+        "only {sent_leaving} keys streamed when node 2 left, for an ideal of {ideal}"
     );
     stop.store(true, Ordering::SeqCst);
     let written = writer.join().expect("the writer ends");
@@ -291,4 +302,46 @@ fn a_cluster_grows_from_three_to_four_and_back_to_three_under_writes() {
             .view
             .is_member(NodeId(2))
     );
+}
+
+/// Changes that could not be safe are refused with a reason, and nothing starts: the
+/// ring stays as it was.
+#[test]
+fn unsafe_or_malformed_membership_changes_are_refused() {
+    use ringkv_proto::RingChangeRequest;
+    let cluster = Cluster::start(3);
+    let at = cluster.native(1);
+    let ask = |request| ring_change::change(&at, request, Duration::from_secs(5));
+    let refused = |request, why: &str| match ask(request) {
+        Err(ring_change::AskError::Refused { why: said, .. }) => {
+            assert!(said.contains(why), "refused for '{said}', not '{why}'")
+        }
+        other => panic!("accepted, expected a refusal for '{why}': {other:?}"),
+    };
+    let joiner = |node_id, native: &str, partitions| RingChangeRequest::Join {
+        node_id,
+        native: native.into(),
+        partitions,
+    };
+    refused(joiner(9, "127.0.0.1:1999", 128), "partitions");
+    refused(joiner(9, "0.0.0.0:1999", 64), "cannot be dialled");
+    refused(joiner(9, "not-an-address", 64), "not an ip:port");
+    refused(joiner(1, "127.0.0.1:1999", 64), "this node's id");
+    refused(joiner(u32::MAX, "127.0.0.1:1999", 64), "above the largest");
+    refused(joiner(2, "127.0.0.1:1999", 64), "is known at");
+    refused(RingChangeRequest::Leave { node_id: 2 }, "ask node 2 itself");
+    let replace_live = RingChangeRequest::Replace {
+        dead: 3,
+        node_id: 9,
+        native: "127.0.0.1:1999".into(),
+        partitions: 64,
+    };
+    refused(replace_live, "not down");
+    let view = ring_change::view(&at, Duration::from_secs(5)).unwrap().view;
+    assert!(
+        view.is_stable(),
+        "a refused change started: {:?}",
+        view.change()
+    );
+    assert_eq!(view.epoch(), 0);
 }

@@ -566,7 +566,7 @@ impl World {
                     return;
                 }
                 let view = match PeerInput::new(&bytes).next_message() {
-                    Ok(Some(Incoming::Ring(view, _))) => view,
+                    Ok(Some(Incoming::Ring(frame))) => frame.view,
                     other => panic!("{from:?} -> {to:?}: not a ring view: {other:?}"),
                 };
                 let now = self.now;
@@ -757,7 +757,7 @@ impl World {
             return;
         }
         let mut bytes = Vec::new();
-        encode_ring_view(&view, &[], &mut bytes).expect("views fit a frame");
+        encode_ring_view(0, &view, &[], &mut bytes).expect("views fit a frame");
         let delay = self.delay();
         let deliver = Event::DeliverView {
             from,

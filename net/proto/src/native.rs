@@ -91,7 +91,12 @@ pub enum RingChangeRequest {
     /// Node `node_id`, reached at `native`, joins. Asked again once it is part of the
     /// change (or of the ring), it is answered with the view: a joiner that crashed
     /// before storing the answer asks again.
-    Join { node_id: u32, native: String },
+    Join {
+        node_id: u32,
+        native: String,
+        /// The joiner's partition count, which must be the cluster's.
+        partitions: u32,
+    },
     /// Node `node_id` hands its partitions off and leaves the ring.
     Leave { node_id: u32 },
     /// Node `node_id`, reached at `native`, takes over every partition of `dead`,
@@ -100,6 +105,7 @@ pub enum RingChangeRequest {
         dead: u32,
         node_id: u32,
         native: String,
+        partitions: u32,
     },
 }
 

@@ -13,6 +13,10 @@
 /// knew when its links started (for the operator reading a refusal).
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct ClusterSpec {
+    /// The cluster's id: drawn from the first members' list when the cluster formed
+    /// (every node given the same `--peers` computes the same one), stored with the
+    /// ring view, handed to every node that joins. Two clusters never exchange views.
+    pub id: u64,
     pub partitions: u32,
     /// N: replicas of each key.
     pub replicas: u8,
@@ -67,6 +71,12 @@ pub fn check_peer(
         ));
     }
     let (theirs, ours) = (&hello.cluster, ours);
+    if theirs.id != ours.id {
+        return Some(format!(
+            "another cluster: peer node {} belongs to cluster {:016x}, this node to {:016x}",
+            hello.from_node, theirs.id, ours.id
+        ));
+    }
     if (theirs.partitions, theirs.replicas) != (ours.partitions, ours.replicas) {
         return Some(format!(
             "cluster shapes differ: peer node {} has {} partitions and N={}, this node {} and N={}",
@@ -83,6 +93,7 @@ mod tests {
 
     fn spec(addr: &str) -> ClusterSpec {
         ClusterSpec {
+            id: 5,
             partitions: 64,
             replicas: 3,
             members: vec![
@@ -120,6 +131,10 @@ mod tests {
         reshaped.partitions *= 2;
         let reshaped = check(&hello(reshaped, 2), PROTOCOL_VERSION);
         assert!(reshaped.unwrap().contains("shapes differ"));
+        let mut foreign = ours.clone();
+        foreign.id += 1;
+        let foreign = check(&hello(foreign, 2), PROTOCOL_VERSION);
+        assert!(foreign.unwrap().contains("another cluster"));
         let mut fewer = ours.clone();
         fewer.replicas = 2;
         assert!(check(&hello(fewer, 2), PROTOCOL_VERSION).is_some());

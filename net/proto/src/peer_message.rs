@@ -85,6 +85,7 @@ pub enum PeerFrame {
     /// (`ringkv_cluster::RingKeeper`), with the native addresses it knows of the
     /// view's members: a node that learns of a new member learns how to reach it.
     Ring {
+        cluster: u64,
         view: WireView,
         addresses: Vec<MemberSpec>,
     },
@@ -99,7 +100,17 @@ pub enum Incoming {
     },
     Gossip(GossipMessage),
     /// A ring view and the members' native addresses the sender knows.
-    Ring(RingView, Vec<MemberSpec>),
+    Ring(RingFrame),
+}
+
+/// A ring view as keepers send it: the cluster it belongs to (a random id drawn when
+/// the cluster was first formed, see `ClusterSpec::id`), the view, and the members'
+/// native addresses the sender knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RingFrame {
+    pub cluster: u64,
+    pub view: RingView,
+    pub addresses: Vec<MemberSpec>,
 }
 
 /// The archived form of a [`PeerMessage`].
@@ -288,11 +299,13 @@ pub fn encode_gossip(message: &GossipMessage, out: &mut Vec<u8>) -> Result<(), F
 
 /// Appends a ring view and the members' addresses to `out` as one padded peer frame.
 pub fn encode_ring_view(
+    cluster: u64,
     view: &RingView,
     addresses: &[MemberSpec],
     out: &mut Vec<u8>,
 ) -> Result<(), FrameError> {
     let frame = PeerFrame::Ring {
+        cluster,
         view: WireView::from(view),
         addresses: addresses.to_vec(),
     };
@@ -404,7 +417,11 @@ pub fn decode_peer_message(archive: &[u8]) -> Result<Incoming, PeerWireError> {
             message: message.to_message()?,
         },
         ArchivedPeerFrame::Gossip { message } => Incoming::Gossip(message.to_message()?),
-        ArchivedPeerFrame::Ring { view, addresses } => {
+        ArchivedPeerFrame::Ring {
+            cluster,
+            view,
+            addresses,
+        } => {
             let addresses = addresses
                 .iter()
                 .map(|a| MemberSpec {
@@ -412,7 +429,11 @@ pub fn decode_peer_message(archive: &[u8]) -> Result<Incoming, PeerWireError> {
                     native: a.native.as_str().to_owned(),
                 })
                 .collect();
-            Incoming::Ring(view.to_view()?, addresses)
+            Incoming::Ring(RingFrame {
+                cluster: cluster.to_native(),
+                view: view.to_view()?,
+                addresses,
+            })
         }
     })
 }
@@ -1219,16 +1240,21 @@ mod tests {
                 node_id: 9,
                 native: "127.0.0.1:7540".into(),
             }];
-            encode_ring_view(&view, &addresses, &mut wire).unwrap();
+            encode_ring_view(77, &view, &addresses, &mut wire).unwrap();
             assert_eq!(
                 decode_incoming(&wire).unwrap(),
-                Incoming::Ring(view, addresses)
+                Incoming::Ring(RingFrame {
+                    cluster: 77,
+                    view,
+                    addresses
+                })
             );
         }
         // A view whose owners name a stranger, or whose change cannot apply, is refused.
         let mut wire_view = WireView::from(&stable);
         let bad = |view: &WireView| {
             let frame = PeerFrame::Ring {
+                cluster: 1,
                 view: view.clone(),
                 addresses: Vec::new(),
             };

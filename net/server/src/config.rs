@@ -428,8 +428,8 @@ impl ServerConfig {
                 first_gap: heartbeat_interval,
                 ..PhiConfig::default()
             },
-            // The member list is static (`peers`): gossip adds nobody.
-            learn_members: false,
+            // Nodes join at run time (`--join`): gossip learns them.
+            learn_members: true,
             ..MembershipConfig::default()
         };
         if self.handoff_bytes_per_second == 0 || self.handoff_in_flight == 0 {

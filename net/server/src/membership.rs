@@ -126,6 +126,11 @@ impl MembershipDriver {
             .collect()
     }
 
+    /// Whether the failure detector takes `node` for down now.
+    pub fn is_down(&self, node: NodeId) -> bool {
+        self.membership.borrow().is_down(node)
+    }
+
     /// Stops the ticker; no gossip leaves after this returns.
     pub async fn stop(&self) {
         self.ticking.set(false);

@@ -206,9 +206,9 @@ impl Peers {
     }
 
     /// Sends the node's ring view, and the addresses it knows, to node `to`.
-    pub fn send_ring(&self, to: NodeId, view: &RingView, addresses: &[MemberSpec]) {
+    pub fn send_ring(&self, to: NodeId, cluster: u64, view: &RingView, addresses: &[MemberSpec]) {
         let mut bytes = Vec::new();
-        match encode_ring_view(view, addresses, &mut bytes) {
+        match encode_ring_view(cluster, view, addresses, &mut bytes) {
             Ok(()) => drop(self.queue(to, bytes)),
             Err(err) => tracing::warn!(%err, ?to, "a ring view that cannot be encoded"),
         }
@@ -411,9 +411,7 @@ pub async fn serve(
                     }
                 }
                 Some(Incoming::Gossip(message)) => shard.gossip(from, message).await,
-                Some(Incoming::Ring(view, addresses)) => {
-                    shard.ring_view(from, view, addresses).await
-                }
+                Some(Incoming::Ring(frame)) => shard.ring_view(from, frame).await,
             }
         }
         if shard.is_stopping() {

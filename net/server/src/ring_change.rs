@@ -10,7 +10,7 @@ use ringkv_cluster::{RingChange, RingView};
 use ringkv_proto::frame::next_frame;
 use ringkv_proto::native::{decode_response, encode_request, hello};
 use ringkv_proto::peer::MemberSpec;
-use ringkv_proto::peer_message::{Incoming, PeerInput};
+use ringkv_proto::peer_message::{Incoming, PeerInput, RingFrame};
 use ringkv_proto::{Body, Op, Request, RingChangeRequest};
 use rkyv::util::AlignedVec;
 
@@ -28,6 +28,8 @@ pub enum AskError {
 #[derive(Debug)]
 pub struct Answer {
     pub node_id: u32,
+    /// The cluster's id (`ClusterSpec::id`).
+    pub cluster: u64,
     pub view: RingView,
     pub addresses: Vec<MemberSpec>,
 }
@@ -75,12 +77,13 @@ fn ask(addr: &str, op: Op, wait: Duration) -> Result<Answer, AskError> {
             match response.body {
                 Body::Welcome(welcome) => node_id = Some(welcome.node_id),
                 Body::RingView(frame) => {
-                    let (view, addresses) = decode_view(&frame).map_err(|e| malformed(&e))?;
+                    let frame = decode_view(&frame).map_err(|e| malformed(&e))?;
                     let node_id = node_id.ok_or_else(|| malformed(&"no welcome came first"))?;
                     return Ok(Answer {
                         node_id,
-                        view,
-                        addresses,
+                        cluster: frame.cluster,
+                        view: frame.view,
+                        addresses: frame.addresses,
                     });
                 }
                 Body::Error(e) => {
@@ -104,9 +107,9 @@ fn ask(addr: &str, op: Op, wait: Duration) -> Result<Answer, AskError> {
 }
 
 /// A `Body::RingView` frame, checked.
-pub fn decode_view(frame: &[u8]) -> Result<(RingView, Vec<MemberSpec>), String> {
+pub fn decode_view(frame: &[u8]) -> Result<RingFrame, String> {
     match PeerInput::new(frame).next_message() {
-        Ok(Some(Incoming::Ring(view, addresses))) => Ok((view, addresses)),
+        Ok(Some(Incoming::Ring(frame))) => Ok(frame),
         Ok(_) => Err("no ring view in the frame".into()),
         Err(e) => Err(e.to_string()),
     }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use ringkv_cluster::RingView;
 use ringkv_proto::peer::MemberSpec;
-use ringkv_proto::peer_message::{Incoming, PeerInput, encode_ring_view};
+use ringkv_proto::peer_message::{Incoming, PeerInput, RingFrame, encode_ring_view};
 use xxhash_rust::xxh3::xxh3_64;
 
 const FILE: &str = "ring.view";
@@ -32,11 +32,16 @@ pub enum RingFileError {
     Damaged { path: PathBuf, why: String },
 }
 
-/// Stores `view` and the members' native addresses durably in `dir`.
-pub fn store(dir: &Path, view: &RingView, addresses: &[MemberSpec]) -> Result<(), RingFileError> {
+/// Stores the cluster's id, `view` and the members' native addresses durably in `dir`.
+pub fn store(
+    dir: &Path,
+    cluster: u64,
+    view: &RingView,
+    addresses: &[MemberSpec],
+) -> Result<(), RingFileError> {
     let path = dir.join(FILE);
     let mut frame = Vec::new();
-    encode_ring_view(view, addresses, &mut frame).map_err(|e| RingFileError::Damaged {
+    encode_ring_view(cluster, view, addresses, &mut frame).map_err(|e| RingFileError::Damaged {
         path: path.clone(),
         why: format!("the view does not fit a frame: {e}"),
     })?;
@@ -50,8 +55,8 @@ pub fn store(dir: &Path, view: &RingView, addresses: &[MemberSpec]) -> Result<()
     })
 }
 
-/// The view and addresses stored in `dir`, or `None` if none was ever stored.
-pub fn load(dir: &Path) -> Result<Option<(RingView, Vec<MemberSpec>)>, RingFileError> {
+/// What is stored in `dir`, or `None` if nothing ever was.
+pub fn load(dir: &Path) -> Result<Option<RingFrame>, RingFileError> {
     let path = dir.join(FILE);
     let bytes = match std::fs::read(&path) {
         Ok(bytes) => bytes,
@@ -71,7 +76,7 @@ pub fn load(dir: &Path) -> Result<Option<(RingView, Vec<MemberSpec>)>, RingFileE
         return Err(damaged("checksum mismatch".into()));
     }
     match PeerInput::new(frame).next_message() {
-        Ok(Some(Incoming::Ring(view, addresses))) => Ok(Some((view, addresses))),
+        Ok(Some(Incoming::Ring(frame))) => Ok(Some(frame)),
         Ok(_) => Err(damaged("no ring view in it".into())),
         Err(e) => Err(damaged(e.to_string())),
     }
@@ -99,21 +104,20 @@ mod tests {
             node_id: 4,
             native: "127.0.0.1:7540".into(),
         }];
-        store(dir.path(), &view, &addresses).unwrap();
-        assert_eq!(
-            load(dir.path()).unwrap(),
-            Some((view.clone(), addresses.clone()))
-        );
+        store(dir.path(), 9, &view, &addresses).unwrap();
+        let frame = load(dir.path()).unwrap().unwrap();
+        assert_eq!((frame.cluster, &frame.view), (9, &view));
+        assert_eq!(frame.addresses, addresses);
         let first = view.pending().next().unwrap();
         view.mark_moved(first, view.fingerprint());
-        store(dir.path(), &view, &[]).unwrap();
-        assert_eq!(load(dir.path()).unwrap(), Some((view, Vec::new())));
+        store(dir.path(), 9, &view, &[]).unwrap();
+        assert_eq!(load(dir.path()).unwrap().unwrap().view, view);
     }
 
     #[test]
     fn a_damaged_or_truncated_file_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        store(dir.path(), &joining(), &[]).unwrap();
+        store(dir.path(), 9, &joining(), &[]).unwrap();
         let path = dir.path().join(FILE);
         let good = std::fs::read(&path).unwrap();
         let mut flipped = good.clone();

@@ -3,7 +3,8 @@
 //! views (peer `Ring` frames, routed here from whichever shard read them) and the
 //! partitions the shards received in full. Every new view is stored in `ring.view`
 //! first, then published on the node's [`RingBoard`], which every shard follows
-//! (`Shard::follow_ring`), and only then told to peers, as the keeper requires.
+//! (`Shard::follow_ring`), and only once every shard has adopted it is it told to
+//! peers, as the keeper requires.
 //!
 //! A failed store stops the node (as a failed fsync does the store): a node that told
 //! its peers of a view it could lose in a crash could come back writing to the old
@@ -21,7 +22,7 @@ use ringkv_cluster::{KeeperConfig, Member, NodeId, PartitionId, RingChange, Ring
 use ringkv_proto::RingChangeRequest;
 use ringkv_proto::RingReport;
 use ringkv_proto::peer::MemberSpec;
-use ringkv_proto::peer_message::encode_ring_view;
+use ringkv_proto::peer_message::{RingFrame, encode_ring_view};
 
 use crate::ring_change::describe;
 use crate::ring_file;
@@ -39,17 +40,22 @@ pub struct RingBoard {
     /// Grows by one with every publication.
     generation: AtomicU64,
     published: Mutex<Published>,
-    /// Whether shards may stream partitions of the change in progress.
-    streaming: AtomicBool,
+    /// The generation each shard last adopted.
+    adopted: Vec<AtomicU64>,
     /// Partitions shards received in full, for the keeper.
     moved: Mutex<Vec<(PartitionId, u64)>>,
 }
 
-/// A view and the native address of every node the keeper knows of.
+/// A view, the native address of every member, and whether the shards may stream
+/// the view's change: published together, so a shard never streams a change on the
+/// agreement reached for another.
 #[derive(Clone)]
 pub struct Published {
+    /// The cluster's id (`ClusterSpec::id`).
+    pub cluster: u64,
     pub view: RingView,
     pub addresses: BTreeMap<u32, String>,
+    pub streaming: bool,
 }
 
 impl Published {
@@ -65,12 +71,11 @@ impl Published {
     }
 
     /// The view and addresses as one ring frame (`Body::RingView`).
-    pub fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Result<Vec<u8>, String> {
         let mut frame = Vec::new();
-        // A view of at most 2^16 partitions and a few hundred members fits a frame.
-        encode_ring_view(&self.view, &self.address_list(), &mut frame)
-            .expect("a ring view fits a frame");
-        frame
+        encode_ring_view(self.cluster, &self.view, &self.address_list(), &mut frame)
+            .map_err(|e| format!("the ring view does not fit a frame: {e}"))?;
+        Ok(frame)
     }
 }
 
@@ -79,39 +84,50 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl RingBoard {
-    pub fn new(first: Published) -> Arc<RingBoard> {
+    pub fn new(first: Published, shards: usize) -> Arc<RingBoard> {
         Arc::new(RingBoard {
             generation: AtomicU64::new(1),
             published: Mutex::new(first),
-            streaming: AtomicBool::new(false),
+            adopted: (0..shards).map(|_| AtomicU64::new(1)).collect(),
             moved: Mutex::new(Vec::new()),
         })
     }
 
-    fn publish(&self, next: Published, streaming: bool) {
-        *lock(&self.published) = next;
-        self.streaming.store(streaming, Ordering::SeqCst);
+    fn publish(&self, next: Published) {
+        let mut published = lock(&self.published);
+        *published = next;
+        // Under the lock: a reader never pairs one generation with another's content.
         self.generation.fetch_add(1, Ordering::SeqCst);
     }
 
     /// The latest publication if it is newer than `seen`, with its generation.
     pub fn newer_than(&self, seen: u64) -> Option<(u64, Published)> {
-        let generation = self.generation.load(Ordering::SeqCst);
-        (generation != seen).then(|| {
-            let published = lock(&self.published).clone();
-            (generation, published)
-        })
-    }
-
-    pub fn streaming(&self) -> bool {
-        self.streaming.load(Ordering::SeqCst)
-    }
-
-    /// Whether `node` may open a peer link here: a member of either ring, or a node
-    /// the keeper knows the address of (a joiner being added).
-    pub fn knows(&self, node: u32) -> bool {
+        if self.generation.load(Ordering::SeqCst) == seen {
+            return None;
+        }
         let published = lock(&self.published);
-        published.view.is_member(NodeId(node)) || published.addresses.contains_key(&node)
+        Some((self.generation.load(Ordering::SeqCst), published.clone()))
+    }
+
+    /// Shard `shard` now runs on publication `generation`.
+    pub fn adopted(&self, shard: usize, generation: u64) {
+        if let Some(slot) = self.adopted.get(shard) {
+            slot.store(generation, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether every shard runs on the latest publication.
+    fn all_adopted(&self) -> bool {
+        let generation = self.generation.load(Ordering::SeqCst);
+        self.adopted
+            .iter()
+            .all(|a| a.load(Ordering::SeqCst) == generation)
+    }
+
+    /// Whether `node` may open a peer link here: a member of either ring of the view
+    /// (a joiner is one from the moment its change starts).
+    pub fn knows(&self, node: u32) -> bool {
+        lock(&self.published).view.is_member(NodeId(node))
     }
 
     /// The partition map clients route by: epoch, owners, members' addresses.
@@ -135,12 +151,13 @@ impl RingBoard {
 pub enum ChangeError {
     #[error("{0}")]
     Refused(String),
-    #[error("the ring view cannot be stored: {0}")]
-    Store(String),
+    #[error("the ring view cannot be stored (outcome unknown: see the node's log)")]
+    Store,
 }
 
 pub struct KeeperDriver {
     me: NodeId,
+    cluster: u64,
     keeper: RefCell<RingKeeper>,
     addresses: RefCell<BTreeMap<u32, String>>,
     /// Whether addresses were learned since the view was last stored.
@@ -168,6 +185,7 @@ impl KeeperDriver {
         let first = board.current();
         let driver = Rc::new(KeeperDriver {
             me,
+            cluster: first.cluster,
             keeper: RefCell::new(RingKeeper::new(me, first.view, config)),
             addresses: RefCell::new(first.addresses),
             addresses_changed: Cell::new(false),
@@ -208,36 +226,46 @@ impl KeeperDriver {
         }
         self.flush();
         let allowed = self.keeper.borrow().transfers_allowed(now);
-        if allowed != self.board.streaming() && !self.failed.get() {
-            self.board.streaming.store(allowed, Ordering::SeqCst);
+        if !self.failed.get() && allowed != self.board.current().streaming {
             if allowed {
                 tracing::info!(
                     epoch = self.keeper.borrow().view().epoch(),
                     "every member holds the change: streaming partitions"
                 );
             }
+            self.board.publish(self.published());
         }
     }
 
-    /// A peer's view and the addresses it knows.
-    pub fn handle(&self, from: NodeId, view: RingView, addresses: Vec<MemberSpec>) {
+    /// A peer's ring frame: its view and the addresses it knows.
+    pub fn handle(&self, from: NodeId, frame: RingFrame) {
         if !self.ticking.get() {
             return;
         }
-        self.learn(addresses.into_iter().map(|a| (a.node_id, a.native)));
-        self.keeper.borrow_mut().handle(self.now(), from, view);
+        if frame.cluster != self.cluster {
+            tracing::warn!(
+                node = from.0,
+                "a ring view from another cluster ({:016x}) ignored",
+                frame.cluster
+            );
+            return;
+        }
+        self.keeper
+            .borrow_mut()
+            .handle(self.now(), from, frame.view);
+        // Only the addresses of members of the view (now merged) are kept.
+        self.learn(frame.addresses.into_iter().map(|a| (a.node_id, a.native)));
         self.flush();
     }
 
-    /// Learns how to reach nodes it had no address for (an address it has stays: a
-    /// member's own word, at its handshake, is what the links use).
+    /// Learns how to reach members it had no address for (an address it has stays:
+    /// a member's own word, at its handshake, is what the links use).
     fn learn(&self, addresses: impl IntoIterator<Item = (u32, String)>) {
+        let view = self.keeper.borrow().view().clone();
         let mut known = self.addresses.borrow_mut();
         for (node, native) in addresses {
-            if node != self.me.0
-                && !known.contains_key(&node)
-                && native.parse::<std::net::SocketAddr>().is_ok()
-            {
+            let wanted = node != self.me.0 && view.is_member(NodeId(node));
+            if wanted && !known.contains_key(&node) && parse_address(&native).is_ok() {
                 known.insert(node, native);
                 self.addresses_changed.set(true);
             }
@@ -245,69 +273,110 @@ impl KeeperDriver {
     }
 
     /// Starts an operator's or a joiner's change here; answers with the view that
-    /// holds it, stored. A joiner already part of the view is answered with it.
+    /// holds it, stored. A joiner already part of the view (a member, or the node the
+    /// change in progress adds) is answered with it, if it gives the address the
+    /// cluster knows it by.
     pub fn change(&self, request: RingChangeRequest) -> Result<Vec<u8>, ChangeError> {
         if self.failed.get() || !self.ticking.get() {
             return Err(ChangeError::Refused("the node is stopping".into()));
         }
         let refused = |why: String| Err(ChangeError::Refused(why));
         let view = self.keeper.borrow().view().clone();
-        let change = match request {
-            RingChangeRequest::Join { node_id, native } => {
-                if native.parse::<std::net::SocketAddr>().is_err() {
-                    return refused(format!("'{native}' is not a host:port address"));
+        let partitions = view.ring().partition_count();
+        let (change, newcomer) = match request {
+            RingChangeRequest::Leave { node_id } => {
+                if node_id != self.me.0 {
+                    return refused(format!(
+                        "ask node {node_id} itself to leave (this is node {}): a node hands its own partitions off",
+                        self.me.0
+                    ));
                 }
-                self.learn([(node_id, native)]);
-                let joining = view.change() == Some(RingChange::Join(Member::new(NodeId(node_id))));
-                if joining || view.ring().is_member(NodeId(node_id)) {
-                    self.flush();
-                    return self.answer();
-                }
-                RingChange::Join(Member::new(NodeId(node_id)))
+                (RingChange::Leave(NodeId(node_id)), None)
             }
-            RingChangeRequest::Leave { node_id } => RingChange::Leave(NodeId(node_id)),
+            RingChangeRequest::Join {
+                node_id,
+                native,
+                partitions: theirs,
+            }
+            | RingChangeRequest::Replace {
+                node_id,
+                native,
+                partitions: theirs,
+                ..
+            } if theirs != partitions => {
+                return refused(format!(
+                    "node {node_id} at {native} has {theirs} partitions, this cluster {partitions}"
+                ));
+            }
+            RingChangeRequest::Join {
+                node_id, native, ..
+            } => (
+                RingChange::Join(Member::new(NodeId(node_id))),
+                Some((node_id, native)),
+            ),
             RingChangeRequest::Replace {
                 dead,
                 node_id,
                 native,
+                ..
             } => {
-                if native.parse::<std::net::SocketAddr>().is_err() {
-                    return refused(format!("'{native}' is not a host:port address"));
-                }
-                self.learn([(node_id, native)]);
-                RingChange::Replace {
+                let down = (self.shard.upgrade())
+                    .and_then(|s| s.membership())
+                    .is_some_and(|m| m.is_down(NodeId(dead)));
+                let change = RingChange::Replace {
                     dead: NodeId(dead),
                     with: Member::new(NodeId(node_id)),
+                };
+                if !down && view.change() != Some(change) {
+                    return refused(format!(
+                        "node {dead} is not down here: only a dead node is replaced (a live one leaves)"
+                    ));
                 }
+                (change, Some((node_id, native)))
             }
         };
-        if view.change() == Some(change) {
-            self.flush();
-            return self.answer();
-        }
-        let proposed = self.keeper.borrow_mut().propose(self.now(), change);
-        match proposed {
-            Ok(epoch) => {
-                tracing::info!(change = %describe(&change), epoch, "membership change started")
+        if let Some((node, native)) = &newcomer {
+            if *node == self.me.0 {
+                return refused(format!("{node} is this node's id"));
             }
-            Err(e) => return refused(format!("{} refused: {e}", describe(&change))),
+            parse_address(native).map_err(ChangeError::Refused)?;
+            if let Some(known) = self.addresses.borrow().get(node)
+                && known != native
+            {
+                return refused(format!("node {node} is known at {known}, not {native}"));
+            }
         }
+        let already = match change {
+            RingChange::Join(member) => {
+                view.ring().is_member(member.node) || view.change() == Some(change)
+            }
+            _ => view.change() == Some(change),
+        };
+        if !already {
+            let proposed = self.keeper.borrow_mut().propose(self.now(), change);
+            match proposed {
+                Ok(epoch) => {
+                    tracing::info!(change = %describe(&change), epoch, "membership change started")
+                }
+                Err(e) => return refused(format!("{} refused: {e}", describe(&change))),
+            }
+        }
+        self.learn(newcomer);
         self.flush();
-        self.answer()
-    }
-
-    /// The stored view and addresses, as one ring frame.
-    fn answer(&self) -> Result<Vec<u8>, ChangeError> {
         if self.failed.get() {
-            return Err(ChangeError::Store("see the node's log".into()));
+            return Err(ChangeError::Store);
         }
-        Ok(self.published().encode())
+        self.published().encode().map_err(ChangeError::Refused)
     }
 
     fn published(&self) -> Published {
+        let now = self.now();
+        let keeper = self.keeper.borrow();
         Published {
-            view: self.keeper.borrow().view().clone(),
+            cluster: self.cluster,
+            view: keeper.view().clone(),
             addresses: self.addresses.borrow().clone(),
+            streaming: keeper.transfers_allowed(now),
         }
     }
 
@@ -321,12 +390,13 @@ impl KeeperDriver {
             change: view.change().map(|c| describe(&c)),
             pending: view.pending().count() as u32,
             waiting_for: keeper.waiting_for().into_iter().map(|n| n.0).collect(),
-            streaming: self.board.streaming(),
+            streaming: keeper.transfers_allowed(self.now()),
         }
     }
 
-    /// Stores a changed view, publishes it to the shards, then sends what the keeper
-    /// has to send over shard 0's links.
+    /// Stores a changed view and publishes it to the shards; once every shard runs on
+    /// it, sends what the keeper has to send over shard 0's links (until then the
+    /// sends wait for the next tick).
     fn flush(&self) {
         if self.failed.get() {
             return;
@@ -335,33 +405,65 @@ impl KeeperDriver {
             let changed = self.keeper.borrow_mut().take_changed();
             let learned = self.addresses_changed.replace(false);
             if changed.is_some() || learned {
+                self.prune_addresses();
                 let published = self.published();
                 let addresses = published.address_list();
-                if let Err(err) = ring_file::store(&self.data_dir, &published.view, &addresses) {
+                let stored =
+                    ring_file::store(&self.data_dir, self.cluster, &published.view, &addresses);
+                if let Err(err) = stored {
                     tracing::error!(%err, "cannot store the ring view: stopping the node");
                     self.failed.set(true);
-                    self.board.streaming.store(false, Ordering::SeqCst);
+                    self.board.publish(Published {
+                        streaming: false,
+                        ..self.board.current()
+                    });
                     self.stop.store(true, Ordering::SeqCst);
                     return;
                 }
-                // Decided anew for every view: a new change must not stream on the
-                // last one's agreement.
-                let streaming = self.keeper.borrow().transfers_allowed(self.now());
-                self.board.publish(published, streaming);
+                self.board.publish(published);
                 continue;
+            }
+            if !self.board.all_adopted() {
+                return;
             }
             let Some((to, view)) = self.keeper.borrow_mut().poll_send() else {
                 break;
             };
-            if let Some(peers) = self.shard.upgrade().and_then(|s| s.peers()) {
-                peers.send_ring(to, &view, &self.published().address_list());
+            let Some(shard) = self.shard.upgrade() else {
+                return;
+            };
+            if let Some(peers) = shard.peers() {
+                // A member this shard has no link to yet (a joiner heard of just now).
+                if let Some(native) = self.addresses.borrow().get(&to.0) {
+                    peers.add_link(&shard, to.0, native.clone());
+                }
+                peers.send_ring(to, self.cluster, &view, &self.published().address_list());
             }
         }
+    }
+
+    /// Keeps only the addresses of the view's members (either ring) and this node's.
+    fn prune_addresses(&self) {
+        let view = self.keeper.borrow().view().clone();
+        let me = self.me.0;
+        (self.addresses.borrow_mut()).retain(|&node, _| node == me || view.is_member(NodeId(node)));
     }
 
     /// Stops the ticker; no view leaves after this returns.
     pub async fn stop(&self) {
         self.ticking.set(false);
         self.ticker.ended().await;
+    }
+}
+
+/// A member's native address must be one its peers can dial: an IP and a port, not
+/// the unspecified address.
+pub fn parse_address(native: &str) -> Result<std::net::SocketAddr, String> {
+    match native.parse::<std::net::SocketAddr>() {
+        Ok(addr) if !addr.ip().is_unspecified() && addr.port() != 0 => Ok(addr),
+        Ok(_) => Err(format!(
+            "'{native}' cannot be dialled by peers (unspecified address or port 0)"
+        )),
+        Err(_) => Err(format!("'{native}' is not an ip:port address")),
     }
 }

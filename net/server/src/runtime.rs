@@ -36,6 +36,7 @@ use crate::ring_change;
 use crate::ring_file;
 use crate::ring_keeper::{KeeperDriver, Published, RingBoard};
 use ringkv_proto::RingChangeRequest;
+use ringkv_proto::peer_message::RingFrame;
 
 /// Why a node could not start; each is one clear line for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -143,7 +144,8 @@ pub fn run_until(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), Star
     let _lock = layout::lock(&config.data_dir)?;
     let layout = layout::open(&config.data_dir, config.node_id, config.partitions, shards)?;
     let start = starting_ring(&mut config)?;
-    let board = RingBoard::new(start.published);
+    let cluster_id = start.published.cluster;
+    let board = RingBoard::new(start.published, shards);
     let stored_view = start.stored;
     let mesh = MeshBuilder::<Hop, _>::full(shards, 1024);
     let meshes = Arc::new(ShardMeshes::new(&mesh, shards));
@@ -164,7 +166,11 @@ pub fn run_until(config: ServerConfig, stop: Arc<AtomicBool>) -> Result<(), Star
             );
             let attendance = Attendance::new(barrier.clone(), stop.clone());
             async move {
-                let start = ShardStart { board, stored_view };
+                let start = ShardStart {
+                    board,
+                    cluster_id,
+                    stored_view,
+                };
                 let result =
                     run_shard(&config, &layout, mesh, &stop, &listening, attendance, start).await;
                 // One shard failing stops the node: a node missing a shard would refuse
@@ -376,7 +382,7 @@ async fn serve_shard(
         config.max_connections_per_shard,
         config.max_pipeline,
     ));
-    let cluster = cluster_spec(config);
+    let cluster = cluster_spec(config, start.cluster_id);
     // Peers, gossip and the ring keeper run even on a node alone: another may join it.
     let stale_after = config.request_timeout;
     shard.set_peers(Peers::start(node_id, &shard, cluster.clone(), stale_after));
@@ -475,6 +481,7 @@ fn node_config(config: &Settings, shards: ShardMap, shard: usize) -> NodeConfig 
 /// stored before this start (see `ShardDriver::drop_unserved`).
 struct ShardStart {
     board: Arc<RingBoard>,
+    cluster_id: u64,
     stored_view: bool,
 }
 
@@ -492,13 +499,10 @@ struct RingStart {
 /// list are then the view's.
 fn starting_ring(config: &mut Settings) -> Result<RingStart, StartError> {
     let me = config.node_id;
-    let (view, addresses, stored) = match ring_file::load(&config.data_dir)? {
-        Some((view, addresses)) => (view, addresses, true),
+    let (frame, stored) = match ring_file::load(&config.data_dir)? {
+        Some(frame) => (frame, true),
         None => match config.join.clone() {
-            Some(seed) => {
-                let (view, addresses) = join_through(config, &seed)?;
-                (view, addresses, true)
-            }
+            Some(seed) => (join_through(config, &seed)?, true),
             None => {
                 let members: Vec<Member> = config
                     .members
@@ -507,10 +511,20 @@ fn starting_ring(config: &mut Settings) -> Result<RingStart, StartError> {
                     .collect();
                 let ring = Ring::new(config.partitions, &members)
                     .map_err(|e| StartError::Ring(e.to_string()))?;
-                (RingView::stable(ring, config.quorum.n()), Vec::new(), false)
+                let frame = RingFrame {
+                    cluster: first_cluster_id(config),
+                    view: RingView::stable(ring, config.quorum.n()),
+                    addresses: Vec::new(),
+                };
+                (frame, false)
             }
         },
     };
+    let RingFrame {
+        cluster,
+        view,
+        addresses,
+    } = frame;
     if view.ring().partition_count() != config.partitions {
         return Err(StartError::Ring(format!(
             "the stored ring has {} partitions, the configuration {}",
@@ -544,34 +558,62 @@ fn starting_ring(config: &mut Settings) -> Result<RingStart, StartError> {
         .collect();
     config.members.sort();
     config.members.dedup();
+    if config.replicas != n && config.join.is_none() {
+        tracing::warn!(
+            configured = config.replicas,
+            ring = n,
+            "--replicas differs from the stored ring's N: the ring's is used"
+        );
+    }
     let published = Published {
+        cluster,
         view,
         addresses: book,
+        streaming: false,
     };
-    ring_file::store(&config.data_dir, &published.view, &published.address_list())?;
+    let addresses = published.address_list();
+    ring_file::store(&config.data_dir, cluster, &published.view, &addresses)?;
     Ok(RingStart { published, stored })
+}
+
+/// The id of a cluster formed from `--peers`: a hash of its shape and its first
+/// members with their addresses, the same on every node given the same list (a node
+/// alone hashes itself), and different for two clusters that do not share addresses.
+fn first_cluster_id(config: &Settings) -> u64 {
+    let mut spec = format!("{} {}", config.partitions, config.quorum.n());
+    for (node, addr) in &config.members {
+        spec.push_str(&format!(" {}@{addr}", node.0));
+    }
+    xxhash_rust::xxh3::xxh3_64(spec.as_bytes())
 }
 
 /// Asks the member at `seed` to add this node (or to have it replace a dead one);
 /// retries while the member cannot be reached, for a while.
-fn join_through(
-    config: &Settings,
-    seed: &str,
-) -> Result<(RingView, Vec<ringkv_proto::peer::MemberSpec>), StartError> {
+fn join_through(config: &Settings, seed: &str) -> Result<RingFrame, StartError> {
     let (node_id, native) = (config.node_id, config.listen.to_string());
+    crate::ring_keeper::parse_address(&native).map_err(StartError::Ring)?;
+    let partitions = config.partitions;
     let request = match config.replace {
         Some(dead) => RingChangeRequest::Replace {
             dead,
             node_id,
             native,
+            partitions,
         },
-        None => RingChangeRequest::Join { node_id, native },
+        None => RingChangeRequest::Join {
+            node_id,
+            native,
+            partitions,
+        },
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match ring_change::change(seed, request.clone(), Duration::from_secs(5)) {
             Ok(ring_change::Answer {
-                view, addresses, ..
+                view,
+                addresses,
+                cluster,
+                ..
             }) => {
                 println!(
                     "ringkv server: joined through {seed}: ring epoch {}, change {}",
@@ -579,7 +621,11 @@ fn join_through(
                     view.change()
                         .map_or_else(|| "none".into(), |c| ring_change::describe(&c))
                 );
-                return Ok((view, addresses));
+                return Ok(RingFrame {
+                    cluster,
+                    view,
+                    addresses,
+                });
             }
             Err(ring_change::AskError::Unreachable { why, .. }) if Instant::now() < deadline => {
                 tracing::warn!(seed, %why, "cannot reach the member to join through; retrying");
@@ -902,8 +948,9 @@ fn own_address(config: &Settings) -> NodeAddress {
 }
 
 /// The membership every node must agree on at the peer handshake.
-fn cluster_spec(config: &Settings) -> ClusterSpec {
+fn cluster_spec(config: &Settings, id: u64) -> ClusterSpec {
     ClusterSpec {
+        id,
         partitions: config.partitions,
         // N is at most Quorum::N_MAX (16).
         replicas: config.quorum.n() as u8,

@@ -299,7 +299,10 @@ async fn execute(shard: &Shard, info: &NodeInfo, request: &Request) -> Body {
             }),
             (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => Body::Error(ops::error_reply(e)),
         },
-        Op::RingView => Body::RingView(shard.board.current().encode()),
+        Op::RingView => match shard.board.current().encode() {
+            Ok(frame) => Body::RingView(frame),
+            Err(message) => Body::Error(ErrorReply::InvalidArgument { message }),
+        },
         Op::ChangeRing(request) => match shard.change_ring(request.clone()).await {
             Ok(frame) => Body::RingView(frame),
             Err(message) => Body::Error(ErrorReply::InvalidArgument { message }),

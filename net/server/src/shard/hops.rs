@@ -8,11 +8,10 @@
 //! under load, and cost a task per batch.
 
 use futures_channel::oneshot;
-use ringkv_cluster::RingView;
 use ringkv_cluster::{
     ClientError, GetOutcome, GetRequest, GossipMessage, NodeId, PeerMessage, PutOutcome, PutRequest,
 };
-use ringkv_proto::peer::MemberSpec;
+use ringkv_proto::peer_message::RingFrame;
 use ringkv_proto::{MemberReport, RingChangeRequest, RingReport, ShardStatus};
 
 /// One request or message for another shard of this node.
@@ -54,8 +53,7 @@ pub enum Hop {
     /// A peer's ring view, for the node's ring keeper on shard 0.
     Ring {
         from: NodeId,
-        view: RingView,
-        addresses: Vec<MemberSpec>,
+        frame: RingFrame,
     },
     /// A membership change asked of this node, for its ring keeper on shard 0:
     /// answered with the stored view (as a ring frame) or why it was refused.

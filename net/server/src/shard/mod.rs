@@ -19,8 +19,7 @@ use crate::driver::ShardDriver;
 use crate::membership::MembershipDriver;
 use crate::ring_keeper::{KeeperDriver, RingBoard};
 pub use hops::Hop;
-use ringkv_cluster::RingView;
-use ringkv_proto::peer::MemberSpec;
+use ringkv_proto::peer_message::RingFrame;
 use ringkv_proto::{RingChangeRequest, RingReport};
 use std::sync::Arc;
 use std::time::Duration;
@@ -188,18 +187,13 @@ impl Shard {
     }
 
     /// A peer's ring view, for the node's ring keeper on shard 0.
-    pub async fn ring_view(&self, from: NodeId, view: RingView, addresses: Vec<MemberSpec>) {
+    pub async fn ring_view(&self, from: NodeId, frame: RingFrame) {
         if self.id == 0 {
             if let Some(keeper) = self.keeper() {
-                keeper.handle(from, view, addresses);
+                keeper.handle(from, frame);
             }
         } else {
-            let hop = Hop::Ring {
-                from,
-                view,
-                addresses,
-            };
-            self.hop(0, hop).await;
+            self.hop(0, Hop::Ring { from, frame }).await;
         }
     }
 
@@ -252,6 +246,7 @@ impl Shard {
     /// the shard's partition transfers and reports what it received in full.
     pub async fn follow_ring(self: Rc<Self>, mut seen: u64) {
         const EVERY: Duration = Duration::from_millis(50);
+        let mut streaming = false;
         while !self.is_stopping() {
             if let Some((generation, published)) = self.board.newer_than(seen) {
                 seen = generation;
@@ -263,10 +258,15 @@ impl Shard {
                     }
                 }
                 if published.view != self.driver.view() {
-                    self.driver.set_view(published.view);
+                    self.driver.set_view(published.view.clone());
                 }
+                // The keeper tells peers of a view only once every shard runs on it.
+                self.board.adopted(self.id, generation);
+                streaming = published.streaming;
             }
-            self.driver.tick_transfers(self.board.streaming());
+            // The flag was published with the view it applies to, which this shard
+            // now runs on.
+            self.driver.tick_transfers(streaming);
             self.board.report_moved(self.driver.take_moved());
             glommio::timer::sleep(EVERY).await;
         }
@@ -464,13 +464,9 @@ impl Shard {
                 Hop::Peer { from, message } => self.driver.handle_peer(from, message),
                 Hop::Gossip { from, message } => self.take_gossip(from, message),
                 Hop::Suspected { nodes } => self.driver.set_suspected(&nodes),
-                Hop::Ring {
-                    from,
-                    view,
-                    addresses,
-                } => {
+                Hop::Ring { from, frame } => {
                     if let Some(keeper) = self.keeper() {
-                        keeper.handle(from, view, addresses);
+                        keeper.handle(from, frame);
                     }
                 }
                 Hop::ChangeRing { request, reply } => drop(reply.send(self.local_change(request))),
