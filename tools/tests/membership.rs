@@ -345,3 +345,72 @@ fn unsafe_or_malformed_membership_changes_are_refused() {
     );
     assert_eq!(view.epoch(), 0);
 }
+
+/// Node 3 dies for good; node 4 replaces it (`--join --replace 3`) and ends with every
+/// key, streamed from the two survivors (anti-entropy off), while the cluster serves.
+#[test]
+fn a_new_node_replaces_a_dead_one_and_ends_with_every_key() {
+    let mut cluster = Cluster::start_with_args(3, &["--anti-entropy-interval-ms", "0"]);
+    let c = cluster.client(&[1, 2]);
+    let all = WriteOptions {
+        w: Some(3),
+        ..WriteOptions::default()
+    };
+    let mut acked = BTreeMap::new();
+    for i in 0..2000u32 {
+        let key = format!("r-{i}");
+        c.put_with(key.as_bytes(), &i.to_le_bytes(), PutMode::Latest, all)
+            .expect("preload");
+        acked.insert(key, i);
+    }
+    cluster.kill(3);
+    // Node 1 takes node 3 for down before it agrees to replace it.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let seen = (c.status_each().expect("status").into_iter())
+            .filter(|(id, _)| *id == 1)
+            .any(|(_, s)| s.is_ok_and(|s| s.members.iter().any(|m| m.node_id == 3 && m.down)));
+        if seen {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 3 never seen down");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let w2 = WriteOptions {
+        w: Some(2),
+        ..WriteOptions::default()
+    };
+    let four = cluster.join_replacing(1, Some(3));
+    // Writes go on while node 4 fills.
+    for i in 2000..2300u32 {
+        let key = format!("r-{i}");
+        c.put_with(key.as_bytes(), &i.to_le_bytes(), PutMode::Latest, w2)
+            .expect("a write with one node dead and one filling");
+        acked.insert(key, i);
+    }
+    for id in [1, 2, four] {
+        wait_stable(&cluster, id, &[1, 2, 4], Duration::from_secs(120));
+    }
+    // Nothing to drop: the only replica that lost partitions is dead.
+    let end = totals(&c);
+    println!(
+        "replace: node 4 holds {} of {} keys",
+        end[&4].keys,
+        acked.len()
+    );
+    assert_eq!(end[&4].keys, acked.len() as u64, "node 4 lacks keys");
+    let read_all = ReadOptions {
+        r: Some(3),
+        ..ReadOptions::default()
+    };
+    for (key, value) in &acked {
+        let found = c.get_with(key.as_bytes(), read_all).expect("a read at R=3");
+        assert!(
+            found
+                .siblings
+                .iter()
+                .any(|v| v[..] == value.to_le_bytes()[..]),
+            "{key} lost"
+        );
+    }
+}

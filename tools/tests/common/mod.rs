@@ -121,8 +121,9 @@ pub struct Cluster {
     users: Option<Vec<(u32, u32)>>,
     /// Flags every server gets besides the harness's own.
     extra_args: Vec<String>,
-    /// Nodes added by `join`, and the member each joined through.
-    joined_through: std::collections::BTreeMap<usize, usize>,
+    /// Nodes added by `join`, the member each joined through, and the dead node it
+    /// replaces (if any).
+    joined_through: std::collections::BTreeMap<usize, (usize, Option<usize>)>,
 }
 
 /// Ports per node: native and up to three shard ports, then the same for RESP.
@@ -251,11 +252,16 @@ impl Cluster {
     /// Starts one more node (one shard) that joins the cluster through member
     /// `through`; returns its id once it is ready.
     pub fn join(&mut self, through: usize) -> usize {
+        self.join_replacing(through, None)
+    }
+
+    /// Like `join`, the new node taking over every partition of `dead` (when given).
+    pub fn join_replacing(&mut self, through: usize, dead: Option<usize>) -> usize {
         let id = self.size() + 1;
         assert!(id <= self.nodes.len() + 2, "ports for two joiners only");
         self.dirs.push(tempdir());
         self.shards.push(1);
-        self.joined_through.insert(id, through);
+        self.joined_through.insert(id, (through, dead));
         let child = self.spawn(id);
         let server = self.ready(id, child);
         self.nodes.push(Some(server));
@@ -268,8 +274,14 @@ impl Cluster {
             .map(|k| format!("{k}@{}", self.native(k)))
             .collect();
         let membership = match self.joined_through.get(&id) {
-            Some(&through) => ["--join".to_string(), self.native(through)],
-            None => ["--peers".to_string(), peers.join(",")],
+            Some(&(through, None)) => vec!["--join".to_string(), self.native(through)],
+            Some(&(through, Some(dead))) => vec![
+                "--join".to_string(),
+                self.native(through),
+                "--replace".to_string(),
+                dead.to_string(),
+            ],
+            None => vec!["--peers".to_string(), peers.join(",")],
         };
         let mut command = match &self.users {
             Some(users) => {
