@@ -61,13 +61,7 @@ pub struct Published {
 impl Published {
     /// The addresses as the ring frame carries them.
     pub fn address_list(&self) -> Vec<MemberSpec> {
-        self.addresses
-            .iter()
-            .map(|(&node_id, native)| MemberSpec {
-                node_id,
-                native: native.clone(),
-            })
-            .collect()
+        address_list(&self.addresses)
     }
 
     /// The view and addresses as one ring frame (`Body::RingView`).
@@ -77,6 +71,16 @@ impl Published {
             .map_err(|e| format!("the ring view does not fit a frame: {e}"))?;
         Ok(frame)
     }
+}
+
+fn address_list(addresses: &BTreeMap<u32, String>) -> Vec<MemberSpec> {
+    addresses
+        .iter()
+        .map(|(&node_id, native)| MemberSpec {
+            node_id,
+            native: native.clone(),
+        })
+        .collect()
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -128,6 +132,11 @@ impl RingBoard {
     /// (a joiner is one from the moment its change starts).
     pub fn knows(&self, node: u32) -> bool {
         lock(&self.published).view.is_member(NodeId(node))
+    }
+
+    /// Whether the latest publication lets shards stream (without copying its view).
+    fn streaming(&self) -> bool {
+        lock(&self.published).streaming
     }
 
     /// The partition map clients route by: epoch, owners, members' addresses.
@@ -226,7 +235,7 @@ impl KeeperDriver {
         }
         self.flush();
         let allowed = self.keeper.borrow().transfers_allowed(now);
-        if !self.failed.get() && allowed != self.board.current().streaming {
+        if !self.failed.get() && allowed != self.board.streaming() {
             if allowed {
                 tracing::info!(
                     epoch = self.keeper.borrow().view().epoch(),
@@ -437,7 +446,8 @@ impl KeeperDriver {
                 if let Some(native) = self.addresses.borrow().get(&to.0) {
                     peers.add_link(&shard, to.0, native.clone());
                 }
-                peers.send_ring(to, self.cluster, &view, &self.published().address_list());
+                let addresses = address_list(&self.addresses.borrow());
+                peers.send_ring(to, self.cluster, &view, &addresses);
             }
         }
     }

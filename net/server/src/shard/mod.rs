@@ -189,11 +189,15 @@ impl Shard {
     /// A peer's ring view, for the node's ring keeper on shard 0.
     pub async fn ring_view(&self, from: NodeId, frame: RingFrame) {
         if self.id == 0 {
-            if let Some(keeper) = self.keeper() {
-                keeper.handle(from, frame);
-            }
+            self.take_ring_view(from, frame);
         } else {
             self.hop(0, Hop::Ring { from, frame }).await;
+        }
+    }
+
+    fn take_ring_view(&self, from: NodeId, frame: RingFrame) {
+        if let Some(keeper) = self.keeper() {
+            keeper.handle(from, frame);
         }
     }
 
@@ -257,12 +261,12 @@ impl Shard {
                         }
                     }
                 }
+                streaming = published.streaming;
                 if published.view != self.driver.view() {
-                    self.driver.set_view(published.view.clone());
+                    self.driver.set_view(published.view);
                 }
                 // The keeper tells peers of a view only once every shard runs on it.
                 self.board.adopted(self.id, generation);
-                streaming = published.streaming;
             }
             // The flag was published with the view it applies to, which this shard
             // now runs on.
@@ -464,11 +468,7 @@ impl Shard {
                 Hop::Peer { from, message } => self.driver.handle_peer(from, message),
                 Hop::Gossip { from, message } => self.take_gossip(from, message),
                 Hop::Suspected { nodes } => self.driver.set_suspected(&nodes),
-                Hop::Ring { from, frame } => {
-                    if let Some(keeper) = self.keeper() {
-                        keeper.handle(from, frame);
-                    }
-                }
+                Hop::Ring { from, frame } => self.take_ring_view(from, frame),
                 Hop::ChangeRing { request, reply } => drop(reply.send(self.local_change(request))),
                 Hop::RingReport { reply } => drop(reply.send(self.local_ring_report())),
             }
