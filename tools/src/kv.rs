@@ -260,6 +260,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
                             "incarnation": m.incarnation,
                             "heartbeat": m.heartbeat,
                             "status": m.status,
+                            "ring_epoch": m.ring_epoch,
                             "suspicions": m.suspicions,
                         })).collect::<Vec<_>>(),
                     })
@@ -371,13 +372,14 @@ pub fn status(args: StatusArgs) -> ExitCode {
                 }
                 for m in n.members.iter().filter(|m| m.node_id != n.node_id) {
                     say!(
-                        "  sees node {}: {} (phi {:.1}, incarnation {}, heartbeat {}, {}; suspected {} time(s))",
+                        "  sees node {}: {} (phi {:.1}, incarnation {}, heartbeat {}, {}, ring epoch {}; suspected {} time(s))",
                         m.node_id,
                         if m.down { "DOWN" } else { "up" },
                         f64::from(m.phi_milli) / 1000.0,
                         m.incarnation,
                         m.heartbeat,
                         m.status,
+                        m.ring_epoch,
                         m.suspicions
                     );
                 }

@@ -37,6 +37,52 @@ fn wait_stable(cluster: &Cluster, id: usize, members: &[u32], within: Duration) 
     }
 }
 
+/// Waits until a client that never refreshes its map on its own routes by ring
+/// `epoch` with `members`: it learns of the new ring only from the epoch replies carry
+/// (its pings go to any node). Returns how long that took.
+fn wait_routed(watcher: &Client, epoch: u64, members: &[u32]) -> Duration {
+    let started = Instant::now();
+    loop {
+        watcher.ping().expect("a ping");
+        let map = watcher.routing_map().expect("a map");
+        let mut nodes: Vec<u32> = map.nodes.iter().map(|n| n.node_id).collect();
+        nodes.sort_unstable();
+        let owners_in = map.owners.iter().all(|o| members.contains(o));
+        if map.epoch == epoch && owners_in {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the client still routes by epoch {} (nodes {nodes:?}), not {epoch}",
+            map.epoch
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until gossip tells node `id` that every one of `members` holds ring `epoch`.
+fn wait_gossiped(cluster: &Cluster, id: usize, epoch: u64, members: &[u32]) {
+    let c = cluster.client(&[id]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = (c.status_each().expect("status").into_iter())
+            .find(|(node, _)| *node == id as u32)
+            .and_then(|(_, s)| s.ok())
+            .expect("node answers");
+        let declared: BTreeMap<u32, u64> = (status.members.iter())
+            .map(|m| (m.node_id, m.ring_epoch))
+            .collect();
+        if members.iter().all(|m| declared.get(m) == Some(&epoch)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {id} hears ring epochs {declared:?}, not {epoch} for {members:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// One node's status, summed over its shards.
 #[derive(Debug, Default, Clone, Copy)]
 struct Totals {
@@ -161,6 +207,14 @@ fn a_cluster_grows_from_three_to_four_and_back_to_three_under_writes() {
         std::thread::spawn(move || write_until(client, stop, new, preload))
     };
 
+    // Learns of each new ring only from the epochs in its replies.
+    let watcher = Client::builder()
+        .seeds([cluster.native(1)])
+        .topology_refresh(Duration::from_secs(3600))
+        .connect_blocking()
+        .expect("client connects");
+    let first_epoch = watcher.routing_map().expect("a map").epoch;
+
     let joined_at = Instant::now();
     let four = cluster.join(1);
     let epoch = wait_stable(&cluster, four, &[1, 2, 3, 4], Duration::from_secs(120));
@@ -168,6 +222,16 @@ fn a_cluster_grows_from_three_to_four_and_back_to_three_under_writes() {
         wait_stable(&cluster, id, &[1, 2, 3, 4], Duration::from_secs(10));
     }
     let join_took = joined_at.elapsed();
+    assert!(epoch > first_epoch, "the join did not move the ring on");
+    let learned = wait_routed(&watcher, epoch, &[1, 2, 3, 4]);
+    println!(
+        "join: a client that never refreshes on its own routed by epoch {epoch} {learned:?} after the ring was stable everywhere"
+    );
+    assert!(
+        watcher.routing_map().unwrap().owners.contains(&4),
+        "the client's map gives node 4 no partition"
+    );
+    wait_gossiped(&cluster, 1, epoch, &[1, 2, 3, 4]);
     let after_join = wait_dropped(&c, 4);
     let sent: u64 = after_join.values().map(|t| t.keys_sent).sum();
     let bytes: u64 = after_join.values().map(|t| t.bytes_sent).sum();
@@ -212,10 +276,14 @@ fn a_cluster_grows_from_three_to_four_and_back_to_three_under_writes() {
         String::from_utf8_lossy(&leave.stderr)
     );
     println!("{}", String::from_utf8_lossy(&leave.stdout).trim());
+    let mut left_epoch = 0;
     for id in [1, 3, 4] {
-        wait_stable(&cluster, id, &[1, 3, 4], Duration::from_secs(30));
+        left_epoch = wait_stable(&cluster, id, &[1, 3, 4], Duration::from_secs(30));
     }
     let leave_took = left_at.elapsed();
+    let learned = wait_routed(&watcher, left_epoch, &[1, 3, 4]);
+    println!("leave: the client routed by epoch {left_epoch} {learned:?} after");
+    wait_gossiped(&cluster, 1, left_epoch, &[1, 3, 4]);
     // The ideal: what node 2 held when it started leaving, plus its share (48 of the
     // 64 partitions) of the keys the writer added meanwhile.
     let added = new_keys.load(Ordering::SeqCst) - new_before;

@@ -118,4 +118,9 @@ impl Client {
     pub fn topology(&self) -> Result<Topology, Error> {
         self.runtime.block_on(self.inner.topology())
     }
+
+    /// See [`AsyncClient::routing_map`].
+    pub fn routing_map(&self) -> Option<Topology> {
+        self.inner.routing_map()
+    }
 }

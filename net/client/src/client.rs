@@ -81,6 +81,9 @@ impl From<PutMode> for WriteContext {
     }
 }
 
+/// The least time between two refreshes of the partition map.
+const STALE_REFRESH_PAUSE: Duration = Duration::from_millis(100);
+
 /// Sets up a client; every setting has a default (see [`Config`]).
 #[derive(Debug, Clone, Default)]
 pub struct ClientBuilder {
@@ -145,12 +148,18 @@ impl ClientBuilder {
         router.refresh().await?;
         let weak = Arc::downgrade(&router);
         let every = router.config.topology_refresh;
+        let stale = router.stale.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(every).await;
+                // Every `topology_refresh`, or at once when a reply named a newer map.
+                let _ = tokio::time::timeout(every, stale.notified()).await;
                 let Some(router) = weak.upgrade() else { break };
                 // A failed refresh keeps the old map; requests refresh on errors too.
                 let _ = router.refresh().await;
+                drop(router);
+                // A ring whose news has not reached every node yet wakes this again
+                // at once; at most one refresh per pause.
+                tokio::time::sleep(STALE_REFRESH_PAUSE).await;
             }
         });
         Ok(AsyncClient { router })
@@ -376,6 +385,13 @@ impl AsyncClient {
     /// The partition map this client routes by, fetched afresh.
     pub async fn topology(&self) -> Result<Topology, Error> {
         Ok(self.router.refresh().await?.as_ref().clone())
+    }
+
+    /// The partition map this client routes by now, as last fetched (nothing is
+    /// asked of a node): the periodic refresh, connection errors and replies from
+    /// nodes on a newer ring replace it.
+    pub fn routing_map(&self) -> Option<Topology> {
+        self.router.held().map(|t| t.as_ref().clone())
     }
 
     /// Sends one request with the retry policy: a connection error drops the connection

@@ -37,8 +37,14 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    /// Connects, does the handshake, and starts the reader and writer tasks.
-    pub async fn open(addr: &str, timeout: Duration, client: &str) -> Result<Connection, Error> {
+    /// Connects, does the handshake, and starts the reader and writer tasks. Every
+    /// reply's ring epoch is folded into `newest_epoch` (the highest map epoch seen).
+    pub async fn open(
+        addr: &str,
+        timeout: Duration,
+        client: &str,
+        newest_epoch: Arc<AtomicU64>,
+    ) -> Result<Connection, Error> {
         let connect_error = |reason: String| Error::Connect {
             addr: addr.to_owned(),
             reason,
@@ -62,8 +68,11 @@ impl Connection {
             Ok(Err(e)) => return Err(connect_error(format!("handshake failed: {e}"))),
             Ok(Ok(Response {
                 body: Body::Welcome(_),
+                ring_epoch,
                 ..
-            })) => {}
+            })) => {
+                newest_epoch.fetch_max(ring_epoch, Ordering::Relaxed);
+            }
             // A node at its connection limit did nothing: safe to try again later.
             Ok(Ok(Response {
                 body: Body::Error(ErrorReply::Overloaded { .. }),
@@ -89,7 +98,12 @@ impl Connection {
             alive.clone(),
             waiting.clone(),
         ));
-        tokio::spawn(read_responses(reader, waiting.clone(), alive.clone()));
+        tokio::spawn(read_responses(
+            reader,
+            waiting.clone(),
+            alive.clone(),
+            newest_epoch,
+        ));
         Ok(Connection {
             addr: addr.to_owned(),
             queue,
@@ -192,9 +206,16 @@ fn encode(request: &Request, out: &mut Vec<u8>, waiting: &Waiting) {
     }
 }
 
-async fn read_responses(mut reader: OwnedReadHalf, waiting: Waiting, alive: Arc<AtomicBool>) {
+async fn read_responses(
+    mut reader: OwnedReadHalf,
+    waiting: Waiting,
+    alive: Arc<AtomicBool>,
+    newest_epoch: Arc<AtomicU64>,
+) {
     let mut input = Input::default();
     while let Ok(response) = read_response(&mut reader, &mut input).await {
+        // Before the answer is handed over: the caller checks it next.
+        newest_epoch.fetch_max(response.ring_epoch, Ordering::Relaxed);
         if response.id == 0 {
             // About the connection (malformed input from us): it is closing.
             break;

@@ -2,11 +2,12 @@
 //! connections per shard address.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use ringkv_proto::{Body, Op, Topology};
+use tokio::sync::Notify;
 
 use crate::connection::Connection;
 use crate::{Config, Error};
@@ -14,6 +15,13 @@ use crate::{Config, Error};
 pub(crate) struct Router {
     pub config: Config,
     topology: RwLock<Option<Arc<Topology>>>,
+    /// The epoch of the map held (0 before the first): read on every reply, so kept
+    /// apart from the lock.
+    held_epoch: AtomicU64,
+    /// The highest map epoch any reply carried. Above `held_epoch`, the map is stale:
+    /// the ring changed, and `stale` wakes the background refresher.
+    newest_epoch: Arc<AtomicU64>,
+    pub stale: Arc<Notify>,
     pools: Mutex<HashMap<String, Vec<Arc<Connection>>>>,
     turn: AtomicUsize,
     /// Addresses that failed recently, and until when to avoid them: any node accepts
@@ -29,6 +37,9 @@ impl Router {
         Router {
             config,
             topology: RwLock::new(None),
+            held_epoch: AtomicU64::new(0),
+            newest_epoch: Arc::new(AtomicU64::new(0)),
+            stale: Arc::new(Notify::new()),
             pools: Mutex::new(HashMap::new()),
             turn: AtomicUsize::new(0),
             avoid: Mutex::new(HashMap::new()),
@@ -43,9 +54,10 @@ impl Router {
         self.refresh().await
     }
 
-    /// Fetches the partition map from the first node that answers: known nodes first,
-    /// then the seeds.
+    /// Fetches the partition map: the first one at least as new as any reply named,
+    /// else the newest any node gave; known nodes are asked first, then the seeds.
     pub async fn refresh(&self) -> Result<Arc<Topology>, Error> {
+        let wanted = self.newest_epoch.load(Ordering::Relaxed);
         let mut candidates: Vec<String> = self
             .topology
             .read()
@@ -59,6 +71,7 @@ impl Router {
             addr: String::new(),
             reason: "no seed addresses configured".into(),
         };
+        let mut best: Option<Topology> = None;
         for addr in candidates {
             let wait = self.config.request_timeout;
             let fetched = match self.call(&addr, Op::Topology, wait).await {
@@ -69,15 +82,32 @@ impl Router {
                 Err(e) => Err(e),
             };
             match fetched {
-                Ok(topology) => {
-                    let topology = Arc::new(topology);
-                    *self.topology.write().expect("never poisoned") = Some(topology.clone());
-                    return Ok(topology);
+                // A node that has not heard of the newer ring yet: ask the next one.
+                Ok(topology) if topology.epoch < wanted => {
+                    if best.as_ref().is_none_or(|b| b.epoch < topology.epoch) {
+                        best = Some(topology);
+                    }
                 }
+                Ok(topology) => return Ok(self.hold(topology)),
                 Err(e) => last_error = e,
             }
         }
-        Err(last_error)
+        match best {
+            Some(topology) => Ok(self.hold(topology)),
+            None => Err(last_error),
+        }
+    }
+
+    /// The map held now, if any was fetched yet.
+    pub fn held(&self) -> Option<Arc<Topology>> {
+        self.topology.read().expect("never poisoned").clone()
+    }
+
+    fn hold(&self, topology: Topology) -> Arc<Topology> {
+        let topology = Arc::new(topology);
+        self.held_epoch.store(topology.epoch, Ordering::Relaxed);
+        *self.topology.write().expect("never poisoned") = Some(topology.clone());
+        topology
     }
 
     /// The native address of the shard that owns `key` (any node when `key` is None).
@@ -133,8 +163,14 @@ impl Router {
             }
         }
         let config = &self.config;
-        let connection =
-            Arc::new(Connection::open(addr, config.connect_timeout, &config.client_name).await?);
+        let connection = Connection::open(
+            addr,
+            config.connect_timeout,
+            &config.client_name,
+            self.newest_epoch.clone(),
+        )
+        .await?;
+        let connection = Arc::new(connection);
         let mut pools = self.pools.lock().expect("never poisoned");
         let pool = pools.entry(addr.to_owned()).or_default();
         if pool.len() < config.connections_per_shard.max(1) {
@@ -144,7 +180,10 @@ impl Router {
     }
 
     /// Sends `op` to the node at `addr` and waits at most `wait` for its answer (which
-    /// may be `Body::Error`). A connection that fails is dropped from the pool.
+    /// may be `Body::Error`). A connection that fails is dropped from the pool. An
+    /// answer from a node on a newer partition map wakes the background refresher:
+    /// this request was served anyway (any node forwards), the next ones route by the
+    /// new ring.
     pub async fn call(&self, addr: &str, op: Op, wait: Duration) -> Result<Body, Error> {
         let connection = self.connection_to(addr).await?;
         match tokio::time::timeout(wait, connection.call(op)).await {
@@ -153,7 +192,13 @@ impl Router {
                 self.forget(&connection);
                 Err(e)
             }
-            Ok(Ok(body)) => Ok(body),
+            Ok(Ok(body)) => {
+                let newest = self.newest_epoch.load(Ordering::Relaxed);
+                if newest > self.held_epoch.load(Ordering::Relaxed) {
+                    self.stale.notify_one();
+                }
+                Ok(body)
+            }
         }
     }
 

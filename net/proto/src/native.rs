@@ -22,7 +22,7 @@ use crate::topology::Topology;
 
 /// The protocol version this build speaks. Once released, a change to any archived type
 /// below bumps it; until then (nothing deployed) variants are only ever appended.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Opens every handshake, so a node can tell a ringkv client from anything else that
 /// connects (an HTTP probe, a Redis client on the wrong port) at the first frame.
@@ -138,6 +138,11 @@ pub enum WriteContext {
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     pub id: u64,
+    /// The epoch of the partition map the answering shard routes by (the
+    /// [`Topology::epoch`] it would give now; 0 in connection-level errors). A client
+    /// holding an older map fetches the topology again at once: that is how clients
+    /// learn of a membership change without waiting for their periodic refresh.
+    pub ring_epoch: u64,
     pub body: Body,
 }
 
@@ -208,6 +213,9 @@ pub struct MemberReport {
     pub down: bool,
     /// Times this node has taken it for down since this node started.
     pub suspicions: u64,
+    /// The epoch of the ring view the member declares it holds (gossiped): members
+    /// that differ have not all heard of the latest change yet.
+    pub ring_epoch: u64,
 }
 
 /// One shard's counters since the node started (keys and bytes: now).
@@ -572,6 +580,7 @@ mod tests {
         for (id, body) in bodies.into_iter().enumerate() {
             let response = Response {
                 id: id as u64,
+                ring_epoch: id as u64 * 3,
                 body,
             };
             let mut wire = Vec::new();

@@ -121,9 +121,16 @@ impl MembershipDriver {
                 // Saturates: a silence long enough to overflow this is "down" anyway.
                 phi_milli: (v.phi * 1000.0).min(f64::from(u32::MAX)) as u32,
                 down: v.down,
+                ring_epoch: v.state.ring_epoch,
                 suspicions: suspicions.get(&v.state.node).copied().unwrap_or(0),
             })
             .collect()
+    }
+
+    /// This node's own declaration, gossiped from the next heartbeat on: its part in
+    /// the ring (joining, up, leaving) and the epoch of the ring view it holds.
+    pub fn declare(&self, status: MemberStatus, ring_epoch: u64) {
+        self.membership.borrow_mut().set_own(status, ring_epoch);
     }
 
     /// Whether the failure detector takes `node` for down now.

@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ringkv_cluster::{KeeperConfig, Member, NodeId, PartitionId, RingChange, RingKeeper, RingView};
+use ringkv_cluster::{
+    KeeperConfig, Member, MemberStatus, NodeId, PartitionId, RingChange, RingKeeper, RingView,
+};
 use ringkv_proto::RingChangeRequest;
 use ringkv_proto::RingReport;
 use ringkv_proto::peer::MemberSpec;
@@ -207,6 +209,7 @@ impl KeeperDriver {
             ticking: Cell::new(true),
             ticker: TaskGroup::new(),
         });
+        driver.declare();
         let ticker = Rc::downgrade(&driver);
         driver.ticker.spawn(async move {
             loop {
@@ -430,6 +433,7 @@ impl KeeperDriver {
                     return;
                 }
                 self.board.publish(published);
+                self.declare();
                 continue;
             }
             if !self.board.all_adopted() {
@@ -450,6 +454,23 @@ impl KeeperDriver {
                 peers.send_ring(to, self.cluster, &view, &addresses);
             }
         }
+    }
+
+    /// Tells gossip the epoch of the view this node holds and its part in the change
+    /// (joining, leaving), so every member's status shows who is behind.
+    fn declare(&self) {
+        let Some(membership) = self.shard.upgrade().and_then(|s| s.membership()) else {
+            return;
+        };
+        let keeper = self.keeper.borrow();
+        let view = keeper.view();
+        let in_force = view.ring().is_member(self.me);
+        let status = match view.next_ring().map(|next| next.is_member(self.me)) {
+            Some(true) if !in_force => MemberStatus::Joining,
+            Some(false) if in_force => MemberStatus::Leaving,
+            _ => MemberStatus::Up,
+        };
+        membership.declare(status, view.epoch());
     }
 
     /// Keeps only the addresses of the view's members (either ring) and this node's.

@@ -102,7 +102,12 @@ fn refusal() -> &'static [u8] {
     REFUSAL.get_or_init(|| {
         let mut out = Vec::new();
         let body = Body::Error(ErrorReply::Overloaded { inflight: 0 });
-        encode_response(&Response { id: 0, body }, &mut out).expect("a small frame");
+        let response = Response {
+            id: 0,
+            ring_epoch: 0,
+            body,
+        };
+        encode_response(&response, &mut out).expect("a small frame");
         out
     })
 }
@@ -142,6 +147,7 @@ async fn serve(
             let message = format!("malformed frame: {reason}");
             encode(
                 0,
+                0,
                 Body::Error(ErrorReply::InvalidArgument { message }),
                 &mut output,
             );
@@ -158,7 +164,7 @@ async fn serve(
         (Op::PeerHello(hello), Body::PeerWelcome(_)) => Some(NodeId(hello.from_node)),
         _ => None,
     };
-    encode(first.id, body, &mut output);
+    encode(first.id, shard.map_epoch(), body, &mut output);
     stream.write_all(&output).await?;
     output.clear();
     if let Some(reason) = refused {
@@ -211,8 +217,10 @@ impl FrontEnd for Native<'_> {
     async fn run(&mut self, batch: Vec<Request>, output: &mut Vec<u8>) {
         let (shard, info) = (self.shard, self.info);
         let answers = run_in_order(&batch, touch, |r| execute(shard, info, r)).await;
+        // Read after the batch: the newest map this shard routes by.
+        let epoch = shard.map_epoch();
         for (request, body) in batch.iter().zip(answers) {
-            encode(request.id, body, output);
+            encode(request.id, epoch, body, output);
         }
     }
 
@@ -220,18 +228,31 @@ impl FrontEnd for Native<'_> {
         let message = reason.to_string();
         encode(
             0,
+            0,
             Body::Error(ErrorReply::InvalidArgument { message }),
             output,
         );
     }
 }
 
-fn encode(id: u64, body: Body, out: &mut Vec<u8>) {
-    if let Err(e) = encode_response(&Response { id, body }, out) {
+/// Appends the answer to request `id`, stamped with the epoch of the map the shard
+/// routes by (so a client with an older one refreshes).
+fn encode(id: u64, ring_epoch: u64, body: Body, out: &mut Vec<u8>) {
+    let response = Response {
+        id,
+        ring_epoch,
+        body,
+    };
+    if let Err(e) = encode_response(&response, out) {
         // Only a multi-get can outgrow a frame; say so instead of sending a broken one.
         let message = format!("the reply does not fit in a frame: {e}; ask for fewer keys");
         let body = Body::Error(ErrorReply::InvalidArgument { message });
-        encode_response(&Response { id, body }, out).expect("a small frame");
+        let response = Response {
+            id,
+            ring_epoch,
+            body,
+        };
+        encode_response(&response, out).expect("a small frame");
     }
 }
 

@@ -61,6 +61,9 @@ pub struct Shard {
     /// published on, which every shard follows.
     keeper: RefCell<Option<Rc<KeeperDriver>>>,
     pub board: Arc<RingBoard>,
+    /// The epoch of the ring in force of the view this shard runs on: what its
+    /// replies carry, so clients holding an older partition map refresh.
+    map_epoch: Cell<u64>,
     stopping: Cell<bool>,
     /// Largest value a put may carry (the store's limit).
     pub max_value_bytes: usize,
@@ -85,6 +88,7 @@ impl Shard {
         quorum: Quorum,
         board: Arc<RingBoard>,
     ) -> Rc<Shard> {
+        let map_epoch = Cell::new(driver.view().ring().epoch());
         Rc::new(Shard {
             id: mesh.peer_id(),
             map: ShardMap::new(mesh.nr_consumers()).expect("one mesh peer per shard"),
@@ -101,6 +105,7 @@ impl Shard {
             membership: RefCell::new(None),
             keeper: RefCell::new(None),
             board,
+            map_epoch,
             stopping: Cell::new(false),
             max_value_bytes,
         })
@@ -262,6 +267,7 @@ impl Shard {
                     }
                 }
                 streaming = published.streaming;
+                self.map_epoch.set(published.view.ring().epoch());
                 if published.view != self.driver.view() {
                     self.driver.set_view(published.view);
                 }
@@ -283,6 +289,12 @@ impl Shard {
 
     pub fn membership(&self) -> Option<Rc<MembershipDriver>> {
         self.membership.borrow().clone()
+    }
+
+    /// The epoch of the partition map this shard routes by ([`Shard::map_epoch`]
+    /// field); replies carry it.
+    pub fn map_epoch(&self) -> u64 {
+        self.map_epoch.get()
     }
 
     pub fn driver(&self) -> &Rc<ShardDriver<DmaDisk>> {
