@@ -349,6 +349,13 @@ impl Throttle {
         self.tokens -= bytes as f64;
     }
 
+    /// Changes the rate from `now` on; the burst allowance shrinks with it.
+    pub fn set_rate(&mut self, rate: u64, now: Duration) {
+        self.refill(now);
+        self.rate = rate;
+        self.tokens = self.tokens.min(rate as f64);
+    }
+
     /// When the bucket is out of debt again.
     pub fn ready_at(&self) -> Duration {
         if self.tokens >= 0.0 || self.rate == 0 {

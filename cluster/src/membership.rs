@@ -24,7 +24,7 @@
 //! (a rising heartbeat, from the member or from anyone relaying it), and it is only a
 //! routing decision. A member is never removed for being down.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use crate::clock::EpochSource;
@@ -177,6 +177,9 @@ pub struct Membership {
     next_gossip: Duration,
     /// When the last tick ran: a much longer gap means this node itself stalled.
     last_tick: Option<Duration>,
+    /// The members of the node's ring view, once the driver said
+    /// ([`Membership::restrict_to`]): no other node is kept or learned.
+    ring_members: Option<BTreeSet<NodeId>>,
 }
 
 impl Membership {
@@ -225,7 +228,29 @@ impl Membership {
             events: VecDeque::new(),
             next_gossip: Duration::ZERO,
             last_tick: None,
+            ring_members: None,
         }
+    }
+
+    /// Keeps only the members of the ring view (`members`, either ring of a change)
+    /// and this node, from now on: a node that left the ring (or was replaced) is
+    /// forgotten, so no heartbeat goes to it, status stops listing it as down, and
+    /// gossip that still carries it does not bring it back. A node the ring names
+    /// again is learned again from gossip. The driver calls this on every new view.
+    pub fn restrict_to(&mut self, members: BTreeSet<NodeId>) {
+        let me = self.me;
+        self.members
+            .retain(|node, _| *node == me || members.contains(node));
+        self.ring_members = Some(members);
+    }
+
+    /// Whether gossip may add `node` (a member not known yet).
+    fn may_learn(&self, node: NodeId) -> bool {
+        self.config.learn_members
+            && self
+                .ring_members
+                .as_ref()
+                .is_none_or(|members| members.contains(&node))
     }
 
     pub fn me(&self) -> &MemberState {
@@ -425,8 +450,9 @@ impl Membership {
                 }
                 continue;
             }
+            let learnable = self.may_learn(state.node);
             match self.members.get_mut(&state.node) {
-                None if !self.config.learn_members => {}
+                None if !learnable => {}
                 None => {
                     let mut detector = PhiDetector::new(&phi);
                     detector.heartbeat(now, &phi);

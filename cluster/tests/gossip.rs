@@ -376,3 +376,51 @@ fn a_static_member_list_is_not_grown_by_gossip() {
     assert_eq!(node.known(), 2);
     assert!(node.poll_event().is_none(), "no Joined events");
 }
+
+#[test]
+fn a_member_that_left_the_ring_is_forgotten_and_not_relearned() {
+    // Four nodes that all know each other; node 4 then leaves the ring, and nodes 1 to
+    // 3 keep only the ring's members. Node 4 keeps running and gossiping, and node 3
+    // never hears of the change: its gossip still carries node 4.
+    let all = |i: u32| (1..=4).filter(|&k| k != i).collect();
+    let mut cluster = Cluster::new(4, all, MembershipConfig::default(), 7);
+    for t in 0..20 {
+        cluster.round(tick(t));
+    }
+    assert!(cluster.everyone_knows_everyone());
+    let ring: std::collections::BTreeSet<NodeId> = (1..=3).map(NodeId).collect();
+    for i in [1, 2] {
+        let node = cluster.nodes.get_mut(&NodeId(i)).unwrap();
+        node.restrict_to(ring.clone());
+        assert!(
+            node.member(NodeId(4)).is_none(),
+            "node {i} still lists node 4"
+        );
+    }
+    for t in 20..120 {
+        cluster.round(tick(t));
+    }
+    for i in [1, 2] {
+        let node = &cluster.nodes[&NodeId(i)];
+        assert!(
+            node.member(NodeId(4)).is_none(),
+            "gossip from node 3 or 4 brought node 4 back to node {i}"
+        );
+        assert!(!node.is_down(NodeId(3)), "node {i} lost sight of node 3");
+    }
+    assert_eq!(
+        cluster.nodes[&NodeId(3)].known(),
+        4,
+        "node 3 was not restricted"
+    );
+    // Node 4 joins again: once the ring names it, gossip brings it back.
+    let ring: std::collections::BTreeSet<NodeId> = (1..=4).map(NodeId).collect();
+    cluster.nodes.get_mut(&NodeId(1)).unwrap().restrict_to(ring);
+    for t in 120..160 {
+        cluster.round(tick(t));
+    }
+    assert!(
+        cluster.nodes[&NodeId(1)].member(NodeId(4)).is_some(),
+        "node 1 did not learn node 4 again"
+    );
+}

@@ -241,6 +241,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
                             "partitions_received": s.partitions_received,
                             "partitions_dropped": s.partitions_dropped,
                             "streams": s.streams,
+                            "transfer_keys_per_second": s.transfer_keys_per_second,
                         })).collect::<Vec<_>>(),
                         "ring": json!({
                             "epoch": n.ring.epoch,
@@ -363,11 +364,12 @@ pub fn status(args: StatusArgs) -> ExitCode {
                     || sum(|s| u64::from(s.streams)) > 0
                 {
                     say!(
-                        "  transfers: {keys} key(s), {bytes} bytes streamed out; partitions sent {}, received {}, dropped {}; {} stream(s) running",
+                        "  transfers: {keys} key(s), {bytes} bytes streamed out; partitions sent {}, received {}, dropped {}; {} stream(s) running at {} keys/s",
                         sum(|s| s.partitions_sent),
                         sum(|s| s.partitions_received),
                         sum(|s| s.partitions_dropped),
-                        sum(|s| u64::from(s.streams))
+                        sum(|s| u64::from(s.streams)),
+                        sum(|s| s.transfer_keys_per_second)
                     );
                 }
                 for m in n.members.iter().filter(|m| m.node_id != n.node_id) {
@@ -460,9 +462,10 @@ fn done(output: Output, what: &str, key: &str, result: Result<(), Error>) -> Exi
 
 fn fail(output: Output, error: &Error) -> ExitCode {
     let code = match error {
-        Error::Connect { .. } | Error::Unavailable { .. } | Error::ShuttingDown => {
-            exit::UNREACHABLE
-        }
+        Error::Connect { .. }
+        | Error::Unavailable { .. }
+        | Error::ShuttingDown
+        | Error::RingChanging { .. } => exit::UNREACHABLE,
         Error::Timeout { .. } | Error::ConnectionLost => exit::TIMEOUT,
         Error::InvalidArgument(_) | Error::TooLarge { .. } | Error::TooManySiblings { .. } => {
             exit::REFUSED

@@ -372,6 +372,50 @@ fn a_cluster_grows_from_three_to_four_and_back_to_three_under_writes() {
     );
 }
 
+/// A node whose `ring.view` is lost while its store is not refuses to start from the
+/// `--peers` ring (it cannot know the ring its data was written under), and comes
+/// back with `--join`, taking the cluster's ring from a member and keeping its keys.
+#[test]
+fn a_store_without_its_ring_view_starts_only_by_joining() {
+    let mut cluster = Cluster::start(3);
+    let c = cluster.client(&[1]);
+    let all = WriteOptions {
+        w: Some(3),
+        ..WriteOptions::default()
+    };
+    let keys: Vec<String> = (0..200).map(|i| format!("v-{i}")).collect();
+    for key in &keys {
+        c.put_with(key.as_bytes(), key.as_bytes(), PutMode::Latest, all)
+            .expect("a write at W=3");
+    }
+    cluster.kill(3);
+    std::fs::remove_file(cluster.data_dir(3).join("ring.view")).expect("ring.view was stored");
+    let (status, stderr) = cluster.start_refused(3);
+    assert!(
+        !status.success(),
+        "node 3 started from --peers over its store"
+    );
+    assert!(
+        stderr.contains("no ring.view") && stderr.contains("--join"),
+        "refused without saying why: {stderr}"
+    );
+    assert!(
+        !cluster.data_dir(3).join("ring.view").exists(),
+        "the refused start stored a ring"
+    );
+
+    cluster.restart_joining(3, 1);
+    let answer = ring_change::view(&cluster.native(3), Duration::from_secs(5)).unwrap();
+    let members: Vec<u32> = answer.view.ring().members().map(|m| m.node.0).collect();
+    assert_eq!(members, [1, 2, 3], "node 3 came back on another ring");
+    let three = (c.status_each().expect("status").into_iter())
+        .find(|(node, _)| *node == 3)
+        .and_then(|(_, s)| s.ok())
+        .expect("node 3 answers");
+    let held: u64 = three.shards.iter().map(|s| s.keys).sum();
+    assert_eq!(held, keys.len() as u64, "node 3 lost keys on the way back");
+}
+
 /// Changes that could not be safe are refused with a reason, and nothing starts: the
 /// ring stays as it was.
 #[test]

@@ -383,6 +383,9 @@ impl World {
                 config.shards = shards;
                 config.shard = shard;
                 config.hints = self.settings.hints;
+                // Streams paced as the server paces them (its default ceiling): the
+                // pacer follows simulated ack times.
+                config.transfer_keys_per_second = 20_000;
                 config.tombstone_grace =
                     self.settings.tombstone_grace_ms.map(Duration::from_millis);
                 // The simulated network delivers within its delay bound, or never.

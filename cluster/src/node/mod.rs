@@ -39,6 +39,7 @@ use crate::shard_map::ShardMap;
 use crate::version::{Value, VersionSet};
 use crate::view::{RingChange, RingView};
 
+mod pace;
 pub mod tombstones;
 pub mod transfers;
 use tombstones::{PeerCheck, Sweep, TombstoneStats};

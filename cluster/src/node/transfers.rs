@@ -18,8 +18,9 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
+use super::pace::Pace;
 use super::{Action, DropReason, Node};
-use crate::hints::{Shelf, Throttle};
+use crate::hints::Shelf;
 use crate::message::{PeerMessage, RequestId};
 use crate::replica::{Job, StorageOp, StorageOpId};
 use crate::ring::{NodeId, PartitionId};
@@ -53,6 +54,9 @@ pub struct TransferStats {
     pub partitions_dropped: u64,
     /// Streams running now.
     pub streams: u64,
+    /// The streaming rate now, in keys per second (it follows the new replicas'
+    /// ack times, up to the configured rate; 0 when unlimited or not streaming).
+    pub keys_per_second: u64,
 }
 
 /// One partition streaming to one new replica.
@@ -87,6 +91,8 @@ struct KeyInFlight {
     target: NodeId,
     key: Vec<u8>,
     deadline: Duration,
+    /// When it was sent to the new replica (read from the store before that).
+    sent_at: Duration,
 }
 
 /// A node's transfers for the change in progress.
@@ -104,7 +110,7 @@ pub(super) struct Transfers {
     /// Partitions to drop, and from when.
     drops_due: Vec<(Duration, PartitionId)>,
     drops: BTreeMap<StorageOpId, PartitionId>,
-    throttle: Option<Throttle>,
+    pace: Option<Pace>,
     pub stats: TransferStats,
 }
 
@@ -150,7 +156,7 @@ impl Transfers {
         self.received.clear();
         self.keys.clear();
         self.listings.clear();
-        self.throttle = None;
+        self.pace = None;
     }
 
     /// Takes a key off its stream's window (answered or timed out): the stream, if
@@ -200,7 +206,12 @@ impl Node {
                 self.pump_stream(now, partition, target);
             }
         }
-        self.transfers.stats.streams = self.transfers.running() as u64;
+        let running = self.transfers.running();
+        self.transfers.stats.streams = running as u64;
+        self.transfers.stats.keys_per_second = match &self.transfers.pace {
+            Some(pace) if running > 0 => pace.rate(),
+            _ => 0,
+        };
         self.flush_local(now);
     }
 
@@ -270,22 +281,19 @@ impl Node {
             return;
         }
         loop {
-            let throttle = self
+            let pace = self
                 .transfers
-                .throttle
-                .get_or_insert_with(|| Throttle::new(rate, now));
+                .pace
+                .get_or_insert_with(|| Pace::new(rate, now));
             let stream = self
                 .transfers
                 .streams
                 .get_mut(&(partition, target))
                 .expect("looked up above");
-            if stream.in_flight >= STREAM_WINDOW || !throttle.ready(now) {
+            if stream.in_flight >= STREAM_WINDOW || stream.queued.is_empty() || !pace.take(now) {
                 return;
             }
-            let Some(key) = stream.queued.pop_front() else {
-                return;
-            };
-            throttle.spend(1);
+            let key = stream.queued.pop_front().expect("not empty");
             stream.in_flight += 1;
             let id = self.new_request_id();
             let deadline = now + self.config.request_timeout * 2;
@@ -295,6 +303,7 @@ impl Node {
                 target,
                 key: key.clone(),
                 deadline,
+                sent_at: now,
             };
             self.transfers.keys.insert(id, in_flight);
             let origin = self.local_origin(id);
@@ -350,13 +359,14 @@ impl Node {
 
     /// A streamed key was read here: send it, or skip it if it is gone.
     pub(super) fn on_transfer_read(&mut self, now: Duration, id: RequestId, versions: VersionSet) {
-        let Some(in_flight) = self.transfers.keys.get(&id) else {
+        let Some(in_flight) = self.transfers.keys.get_mut(&id) else {
             return;
         };
         if versions.is_empty() {
             self.finish_key(now, id);
             return;
         }
+        in_flight.sent_at = now;
         let bytes = in_flight.key.len()
             + versions
                 .siblings()
@@ -392,6 +402,9 @@ impl Node {
             self.count(DropReason::UnexpectedSender);
             return;
         }
+        if let (Some(key), Some(pace)) = (self.transfers.keys.get(&id), &mut self.transfers.pace) {
+            pace.acked(now, now.saturating_sub(key.sent_at));
+        }
         if stored {
             self.transfers.stats.keys_sent += 1;
         } else {
@@ -418,6 +431,9 @@ impl Node {
             self.count(DropReason::EarlyTimer);
             self.arm(id, deadline);
             return;
+        }
+        if let Some(pace) = &mut self.transfers.pace {
+            pace.timed_out(now);
         }
         if let Some((stream, key)) = self.transfers.take_key(id) {
             stream.queued.push_front(key.key);

@@ -42,6 +42,10 @@ pub enum Error {
     /// A failure inside the node.
     #[error("node error: {0}")]
     Internal(String),
+    /// A membership change is moving the key and the nodes did not agree yet on who
+    /// holds it; nothing was written. Retried by the policy.
+    #[error("the ring is changing (the key's replicas are now {replicas:?}); nothing was written")]
+    RingChanging { replicas: Vec<u32> },
     /// No connection could be made; nothing was sent.
     #[error("cannot connect to {addr}: {reason}")]
     Connect { addr: String, reason: String },
@@ -66,6 +70,7 @@ impl Error {
                 | Error::Unavailable { .. }
                 | Error::ShuttingDown
                 | Error::Connect { .. }
+                | Error::RingChanging { .. }
         )
     }
 
@@ -105,6 +110,7 @@ impl From<ErrorReply> for Error {
             ErrorReply::TooManySiblings { count, limit } => Error::TooManySiblings { count, limit },
             ErrorReply::ShuttingDown => Error::ShuttingDown,
             ErrorReply::Internal { message } => Error::Internal(message),
+            ErrorReply::RingChanging { replicas } => Error::RingChanging { replicas },
         }
     }
 }
@@ -125,5 +131,7 @@ mod tests {
         assert!(timeout.retried(false) && !timeout.retried(true));
         assert!(!Error::ConnectionLost.retried(true));
         assert!(!Error::InvalidArgument("r".into()).retried(false));
+        let moving = Error::from(ErrorReply::RingChanging { replicas: vec![4] });
+        assert!(moving.retry_safe() && moving.retried(true));
     }
 }

@@ -271,6 +271,9 @@ pub struct ShardStatus {
     pub partitions_received: u64,
     pub partitions_dropped: u64,
     pub streams: u32,
+    /// The rate streams run at now (keys per second; it follows the new replicas'
+    /// ack times up to `--transfer-keys-per-second`; 0 when not streaming).
+    pub transfer_keys_per_second: u64,
 }
 
 /// Hints pending for one target node.
@@ -337,6 +340,14 @@ pub enum ErrorReply {
     /// Something failed inside the node (a store error); the message says what.
     #[error("internal error: {message}")]
     Internal { message: String },
+    /// A membership change is moving this key's partition and the nodes asked do not
+    /// agree yet on who holds it (the node a write was forwarded to is no replica
+    /// under its newer view, which names `replicas`). Nothing was written; retry
+    /// after a pause (views agree within a few round trips).
+    #[error(
+        "the ring is changing: this key's replicas are now {replicas:?}; nothing was written, retry"
+    )]
+    RingChanging { replicas: Vec<u32> },
 }
 
 /// Why a payload is not a valid message.

@@ -153,6 +153,15 @@ pub fn shard_dir(dir: &Path, shard: usize) -> PathBuf {
     dir.join(format!("shard-{shard}"))
 }
 
+/// The first file found in a shard's directory (its store, its hints), if any shard
+/// has one: whether this data directory has held data.
+pub fn first_store_file(dir: &Path, shards: usize) -> Option<PathBuf> {
+    (0..shards).find_map(|shard| {
+        let entries = std::fs::read_dir(shard_dir(dir, shard)).ok()?;
+        entries.flatten().map(|e| e.path()).next()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

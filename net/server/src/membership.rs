@@ -133,6 +133,11 @@ impl MembershipDriver {
         self.membership.borrow_mut().set_own(status, ring_epoch);
     }
 
+    /// Keeps only the ring view's members (see `Membership::restrict_to`).
+    pub fn restrict_to(&self, members: std::collections::BTreeSet<NodeId>) {
+        self.membership.borrow_mut().restrict_to(members);
+    }
+
     /// Whether the failure detector takes `node` for down now.
     pub fn is_down(&self, node: NodeId) -> bool {
         self.membership.borrow().is_down(node)

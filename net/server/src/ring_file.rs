@@ -17,7 +17,7 @@ use ringkv_proto::peer::MemberSpec;
 use ringkv_proto::peer_message::{Incoming, PeerInput, RingFrame, encode_ring_view};
 use xxhash_rust::xxh3::xxh3_64;
 
-const FILE: &str = "ring.view";
+pub const FILE_NAME: &str = "ring.view";
 const MAGIC: &[u8; 8] = b"ringkvV1";
 const HEADER: usize = MAGIC.len() + 8;
 
@@ -39,7 +39,7 @@ pub fn store(
     view: &RingView,
     addresses: &[MemberSpec],
 ) -> Result<(), RingFileError> {
-    let path = dir.join(FILE);
+    let path = dir.join(FILE_NAME);
     let mut frame = Vec::new();
     encode_ring_view(cluster, view, addresses, &mut frame).map_err(|e| RingFileError::Damaged {
         path: path.clone(),
@@ -57,7 +57,7 @@ pub fn store(
 
 /// What is stored in `dir`, or `None` if nothing ever was.
 pub fn load(dir: &Path) -> Result<Option<RingFrame>, RingFileError> {
-    let path = dir.join(FILE);
+    let path = dir.join(FILE_NAME);
     let bytes = match std::fs::read(&path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -118,7 +118,7 @@ mod tests {
     fn a_damaged_or_truncated_file_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         store(dir.path(), 9, &joining(), &[]).unwrap();
-        let path = dir.path().join(FILE);
+        let path = dir.path().join(FILE_NAME);
         let good = std::fs::read(&path).unwrap();
         let mut flipped = good.clone();
         let last = flipped.len() - 20;

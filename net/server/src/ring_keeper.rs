@@ -471,6 +471,8 @@ impl KeeperDriver {
             _ => MemberStatus::Up,
         };
         membership.declare(status, view.epoch());
+        // A node that left the ring, or was replaced, is no member to watch.
+        membership.restrict_to(view.members());
     }
 
     /// Keeps only the addresses of the view's members (either ring) and this node's.

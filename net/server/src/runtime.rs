@@ -504,6 +504,7 @@ fn starting_ring(config: &mut Settings) -> Result<RingStart, StartError> {
         None => match config.join.clone() {
             Some(seed) => (join_through(config, &seed)?, true),
             None => {
+                refuse_data_without_ring(config)?;
                 let members: Vec<Member> = config
                     .members
                     .iter()
@@ -574,6 +575,27 @@ fn starting_ring(config: &mut Settings) -> Result<RingStart, StartError> {
     let addresses = published.address_list();
     ring_file::store(&config.data_dir, cluster, &published.view, &addresses)?;
     Ok(RingStart { published, stored })
+}
+
+/// A node starts from the `--peers` ring only on an empty data directory. A store
+/// without its `ring.view` (lost, or deleted by hand) was written under a ring this
+/// node no longer knows: the cluster may have changed since, and serving on the
+/// `--peers` ring meanwhile would send writes to nodes that no longer hold their
+/// partitions. `--join` through a member is the way back: a member answers a node
+/// already in the ring with the current view. (Every start stores `ring.view` before any shard opens its store, so
+/// a directory with a store and no view is never a crash's leftover.)
+fn refuse_data_without_ring(config: &Settings) -> Result<(), StartError> {
+    match crate::layout::first_store_file(&config.data_dir, config.shards) {
+        None => Ok(()),
+        Some(file) => Err(StartError::Ring(format!(
+            "{} holds data ({}) but no {}: the ring it was written under is unknown. \
+             Restore that file, or start with --join <member> to take the cluster's \
+             ring from it (what this node no longer serves is then dropped)",
+            config.data_dir.display(),
+            file.display(),
+            crate::ring_file::FILE_NAME
+        ))),
+    }
 }
 
 /// The id of a cluster formed from `--peers`: a hash of its shape and its first

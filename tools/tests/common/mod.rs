@@ -269,6 +269,33 @@ impl Cluster {
     }
 
     fn spawn(&self, id: usize) -> Child {
+        self.command(id)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("ringkv server starts")
+    }
+
+    /// Starts a stopped node expecting it to refuse to start: its exit status and
+    /// what it printed on stderr.
+    pub fn start_refused(&mut self, id: usize) -> (std::process::ExitStatus, String) {
+        assert!(self.nodes[id - 1].is_none(), "node {id} is still running");
+        let output = self.command(id).output().expect("ringkv server runs");
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        (output.status, stderr)
+    }
+
+    /// Starts a stopped node with `--join <through>` instead of its first flags.
+    pub fn restart_joining(&mut self, id: usize, through: usize) {
+        self.joined_through.insert(id, (through, None));
+        self.restart(id);
+    }
+
+    /// Node `id`'s data directory.
+    pub fn data_dir(&self, id: usize) -> &Path {
+        self.dirs[id - 1].path()
+    }
+
+    fn command(&self, id: usize) -> Command {
         let peers: Vec<String> = (1..=self.size())
             .filter(|k| !self.joined_through.contains_key(k))
             .map(|k| format!("{k}@{}", self.native(k)))
@@ -303,10 +330,8 @@ impl Cluster {
             .args(membership)
             .arg("--data-dir")
             .arg(self.dirs[id - 1].path())
-            .args(&self.extra_args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("ringkv server starts")
+            .args(&self.extra_args);
+        command
     }
 
     fn ready(&self, id: usize, child: Child) -> Server {

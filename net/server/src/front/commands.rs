@@ -48,6 +48,10 @@ fn error(err: ErrorReply) -> Reply {
             format!("OVERLOADED {inflight} requests in flight on this shard; retry later")
         }
         ErrorReply::InvalidArgument { message } => format!("ERR {message}"),
+        // Redis Cluster's word for "nothing done, the slot is moving: try again".
+        ErrorReply::RingChanging { replicas } => format!(
+            "TRYAGAIN the ring is changing (this key's replicas are now {replicas:?}); nothing was written"
+        ),
         other => format!("ERR {other}"),
     })
 }

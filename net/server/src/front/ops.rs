@@ -151,10 +151,10 @@ pub fn error_reply(err: ServerError) -> ErrorReply {
                 limit: limit as u64,
             }
         }
-        ServerError::Client(ClientError::NotReplica { replicas }) => ErrorReply::Internal {
-            message: format!(
-                "the replica this write was forwarded to disagrees about the ring (it names {replicas:?})"
-            ),
+        // Raised only before anything is written (a forward, or a read-then-write whose
+        // view moved on during the read): safe to retry.
+        ServerError::Client(ClientError::NotReplica { replicas }) => ErrorReply::RingChanging {
+            replicas: replicas.iter().map(|n| n.0).collect(),
         },
         ServerError::Client(ClientError::InvalidArgument(e)) => ErrorReply::InvalidArgument {
             message: e.to_string(),

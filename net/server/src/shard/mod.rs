@@ -260,9 +260,17 @@ impl Shard {
             if let Some((generation, published)) = self.board.newer_than(seen) {
                 seen = generation;
                 if let Some(peers) = self.peers() {
-                    for node in published.view.members() {
+                    let members = published.view.members();
+                    for node in &members {
                         if let Some(native) = published.addresses.get(&node.0) {
                             peers.add_link(&self, node.0, native.clone());
+                        }
+                    }
+                    // A node that left the ring, or was replaced: nothing more to say
+                    // to it (its handoff ended with the change).
+                    for node in peers.linked() {
+                        if !members.contains(&NodeId(node)) {
+                            peers.remove_link(node);
                         }
                     }
                 }
@@ -448,6 +456,7 @@ impl Shard {
             partitions_received: node.transfers.partitions_received,
             partitions_dropped: node.transfers.partitions_dropped,
             streams: node.transfers.streams as u32,
+            transfer_keys_per_second: node.transfers.keys_per_second,
         }
     }
 
