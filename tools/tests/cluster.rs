@@ -233,6 +233,66 @@ fn a_stopped_node_slows_nothing_that_two_replicas_can_answer() {
     assert!(values == ["0"] || values == ["0", "1"], "{values:?}");
 }
 
+/// A request that waits out its timeout holds up nothing else on its connection: the
+/// client pipelines every request for a shard over one connection, and the node
+/// answers each as it is done and reads on meanwhile. A strict W=3 write with node 3
+/// paused (before anyone suspects it) waits the full request timeout; reads sent
+/// after it on the same connection come back first.
+#[test]
+fn a_slow_request_does_not_hold_up_the_others_on_its_connection() {
+    let cluster = Cluster::start(3);
+    let c = std::sync::Arc::new(cluster.client(&[1]));
+    let map = c.routing_map().expect("a map");
+    let on_node_1 = |prefix: &str| {
+        (0..10_000)
+            .map(|i| format!("{prefix}{i}"))
+            .filter(|k| map.route(k.as_bytes()).is_some_and(|(n, _)| n.node_id == 1))
+            .take(20)
+            .collect::<Vec<_>>()
+    };
+    let slow_key = on_node_1("slow-").remove(0);
+    let fast_keys = on_node_1("fast-");
+    for key in &fast_keys {
+        c.put(key.as_bytes(), b"v").expect("a write");
+    }
+    cluster.node(3).pause();
+    let slow = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            let all = WriteOptions {
+                w: Some(3),
+                timeout: None,
+                strict: true,
+            };
+            let outcome = c.put_with(slow_key.as_bytes(), b"v", PutMode::Latest, all);
+            (outcome, Instant::now())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let one = ReadOptions {
+        r: Some(1),
+        timeout: None,
+        strict: false,
+    };
+    for key in &fast_keys {
+        let found = c.get_with(key.as_bytes(), one).expect("a read at R=1");
+        assert_eq!(found.value(), Some(&b"v"[..]));
+    }
+    let fast_done = Instant::now();
+    let (outcome, slow_done) = slow.join().unwrap();
+    cluster.node(3).resume();
+    let error = outcome.expect_err("a strict W=3 write with node 3 paused");
+    assert!(
+        error.outcome_unknown() || matches!(error, Error::Unavailable { .. }),
+        "{error}"
+    );
+    assert!(
+        fast_done < slow_done,
+        "20 reads waited behind the slow write ({:?} after it)",
+        fast_done - slow_done
+    );
+}
+
 /// A paused node (SIGSTOP) keeps its TCP connections, so only its silence gives it
 /// away: the gossip heartbeats stop, the phi detector suspects it, and a write that
 /// needs it (W=3) fails at once as Unavailable instead of waiting out a Timeout. Once

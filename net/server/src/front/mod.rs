@@ -11,3 +11,4 @@ pub mod ops;
 pub mod pipeline;
 pub mod pipelined;
 pub mod resp;
+pub mod unordered;

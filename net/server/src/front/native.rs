@@ -1,11 +1,15 @@
 //! Native-protocol connections (docs/protocol.md): a handshake, then pipelined requests
 //! in length-prefixed rkyv frames, each answered with its id.
 //!
-//! Like the Redis side, a connection parses every complete frame that has arrived (up to
-//! `max_pipeline`), runs them concurrently where no two touch the same key
-//! ([`crate::front::pipeline`]), and writes the answers. A frame that is too large or does not
-//! validate gets one error response with id 0 and closes that connection only.
+//! Unlike the Redis side, answers go out as each request is done, in any order, and the
+//! connection reads on while requests run (up to `max_pipeline` ahead): requests on
+//! distinct keys run concurrently, those on one key in arrival order
+//! ([`crate::front::unordered`]). A frame that is too large or does not validate gets
+//! one error response with id 0 (after the answers to the requests before it) and
+//! closes that connection only.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 
 use futures_lite::AsyncWriteExt;
@@ -23,7 +27,7 @@ use rkyv::util::AlignedVec;
 use crate::front::connections::{ConnectionError, Connections, READ_CHUNK, read_more};
 use crate::front::ops;
 use crate::front::pipeline::{Touch, run_in_order};
-use crate::front::pipelined::{self, FrontEnd, Parsed};
+use crate::front::unordered::{self, Cut, Gate, Unordered};
 use crate::shard::Shard;
 
 /// What a shard tells clients and peers about the node and its cluster.
@@ -185,7 +189,7 @@ async fn serve(
         info,
         scratch,
     };
-    let served = pipelined::serve(&mut stream, connections, &mut front, input).await;
+    let served = unordered::serve(&mut stream, connections, &mut front, input).await;
     if let Err(reason) = &served {
         tracing::info!(%reason, "closing a native connection");
     }
@@ -200,31 +204,36 @@ struct Native<'a> {
     scratch: AlignedVec<16>,
 }
 
-impl FrontEnd for Native<'_> {
+impl<'a> Unordered for Native<'a> {
     type Request = Request;
+    type Run = Pin<Box<dyn Future<Output = Vec<u8>> + 'a>>;
 
-    fn parse(&mut self, input: &[u8]) -> Parsed<Request> {
+    fn cut(&mut self, input: &[u8]) -> Cut<Request> {
         match next_frame(input) {
             Ok(Some((payload, used))) => match decode_request(&input[payload], &mut self.scratch) {
-                Ok(request) => Parsed::Request(request, used),
-                Err(e) => Parsed::Malformed(format!("malformed frame: {e}")),
+                Ok(request) => {
+                    let gate = Gate::of(touch(&request));
+                    Cut::Request(request, gate, used)
+                }
+                Err(e) => Cut::Malformed(format!("malformed frame: {e}")),
             },
-            Ok(None) => Parsed::Incomplete,
-            Err(e) => Parsed::Malformed(format!("malformed frame: {e}")),
+            Ok(None) => Cut::Incomplete,
+            Err(e) => Cut::Malformed(format!("malformed frame: {e}")),
         }
     }
 
-    async fn run(&mut self, batch: Vec<Request>, output: &mut Vec<u8>) {
+    fn run(&self, request: Request) -> Self::Run {
         let (shard, info) = (self.shard, self.info);
-        let answers = run_in_order(&batch, touch, |r| execute(shard, info, r)).await;
-        // Read after the batch: the newest map this shard routes by.
-        let epoch = shard.map_epoch();
-        for (request, body) in batch.iter().zip(answers) {
-            encode(request.id, epoch, body, output);
-        }
+        Box::pin(async move {
+            let body = execute(shard, info, &request).await;
+            // Read once done: the newest map this shard routes by.
+            let mut out = Vec::new();
+            encode(request.id, shard.map_epoch(), body, &mut out);
+            out
+        })
     }
 
-    fn malformed(&mut self, reason: &str, output: &mut Vec<u8>) {
+    fn malformed(&self, reason: &str, output: &mut Vec<u8>) {
         let message = reason.to_string();
         encode(
             0,
