@@ -241,7 +241,14 @@ fn a_stopped_node_slows_nothing_that_two_replicas_can_answer() {
 #[test]
 fn a_slow_request_does_not_hold_up_the_others_on_its_connection() {
     let cluster = Cluster::start(3);
-    let c = std::sync::Arc::new(cluster.client(&[1]));
+    // One connection per shard (the default, named here because the test is about it).
+    let client = Client::builder()
+        .seeds([cluster.native(1)])
+        .connections_per_shard(1)
+        .retry(ringkv_client::RetryPolicy::none())
+        .connect_blocking()
+        .expect("client connects");
+    let c = std::sync::Arc::new(client);
     let map = c.routing_map().expect("a map");
     let on_node_1 = |prefix: &str| {
         (0..10_000)
@@ -256,6 +263,7 @@ fn a_slow_request_does_not_hold_up_the_others_on_its_connection() {
         c.put(key.as_bytes(), b"v").expect("a write");
     }
     cluster.node(3).pause();
+    let paused_at = Instant::now();
     let slow = {
         let c = c.clone();
         std::thread::spawn(move || {
@@ -285,6 +293,11 @@ fn a_slow_request_does_not_hold_up_the_others_on_its_connection() {
     assert!(
         error.outcome_unknown() || matches!(error, Error::Unavailable { .. }),
         "{error}"
+    );
+    assert!(
+        slow_done - paused_at >= Duration::from_millis(800),
+        "the write did not wait out its timeout ({:?}): the test proves nothing",
+        slow_done - paused_at
     );
     assert!(
         fast_done < slow_done,

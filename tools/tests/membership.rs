@@ -408,6 +408,11 @@ fn a_store_without_its_ring_view_starts_only_by_joining() {
     let answer = ring_change::view(&cluster.native(3), Duration::from_secs(5)).unwrap();
     let members: Vec<u32> = answer.view.ring().members().map(|m| m.node.0).collect();
     assert_eq!(members, [1, 2, 3], "node 3 came back on another ring");
+    assert!(
+        answer.view.is_stable(),
+        "coming back started a change: {:?}",
+        answer.view.change()
+    );
     let three = (c.status_each().expect("status").into_iter())
         .find(|(node, _)| *node == 3)
         .and_then(|(_, s)| s.ok())

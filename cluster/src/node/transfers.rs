@@ -402,7 +402,11 @@ impl Node {
             self.count(DropReason::UnexpectedSender);
             return;
         }
-        if let (Some(key), Some(pace)) = (self.transfers.keys.get(&id), &mut self.transfers.pace) {
+        // A refusal says nothing of the new replica's queue (it answered at once).
+        if stored
+            && let (Some(key), Some(pace)) =
+                (self.transfers.keys.get(&id), &mut self.transfers.pace)
+        {
             pace.acked(now, now.saturating_sub(key.sent_at));
         }
         if stored {

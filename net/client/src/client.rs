@@ -150,16 +150,23 @@ impl ClientBuilder {
         let every = router.config.topology_refresh;
         let stale = router.stale.clone();
         tokio::spawn(async move {
+            let mut pause = STALE_REFRESH_PAUSE;
             loop {
                 // Every `topology_refresh`, or at once when a reply named a newer map.
                 let _ = tokio::time::timeout(every, stale.notified()).await;
                 let Some(router) = weak.upgrade() else { break };
                 // A failed refresh keeps the old map; requests refresh on errors too.
-                let _ = router.refresh().await;
+                let reached = matches!(router.refresh_newest().await, Ok((_, true)));
                 drop(router);
-                // A ring whose news has not reached every node yet wakes this again
-                // at once; at most one refresh per pause.
-                tokio::time::sleep(STALE_REFRESH_PAUSE).await;
+                // At most one refresh per pause; one that found no node on the epoch
+                // a reply named (a node naming epochs no ring has) doubles the pause,
+                // up to the periodic interval.
+                pause = if reached {
+                    STALE_REFRESH_PAUSE
+                } else {
+                    (pause * 2).min(every)
+                };
+                tokio::time::sleep(pause).await;
             }
         });
         Ok(AsyncClient { router })

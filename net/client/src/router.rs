@@ -54,10 +54,35 @@ impl Router {
         self.refresh().await
     }
 
-    /// Fetches the partition map: the first one at least as new as any reply named,
-    /// else the newest any node gave; known nodes are asked first, then the seeds.
+    /// Fetches the partition map from the first node that answers with one at least as
+    /// new as the map held (known nodes first, then the seeds).
     pub async fn refresh(&self) -> Result<Arc<Topology>, Error> {
+        let held = self.held_epoch.load(Ordering::Relaxed);
+        Ok(self.fetch(held).await?.0)
+    }
+
+    /// Fetches the partition map of the newest epoch a reply named (for the background
+    /// refresher). True with it if one node had it; if none did, the epoch a reply
+    /// named is forgotten (a node that no longer answers, or one that named an epoch
+    /// no ring has), so replies stop waking the refresher until one names a newer
+    /// epoch again.
+    pub async fn refresh_newest(&self) -> Result<(Arc<Topology>, bool), Error> {
         let wanted = self.newest_epoch.load(Ordering::Relaxed);
+        let (topology, reached) = self.fetch(wanted).await?;
+        if !reached {
+            let _ = self.newest_epoch.compare_exchange(
+                wanted,
+                topology.epoch,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+        Ok((topology, reached))
+    }
+
+    /// The first map of at least epoch `wanted` a node gives (and true), else the
+    /// newest any gave (and false).
+    async fn fetch(&self, wanted: u64) -> Result<(Arc<Topology>, bool), Error> {
         let mut candidates: Vec<String> = self
             .topology
             .read()
@@ -88,12 +113,12 @@ impl Router {
                         best = Some(topology);
                     }
                 }
-                Ok(topology) => return Ok(self.hold(topology)),
+                Ok(topology) => return Ok((self.hold(topology), true)),
                 Err(e) => last_error = e,
             }
         }
         match best {
-            Some(topology) => Ok(self.hold(topology)),
+            Some(topology) => Ok((self.hold(topology), false)),
             None => Err(last_error),
         }
     }
@@ -103,10 +128,19 @@ impl Router {
         self.topology.read().expect("never poisoned").clone()
     }
 
+    /// Keeps `topology` unless the map held is newer (two refreshes racing, or a
+    /// lagging node answering): routing never moves back to an older ring. Returns the
+    /// map held.
     fn hold(&self, topology: Topology) -> Arc<Topology> {
+        let mut held = self.topology.write().expect("never poisoned");
+        if let Some(current) = held.as_ref()
+            && current.epoch > topology.epoch
+        {
+            return current.clone();
+        }
         let topology = Arc::new(topology);
         self.held_epoch.store(topology.epoch, Ordering::Relaxed);
-        *self.topology.write().expect("never poisoned") = Some(topology.clone());
+        *held = Some(topology.clone());
         topology
     }
 

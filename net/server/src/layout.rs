@@ -153,12 +153,16 @@ pub fn shard_dir(dir: &Path, shard: usize) -> PathBuf {
     dir.join(format!("shard-{shard}"))
 }
 
-/// The first file found in a shard's directory (its store, its hints), if any shard
-/// has one: whether this data directory has held data.
+/// The first non-empty file found in a shard's directory (its store, its hints), if
+/// any shard has one: whether this data directory has held data. Directories (a
+/// mount point's `lost+found`) and empty files do not count.
 pub fn first_store_file(dir: &Path, shards: usize) -> Option<PathBuf> {
     (0..shards).find_map(|shard| {
         let entries = std::fs::read_dir(shard_dir(dir, shard)).ok()?;
-        entries.flatten().map(|e| e.path()).next()
+        entries
+            .flatten()
+            .find(|e| e.metadata().is_ok_and(|m| m.is_file() && m.len() > 0))
+            .map(|e| e.path())
     })
 }
 

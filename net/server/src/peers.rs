@@ -167,19 +167,6 @@ impl Peers {
             .spawn(async move { link.run_link(&shard, node, native, receiver).await });
     }
 
-    /// Ends the link to `node` (a node that left the ring): what is queued is still
-    /// written, and it does not reconnect.
-    pub fn remove_link(&self, node: u32) {
-        if let Some(link) = self.links.borrow_mut().remove(&NodeId(node)) {
-            link.queue.close_channel();
-        }
-    }
-
-    /// Nodes this shard has links to.
-    pub fn linked(&self) -> Vec<u32> {
-        self.links.borrow().keys().map(|n| n.0).collect()
-    }
-
     /// Ends every link of a stopping shard: what is queued is still written, nothing
     /// more is taken, and a link that is down or breaks does not reconnect. Returns
     /// once every link task has ended (a write or a connect in progress times out).

@@ -468,6 +468,8 @@ impl KeeperDriver {
         let status = match view.next_ring().map(|next| next.is_member(self.me)) {
             Some(true) if !in_force => MemberStatus::Joining,
             Some(false) if in_force => MemberStatus::Leaving,
+            // Out of both rings: it left (or was replaced), and serves nothing.
+            _ if !view.is_member(self.me) => MemberStatus::Leaving,
             _ => MemberStatus::Up,
         };
         membership.declare(status, view.epoch());

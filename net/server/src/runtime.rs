@@ -589,8 +589,9 @@ fn refuse_data_without_ring(config: &Settings) -> Result<(), StartError> {
         None => Ok(()),
         Some(file) => Err(StartError::Ring(format!(
             "{} holds data ({}) but no {}: the ring it was written under is unknown. \
-             Restore that file, or start with --join <member> to take the cluster's \
-             ring from it (what this node no longer serves is then dropped)",
+             Restore that file, or, if the cluster still counts this node as a member, \
+             start with --join <member> to take the cluster's ring from it (what this \
+             node no longer serves is then dropped)",
             config.data_dir.display(),
             file.display(),
             crate::ring_file::FILE_NAME
@@ -629,6 +630,21 @@ fn join_through(config: &Settings, seed: &str) -> Result<RingFrame, StartError> 
         },
     };
     let deadline = Instant::now() + Duration::from_secs(30);
+    if let Some(file) = crate::layout::first_store_file(&config.data_dir, config.shards) {
+        // A store that lost its ring.view may come back only as the member it was:
+        // joining afresh would keep values of partitions it gains that were deleted
+        // (and their tombstones collected) meanwhile.
+        let answer = ring_change::view(seed, Duration::from_secs(5))
+            .map_err(|e| StartError::Ring(format!("cannot ask {seed} for its ring: {e}")))?;
+        if !answer.view.ring().is_member(NodeId(node_id)) {
+            return Err(StartError::Ring(format!(
+                "{} holds data ({}) and the ring {seed} holds does not count node {node_id} \
+                 as a member: start it on an empty data directory to join afresh",
+                config.data_dir.display(),
+                file.display()
+            )));
+        }
+    }
     loop {
         match ring_change::change(seed, request.clone(), Duration::from_secs(5)) {
             Ok(ring_change::Answer {

@@ -279,9 +279,27 @@ impl Cluster {
     /// what it printed on stderr.
     pub fn start_refused(&mut self, id: usize) -> (std::process::ExitStatus, String) {
         assert!(self.nodes[id - 1].is_none(), "node {id} is still running");
-        let output = self.command(id).output().expect("ringkv server runs");
-        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-        (output.status, stderr)
+        let mut child = self
+            .command(id)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ringkv server runs");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                panic!("node {id} started instead of refusing");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        (status, stderr)
     }
 
     /// Starts a stopped node with `--join <through>` instead of its first flags.

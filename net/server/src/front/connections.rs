@@ -94,7 +94,8 @@ impl Connections {
         serving.await
     }
 
-    /// Requests of one connection parsed and run at once; more wait for the next turn.
+    /// Requests of one connection read ahead of their answers: a RESP batch parsed and
+    /// run at once (more wait for the next turn), native requests unanswered at once.
     pub fn max_pipeline(&self) -> usize {
         self.max_pipeline
     }

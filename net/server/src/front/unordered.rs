@@ -20,7 +20,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use futures_lite::AsyncWriteExt;
+use futures_lite::{AsyncWrite, AsyncWriteExt};
 use futures_util::future::{Either, select};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
@@ -187,8 +187,7 @@ async fn serve_with<F: Unordered>(
             });
         }
         if !output.is_empty() {
-            stream.write_all(&output).await?;
-            output.clear();
+            write_collecting(stream, &mut output, running, &mut gates).await?;
         }
         let done = ended || malformed.is_some() || connections.is_closing();
         if running.is_empty() {
@@ -205,13 +204,14 @@ async fn serve_with<F: Unordered>(
         }
         // Wait for an answer, and with room to read ahead, for more input too.
         let finished = if !done && waiting.len() + gates.running < max {
+            // Answers first: a client that keeps sending must not starve them.
             let reading = std::pin::pin!(read_more(stream, &mut chunk, &mut input));
-            match select(reading, running.next()).await {
-                Either::Left((more, _)) => {
+            match select(running.next(), reading).await {
+                Either::Left((finished, _)) => finished,
+                Either::Right((more, _)) => {
                     ended = !more?;
                     None
                 }
-                Either::Right((finished, _)) => finished,
             }
         } else {
             running.next().await
@@ -224,6 +224,40 @@ async fn serve_with<F: Unordered>(
             finished = running.next().now_or_never().flatten();
         }
     }
+}
+
+/// Writes all of `output`, collecting meanwhile the answers of requests that finish:
+/// a client slow to read must not leave them unpolled (each holds a slot of the
+/// shard's in-flight bound until its future ends). What they answered is left in
+/// `output`, for the next write.
+async fn write_collecting<R: Future<Output = Vec<u8>> + Unpin>(
+    stream: &mut TcpStream,
+    output: &mut Vec<u8>,
+    running: &mut FuturesUnordered<Gated<R>>,
+    gates: &mut Gates,
+) -> Result<(), ConnectionError> {
+    let mut later = Vec::new();
+    let mut written = 0;
+    std::future::poll_fn(|cx| {
+        while let Poll::Ready(Some((gate, answer))) = running.poll_next_unpin(cx) {
+            gates.finished(gate);
+            later.extend_from_slice(&answer);
+        }
+        while written < output.len() {
+            match Pin::new(&mut *stream).poll_write(cx, &output[written..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::Error::from(std::io::ErrorKind::WriteZero)));
+                }
+                Poll::Ready(Ok(n)) => written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    })
+    .await?;
+    *output = later;
+    Ok(())
 }
 
 /// A running request and the gate it holds until it is done.

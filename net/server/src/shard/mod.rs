@@ -260,17 +260,12 @@ impl Shard {
             if let Some((generation, published)) = self.board.newer_than(seen) {
                 seen = generation;
                 if let Some(peers) = self.peers() {
-                    let members = published.view.members();
-                    for node in &members {
+                    // Links to nodes that left stay: a leaver learns the final view
+                    // as the answer to its own pushes, and the replies to requests it
+                    // still forwards travel over them.
+                    for node in published.view.members() {
                         if let Some(native) = published.addresses.get(&node.0) {
                             peers.add_link(&self, node.0, native.clone());
-                        }
-                    }
-                    // A node that left the ring, or was replaced: nothing more to say
-                    // to it (its handoff ended with the change).
-                    for node in peers.linked() {
-                        if !members.contains(&NodeId(node)) {
-                            peers.remove_link(node);
                         }
                     }
                 }
