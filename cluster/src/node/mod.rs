@@ -905,7 +905,9 @@ impl Node {
     }
 
     /// Hands a put for a key this node holds no replica of to the first reachable
-    /// replica. The answer comes back as [`PeerMessage::ForwardReply`].
+    /// replica; while the key's partition moves, to one that stays (not the new
+    /// replica, which is busy receiving the partition and, if its view lags, may not
+    /// agree yet). The answer comes back as [`PeerMessage::ForwardReply`].
     fn forward(
         &mut self,
         now: Duration,
@@ -914,9 +916,12 @@ impl Node {
         put: ForwardedPut,
     ) {
         let required = put.quorum.w();
-        let Some(to) = self
-            .write_placements(partition, put.quorum.n(), put.strict)
-            .first()
+        let placements = self.write_placements(partition, put.quorum.n(), put.strict);
+        let gained = self.view.gained(partition);
+        let Some(to) = placements
+            .iter()
+            .find(|p| !gained.contains(&p.node))
+            .or(placements.first())
             .map(|p| p.node)
         else {
             // No replica can be asked, so none can acknowledge it.

@@ -186,7 +186,9 @@ async fn serve_with<F: Unordered>(
                 run: front.run(request),
             });
         }
-        if !output.is_empty() {
+        // Until nothing is left: answers collected during a write go out next (or the
+        // last one could sit here while the loop waits for input).
+        while !output.is_empty() {
             write_collecting(stream, &mut output, running, &mut gates).await?;
         }
         let done = ended || malformed.is_some() || connections.is_closing();
