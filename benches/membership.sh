@@ -88,33 +88,30 @@ before=$(cpu)
 load
 cpu_used "$before" "$(cpu)"
 
-echo "== the same load while node 4 joins through node 1"
-before=$(cpu)
-load >"$work/join.load" &
-pids[load]=$!
-sleep 1
-begin=$(date +%s.%N)
-start 4 --join 127.0.0.1:18710
-wait_stable "1 2 3 4"
-end=$(date +%s.%N)
-wait "${pids[load]}"
-unset 'pids[load]'
-cat "$work/join.load"
-cpu_used "$before" "$(cpu)"
-printf 'node 4 joined in %.1f s (start to a stable ring everywhere)\n' "$(python3 -c "print($end - $begin)")"
+# Runs the load while the command after the first two arguments changes the ring;
+# prints the load's figures, the CPU each server used, and how long the change took
+# until every node of "$2" held a stable ring of exactly those ("$1" names it).
+during_change() {
+  local what=$1 members=$2 before begin end
+  shift 2
+  before=$(cpu)
+  load >"$work/change.load" &
+  pids[load]=$!
+  sleep 1
+  begin=$(date +%s.%N)
+  "$@"
+  wait_stable "$members"
+  end=$(date +%s.%N)
+  wait "${pids[load]}"
+  unset 'pids[load]'
+  cat "$work/change.load"
+  cpu_used "$before" "$(cpu)"
+  printf '%s in %.1f s (to a stable ring everywhere)\n' "$what" "$(python3 -c "print($end - $begin)")"
+}
+leave_two() { $ringkv admin leave --addr 127.0.0.1:18720 >/dev/null; }
 
+echo "== the same load while node 4 joins through node 1"
+during_change "node 4 joined" "1 2 3 4" start 4 --join 127.0.0.1:18710
 echo "== the same load while node 2 leaves"
-before=$(cpu)
-load >"$work/leave.load" &
-pids[load]=$!
-sleep 1
-begin=$(date +%s.%N)
-$ringkv admin leave --addr 127.0.0.1:18720 >/dev/null
-wait_stable "1 3 4"
-end=$(date +%s.%N)
-wait "${pids[load]}"
-unset 'pids[load]'
-cat "$work/leave.load"
-cpu_used "$before" "$(cpu)"
-printf 'node 2 left in %.1f s (asked to a stable ring everywhere)\n' "$(python3 -c "print($end - $begin)")"
+during_change "node 2 left" "1 3 4" leave_two
 $ringkv status --addr 127.0.0.1:18710 | grep -E "^node|transfers" || true
